@@ -1,0 +1,374 @@
+"""The command line: ``weco observe ...`` (and ``weco-observe ...``), plus ``weco login``/``logout``.
+
+Each command parses its flags, makes one library call and formats the result;
+no SQL or HTTP here. Library errors become a one-line ``error: ...`` on stderr
+with the exit code of the error class (see ``errors.py``). ``log`` is the hot
+path: this module imports only typer and the journal at load time, and every
+other command imports what it needs inside its body.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from . import errors, paths, validate
+
+app = typer.Typer(
+    name="weco",
+    help="weco-observe: local-first `weco observe`. Every call is journaled locally and synced later.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+observe = typer.Typer(
+    help="Track experiments: journal runs and steps locally, sync them to Weco when the network allows.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(observe, name="observe")
+
+SourceOpt = Annotated[Optional[str], typer.Option("--source", "-s", help="Single source code file to track.")]
+SourcesOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--sources", help="Multiple source code files to track: --sources a.py b.py (or repeat the flag)."),
+]
+MetadataOpt = Annotated[Optional[str], typer.Option("--metadata", help="JSON object of extra metadata.")]
+StrictOpt = Annotated[
+    bool,
+    typer.Option("--strict", help="Exit non-zero (3) when the journal cannot be written, instead of 0."),
+]
+
+
+def fail(message: str, code: int = errors.EXIT_BAD_INPUT) -> typer.Exit:
+    """Print a one-line error to stderr; return the Exit to raise."""
+    print(f"error: {message}", file=sys.stderr)
+    return typer.Exit(code)
+
+
+def _sources(source: str | None, sources: list[str] | None, required: bool) -> dict[str, str] | None:
+    files = ([source] if source else []) + list(sources or [])
+    if not files:
+        if required:
+            raise errors.InvalidInput("no source files: pass --source FILE or --sources FILE [FILE ...]")
+        return None
+    return validate.read_sources(files)
+
+
+def _unwritable(exc: errors.JournalUnavailable, op: str, kwargs: dict[str, Any], strict: bool, what: str) -> bool:
+    """The journal could not be written: spill the call, say so loudly; True if it was saved."""
+    from . import spill
+
+    where = spill.write(op, kwargs)
+    if where is not None:
+        print(f"weco-observe: WARNING {exc}; {what} saved to {where} and imported on the next "
+              "successful open", file=sys.stderr)
+    else:
+        print(f"weco-observe: WARNING {exc}; could not save {what} anywhere ({what} dropped)",
+              file=sys.stderr)
+    if strict:
+        raise typer.Exit(errors.EXIT_JOURNAL)
+    return where is not None
+
+
+def _open_journal():
+    from .journal import Journal
+
+    return Journal()
+
+
+def _trigger_sync() -> None:
+    from . import autosync
+
+    autosync.trigger(paths.journal_path())
+
+
+@observe.command()
+def init(
+    metric: Annotated[str, typer.Option("--metric", help="Primary metric name (e.g. val_bpb).")],
+    source: SourceOpt = None,
+    sources: SourcesOpt = None,
+    name: Annotated[Optional[str], typer.Option("--name", help="Run name.")] = None,
+    goal: Annotated[str, typer.Option("--goal", "-g", help="maximize/max or minimize/min.")] = "minimize",
+    additional_instructions: Annotated[
+        Optional[str], typer.Option("--additional-instructions", "-i", help="Instructions for the run.")
+    ] = None,
+    metadata: MetadataOpt = None,
+    strict: StrictOpt = False,
+) -> None:
+    """Create a new run; print only its id on stdout (RUN_ID=$(weco observe init ...)).
+
+    The baseline code becomes step 0. Works offline and without credentials.
+    """
+    from . import ids
+
+    kwargs = {
+        "source_code": _sources(source, sources, required=True),
+        "metric": metric,
+        "maximize": validate.goal_to_maximize(goal),
+        "name": name,
+        "additional_instructions": additional_instructions,
+        "metadata": validate.parse_json_object(metadata, "--metadata") if metadata else None,
+        "run_id": ids.new_run_id(),
+        "event_id": ids.ulid(),
+    }
+    try:
+        journal = _open_journal()
+        with journal:
+            run_id = journal.create_run(**kwargs)
+    except errors.JournalUnavailable as exc:
+        if not _unwritable(exc, "create_run", kwargs, strict, "the run"):
+            raise typer.Exit(1) from None
+        run_id = kwargs["run_id"]
+    print(run_id)
+    _trigger_sync()
+
+
+@observe.command()
+def log(
+    run_id: Annotated[str, typer.Option("--run-id", help="Run ID from weco observe init (or a Weco server run id).")],
+    step: Annotated[str, typer.Option("--step", help="Step number (0 = baseline, then 1, 2, 3, ...).")],
+    status: Annotated[str, typer.Option("--status", help="completed or failed.")] = "completed",
+    description: Annotated[
+        Optional[str], typer.Option("--description", help="What was tried in this experiment.")
+    ] = None,
+    metrics: Annotated[
+        Optional[str], typer.Option("--metrics", help="JSON object of metrics (e.g. '{\"val_bpb\": 1.03}').")
+    ] = None,
+    source: Annotated[Optional[str], typer.Option("--source", "-s", help="Source file to snapshot.")] = None,
+    sources: Annotated[
+        Optional[list[str]], typer.Option("--sources", help="Multiple source files to snapshot.")
+    ] = None,
+    parent_step: Annotated[
+        Optional[str],
+        typer.Option("--parent-step", help="Parent step for tree branching (default: last successful step)."),
+    ] = None,
+    metadata: MetadataOpt = None,
+    strict: StrictOpt = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing on success.")] = False,
+) -> None:
+    """Log a step (experiment) to a run. Journaled locally in milliseconds; synced later."""
+    from . import ids
+
+    kwargs = {
+        "run": run_id,
+        "step": validate.parse_step(step),
+        "status": validate.check_status(status),
+        "description": description,
+        "metrics": validate.parse_metrics(metrics) if metrics is not None else None,
+        "code": _sources(source, sources, required=False),
+        "parent_step": validate.parse_step(parent_step, "--parent-step") if parent_step is not None else None,
+        "metadata": validate.parse_json_object(metadata, "--metadata") if metadata else None,
+        "event_id": ids.ulid(),
+    }
+    try:
+        journal = _open_journal()
+        with journal:
+            result = journal.log_step(**kwargs)
+    except errors.JournalUnavailable as exc:
+        _unwritable(exc, "log_step", kwargs, strict, f"step {kwargs['step']}")
+        return
+    if not quiet:
+        parent = result["parent_step"]
+        where = "baseline" if result["step"] == 0 else (
+            f"parent {parent}" if parent is not None else "parent chosen by the server")
+        print(f"weco-observe: step {result['step']} journaled ({where})", file=sys.stderr)
+    _trigger_sync()
+
+
+@observe.command()
+def status(
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Show the journal: where it is, its size and schema, runs, steps and events by state."""
+    from . import spill
+
+    journal = _open_journal()
+    with journal:
+        counts = journal.counts()
+        rejected = [
+            dict(r)
+            for r in journal.query(
+                "SELECT e.id, e.run_id, e.kind, e.step, e.last_error FROM events e"
+                " WHERE e.state = 'rejected' ORDER BY e.seq LIMIT 20"
+            )
+        ]
+        failing = journal.query(
+            "SELECT count(*) AS n, max(last_error) AS err FROM events WHERE state = 'pending' AND attempts > 0"
+        )[0]
+        version = journal.schema_version()
+    size = sum(
+        p.stat().st_size
+        for p in (journal.path, Path(f"{journal.path}-wal"), Path(f"{journal.path}-shm"))
+        if p.exists()
+    )
+    info = {
+        "journal": str(journal.path),
+        "size_bytes": size,
+        "schema_version": version,
+        "runs": counts["runs"],
+        "steps": counts["steps"],
+        "events": {k: counts[k] for k in ("pending", "delivered", "rejected", "superseded")},
+        "pending_with_errors": failing["n"],
+        "last_error": failing["err"],
+        "rejected": rejected,
+        "spill_files": len(spill.pending()),
+        "api_key_configured": paths.api_key() is not None,
+        "api_key_source": paths.api_key_source(),
+        "base_url": paths.api_base_url(),
+        "auto_sync": os.environ.get("WECO_OBSERVE_AUTO_SYNC", "1") != "0",
+    }
+    if as_json:
+        print(json.dumps(info, indent=2))
+        return
+    ev = info["events"]
+    lines = [
+        f"journal:        {info['journal']} ({size / 1024:.1f} KiB)",
+        f"schema version: {version}",
+        f"runs:           {info['runs']}",
+        f"steps:          {info['steps']}",
+        f"events:         {ev['pending']} pending, {ev['delivered']} delivered, {ev['rejected']} rejected"
+        + (f", {ev['superseded']} superseded" if ev["superseded"] else ""),
+        f"api key:        {'configured (' + info['api_key_source'] + ')' if info['api_key_configured'] else 'not configured (run `weco login`)'}",
+        f"api base url:   {info['base_url']}",
+        f"auto-sync:      {'on' if info['auto_sync'] else 'off (WECO_OBSERVE_AUTO_SYNC=0)'}",
+    ]
+    if info["pending_with_errors"]:
+        lines.append(f"retrying:       {info['pending_with_errors']} pending events have failed before; last error: {info['last_error']}")
+    if info["spill_files"]:
+        lines.append(f"spill files:    {info['spill_files']} waiting to be imported")
+    for r in rejected:
+        what = "create" if r["kind"] == "create_run" else f"step {r['step']}"
+        lines.append(f"rejected:       {r['run_id']} {what}: {r['last_error']}")
+    print("\n".join(lines))
+
+
+@app.command()
+def login(
+    api_key: Annotated[
+        Optional[str], typer.Option("--api-key", help="The key; otherwise read from stdin or a hidden prompt.")
+    ] = None,
+) -> None:
+    """Save a Weco API key to ~/.config/weco/credentials.json (0600), shared with the official client."""
+    key = api_key
+    if key is None:
+        if sys.stdin is not None and not sys.stdin.isatty():
+            key = sys.stdin.readline()
+        else:
+            import getpass
+
+            key = getpass.getpass("Weco API key (input hidden): ")
+    key = (key or "").strip()
+    if not key:
+        raise errors.InvalidInput("no API key given: pass --api-key, pipe it on stdin, or type it at the prompt")
+    if any(c.isspace() for c in key):
+        raise errors.InvalidInput("the API key contains white space: paste the key alone")
+    path = paths.save_api_key(key)
+    print(f"Saved API key to {path} (mode 0600).", file=sys.stderr)
+    if os.environ.get("WECO_API_KEY"):
+        print("Note: WECO_API_KEY is set in the environment and wins over the file.", file=sys.stderr)
+
+
+@app.command()
+def logout() -> None:
+    """Remove the saved API key (the credentials file)."""
+    if paths.delete_api_key():
+        print(f"Removed {paths.credentials_path()}.", file=sys.stderr)
+    else:
+        print("No saved API key.", file=sys.stderr)
+
+
+def _register_extensions() -> None:
+    # Each responsibility registers its own commands; their modules import only typer at load time.
+    from . import cli_bundle, cli_sync, cli_views
+
+    for module in (cli_sync, cli_views, cli_bundle):
+        module.register(observe)
+
+
+_register_extensions()
+
+
+def _expand_sources(args: list[str]) -> list[str]:
+    """Accept the official client's ``--sources a.py b.py`` by rewriting it to repeated flags."""
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        out.append(arg)
+        i += 1
+        if arg == "--sources":
+            first = True
+            while i < len(args) and (first or not args[i].startswith("-")):
+                if not first:
+                    out.append("--sources")
+                out.append(args[i])
+                first = False
+                i += 1
+    return out
+
+
+def _command_name(info: Any) -> str:
+    return info.name or info.callback.__name__.replace("_", "-")
+
+
+def _narrow(group: typer.Typer, args: list[str]) -> typer.Typer:
+    """A copy of ``group`` holding only the (sub)command that ``args`` names.
+
+    Typer inspects every command's signature when it builds the click group, a
+    cost that grows with each command; ``weco observe log`` runs in a loop, so it
+    builds only itself. Help and unknown names get the full group.
+    """
+    if not args or args[0].startswith("-"):
+        return group
+    name = args[0]
+    narrow = typer.Typer(**{k: getattr(group.info, k) for k in ("name", "help", "no_args_is_help")},
+                         add_completion=False, pretty_exceptions_enable=False)
+    # A callback keeps a one-command Typer a group, so the command name is still expected.
+    narrow.callback()(_group_callback)
+    for info in group.registered_groups:
+        if info.name == name:
+            narrow.add_typer(_narrow(info.typer_instance, args[1:]), name=name)
+            return narrow
+    narrow.registered_commands = [c for c in group.registered_commands if _command_name(c) == name]
+    return narrow if narrow.registered_commands else group
+
+
+def _group_callback() -> None:
+    """weco-observe."""
+
+
+def run(group: typer.Typer, args: list[str] | None = None, prog_name: str | None = None) -> int:
+    """Run the CLI with one-line errors; return the exit code."""
+    args = _expand_sources(list(sys.argv[1:] if args is None else args))
+    command = typer.main.get_command(_narrow(group, args))
+    try:
+        result = command.main(args=args, prog_name=prog_name, standalone_mode=False)
+    except errors.WecoObserveError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except (typer.Exit, typer.Abort) as exc:
+        return getattr(exc, "exit_code", 1)
+    except Exception as exc:
+        if hasattr(exc, "format_message") and hasattr(exc, "exit_code"):  # click usage errors
+            ctx = getattr(exc, "ctx", None)
+            hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+            print(f"error: {exc.format_message()}{hint}", file=sys.stderr)
+            return exc.exit_code
+        raise
+    return result if isinstance(result, int) else 0
+
+
+def main_weco() -> None:
+    """Entry point of the ``weco`` script."""
+    sys.exit(run(app, prog_name="weco"))
+
+
+def main_observe() -> None:
+    """Entry point of the ``weco-observe`` script (the ``weco observe`` group)."""
+    sys.exit(run(observe, prog_name="weco-observe"))

@@ -1,0 +1,68 @@
+"""Content-addressed, compressed code snapshots.
+
+A file's text is keyed by the sha256 of its UTF-8 bytes, so an unchanged file
+costs nothing to log again. A changed file is stored as a delta against the
+previous version of the same path: the common prefix and suffix are kept by
+reference and only the middle is zlib-compressed, so a one-line edit to a 50 KB
+file costs a few dozen bytes. Chains are capped at ``MAX_DEPTH`` deltas (then a
+full copy), which bounds the cost of reading any version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import zlib
+
+MAX_DEPTH = 32
+_LEVEL = 6
+
+
+def text_hash(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _common_prefix(a: bytes, b: bytes) -> int:
+    lo, hi = 0, min(len(a), len(b))
+    if a[:hi] == b[:hi]:
+        return hi
+    while lo < hi:  # invariant: a[:lo] == b[:lo], a[:hi+1] != b[:hi+1]
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _common_suffix(a: bytes, b: bytes, limit: int) -> int:
+    lo, hi = 0, limit
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[len(a) - mid :] == b[len(b) - mid :]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def encode(data: bytes, base: bytes | None, base_depth: int) -> tuple[int, int, int, bytes]:
+    """Return ``(depth, prefix, suffix, payload)`` for ``data``, as a delta when that pays.
+
+    ``depth`` 0 means a full copy (``payload`` is the whole text compressed).
+    """
+    if base is not None and base_depth < MAX_DEPTH:
+        prefix = _common_prefix(base, data)
+        limit = min(len(base), len(data)) - prefix
+        suffix = _common_suffix(base, data, limit)
+        middle = data[prefix : len(data) - suffix]
+        if len(middle) < len(data) // 2:
+            return base_depth + 1, prefix, suffix, zlib.compress(middle, _LEVEL)
+    return 0, 0, 0, zlib.compress(data, _LEVEL)
+
+
+def decode(payload: bytes, prefix: int, suffix: int, base: bytes | None) -> bytes:
+    """Inverse of :func:`encode`."""
+    middle = zlib.decompress(payload)
+    if base is None:
+        return middle
+    return base[:prefix] + middle + base[len(base) - suffix :]

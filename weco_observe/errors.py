@@ -1,0 +1,54 @@
+"""The exceptions weco-observe raises, and the exit codes the CLI maps them to.
+
+Every error message is one line that says what was wrong and what to do. No
+message ever contains the API key.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "EXIT_AUTH",
+    "EXIT_BAD_INPUT",
+    "EXIT_JOURNAL",
+    "EXIT_OK",
+    "EXIT_PENDING",
+    "EXIT_REJECTED",
+    "InvalidInput",
+    "JournalUnavailable",
+    "UnknownRun",
+    "WecoObserveError",
+]
+
+EXIT_OK = 0
+#: Bad input: nothing was written (click also uses 2 for usage errors).
+EXIT_BAD_INPUT = 2
+#: The journal could not be written (only with ``--strict``; otherwise 0).
+EXIT_JOURNAL = 3
+#: ``sync``: events still pending because the API is unreachable or kept failing.
+EXIT_PENDING = 4
+#: ``sync``: the API refused the key (401/403); run ``weco login``.
+EXIT_AUTH = 5
+#: ``sync``: some events were rejected by the API (kept, see ``status``).
+EXIT_REJECTED = 6
+
+
+class WecoObserveError(Exception):
+    """Base class of every error weco-observe raises on purpose."""
+
+    exit_code = 1
+
+
+class InvalidInput(WecoObserveError, ValueError):
+    """The caller's input is invalid; nothing was recorded."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+class UnknownRun(InvalidInput):
+    """A run id or prefix that the journal does not know."""
+
+
+class JournalUnavailable(WecoObserveError):
+    """The journal could not be opened or written (read-only, disk full, locked)."""
+
+    exit_code = EXIT_JOURNAL

@@ -1,0 +1,551 @@
+"""The local journal: the only code that writes runs, steps, code blobs and the outbox.
+
+Every ``init`` and ``log`` is one SQLite transaction (``BEGIN IMMEDIATE`` ...
+``COMMIT`` with ``synchronous=FULL`` in WAL mode): when the call returns, the
+step is on disk, and a crash at any moment leaves either all of it or none.
+
+The journal is opened on the hot path of ``weco observe log``, so this module
+imports only the standard library. The schema version is read with ``PRAGMA
+user_version``; sqlite-utils and the migrations are imported only when one must
+run, under a file lock so concurrent first opens do not race.
+
+Tree rule (resolved once, at log time, and stored): a step logged with
+``parent_step`` has that parent. Otherwise its parent is the highest-numbered
+step below it, among the run's steps in this journal, whose status is not
+``failed``; step 0 (the baseline) has none. Because the parent is stored, the
+tree never depends on the order in which events later reach a server.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from . import codestore, ids, paths, validate
+from .errors import InvalidInput, JournalUnavailable, UnknownRun
+
+#: Must equal the number of migrations in ``migrations.py`` (a test checks it).
+SCHEMA_VERSION = 2
+DEFAULT_BUSY_TIMEOUT = 30.0
+
+
+def busy_timeout() -> float:
+    """Seconds a writer waits for the lock: ``$WECO_OBSERVE_BUSY_TIMEOUT`` or 30."""
+    try:
+        return float(os.environ.get("WECO_OBSERVE_BUSY_TIMEOUT", DEFAULT_BUSY_TIMEOUT))
+    except ValueError:
+        return DEFAULT_BUSY_TIMEOUT
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def _loads(value: str | None) -> Any:
+    return None if value is None else json.loads(value)
+
+
+def _private_dir(path: Path) -> None:
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if path.stat().st_mode & 0o077:
+        try:
+            os.chmod(path, 0o700)
+        except OSError:
+            pass
+
+
+def _private_file(path: Path) -> None:
+    """Create the journal file 0600 before SQLite does (SQLite copies its mode to -wal/-shm)."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except FileExistsError:
+        return
+    os.close(fd)
+
+
+class Journal:
+    """An open journal. Thread-safe; hold one per process for speed.
+
+    >>> j = Journal("/tmp/demo/journal.db")  # doctest: +SKIP
+    >>> run_id = j.create_run(source_code={"train.py": "x = 1\\n"}, metric="loss", maximize=False)
+    >>> j.log_step(run_id, 1, metrics={"loss": 0.5})["parent_step"]
+    0
+    """
+
+    def __init__(self, path: str | os.PathLike[str] | None = None, *, replay_spill: bool = True):
+        self.path = Path(path) if path is not None else paths.journal_path()
+        self._lock = threading.RLock()
+        self._texts: OrderedDict[str, tuple[bytes, int]] = OrderedDict()
+        self._known_blobs: set[str] = set()
+        try:
+            _private_dir(self.path.parent)
+            _private_file(self.path)
+            self.conn = sqlite3.connect(
+                str(self.path),
+                timeout=busy_timeout(),
+                isolation_level=None,
+                check_same_thread=False,
+            )
+            self.conn.execute("PRAGMA journal_mode=WAL")
+            self.conn.execute("PRAGMA synchronous=FULL")
+            self.conn.execute("PRAGMA foreign_keys=ON")
+            version = self.conn.execute("PRAGMA user_version").fetchone()[0]
+            if version < SCHEMA_VERSION:
+                self._migrate()
+            elif version > SCHEMA_VERSION:
+                raise JournalUnavailable(
+                    f"journal {self.path} has schema version {version}, newer than this "
+                    f"weco-observe understands ({SCHEMA_VERSION}): upgrade weco-observe"
+                )
+        except (sqlite3.Error, OSError) as exc:
+            raise JournalUnavailable(f"cannot open journal {self.path}: {exc}") from None
+        if replay_spill:
+            from . import spill
+
+            spill.replay(self)
+
+    # -- plumbing -------------------------------------------------------------
+
+    def _migrate(self) -> None:
+        import fcntl
+
+        from . import migrations
+
+        with open(self.path.with_name(self.path.name + ".migrate-lock"), "a") as lock:
+            os.chmod(lock.name, 0o600)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                if self.conn.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
+                    migrations.apply(self.conn)
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        with self._lock:
+            self.conn.close()
+
+    def __enter__(self) -> Journal:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction. Takes the write lock up front (``BEGIN IMMEDIATE``) so
+        concurrent writers queue on the busy timeout instead of failing to upgrade."""
+        with self._lock:
+            try:
+                self.conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise JournalUnavailable(f"cannot write journal {self.path}: {exc}") from None
+            try:
+                yield self.conn
+            except BaseException:
+                self.conn.execute("ROLLBACK")
+                raise
+            try:
+                self.conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                if self.conn.in_transaction:
+                    self.conn.execute("ROLLBACK")
+                raise JournalUnavailable(f"cannot write journal {self.path}: {exc}") from None
+
+    @contextmanager
+    def _writing(self) -> Iterator[sqlite3.Connection]:
+        try:
+            with self.write() as conn:
+                yield conn
+        except sqlite3.Error as exc:
+            raise JournalUnavailable(f"cannot write journal {self.path}: {exc}") from None
+
+    def query(self, sql: str, params: Any = ()) -> list[sqlite3.Row]:
+        """Read rows as ``sqlite3.Row`` (mapping-like)."""
+        with self._lock:
+            cur = self.conn.execute(sql, params)
+            cur.row_factory = sqlite3.Row
+            return cur.fetchall()
+
+    def iter_query(self, sql: str, params: Any = (), batch: int = 500) -> Iterator[sqlite3.Row]:
+        """Stream rows in batches (for 100k-event outboxes); holds a read snapshot while iterating."""
+        with self._lock:
+            cur = self.conn.cursor()
+            cur.row_factory = sqlite3.Row
+            cur.execute(sql, params)
+        while True:
+            with self._lock:
+                rows = cur.fetchmany(batch)
+            if not rows:
+                return
+            yield from rows
+
+    # -- code blobs -----------------------------------------------------------
+
+    def _remember(self, digest: str, data: bytes, depth: int) -> None:
+        self._texts[digest] = (data, depth)
+        self._texts.move_to_end(digest)
+        while len(self._texts) > 256:
+            self._texts.popitem(last=False)
+
+    def _blob(self, digest: str) -> tuple[bytes, int]:
+        cached = self._texts.get(digest)
+        if cached is not None:
+            return cached
+        row = self.conn.execute(
+            "SELECT base, depth, prefix, suffix, data FROM blobs WHERE hash = ?", (digest,)
+        ).fetchone()
+        if row is None:
+            raise KeyError(digest)
+        base_hash, depth, prefix, suffix, payload = row
+        base = self._blob(base_hash)[0] if base_hash else None
+        data = codestore.decode(payload, prefix, suffix, base)
+        self._remember(digest, data, depth)
+        return data, depth
+
+    def read_blob(self, digest: str) -> str:
+        """The text of a code blob by its hash."""
+        with self._lock:
+            return self._blob(digest)[0].decode("utf-8")
+
+    def read_code(self, manifest: Mapping[str, str] | None) -> dict[str, str]:
+        """Turn a manifest ``{path: hash}`` back into ``{path: text}``."""
+        return {path: self.read_blob(digest) for path, digest in (manifest or {}).items()}
+
+    def _store_code(self, conn: sqlite3.Connection, code: Mapping[str, str], base: Mapping[str, str] | None) -> dict[str, str]:
+        manifest: dict[str, str] = {}
+        for path, text in code.items():
+            data = text.encode("utf-8")
+            digest = codestore.text_hash(data)
+            manifest[path] = digest
+            if digest in self._known_blobs:
+                continue
+            if conn.execute("SELECT 1 FROM blobs WHERE hash = ?", (digest,)).fetchone() is None:
+                base_hash = (base or {}).get(path)
+                base_data, base_depth = None, 0
+                if base_hash:
+                    try:
+                        base_data, base_depth = self._blob(base_hash)
+                    except KeyError:
+                        base_hash = None
+                depth, prefix, suffix, payload = codestore.encode(data, base_data, base_depth)
+                conn.execute(
+                    "INSERT INTO blobs (hash, size, base, depth, prefix, suffix, data) VALUES (?,?,?,?,?,?,?)",
+                    (digest, len(data), base_hash if depth else None, depth, prefix, suffix, payload),
+                )
+                self._remember(digest, data, depth)
+            self._known_blobs.add(digest)
+        return manifest
+
+    # -- runs -----------------------------------------------------------------
+
+    def find_run(self, ref: str, *, prefix: bool = False) -> sqlite3.Row | None:
+        """The run whose local id or server id is ``ref`` (or, with ``prefix``, starts with it uniquely).
+
+        Raises InvalidInput when a prefix matches more than one run.
+        """
+        rows = self.query("SELECT * FROM runs WHERE id = ? OR server_id = ?", (ref, ref))
+        if rows or not prefix or not ref:
+            return rows[0] if rows else None
+        like = ref.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        rows = self.query(
+            "SELECT * FROM runs WHERE id LIKE ? ESCAPE '\\' OR server_id LIKE ? ESCAPE '\\' LIMIT 3",
+            (like, like),
+        )
+        if len(rows) > 1:
+            raise InvalidInput(f"run id prefix {ref!r} matches several runs: give more characters")
+        return rows[0] if rows else None
+
+    def require_run(self, ref: str, *, prefix: bool = True) -> sqlite3.Row:
+        run = self.find_run(ref, prefix=prefix)
+        if run is None:
+            raise UnknownRun(f"no run {ref!r} in journal {self.path}: see `weco observe runs`")
+        return run
+
+    def create_run(
+        self,
+        *,
+        source_code: Mapping[str, str],
+        metric: str,
+        maximize: bool = False,
+        name: str | None = None,
+        additional_instructions: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        run_id: str | None = None,
+        event_id: str | None = None,
+    ) -> str:
+        """Record a new run with its baseline code as step 0 and queue its create; return the local id."""
+        code = validate.check_code(source_code, "source_code")
+        if not isinstance(metric, str) or not metric.strip():
+            raise InvalidInput("--metric must name the primary metric, e.g. --metric val_bpb")
+        name = validate.check_text(name, "name")
+        additional_instructions = validate.check_text(additional_instructions, "additional_instructions")
+        meta = validate.check_metadata(metadata) if metadata else {}
+        run_id = run_id or ids.new_run_id()
+        event_id = event_id or ids.ulid()
+        now = time.time()
+        with self._writing() as conn:
+            if conn.execute("SELECT 1 FROM events WHERE id = ?", (event_id,)).fetchone():
+                return run_id
+            manifest = self._store_code(conn, code, None)
+            conn.execute(
+                "INSERT INTO runs (id, server_id, remote_only, name, metric, maximize,"
+                " additional_instructions, metadata, created_at, updated_at)"
+                " VALUES (?, NULL, 0, ?, ?, ?, ?, ?, ?, ?)",
+                (run_id, name, metric, int(bool(maximize)), additional_instructions,
+                 _dumps(meta) if meta else None, now, now),
+            )
+            conn.execute(
+                "INSERT INTO steps (run_id, step, status, description, metrics, code, parent_step,"
+                " metadata, event_id, created_at, updated_at)"
+                " VALUES (?, 0, 'completed', NULL, NULL, ?, NULL, NULL, ?, ?, ?)",
+                (run_id, _dumps(manifest), event_id, now, now),
+            )
+            payload: dict[str, Any] = {
+                "source_code": manifest,
+                "metric_name": metric,
+                "maximize": bool(maximize),
+            }
+            if name is not None:
+                payload["name"] = name
+            if additional_instructions is not None:
+                payload["additional_instructions"] = additional_instructions
+            if meta:
+                payload["metadata"] = meta
+            conn.execute(
+                "INSERT INTO events (id, run_id, kind, step, payload, created_at)"
+                " VALUES (?, ?, 'create_run', NULL, ?, ?)",
+                (event_id, run_id, _dumps(payload), now),
+            )
+        return run_id
+
+    def _run_for_log(self, conn: sqlite3.Connection, ref: str, now: float) -> tuple[str, str | None, bool]:
+        row = conn.execute(
+            "SELECT id, server_id, remote_only FROM runs WHERE id = ? OR server_id = ?", (ref, ref)
+        ).fetchone()
+        if row is not None:
+            return row[0], row[1], bool(row[2])
+        if not ids.looks_like_server_id(ref):
+            raise UnknownRun(
+                f"unknown --run-id {ref!r}: use the id printed by `weco observe init` "
+                "(or a Weco server run id); `weco observe runs` lists them"
+            )
+        local = ids.new_run_id()
+        conn.execute(
+            "INSERT INTO runs (id, server_id, remote_only, created_at, updated_at) VALUES (?, ?, 1, ?, ?)",
+            (local, ref, now, now),
+        )
+        return local, ref, True
+
+    # -- steps ----------------------------------------------------------------
+
+    def log_step(
+        self,
+        run: str,
+        step: int,
+        *,
+        status: str = "completed",
+        description: str | None = None,
+        metrics: Mapping[str, float] | None = None,
+        code: Mapping[str, str] | None = None,
+        parent_step: int | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        event_id: str | None = None,
+    ) -> dict[str, Any]:
+        """Record one step (insert or update) and queue it for sync, in one transaction.
+
+        ``run`` is a local id or a server id; an unknown server id becomes a
+        remote-only run. Fields left as None keep the step's previous value when
+        the step is logged again (the API's upsert does the same). Returns the
+        stored state: ``run_id``, ``step``, ``status``, ``parent_step``, ``event_id``.
+        """
+        validate.check_step(step)
+        validate.check_status(status)
+        description = validate.check_text(description, "description")
+        metrics = validate.check_metrics(metrics) if metrics is not None else None
+        code = validate.check_code(code, "--source/code") if code is not None else None
+        if parent_step is not None:
+            validate.check_step(parent_step, "--parent-step")
+            if parent_step >= step:
+                raise InvalidInput(
+                    f"--parent-step {parent_step} must be lower than --step {step}: a parent comes before its child"
+                )
+        metadata = validate.check_metadata(metadata) if metadata is not None else None
+        event_id = event_id or ids.ulid()
+        now = time.time()
+        with self._writing() as conn:
+            if conn.execute("SELECT 1 FROM events WHERE id = ?", (event_id,)).fetchone():
+                existing = self.query("SELECT * FROM steps WHERE event_id = ?", (event_id,))
+                return _step_result(existing[0]) if existing else {"event_id": event_id}
+            run_id, _server_id, remote_only = self._run_for_log(conn, run, now)
+            if parent_step is not None:
+                known = conn.execute(
+                    "SELECT 1 FROM steps WHERE run_id = ? AND step = ?", (run_id, parent_step)
+                ).fetchone()
+                if known is None and not remote_only:
+                    raise InvalidInput(
+                        f"--parent-step {parent_step}: run {run} has no step {parent_step}; "
+                        "log that step first or pick an existing one"
+                    )
+                parent = parent_step
+            elif step == 0:
+                parent = None
+            else:
+                row = conn.execute(
+                    "SELECT step FROM steps WHERE run_id = ? AND step < ? AND status != 'failed'"
+                    " ORDER BY step DESC LIMIT 1",
+                    (run_id, step),
+                ).fetchone()
+                parent = row[0] if row else None
+            prev = conn.execute(
+                "SELECT description, metrics, code, metadata, created_at FROM steps"
+                " WHERE run_id = ? AND step = ?",
+                (run_id, step),
+            ).fetchone()
+            prev_code = _loads(prev[2]) if prev else None
+            manifest = None
+            if code is not None:
+                base = prev_code
+                if base is None:
+                    base_row = conn.execute(
+                        "SELECT code FROM steps WHERE run_id = ? AND code IS NOT NULL"
+                        " AND step <= ? ORDER BY step = ? DESC, step DESC LIMIT 1",
+                        (run_id, step if parent is None else parent, parent),
+                    ).fetchone()
+                    base = _loads(base_row[0]) if base_row else None
+                manifest = self._store_code(conn, code, base)
+            if prev is not None:
+                description = description if description is not None else prev[0]
+                metrics = metrics if metrics is not None else _loads(prev[1])
+                manifest = manifest if manifest is not None else prev_code
+                metadata = metadata if metadata is not None else _loads(prev[3])
+            payload: dict[str, Any] = {"step": step, "status": status}
+            if description is not None:
+                payload["description"] = description
+            if metrics:
+                payload["metrics"] = metrics
+            if manifest:
+                payload["code"] = manifest
+            if parent is not None:
+                payload["parent_step"] = parent
+            if metadata:
+                payload["metadata"] = metadata
+            conn.execute(
+                "INSERT INTO steps (run_id, step, status, description, metrics, code, parent_step,"
+                " metadata, event_id, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
+                " ON CONFLICT (run_id, step) DO UPDATE SET status = excluded.status,"
+                " description = excluded.description, metrics = excluded.metrics, code = excluded.code,"
+                " parent_step = excluded.parent_step, metadata = excluded.metadata,"
+                " event_id = excluded.event_id, updated_at = excluded.updated_at",
+                (run_id, step, status, description, _dumps(metrics) if metrics is not None else None,
+                 _dumps(manifest) if manifest is not None else None, parent,
+                 _dumps(metadata) if metadata is not None else None, event_id, now, now),
+            )
+            conn.execute(
+                "INSERT INTO events (id, run_id, kind, step, payload, created_at)"
+                " VALUES (?, ?, 'log_step', ?, ?, ?)",
+                (event_id, run_id, step, _dumps(payload), now),
+            )
+            conn.execute("UPDATE runs SET updated_at = ? WHERE id = ?", (now, run_id))
+        return {"run_id": run_id, "step": step, "status": status, "parent_step": parent, "event_id": event_id}
+
+    # -- outbox (used by sync) ------------------------------------------------
+
+    def mark_run_created(self, event_id: str, run_id: str, server_id: str) -> None:
+        """The create was answered 2xx: store the server id and mark the create delivered, atomically."""
+        now = time.time()
+        with self._writing() as conn:
+            conn.execute("UPDATE runs SET server_id = ? WHERE id = ?", (server_id, run_id))
+            conn.execute(
+                "UPDATE events SET state = 'delivered', attempts = attempts + 1, delivered_at = ?,"
+                " last_error = NULL WHERE id = ?",
+                (now, event_id),
+            )
+
+    def mark_delivered(self, event_id: str, superseded: list[str] = ()) -> None:  # type: ignore[assignment]
+        """A step event was answered 2xx; older pending events of the same step it replaced are superseded."""
+        now = time.time()
+        with self._writing() as conn:
+            conn.execute(
+                "UPDATE events SET state = 'delivered', attempts = attempts + 1, delivered_at = ?,"
+                " last_error = NULL WHERE id = ?",
+                (now, event_id),
+            )
+            conn.executemany(
+                "UPDATE events SET state = 'superseded', delivered_at = ? WHERE id = ? AND state != 'delivered'",
+                [(now, old) for old in superseded],
+            )
+
+    def mark_failed(self, event_id: str, error: str, attempts: int = 1) -> None:
+        """A transient failure: the event stays pending with its attempt count and last error."""
+        with self._writing() as conn:
+            conn.execute(
+                "UPDATE events SET attempts = attempts + ?, last_error = ? WHERE id = ?",
+                (attempts, error[:2000], event_id),
+            )
+
+    def mark_rejected(self, event_id: str, reason: str, attempts: int = 1) -> None:
+        """The API refused the event (a 4xx other than auth): keep it, with the reason."""
+        with self._writing() as conn:
+            conn.execute(
+                "UPDATE events SET state = 'rejected', attempts = attempts + ?, last_error = ? WHERE id = ?",
+                (attempts, reason[:2000], event_id),
+            )
+
+    def requeue_rejected(self, run_id: str | None = None) -> int:
+        """Make rejected events pending again (``sync --retry-rejected``); return how many."""
+        with self._writing() as conn:
+            if run_id is None:
+                cur = conn.execute("UPDATE events SET state = 'pending' WHERE state = 'rejected'")
+            else:
+                cur = conn.execute(
+                    "UPDATE events SET state = 'pending' WHERE state = 'rejected' AND run_id = ?", (run_id,)
+                )
+            return cur.rowcount
+
+    # -- reads ----------------------------------------------------------------
+
+    def steps(self, run_id: str) -> list[dict[str, Any]]:
+        """Every step of a run (by local id), oldest step number first, JSON columns decoded."""
+        return [
+            _step_row(row)
+            for row in self.query("SELECT * FROM steps WHERE run_id = ? ORDER BY step", (run_id,))
+        ]
+
+    def counts(self) -> dict[str, int]:
+        """Totals for ``status``: runs, steps and events by state."""
+        out = {"runs": 0, "steps": 0, "pending": 0, "delivered": 0, "rejected": 0, "superseded": 0}
+        with self._lock:
+            out["runs"] = self.conn.execute("SELECT count(*) FROM runs").fetchone()[0]
+            out["steps"] = self.conn.execute("SELECT count(*) FROM steps").fetchone()[0]
+            for state, n in self.conn.execute("SELECT state, count(*) FROM events GROUP BY state"):
+                out[state] = n
+        return out
+
+    def schema_version(self) -> int:
+        with self._lock:
+            return self.conn.execute("PRAGMA user_version").fetchone()[0]
+
+
+def _step_row(row: sqlite3.Row) -> dict[str, Any]:
+    out = dict(row)
+    for key in ("metrics", "code", "metadata"):
+        out[key] = _loads(out[key])
+    return out
+
+
+def _step_result(row: sqlite3.Row) -> dict[str, Any]:
+    return {
+        "run_id": row["run_id"],
+        "step": row["step"],
+        "status": row["status"],
+        "parent_step": row["parent_step"],
+        "event_id": row["event_id"],
+    }

@@ -1,0 +1,214 @@
+"""The Python SDK: ``WecoObserver`` and ``ObserveRun``, with the official signatures.
+
+Thin on purpose: each call is one journal transaction and returns. It never
+touches the network (a background syncer does that) and never interrupts the
+user's loop: invalid arguments give a ``WecoObserveWarning`` and record nothing
+(``strict=True`` raises instead); a journal that cannot be written spills the
+call to a file that the next successful open imports, and warns.
+
+    from weco_observe import WecoObserver
+
+    obs = WecoObserver()
+    run = obs.create_run(source_code={"train.py": src}, primary_metric="val_bpb")
+    run.log_step(1, metrics={"val_bpb": 2.26}, code={"train.py": src})
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from . import autosync, ids, paths, spill
+from .errors import InvalidInput, JournalUnavailable
+from .journal import Journal
+
+__all__ = ["ObserveRun", "WecoObserveWarning", "WecoObserver"]
+
+
+class WecoObserveWarning(UserWarning):
+    """Something was not recorded as asked (bad input, or the journal was unavailable)."""
+
+
+class WecoObserver:
+    """Entry point of the SDK. ``api_key`` is used only by the background syncer and is never stored.
+
+    >>> obs = WecoObserver()  # doctest: +SKIP
+    >>> run = obs.create_run(source_code={"a.py": "x=1"}, primary_metric="loss")  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        api_key: str | None = None,
+        *,
+        journal_path: str | Path | None = None,
+        strict: bool = False,
+    ):
+        self._api_key = api_key
+        self._path = Path(journal_path) if journal_path is not None else paths.journal_path()
+        self.strict = strict
+        self._journal: Journal | None = None
+        self._lock = threading.Lock()
+
+    # -- plumbing -------------------------------------------------------------
+
+    @property
+    def journal_path(self) -> Path:
+        return self._path
+
+    def _open(self) -> Journal:
+        with self._lock:
+            if self._journal is None:
+                self._journal = Journal(self._path)
+            return self._journal
+
+    def _warn(self, message: str) -> None:
+        warnings.warn(f"weco-observe: {message}", WecoObserveWarning, stacklevel=4)
+
+    def _record(self, op: str, kwargs: dict[str, Any]) -> Any:
+        """Run one journal write; on bad input warn (or raise), on an unavailable journal spill."""
+        try:
+            result = getattr(self._open(), op)(**kwargs)
+        except InvalidInput as exc:
+            if self.strict:
+                raise
+            self._warn(f"{exc} (nothing recorded)")
+            return None
+        except JournalUnavailable as exc:
+            where = spill.write(op, kwargs)
+            if where is None:
+                message = f"{exc}; could not spill it either: this call is lost"
+            else:
+                message = f"{exc}; saved to {where}, imported on the next successful open"
+            if self.strict:
+                raise JournalUnavailable(message) from None
+            self._warn(message)
+            return kwargs
+        autosync.trigger(self._path, self._api_key)
+        return result
+
+    # -- API ------------------------------------------------------------------
+
+    def create_run(
+        self,
+        *,
+        source_code: Mapping[str, str],
+        primary_metric: str,
+        maximize: bool = False,
+        name: str | None = None,
+        additional_instructions: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> ObserveRun | None:
+        """Create a run with ``source_code`` as its baseline (step 0). Returns None if nothing was recorded."""
+        kwargs = {
+            "source_code": source_code,
+            "metric": primary_metric,
+            "maximize": maximize,
+            "name": name,
+            "additional_instructions": additional_instructions,
+            "metadata": metadata,
+            "run_id": ids.new_run_id(),
+            "event_id": ids.ulid(),
+        }
+        if self._record("create_run", kwargs) is None:
+            return None
+        return ObserveRun(self, kwargs["run_id"], primary_metric=primary_metric, maximize=bool(maximize))
+
+    def run(self, run_id: str) -> ObserveRun:
+        """Open an existing run (local id, server id, or a unique prefix) to keep logging to it.
+
+        A server run id this journal has never seen (made by the official client,
+        say) is accepted: its steps are journaled and later synced to that id.
+        """
+        try:
+            row = self._open().find_run(run_id, prefix=True)
+        except JournalUnavailable:
+            row = None
+        if row is not None:
+            return ObserveRun(self, row["id"], primary_metric=row["metric"],
+                              maximize=bool(row["maximize"]) if row["maximize"] is not None else None)
+        if ids.looks_like_server_id(run_id) or ids.is_local_run_id(run_id):
+            return ObserveRun(self, run_id)
+        raise InvalidInput(f"unknown run {run_id!r}: use an id from create_run() or `weco observe runs`")
+
+    get_run = run
+
+    def flush(self, timeout: float | None = 30.0) -> bool:
+        """Wait until every pending event is delivered (or ``timeout`` passes); True if none remain."""
+        from . import sync
+
+        return sync.flush(self._path, timeout=timeout, api_key=self._api_key)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._journal is not None:
+                self._journal.close()
+                self._journal = None
+
+    def __enter__(self) -> WecoObserver:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class ObserveRun:
+    """One run. ``run_id`` is the local id (``local-...``); ``server_id`` appears once synced."""
+
+    def __init__(self, observer: WecoObserver, run_id: str, *, primary_metric: str | None = None,
+                 maximize: bool | None = None):
+        self._observer = observer
+        self.run_id = run_id
+        self.primary_metric = primary_metric
+        self.maximize = maximize
+
+    def __repr__(self) -> str:
+        return f"ObserveRun(run_id={self.run_id!r})"
+
+    @property
+    def server_id(self) -> str | None:
+        """The Weco API's id for this run, once the create has been delivered."""
+        try:
+            row = self._observer._open().find_run(self.run_id)
+        except JournalUnavailable:
+            return None
+        return row["server_id"] if row is not None else None
+
+    def log_step(
+        self,
+        step: int,
+        *,
+        status: str = "completed",
+        description: str | None = None,
+        metrics: Mapping[str, float] | None = None,
+        code: Mapping[str, str] | None = None,
+        parent_step: int | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any] | None:
+        """Journal one step (durably, before returning). Returns the stored step, or None if refused."""
+        return self._observer._record(
+            "log_step",
+            {
+                "run": self.run_id,
+                "step": step,
+                "status": status,
+                "description": description,
+                "metrics": metrics,
+                "code": code,
+                "parent_step": parent_step,
+                "metadata": metadata,
+                "event_id": ids.ulid(),
+            },
+        )
+
+    def flush(self, timeout: float | None = 30.0) -> bool:
+        """Wait for delivery of everything pending (see :meth:`WecoObserver.flush`)."""
+        return self._observer.flush(timeout=timeout)
+
+    def __enter__(self) -> ObserveRun:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None

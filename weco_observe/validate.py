@@ -1,0 +1,151 @@
+"""Input checks shared by the CLI, the SDK and the journal.
+
+Each check raises :class:`~weco_observe.errors.InvalidInput` with a one-line
+message naming what was wrong and what to do; nothing has been written when it
+does. Cheap enough for the hot path: json and math only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from .errors import InvalidInput
+
+STATUSES = ("completed", "failed")
+_GOALS = {"max": True, "maximize": True, "min": False, "minimize": False}
+
+
+def goal_to_maximize(goal: str) -> bool:
+    """``max``/``maximize`` -> True, ``min``/``minimize`` -> False (case-insensitive)."""
+    try:
+        return _GOALS[goal.strip().lower()]
+    except (KeyError, AttributeError):
+        raise InvalidInput(
+            f"unknown --goal {goal!r}: use one of max, maximize, min, minimize"
+        ) from None
+
+
+def check_status(status: Any) -> str:
+    if status not in STATUSES:
+        raise InvalidInput(f"unknown --status {status!r}: use 'completed' or 'failed'")
+    return status
+
+
+def check_step(step: Any, flag: str = "--step") -> int:
+    if isinstance(step, bool) or not isinstance(step, int):
+        raise InvalidInput(f"{flag} must be a whole number, got {step!r}")
+    if step < 0:
+        raise InvalidInput(f"{flag} must be 0 or more (0 is the baseline), got {step}")
+    return step
+
+
+def parse_step(text: str, flag: str = "--step") -> int:
+    """Parse a step number given as text: ``"3"`` -> 3; ``"-1"``, ``"1.5"`` are refused."""
+    text = text.strip()
+    if not text.lstrip("+").isdigit() and not (text.startswith("-") and text[1:].isdigit()):
+        raise InvalidInput(f"{flag} must be a whole number, got {text!r}")
+    return check_step(int(text), flag)
+
+
+def check_metrics(metrics: Any, flag: str = "--metrics") -> dict[str, float]:
+    """Metrics are an object of metric name -> finite number (booleans are not numbers)."""
+    if not isinstance(metrics, Mapping):
+        raise InvalidInput(
+            f"{flag} must be a JSON object of name -> number, e.g. '{{\"val_bpb\": 1.03}}'"
+        )
+    out: dict[str, float] = {}
+    for name, value in metrics.items():
+        if not isinstance(name, str) or not name:
+            raise InvalidInput(f"{flag}: metric names must be non-empty strings, got {name!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise InvalidInput(f"{flag}: metric {name!r} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise InvalidInput(f"{flag}: metric {name!r} must be finite, got {value!r}")
+        out[name] = value
+    return out
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_json_object(text: str, flag: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text, parse_constant=_reject_constant)
+    except ValueError as exc:
+        raise InvalidInput(f"{flag} is not valid JSON ({exc}): pass an object such as '{{\"a\": 1}}'") from None
+    if not isinstance(value, dict):
+        raise InvalidInput(f"{flag} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Parse ``--metrics``: ``'{"val_bpb": 1.03}'`` -> ``{"val_bpb": 1.03}``."""
+    return check_metrics(parse_json_object(text, "--metrics"))
+
+
+def check_metadata(metadata: Any, flag: str = "--metadata") -> dict[str, Any]:
+    if not isinstance(metadata, Mapping):
+        raise InvalidInput(f"{flag} must be a JSON object")
+    try:
+        json.dumps(metadata, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise InvalidInput(f"{flag} must be JSON-serialisable with finite numbers ({exc})") from None
+    return dict(metadata)
+
+
+def check_code(code: Any, flag: str = "code") -> dict[str, str]:
+    """Code is a non-empty object of path -> file text, without NUL bytes."""
+    if not isinstance(code, Mapping) or not code:
+        raise InvalidInput(f"{flag} must be a non-empty dict of path -> file text")
+    for path, text in code.items():
+        if not isinstance(path, str) or not path:
+            raise InvalidInput(f"{flag}: paths must be non-empty strings, got {path!r}")
+        if not isinstance(text, str):
+            raise InvalidInput(f"{flag}: {path!r} must be text (str), got {type(text).__name__}")
+        if "\x00" in text:
+            raise InvalidInput(f"{flag}: {path!r} looks binary (contains NUL bytes); track text files only")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidInput(f"{flag}: {path!r} is not valid UTF-8 text") from None
+    return dict(code)
+
+
+def check_text(value: Any, name: str) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InvalidInput(f"{name} must be a string, got {type(value).__name__}")
+    return value
+
+
+def read_sources(paths: Iterable[str]) -> dict[str, str]:
+    """Read source files as UTF-8 text, keyed by the path as given.
+
+    Unreadable, binary (NUL bytes) or non-UTF-8 files are refused.
+    """
+    code: dict[str, str] = {}
+    for raw in paths:
+        path = Path(raw)
+        try:
+            data = path.read_bytes()
+        except IsADirectoryError:
+            raise InvalidInput(f"source {raw!r} is a directory: pass files with --source/--sources") from None
+        except FileNotFoundError:
+            raise InvalidInput(f"source file {raw!r} does not exist: check the path") from None
+        except OSError as exc:
+            raise InvalidInput(f"cannot read source file {raw!r}: {exc.strerror}") from None
+        if b"\x00" in data:
+            raise InvalidInput(f"source file {raw!r} looks binary (contains NUL bytes): track text files only")
+        try:
+            code[raw] = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InvalidInput(
+                f"source file {raw!r} is not UTF-8 text (bad byte at offset {exc.start}): re-encode it as UTF-8"
+            ) from None
+    return code
