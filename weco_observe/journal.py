@@ -151,13 +151,20 @@ class Journal:
                 yield self.conn
             except BaseException:
                 self.conn.execute("ROLLBACK")
+                self._forget_uncommitted()
                 raise
             try:
                 self.conn.execute("COMMIT")
             except sqlite3.Error as exc:
                 if self.conn.in_transaction:
                     self.conn.execute("ROLLBACK")
+                self._forget_uncommitted()
                 raise JournalUnavailable(f"cannot write journal {self.path}: {exc}") from None
+
+    def _forget_uncommitted(self) -> None:
+        # The blob caches may name blobs inserted by the rolled-back transaction.
+        self._known_blobs.clear()
+        self._texts.clear()
 
     @contextmanager
     def _writing(self) -> Iterator[sqlite3.Connection]:
