@@ -35,18 +35,26 @@ def check_status(status: Any) -> str:
     return status
 
 
+#: SQLite stores integers in 64 bits; a larger step cannot be journaled.
+MAX_STEP = 2**63 - 1
+
+
 def check_step(step: Any, flag: str = "--step") -> int:
     if isinstance(step, bool) or not isinstance(step, int):
         raise InvalidInput(f"{flag} must be a whole number, got {step!r}")
     if step < 0:
         raise InvalidInput(f"{flag} must be 0 or more (0 is the baseline), got {step}")
+    if step > MAX_STEP:
+        raise InvalidInput(f"{flag} is too large (at most {MAX_STEP}), got {step}")
     return step
 
 
 def parse_step(text: str, flag: str = "--step") -> int:
     """Parse a step number given as text: ``"3"`` -> 3; ``"-1"``, ``"1.5"`` are refused."""
     text = text.strip()
-    if not text.lstrip("+").isdigit() and not (text.startswith("-") and text[1:].isdigit()):
+    digits = text[1:] if text[:1] in ("+", "-") else text
+    # ASCII only: str.isdigit() also accepts "²" (which int() refuses) and other scripts' digits.
+    if not (digits.isascii() and digits.isdigit()):
         raise InvalidInput(f"{flag} must be a whole number, got {text!r}")
     return check_step(int(text), flag)
 
@@ -63,7 +71,11 @@ def check_metrics(metrics: Any, flag: str = "--metrics") -> dict[str, float]:
             raise InvalidInput(f"{flag}: metric names must be non-empty strings, got {name!r}")
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise InvalidInput(f"{flag}: metric {name!r} must be a number, got {value!r}")
-        if not math.isfinite(value):
+        try:
+            finite = math.isfinite(value)
+        except OverflowError:  # an int too large for a float (JSON allows 1000...0)
+            raise InvalidInput(f"{flag}: metric {name!r} is too large to be a number") from None
+        if not finite:
             raise InvalidInput(f"{flag}: metric {name!r} must be finite, got {value!r}")
         out[name] = value
     return out
