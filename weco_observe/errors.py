@@ -7,13 +7,16 @@ message ever contains the API key.
 from __future__ import annotations
 
 __all__ = [
+    "BundleInvalid",
     "EXIT_AUTH",
     "EXIT_BAD_INPUT",
+    "EXIT_DAMAGED",
     "EXIT_JOURNAL",
     "EXIT_OK",
     "EXIT_PENDING",
     "EXIT_REJECTED",
     "InvalidInput",
+    "JournalDamaged",
     "JournalUnavailable",
     "UnknownRun",
     "WecoObserveError",
@@ -30,6 +33,8 @@ EXIT_PENDING = 4
 EXIT_AUTH = 5
 #: ``sync``: some events were rejected by the API (kept, see ``status``).
 EXIT_REJECTED = 6
+#: ``doctor``: the journal is damaged (run ``weco observe doctor --repair``).
+EXIT_DAMAGED = 7
 
 
 class WecoObserveError(Exception):
@@ -52,3 +57,16 @@ class JournalUnavailable(WecoObserveError):
     """The journal could not be opened or written (read-only, disk full, locked)."""
 
     exit_code = EXIT_JOURNAL
+
+
+# -- bundles and doctor (issue 5) ---------------------------------------------
+
+
+class BundleInvalid(InvalidInput):
+    """A bundle file is truncated, corrupted, edited or not a bundle; nothing was imported."""
+
+
+class JournalDamaged(WecoObserveError):
+    """The journal failed its integrity check; ``weco observe doctor --repair`` salvages it."""
+
+    exit_code = EXIT_DAMAGED
