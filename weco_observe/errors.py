@@ -7,9 +7,14 @@ message ever contains the API key.
 from __future__ import annotations
 
 __all__ = [
+    "ApiAuthFailed",
+    "ApiError",
+    "ApiRejected",
+    "ApiTransient",
     "BundleInvalid",
     "EXIT_AUTH",
     "EXIT_BAD_INPUT",
+    "EXIT_BUSY",
     "EXIT_DAMAGED",
     "EXIT_JOURNAL",
     "EXIT_OK",
@@ -18,6 +23,7 @@ __all__ = [
     "InvalidInput",
     "JournalDamaged",
     "JournalUnavailable",
+    "SyncBusy",
     "UnknownRun",
     "WecoObserveError",
 ]
@@ -35,6 +41,8 @@ EXIT_AUTH = 5
 EXIT_REJECTED = 6
 #: ``doctor``: the journal is damaged (run ``weco observe doctor --repair``).
 EXIT_DAMAGED = 7
+#: ``sync --no-wait``: another syncer holds this journal's sync lock.
+EXIT_BUSY = 8
 
 
 class WecoObserveError(Exception):
@@ -70,3 +78,43 @@ class JournalDamaged(WecoObserveError):
     """The journal failed its integrity check; ``weco observe doctor --repair`` salvages it."""
 
     exit_code = EXIT_DAMAGED
+
+
+# -- sync and the API client (issue 3) ----------------------------------------
+
+
+class ApiError(WecoObserveError):
+    """The Weco API did not accept a request; ``status`` and ``detail`` say how."""
+
+    exit_code = EXIT_PENDING
+
+    def __init__(self, message: str, *, status: int | None = None, detail: str | None = None,
+                 retry_after: float | None = None, ambiguous: bool = False):
+        super().__init__(message)
+        self.status = status
+        self.detail = detail
+        self.retry_after = retry_after
+        #: the request may have been applied although no answer came (a timeout, a dropped connection)
+        self.ambiguous = ambiguous
+
+
+class ApiTransient(ApiError):
+    """A failure that may pass: a timeout, a dropped connection, 408/429/5xx, or a 2xx without a JSON object."""
+
+
+class ApiAuthFailed(ApiError):
+    """The API refused the key (401/403): run ``weco login``; everything stays pending."""
+
+    exit_code = EXIT_AUTH
+
+
+class ApiRejected(ApiError):
+    """The API refused the request itself (a 4xx other than auth); resending it unchanged cannot succeed."""
+
+    exit_code = EXIT_REJECTED
+
+
+class SyncBusy(WecoObserveError):
+    """Another syncer holds this journal's sync lock (``sync --no-wait``)."""
+
+    exit_code = EXIT_BUSY
