@@ -77,7 +77,7 @@ class WecoObserver:
             self._warn(f"{exc} (nothing recorded)")
             return None
         except JournalUnavailable as exc:
-            where = spill.write(op, kwargs)
+            where = spill.write(op, kwargs, self._path)
             if where is None:
                 message = f"{exc}; could not spill it either: this call is lost"
             else:

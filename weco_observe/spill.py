@@ -20,20 +20,26 @@ from typing import Any
 from . import ids, paths
 
 
-def spill_dirs() -> list[Path]:
-    """Candidate directories, most preferred first."""
+def _target(journal_path: str | os.PathLike[str] | None) -> str:
+    return os.path.realpath(journal_path if journal_path is not None else paths.journal_path())
+
+
+def spill_dirs(journal_path: str | os.PathLike[str] | None = None) -> list[Path]:
+    """Candidate directories, most preferred first (the fallback is shared by every journal)."""
     uid = os.getuid() if hasattr(os, "getuid") else 0
     return [
-        paths.journal_dir() / "spill",
+        Path(_target(journal_path)).parent / "spill",
         Path(tempfile.gettempdir()) / f"weco-observe-spill-{uid}",
     ]
 
 
-def write(op: str, kwargs: dict[str, Any]) -> Path | None:
-    """Write one operation (``create_run`` or ``log_step``) to a spill file; None if nowhere works."""
-    record = json.dumps({"op": op, "kwargs": kwargs}, ensure_ascii=False)
+def write(op: str, kwargs: dict[str, Any], journal_path: str | os.PathLike[str] | None = None) -> Path | None:
+    """Write one operation (``create_run`` or ``log_step``) meant for ``journal_path`` (default: the
+    user's journal) to a spill file; None if nowhere works."""
+    # The journal's path is recorded so a spill in the shared fallback dir goes back to its own journal.
+    record = json.dumps({"op": op, "journal": _target(journal_path), "kwargs": kwargs}, ensure_ascii=False)
     name = f"{ids.ulid()}.json"
-    for directory in spill_dirs():
+    for directory in spill_dirs(journal_path):
         try:
             directory.mkdir(parents=True, exist_ok=True, mode=0o700)
             if directory.stat().st_uid != os.getuid():
@@ -52,20 +58,30 @@ def write(op: str, kwargs: dict[str, Any]) -> Path | None:
     return None
 
 
-def pending() -> list[Path]:
-    """Spill files waiting to be replayed, oldest first."""
+def _meant_for(path: Path, target: str) -> bool:
+    try:
+        journal = json.loads(path.read_text(encoding="utf-8")).get("journal")
+    except (OSError, ValueError, AttributeError):
+        return True  # unreadable: let replay report it
+    return journal is None or journal == target
+
+
+def pending(journal_path: str | os.PathLike[str] | None = None) -> list[Path]:
+    """Spill files waiting to be replayed into ``journal_path`` (default: the user's journal), oldest first."""
+    target = _target(journal_path)
     files: list[Path] = []
-    for directory in spill_dirs():
+    for directory in spill_dirs(journal_path):
         try:
-            files.extend(directory / n for n in os.listdir(directory) if n.endswith(".json"))
+            names = [n for n in os.listdir(directory) if n.endswith(".json")]
         except OSError:
             continue
+        files.extend(directory / n for n in names if _meant_for(directory / n, target))
     return sorted(files, key=lambda p: p.name)
 
 
 def replay(journal) -> int:
     """Import every spill file into ``journal``; return how many were imported."""
-    files = pending()
+    files = pending(journal.path)
     if not files:
         return 0
     from .errors import InvalidInput, JournalUnavailable
