@@ -517,6 +517,68 @@ class Journal:
                 )
             return cur.rowcount
 
+    # -- outbox (used by sync): attempts, per-step delivery ---------------------
+    # A create is not idempotent on the server, so its attempt is committed
+    # *before* the request goes out: a sync killed mid-request leaves a marker
+    # that the next sync turns into a "possible duplicate" note.
+
+    IN_FLIGHT = "in flight: sent, no answer yet"
+    AMBIGUOUS = "ambiguous: "
+    POSSIBLE_DUPLICATE = "possible duplicate: "
+
+    def begin_create_attempt(self, event_id: str) -> bool:
+        """Count one attempt of a create before sending it; True if an earlier attempt may have been applied."""
+        with self._writing() as conn:
+            row = conn.execute("SELECT last_error FROM events WHERE id = ?", (event_id,)).fetchone()
+            last = (row[0] if row else None) or ""
+            earlier = last.startswith((self.IN_FLIGHT, self.AMBIGUOUS))
+            conn.execute(
+                "UPDATE events SET attempts = attempts + 1, last_error = ? WHERE id = ?",
+                (self.AMBIGUOUS + "an earlier attempt got no answer; " + self.IN_FLIGHT if earlier
+                 else self.IN_FLIGHT, event_id),
+            )
+        return earlier
+
+    def mark_create_delivered(self, event_id: str, run_id: str, server_id: str, possible_duplicate: bool) -> None:
+        """Store the server id and mark the create delivered in one transaction (the attempt is already counted).
+
+        After an ambiguous earlier attempt the server may hold a second run for
+        this local id; the note stays in ``last_error`` so ``sync`` can report it.
+        """
+        note = (f"{self.POSSIBLE_DUPLICATE}an earlier attempt got no answer; the server may also hold a run"
+                f" whose metadata.weco_observe_local_id is {run_id}") if possible_duplicate else None
+        with self._writing() as conn:
+            conn.execute("UPDATE runs SET server_id = ? WHERE id = ?", (server_id, run_id))
+            conn.execute(
+                "UPDATE events SET state = 'delivered', delivered_at = ?, last_error = ? WHERE id = ?",
+                (time.time(), note, event_id),
+            )
+
+    def mark_step_delivered(self, event_id: str, run_id: str, step: int, seq: int, attempts: int = 1) -> int:
+        """A step's latest state was answered 2xx: mark it delivered and supersede the
+        older pending events of the same (run, step), which it replaced. Returns how many."""
+        now = time.time()
+        with self._writing() as conn:
+            conn.execute(
+                "UPDATE events SET state = 'delivered', attempts = attempts + ?, delivered_at = ?,"
+                " last_error = NULL WHERE id = ?",
+                (attempts, now, event_id),
+            )
+            cur = conn.execute(
+                "UPDATE events SET state = 'superseded', delivered_at = ? WHERE run_id = ? AND step = ?"
+                " AND kind = 'log_step' AND state = 'pending' AND seq < ?",
+                (now, run_id, step, seq),
+            )
+            return cur.rowcount
+
+    def mark_superseded(self, event_id: str) -> None:
+        """A pending step event older than a state of its step that is already delivered: never send it."""
+        with self._writing() as conn:
+            conn.execute(
+                "UPDATE events SET state = 'superseded', delivered_at = ? WHERE id = ? AND state = 'pending'",
+                (time.time(), event_id),
+            )
+
     # -- reads ----------------------------------------------------------------
 
     def steps(self, run_id: str) -> list[dict[str, Any]]:
@@ -539,6 +601,152 @@ class Journal:
     def schema_version(self) -> int:
         with self._lock:
             return self.conn.execute("PRAGMA user_version").fetchone()[0]
+
+    # -- bundles (issue 5: air-gapped transfer by file; see bundle.py) ---------
+
+    def record_bundle(self, bundle_id: str, path: str, max_seq: int, events: int, run_filter: str | None) -> None:
+        """Remember that every event up to ``max_seq`` (of ``run_filter``, or all runs) is in a bundle."""
+        with self._writing() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO bundles (id, path, created_at, max_seq, events, run_filter)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (bundle_id, path, time.time(), max_seq, events, run_filter),
+            )
+
+    def merge_bundle(
+        self,
+        bundle_id: str,
+        source: str,
+        runs: list[dict[str, Any]],
+        blobs: Iterator[dict[str, Any]],
+        steps: Iterator[dict[str, Any]],
+        events: Iterator[dict[str, Any]],
+    ) -> dict[str, Any]:
+        """Merge a verified bundle in one transaction, idempotently by id; return what changed.
+
+        Runs match by local id, then by server id (two boxes that logged to the
+        same server run share it). A bundle's server id is adopted only by a run
+        that has none here. A step row replaces ours only if its event id is
+        newer. A new event arrives ``pending`` unless the bundle says the server
+        already has it on the same server run (then it keeps ``delivered`` /
+        ``superseded``), or a newer state of its step is already here
+        (``superseded``). If an iterator raises (a checksum that no longer
+        matches), nothing is written.
+        """
+        out: dict[str, Any] = {
+            "bundle_id": bundle_id, "already_imported": False, "runs_new": 0, "runs_known": 0,
+            "server_ids_adopted": 0, "blobs_new": 0, "steps_updated": 0, "events_new": 0,
+            "events_known": 0, "events_pending": 0, "conflicts": [],
+        }
+        now = time.time()
+        with self._writing() as conn:
+            if conn.execute("SELECT 1 FROM imports WHERE bundle_id = ?", (bundle_id,)).fetchone():
+                out["already_imported"] = True
+                return out
+            mapping: dict[str, str] = {}
+            same_server: dict[str, bool] = {}
+            for run in runs:
+                rid, sid = run["id"], run.get("server_id")
+                row = conn.execute("SELECT id, server_id FROM runs WHERE id = ?", (rid,)).fetchone()
+                if row is None and sid:
+                    row = conn.execute("SELECT id, server_id FROM runs WHERE server_id = ?", (sid,)).fetchone()
+                if row is None:
+                    conn.execute(
+                        "INSERT INTO runs (id, server_id, remote_only, name, metric, maximize,"
+                        " additional_instructions, metadata, created_at, updated_at)"
+                        " VALUES (?,?,?,?,?,?,?,?,?,?)",
+                        (rid, sid, int(bool(run.get("remote_only"))), run.get("name"), run.get("metric"),
+                         run.get("maximize"), run.get("additional_instructions"),
+                         _dumps(run["metadata"]) if run.get("metadata") is not None else None,
+                         run.get("created_at") or now, run.get("updated_at") or now),
+                    )
+                    mapping[rid], same_server[rid] = rid, bool(sid)
+                    out["runs_new"] += 1
+                    continue
+                local, local_sid = row
+                mapping[rid] = local
+                out["runs_known"] += 1
+                if sid and local_sid is None:
+                    if conn.execute("SELECT 1 FROM runs WHERE server_id = ?", (sid,)).fetchone():
+                        out["conflicts"].append(f"run {rid}: server id {sid} already belongs to another run here")
+                    else:
+                        conn.execute("UPDATE runs SET server_id = ? WHERE id = ?", (sid, local))
+                        local_sid = sid
+                        out["server_ids_adopted"] += 1
+                elif sid and local_sid != sid:
+                    out["conflicts"].append(
+                        f"run {rid}: the bundle's box synced it as {sid}, this box as {local_sid}; "
+                        f"new steps go to {local_sid}"
+                    )
+                same_server[local] = bool(sid) and local_sid == sid
+            for blob in blobs:
+                cur = conn.execute(
+                    "INSERT OR IGNORE INTO blobs (hash, size, base, depth, prefix, suffix, data)"
+                    " VALUES (?,?,?,?,?,?,?)",
+                    (blob["hash"], blob["size"], blob["base"], blob["depth"], blob["prefix"],
+                     blob["suffix"], blob["data"]),
+                )
+                out["blobs_new"] += cur.rowcount
+            for step in steps:
+                run_id = mapping[step["run_id"]]
+                row = conn.execute(
+                    "SELECT event_id FROM steps WHERE run_id = ? AND step = ?", (run_id, step["step"])
+                ).fetchone()
+                if row is not None and row[0] >= step["event_id"]:
+                    continue
+                conn.execute(
+                    "INSERT INTO steps (run_id, step, status, description, metrics, code, parent_step,"
+                    " metadata, event_id, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
+                    " ON CONFLICT (run_id, step) DO UPDATE SET status = excluded.status,"
+                    " description = excluded.description, metrics = excluded.metrics, code = excluded.code,"
+                    " parent_step = excluded.parent_step, metadata = excluded.metadata,"
+                    " event_id = excluded.event_id, updated_at = excluded.updated_at",
+                    (run_id, step["step"], step["status"], step.get("description"),
+                     *(_dumps(step[k]) if step.get(k) is not None else None for k in ("metrics", "code")),
+                     step.get("parent_step"),
+                     _dumps(step["metadata"]) if step.get("metadata") is not None else None,
+                     step["event_id"], step.get("created_at") or now, step.get("updated_at") or now),
+                )
+                out["steps_updated"] += 1
+            for event in events:
+                run_id = mapping[event["run_id"]]
+                carried = event["state"] in ("delivered", "superseded") and same_server.get(run_id, False)
+                row = conn.execute("SELECT state FROM events WHERE id = ?", (event["id"],)).fetchone()
+                if row is not None:
+                    if carried and row[0] == "pending":
+                        conn.execute(
+                            "UPDATE events SET state = ?, delivered_at = ? WHERE id = ?",
+                            (event["state"], now, event["id"]),
+                        )
+                    out["events_known"] += 1
+                    continue
+                state = event["state"] if carried else "pending"
+                if state == "pending" and event["kind"] == "log_step":
+                    newer = conn.execute(
+                        "SELECT 1 FROM steps WHERE run_id = ? AND step = ? AND event_id > ?",
+                        (run_id, event["step"], event["id"]),
+                    ).fetchone()
+                    state = "superseded" if newer else state
+                conn.execute(
+                    "INSERT INTO events (id, run_id, kind, step, payload, state, created_at, delivered_at)"
+                    " VALUES (?,?,?,?,?,?,?,?)",
+                    (event["id"], run_id, event["kind"], event["step"], _dumps(event["payload"]), state,
+                     event.get("created_at") or now, None if state == "pending" else now),
+                )
+                if event["kind"] == "create_run":
+                    # A bundle that carries a create but not step 0's row still gets its baseline.
+                    conn.execute(
+                        "INSERT OR IGNORE INTO steps (run_id, step, status, code, event_id, created_at,"
+                        " updated_at) VALUES (?, 0, 'completed', ?, ?, ?, ?)",
+                        (run_id, _dumps(event["payload"]["source_code"]), event["id"], now, now),
+                    )
+                out["events_new"] += 1
+                out["events_pending"] += state == "pending"
+            conn.execute(
+                "INSERT INTO imports (bundle_id, source, imported_at, events) VALUES (?, ?, ?, ?)",
+                (bundle_id, source, now, out["events_new"]),
+            )
+        return out
 
 
 def _step_row(row: sqlite3.Row) -> dict[str, Any]:
