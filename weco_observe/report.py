@@ -1,0 +1,109 @@
+"""The HTML views: one self-contained report file per run, and the page the local UI serves.
+
+A report is a single ``.html`` file with everything inlined: the stylesheet and
+script from ``assets/`` and the run's data (the ``show --json`` document plus
+every step's diff against its parent) as a JSON island. The script draws the
+tree and the chart as SVG in the browser. A Content-Security-Policy that allows
+no source at all (``default-src 'none'``, inline style and script only) makes
+"no network request" a property the browser enforces, so the file opens from
+``file://`` on an air-gapped machine exactly as it does anywhere else.
+
+The local UI (``ui.py``) serves the same page in ``ui`` mode, where the script
+fetches the same data from ``/api`` instead and refreshes it live.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+import time
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from . import views
+from .errors import InvalidInput
+from .journal import Journal
+
+# Inline style and script only: no fetch, image, font or frame from anywhere.
+REPORT_CSP = "default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; img-src data:"
+# The UI page may also call its own /api.
+UI_CSP = "default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; img-src data:; connect-src 'self'"
+
+
+@lru_cache(maxsize=None)
+def asset(name: str) -> str:
+    """The text of a file in ``weco_observe/assets/``."""
+    return resources.files("weco_observe").joinpath("assets", name).read_text(encoding="utf-8")
+
+
+def _json_island(data: Any) -> str:
+    # "<" never appears raw, so no "</script>" or "<!--" inside a string can end the island.
+    return json.dumps(data, ensure_ascii=False, separators=(",", ":"), allow_nan=False).replace("<", "\\u003c")
+
+
+def page(mode: str, title: str, data: Any | None = None) -> str:
+    """The HTML page: ``mode`` is ``report`` (``data`` embedded) or ``ui`` (data fetched from /api)."""
+    csp = REPORT_CSP if mode == "report" else UI_CSP
+    island = f'<script id="data" type="application/json">{_json_island(data)}</script>\n' if data is not None else ""
+    sidebar = (
+        '<nav class="sidebar"><h2>Runs <span id="live" class="live">live</span></h2><div id="runs"></div></nav>'
+        if mode == "ui" else ""
+    )
+    generated = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    return (
+        "<!doctype html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+        f'<meta http-equiv="Content-Security-Policy" content="{csp}">\n'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+        '<meta name="referrer" content="no-referrer">\n'
+        f"<title>{html.escape(title)}</title>\n<style>\n{asset('app.css')}</style>\n</head>\n"
+        f'<body data-mode="{mode}" data-generated="{generated}">\n'
+        f'<div class="app">{sidebar}<main id="main"><div class="empty">Loading…</div>'
+        "<noscript><p>This page draws its charts with JavaScript; enable it to see the run.</p></noscript>"
+        "</main></div>\n"
+        f"{island}<script>\n{asset('app.js')}</script>\n</body>\n</html>\n"
+    )
+
+
+def page_data(view: dict[str, Any]) -> dict[str, Any]:
+    """The run as the page script reads it: the ``show --json`` document plus the tree's lane count."""
+    data = views.show_json(view)
+    data["lanes"] = view["lanes"]
+    return data
+
+
+def report_html(journal: Journal, ref: str) -> str:
+    """The report of run ``ref`` as one HTML string, every step's diff against its parent included."""
+    view = views.run_view(journal, ref)
+    diffs: dict[str, list[dict[str, Any]]] = {}
+    by_step = {s["step"]: s for s in view["steps"]}
+    for s in view["steps"]:
+        parent = by_step.get(s["parent_step"]) if s["parent_step"] is not None else None
+        if parent is None:
+            continue
+        diffs[str(s["step"])] = views.file_diffs(
+            journal, parent["manifest"], s["manifest"], f"step{parent['step']}", f"step{s['step']}"
+        )
+    run = view["run"]
+    title = f"{run['name'] or run['id']} · weco-observe report"
+    return page("report", title, {"view": page_data(view), "diffs": diffs})
+
+
+def write_report(journal: Journal, ref: str, output: str | os.PathLike[str]) -> tuple[Path, int]:
+    """Write the report of run ``ref`` to ``output`` (atomically); return ``(path, bytes)``.
+
+    >>> write_report(journal, "local-01j", "report.html")  # doctest: +SKIP
+    (PosixPath('report.html'), 183204)
+    """
+    text = report_html(journal, ref).encode("utf-8")
+    path = Path(output)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(text)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise InvalidInput(f"cannot write {path}: {exc.strerror or exc}") from None
+    return path, len(text)

@@ -1,0 +1,168 @@
+"""``weco observe ui``: a read-only local web UI of every run, updating live.
+
+A standard-library ``ThreadingHTTPServer`` bound to 127.0.0.1 by default. It
+serves the report's page in ``ui`` mode (``report.page``) and a small JSON API
+that the page polls; all data comes from ``views``, exactly as ``show`` and the
+report see it:
+
+- ``GET /api/state``: ``{"version": n}``; ``n`` changes whenever another process
+  commits to the journal (SQLite's ``PRAGMA data_version``), which is when the
+  page refetches. Polling one cheap pragma keeps the server stateless.
+- ``GET /api/runs``: the run summaries (``runs --json``).
+- ``GET /api/runs/<run>``: one run (``show --json`` plus lane count).
+- ``GET /api/runs/<run>/diff?step=N[&against=M]``: one step's diff.
+
+Read-only: only GET and HEAD are answered; the journal is opened without
+replaying spill files, and nothing is written. Requests whose ``Host`` header
+is not this server's address are refused, so a web page cannot read the runs
+through DNS rebinding.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from . import report, views
+from .errors import InvalidInput, UnknownRun
+from .journal import Journal
+
+DEFAULT_PORT = 8421
+_LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: UIServer
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+        pass  # quiet: the terminal shows only the URL
+
+    def _send(self, status: int, body: bytes, content_type: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.send_header("Referrer-Policy", "no-referrer")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _json(self, data: Any, status: int = 200) -> None:
+        self._send(status, json.dumps(data, ensure_ascii=False).encode("utf-8"), "application/json; charset=utf-8")
+
+    def _host_allowed(self) -> bool:
+        host = (self.headers.get("Host") or "").strip().lower()
+        name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+        return name in self.server.allowed_hosts
+
+    def do_GET(self) -> None:  # noqa: N802 - stdlib name
+        if not self._host_allowed():
+            self._json({"detail": "unexpected Host header"}, 403)
+            return
+        url = urlsplit(self.path)
+        parts = [unquote(p) for p in url.path.split("/") if p]
+        query = parse_qs(url.query)
+        try:
+            if not parts:
+                self._send(200, self.server.page, "text/html; charset=utf-8")
+            elif parts == ["api", "state"]:
+                self._json({"version": self.server.version()})
+            elif parts == ["api", "runs"]:
+                self._json([_public(r) for r in views.list_runs(self.server.journal)])
+            elif len(parts) == 3 and parts[:2] == ["api", "runs"]:
+                self._json(report.page_data(views.run_view(self.server.journal, parts[2])))
+            elif len(parts) == 4 and parts[:2] == ["api", "runs"] and parts[3] == "diff":
+                step = _int(query, "step")
+                if step is None:
+                    raise InvalidInput("give ?step=N")
+                self._json(views.step_diff(self.server.journal, parts[2], step, _int(query, "against")))
+            else:
+                self._json({"detail": "not found"}, 404)
+        except UnknownRun as exc:
+            self._json({"detail": str(exc)}, 404)
+        except InvalidInput as exc:
+            self._json({"detail": str(exc)}, 400)
+
+    do_HEAD = do_GET
+
+    def _read_only(self) -> None:
+        self._json({"detail": "read-only: only GET is served"}, 405)
+
+    do_POST = do_PUT = do_PATCH = do_DELETE = _read_only
+
+
+def _int(query: dict[str, list[str]], name: str) -> int | None:
+    values = query.get(name)
+    if not values:
+        return None
+    try:
+        return int(values[0])
+    except ValueError:
+        raise InvalidInput(f"?{name} must be a whole number") from None
+
+
+def _public(summary: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in summary.items() if k != "last_activity_ts"}
+
+
+class _AnyHost(set):
+    def __contains__(self, item: object) -> bool:
+        return True
+
+
+class UIServer(ThreadingHTTPServer):
+    """The UI's HTTP server over one journal; ``url`` is where it listens."""
+
+    daemon_threads = True
+
+    def __init__(self, journal: Journal, host: str = "127.0.0.1", port: int = DEFAULT_PORT):
+        self.journal = journal
+        self.page = report.page("ui", "weco-observe").encode("utf-8")
+        self._version_lock = threading.Lock()
+        super().__init__((host, port), _Handler)
+        # Only a loopback server needs the DNS-rebinding guard; one bound elsewhere was exposed on purpose.
+        self.allowed_hosts: set[str] = set(_LOOPBACK) if host in _LOOPBACK else _AnyHost()
+
+    def version(self) -> int:
+        with self._version_lock:
+            return self.journal.query("PRAGMA data_version")[0][0]
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        shown = f"[{host}]" if ":" in str(host) else host
+        return f"http://{shown}:{port}/"
+
+
+def make_server(host: str = "127.0.0.1", port: int = DEFAULT_PORT, journal_path: str | Path | None = None) -> UIServer:
+    """Open the journal (read-only use, no spill replay) and bind the server; call ``serve_forever()``."""
+    journal = Journal(journal_path, replay_spill=False)
+    try:
+        server = UIServer(journal, host, port)
+    except OSError as exc:
+        journal.close()
+        raise InvalidInput(f"cannot listen on {host}:{port}: {exc.strerror or exc}; try --port 0") from None
+    return server
+
+
+def serve(host: str = "127.0.0.1", port: int = DEFAULT_PORT) -> None:
+    """Serve until Ctrl-C, printing the URL on stderr."""
+    server = make_server(host, port)
+    if host not in _LOOPBACK:
+        print(f"weco-observe: WARNING serving on {host}: anyone who can reach it can read your runs "
+              "and code (read-only)", file=sys.stderr)
+    print(f"weco-observe: UI at {server.url} (read-only; Ctrl-C to stop)", file=sys.stderr, flush=True)
+    try:
+        server.serve_forever(poll_interval=0.25)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+        server.journal.close()
