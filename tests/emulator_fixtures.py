@@ -115,3 +115,37 @@ def pending_events(journal_path: Path) -> int:
         return conn.execute("SELECT count(*) FROM events WHERE state = 'pending'").fetchone()[0]
     finally:
         conn.close()
+
+
+def make_workload(journal_path: Path, *, runs: int = 3, steps: int = 12, seed: int = 0,
+                  relog: bool = True) -> list[str]:
+    """Journal a realistic workload: several runs, code that changes, failed steps, explicit
+    branches, steps logged again (so several events per step), metadata. Returns the local run ids."""
+    import random
+
+    rng = random.Random(seed)
+    out = []
+    with Journal(journal_path) as journal:
+        for r in range(runs):
+            src = "".join(f"line_{i} = {i * r}\n" for i in range(40))
+            run_id = journal.create_run(
+                source_code={"train.py": src, "util.py": f"R = {r}\n"}, metric="loss", maximize=bool(r % 2),
+                name=f"run {r}" if r % 3 else None, additional_instructions="be brief" if r == 1 else None,
+                metadata={"host": "box", "r": r} if r % 2 else None,
+            )
+            out.append(run_id)
+            for n in range(1, steps + 1):
+                src = src.replace(f"line_{rng.randrange(40)} =", f"line_{rng.randrange(40)}_v{n} =", 1)
+                failed = rng.random() < 0.25
+                parent = rng.randrange(0, n) if rng.random() < 0.2 else None
+                journal.log_step(
+                    run_id, n, status="failed" if failed else "completed",
+                    description=f"try {n}" if rng.random() < 0.8 else None,
+                    metrics={"loss": round(rng.random(), 4), "mem": n} if rng.random() < 0.9 else None,
+                    code={"train.py": src} if rng.random() < 0.7 else None,
+                    parent_step=parent, metadata={"k": n} if rng.random() < 0.2 else None,
+                )
+                if relog and rng.random() < 0.2:
+                    journal.log_step(run_id, rng.randrange(0, n + 1), description=f"re-logged at {n}",
+                                     metrics={"loss": round(rng.random(), 4)})
+    return out

@@ -41,6 +41,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import random
 import threading
 import time
 from collections.abc import Callable
@@ -157,10 +158,9 @@ class Syncer:
         self._halt.wait(seconds)
 
     def _wait(self, state: Any) -> float:
-        import tenacity
-
-        base = tenacity.wait_exponential_jitter(initial=self.initial_wait, max=self.max_wait,
-                                                jitter=self.initial_wait)(state)
+        # exponential backoff with full jitter on top: initial * 2^(n-1), capped, + U(0, initial)
+        base = min(self.max_wait, self.initial_wait * 2 ** (state.attempt_number - 1))
+        base += random.uniform(0, self.initial_wait)
         exc = state.outcome.exception()
         retry_after = getattr(exc, "retry_after", None)
         if retry_after:
@@ -291,7 +291,7 @@ class Syncer:
                 return
             for ev in page:
                 cursor = ev["seq"]
-                if ev["seq"] < done_upto.get(ev["step"], -1):
+                if ev["seq"] <= done_upto.get(ev["step"], -1):
                     continue  # already superseded by the latest state we just sent
                 if not self._send_step(run_id, server_id, ev, done_upto):
                     return
