@@ -88,10 +88,7 @@ def filesystem_check(path: Path, mounts: str | None = None) -> dict[str, str]:
             mounts = Path("/proc/mounts").read_text(encoding="utf-8", errors="replace")
         except OSError:
             return _check("filesystem", "ok", "cannot read /proc/mounts; filesystem type unknown")
-    where = path if path.exists() else path.parent
-    while not where.exists() and where != where.parent:
-        where = where.parent
-    found = mount_of(where, mounts)
+    found = mount_of(path, mounts)
     if found is None:
         return _check("filesystem", "ok", "filesystem type unknown")
     point, fstype = found
