@@ -1,0 +1,117 @@
+"""Box A (never online) -> bundle -> box B -> sync, against the Weco API emulator on loopback.
+
+The yardstick is a direct sync: a twin of box A's journal (a file copy) synced
+straight to a second emulator must leave the same server state.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+from emulator_fixtures import LOCAL_ID_KEY, assert_server_matches_journal, emulator  # noqa: F401
+from test_bundle import Box, boxes, offline_work  # noqa: F401
+
+from weco_observe.emulator import Emulator
+
+
+def server_state(emu: Emulator) -> dict:
+    """The emulator's runs keyed by local id, without server ids, timestamps or post counts."""
+    out = {}
+    for run in emu.runs().values():
+        local = (run.get("metadata") or {}).get(LOCAL_ID_KEY)
+        steps = {n: {k: v for k, v in s.items() if k not in ("posts", "updated_at")}
+                 for n, s in run["steps"].items()}
+        out[local] = {**{k: run[k] for k in ("name", "metric_name", "maximize", "additional_instructions",
+                                             "metadata")}, "steps": steps}
+    return out
+
+
+def sync(box: Box, emu: Emulator) -> dict:
+    result = box.cli("observe", "sync", "--json", env={**box.env, **emu.env()})
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_offline_box_via_bundle_gives_the_same_server_state_as_a_direct_sync(boxes, tmp_path, emulator):
+    a, b = boxes("a"), boxes("b")
+    offline_work(a)
+    second = a.init("second run")
+    a.log(second, 1, "--metrics", '{"loss": 0.9}', "--source", a.code("second = True\n"))
+    twin = boxes("twin")
+    shutil.copytree(a.dir, twin.dir)
+
+    a.ok("observe", "bundle", "-o", str(tmp_path / "a.weco"))
+    b.ok("observe", "import", str(tmp_path / "a.weco"))
+    sync(b, emulator)
+    assert_server_matches_journal(emulator, b.journal)
+
+    with Emulator() as direct:
+        sync(twin, direct)
+        assert server_state(emulator) == server_state(direct)
+    assert len(server_state(emulator)) == 2
+
+
+def test_a_later_bundle_sends_only_its_new_steps_to_the_same_server_run(boxes, tmp_path, emulator):
+    a, b = boxes("a"), boxes("b")
+    run = a.init()
+    a.log(run, 1, "--metrics", '{"loss": 1.0}')
+    a.log(run, 2, "--metrics", '{"loss": 0.8}')
+    a.ok("observe", "bundle", "-o", str(tmp_path / "1.weco"))
+    b.ok("observe", "import", str(tmp_path / "1.weco"))
+    sync(b, emulator)
+    (server_id,) = emulator.runs()
+    posted = emulator.stats()["steps_posted"]
+
+    a.log(run, 3, "--metrics", '{"loss": 0.5}', "--source", a.code("lr = 0.5\n"))
+    a.log(run, 4, "--status", "failed", "--metrics", '{"loss": 7.0}')
+    a.ok("observe", "bundle", "-o", str(tmp_path / "2.weco"))
+    b.ok("observe", "import", str(tmp_path / "2.weco"))
+    sync(b, emulator)
+    assert list(emulator.runs()) == [server_id]  # no second create
+    assert emulator.stats()["created_runs"] == 1
+    assert emulator.stats()["steps_posted"] - posted == 2  # steps 3 and 4, nothing again
+    assert sorted(emulator.runs()[server_id]["steps"]) == [0, 1, 2, 3, 4]
+    assert_server_matches_journal(emulator, b.journal)
+
+    # The same bundles again, or an --all bundle overlapping both, send nothing.
+    requests = emulator.stats()["requests"]
+    a.ok("observe", "bundle", "--all", "-o", str(tmp_path / "all.weco"))
+    for name in ("1.weco", "2.weco", "all.weco"):
+        b.ok("observe", "import", str(tmp_path / name))
+    sync(b, emulator)
+    assert emulator.stats()["requests"] == requests
+
+
+def test_a_box_that_synced_before_going_offline_keeps_its_server_run(boxes, tmp_path, emulator):
+    a, b = boxes("a"), boxes("b")
+    run = a.init()
+    a.log(run, 1, "--metrics", '{"loss": 1.0}')
+    sync(a, emulator)  # box A had network once
+    (server_id,) = emulator.runs()
+    posted = emulator.stats()["steps_posted"]
+
+    a.log(run, 2, "--metrics", '{"loss": 0.7}')  # ... then lost it
+    a.ok("observe", "bundle", "--all", "-o", str(tmp_path / "a.weco"))
+    summary = json.loads(b.ok("observe", "import", str(tmp_path / "a.weco"), "--json").stdout)
+    assert summary["events_pending"] == 1  # the create and step 1 are already on the server
+    sync(b, emulator)
+    assert list(emulator.runs()) == [server_id]
+    assert emulator.stats()["steps_posted"] - posted == 1
+    assert sorted(emulator.runs()[server_id]["steps"]) == [0, 1, 2]
+    assert_server_matches_journal(emulator, b.journal)
+
+
+def test_two_offline_boxes_merge_on_one_syncing_box(boxes, tmp_path, emulator):
+    a, c, b = boxes("a"), boxes("c"), boxes("b")
+    runs = []
+    for box in (a, c):
+        run = box.init(f"from {box.dir.name}")
+        box.log(run, 1, "--metrics", '{"loss": 1.0}')
+        box.ok("observe", "bundle", "-o", str(tmp_path / f"{box.dir.name}.weco"))
+        runs.append(run)
+    for name in ("a.weco", "c.weco"):
+        b.ok("observe", "import", str(tmp_path / name))
+    sync(b, emulator)
+    assert set(server_state(emulator)) == set(runs)
+    assert_server_matches_journal(emulator, b.journal)
