@@ -111,6 +111,7 @@ def run(journal_path: Path, *, linger: float = LINGER, give_up: float = GIVE_UP)
                 if newest > seen:
                     seen, need_pass = newest, True
             if should_stop():
+                _log("gave way to a foreground sync" if lock.yield_requested() else "stopped by a signal")
                 return code
             lock.release()
             if journal.query("SELECT count(*) AS n FROM events WHERE state = 'pending' AND seq > ?",
