@@ -70,6 +70,8 @@ FORMAT = "weco-observe-bundle"
 VERSION = 1
 MANIFEST = "manifest.json"
 MEMBERS = ("runs.jsonl", "blobs.jsonl", "steps.jsonl", "events.jsonl")
+#: A longer line is refused before it is parsed (a decompression bomb, not a bundle).
+MAX_LINE = 256 << 20
 
 _RUN_COLUMNS = ("id", "server_id", "remote_only", "name", "metric", "maximize",
                 "additional_instructions", "metadata", "created_at", "updated_at")
@@ -324,7 +326,9 @@ class _Reader:
         size = lines = 0
         try:
             with self.zf.open(name) as stream:
-                for raw in stream:
+                while raw := stream.readline(MAX_LINE + 1):
+                    if len(raw) > MAX_LINE:
+                        raise self.refuse(f"{name} line {lines + 1} is over {MAX_LINE >> 20} MiB (not a bundle)")
                     sha.update(raw)
                     size += len(raw)
                     lines += 1
@@ -473,6 +477,11 @@ def _check_blobs(blobs: dict[str, dict[str, Any]], reader: _Reader) -> None:
 # -- importing -----------------------------------------------------------------
 
 
+def _source(manifest: dict[str, Any]) -> str | None:
+    src = manifest.get("source")
+    return f"{src.get('host')}:{src.get('journal')}" if isinstance(src, dict) else None
+
+
 def import_bundle(journal: Journal, path: str | os.PathLike[str]) -> dict[str, Any]:
     """Verify a bundle, then merge it into ``journal``; return what changed.
 
@@ -486,9 +495,14 @@ def import_bundle(journal: Journal, path: str | os.PathLike[str]) -> dict[str, A
     """
     reader = _Reader(Path(path))
     try:
-        _verify(reader)
         m = reader.manifest
-        source = f"{m['source'].get('host')}:{m['source'].get('journal')}" if isinstance(m.get("source"), dict) else None
+        if journal.query("SELECT 1 FROM imports WHERE bundle_id = ?", (m["bundle_id"],)):
+            counts = dict.fromkeys(("runs_new", "runs_known", "server_ids_adopted", "blobs_new", "steps_updated",
+                                    "events_new", "events_known", "events_pending"), 0)
+            return {"bundle_id": m["bundle_id"], "already_imported": True, **counts, "conflicts": [],
+                    "path": str(path), "source": _source(m)}
+        _verify(reader)
+        source = _source(m)
 
         def blobs() -> Iterator[dict[str, Any]]:
             for blob in reader.rows("blobs.jsonl"):
