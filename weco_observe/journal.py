@@ -421,10 +421,12 @@ class Journal:
             if code is not None:
                 base = prev_code
                 if base is None:
+                    # The delta base: the parent's code, or the nearest code below it. Walk the
+                    # primary key backwards; an ORDER BY on an expression would sort the whole run.
                     base_row = conn.execute(
                         "SELECT code FROM steps WHERE run_id = ? AND code IS NOT NULL"
-                        " AND step <= ? ORDER BY step = ? DESC, step DESC LIMIT 1",
-                        (run_id, step if parent is None else parent, parent),
+                        " AND step <= ? ORDER BY step DESC LIMIT 1",
+                        (run_id, step if parent is None else parent),
                     ).fetchone()
                     base = _loads(base_row[0]) if base_row else None
                 manifest = self._store_code(conn, code, base)
