@@ -57,7 +57,6 @@ import sqlite3
 import time
 import zipfile
 import zlib
-from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -105,17 +104,22 @@ class _Writer:
         self.name = name
         self.stream = zf.open(name, "w", force_zip64=True)
         self.sha = hashlib.sha256()
+        self.buffer = bytearray()
         self.bytes = 0
         self.lines = 0
 
     def write(self, value: Any) -> None:
         data = _line(value)
-        self.stream.write(data)
+        self.buffer += data
         self.sha.update(data)
         self.bytes += len(data)
         self.lines += 1
+        if len(self.buffer) >= 1 << 20:  # one compress call per MiB, not per line
+            self.stream.write(self.buffer)
+            self.buffer.clear()
 
     def close(self) -> dict[str, Any]:
+        self.stream.write(self.buffer)
         self.stream.close()
         return {"sha256": self.sha.hexdigest(), "bytes": self.bytes, "lines": self.lines}
 
@@ -443,35 +447,29 @@ def _verify(reader: _Reader) -> None:
 
 
 def _check_blobs(blobs: dict[str, dict[str, Any]], reader: _Reader) -> None:
-    """Every blob must decode (through its delta chain, all in the bundle) to text hashing to its name."""
-    cache: OrderedDict[str, bytes] = OrderedDict()
+    """Every blob must decode (through its delta chain, all in the bundle) to text hashing to its name.
 
-    def decoded(digest: str) -> None:
-        chain: list[str] = []
-        cursor = digest
-        while cursor not in cache:
-            blob = blobs.get(cursor)
-            _need(blob is not None, reader, f"blobs.jsonl: delta base {cursor} is not in the bundle")
-            _need(len(chain) <= 4 * codestore.MAX_DEPTH, reader, "blobs.jsonl: a delta chain loops")
-            chain.append(cursor)
-            if not blob["base"]:
-                break
-            cursor = blob["base"]
-        base = cache.get(cursor)
-        for name in reversed(chain):
-            blob = blobs[name]
-            try:
-                data = codestore.decode(blob["data"], blob["prefix"], blob["suffix"], base if blob["base"] else None)
-            except zlib.error:
-                raise reader.refuse(f"blobs.jsonl: blob {name} does not decompress (corrupted)") from None
-            _need(codestore.text_hash(data) == name and len(data) == blob["size"], reader,
-                  f"blobs.jsonl: blob {name} does not hash to its name (corrupted or edited)")
-            cache[name] = base = data
-            if len(cache) > 256:
-                cache.popitem(last=False)
-
-    for digest in blobs:
-        decoded(digest)
+    Walks each chain from its full copy down, depth first, so every blob is decoded once.
+    """
+    children: dict[str | None, list[str]] = {}
+    for name, blob in blobs.items():
+        base = blob["base"] or None
+        _need(base is None or base in blobs, reader, f"blobs.jsonl: delta base {base} is not in the bundle")
+        children.setdefault(base, []).append(name)
+    stack: list[tuple[str, bytes | None]] = [(name, None) for name in children.get(None, [])]
+    done = 0
+    while stack:
+        name, base_data = stack.pop()
+        blob = blobs[name]
+        try:
+            data = codestore.decode(blob["data"], blob["prefix"], blob["suffix"], base_data)
+        except zlib.error:
+            raise reader.refuse(f"blobs.jsonl: blob {name} does not decompress (corrupted)") from None
+        _need(codestore.text_hash(data) == name and len(data) == blob["size"], reader,
+              f"blobs.jsonl: blob {name} does not hash to its name (corrupted or edited)")
+        done += 1
+        stack.extend((child, data) for child in children.get(name, ()))
+    _need(done == len(blobs), reader, "blobs.jsonl: some delta chains loop")
 
 
 # -- importing -----------------------------------------------------------------
