@@ -286,7 +286,13 @@
     state.selected = step;
     document.querySelectorAll(".row.sel").forEach(function (r) { r.classList.remove("sel"); });
     var row = document.querySelector('.row[data-step="' + step + '"]');
-    if (row) { row.classList.add("sel"); if (scroll) row.scrollIntoView({ block: "nearest" }); }
+    if (row) {
+      row.classList.add("sel");
+      var box = document.getElementById("treebox");
+      // Scroll the tree panel only, never the page (the header and chart stay in view).
+      if (scroll && box && (row.offsetTop < box.scrollTop || row.offsetTop + ROW > box.scrollTop + box.clientHeight))
+        box.scrollTop = Math.max(0, row.offsetTop - box.clientHeight / 2);
+    }
     document.querySelectorAll("#chart-svg .pt.sel").forEach(function (p) { p.classList.remove("sel"); });
     var pt = document.querySelector('#chart-svg .pt[data-step="' + step + '"]');
     if (pt) pt.classList.add("sel");

@@ -1,0 +1,202 @@
+"""The report and the local UI in real headless Chromium: the tree, the chart and a diff render.
+
+Needs Debian's ``chromium`` and ``chromium-driver`` (``/usr/bin/chromium``,
+``/usr/bin/chromedriver``). Without them these tests skip, unless
+``WECO_OBSERVE_REQUIRE_BROWSER=1`` (set by ``.ci/run``) makes that a failure.
+Screenshots land in each test's tmp dir.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from weco_observe import WecoObserver
+
+from test_ui import UI
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM_FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1400,1000",
+]
+
+
+def _browser_paths() -> tuple[str, str] | None:
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    return (chromium, driver) if chromium and driver else None
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    paths = _browser_paths()
+    if paths is None:
+        message = "chromium and chromedriver are not installed (apt-get install chromium chromium-driver)"
+        if os.environ.get("WECO_OBSERVE_REQUIRE_BROWSER") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = paths[0]
+    for flag in CHROMIUM_FLAGS:
+        options.add_argument(flag)
+    options.add_argument(f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}")
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(options=options, service=Service(paths[1]))
+    driver.set_page_load_timeout(30)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def _wait(predicate, timeout: float = 10.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def _count(driver, selector: str) -> int:
+    return driver.execute_script("return document.querySelectorAll(arguments[0]).length", selector)
+
+
+def _text(driver, selector: str) -> str:
+    return driver.execute_script("var n = document.querySelector(arguments[0]); return n ? n.textContent : ''", selector)
+
+
+def _severe_logs(driver) -> list[dict]:
+    return [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+
+
+def _guide_run(cli, tmp_path: Path) -> str:
+    src = tmp_path / "train.py"
+    src.write_text("lr = 0.1\nbatch = 16\ndepth = 4\n")
+    run_id = cli.ok("observe", "init", "--name", "nanogpt speedrun", "--metric", "val_bpb",
+                    "--source", "train.py").stdout.strip()
+    steps = [
+        (0, "completed", {"val_bpb": 2.366, "memory_gb": 10.2}, "baseline", None, None),
+        (1, "completed", {"val_bpb": 2.261, "memory_gb": 12.0}, "increase batch size to 32K", None,
+         "lr = 0.1\nbatch = 32768\ndepth = 4\n"),
+        (2, "completed", {"val_bpb": 2.2, "memory_gb": 12.0}, "halve the learning rate", None,
+         "lr = 0.05\nbatch = 32768\ndepth = 4\n"),
+        (3, "failed", {"val_bpb": 0.0, "memory_gb": 0.0}, "double model depth (OOM)", None,
+         "lr = 0.05\nbatch = 32768\ndepth = 8\n"),
+        (4, "completed", {"val_bpb": 2.1, "memory_gb": 12.5}, "add a warmup instead", "2",
+         "lr = 0.05\nbatch = 32768\ndepth = 4\nwarmup = 100\n"),
+    ]
+    for step, status, metrics, description, parent, code in steps:
+        args = ["observe", "log", "--run-id", run_id, "--step", str(step), "--status", status,
+                "--metrics", json.dumps(metrics), "--description", description]
+        if parent:
+            args += ["--parent-step", parent]
+        if code:
+            src.write_text(code)
+            args += ["--source", "train.py"]
+        cli.ok(*args)
+    return run_id
+
+
+def test_report_renders_tree_chart_and_diff_offline(browser, cli, tmp_path):
+    run_id = _guide_run(cli, tmp_path)
+    out = tmp_path / "report.html"
+    cli.ok("observe", "report", run_id, "-o", str(out))
+    browser.get(out.as_uri())
+    _wait(lambda: _count(browser, "#tree-svg circle.node") == 5, what="the tree")
+
+    # The tree: five nodes, the failed one hollow, step 4 in the main lane and marked best.
+    assert _count(browser, ".row") == 5
+    assert _count(browser, "#tree-svg circle.node.failed") == 1
+    assert _count(browser, "#tree-svg circle.node.best") == 1
+    assert "from 2" in _text(browser, '.row[data-step="4"]')
+    # The chart: four kept points, one failed cross, the best-so-far line.
+    assert _count(browser, "#chart-svg circle.pt") == 4
+    assert _count(browser, "#chart-svg path.fail") == 1
+    assert _count(browser, "#best-line") == 1
+    # The best step is selected, with its diff against its parent.
+    assert _text(browser, "#detail-title").startswith("Step 4 · best")
+    assert "+warmup = 100" in _text(browser, "#diff .diff .a")
+    assert "2.1" in _text(browser, "#best-card") and "+11.2%" in _text(browser, ".cards")
+    browser.save_screenshot(str(tmp_path / "report.png"))
+
+    # Selecting another step shows its own diff; another metric redraws the chart.
+    browser.find_element("css selector", '.row[data-step="2"]').click()
+    _wait(lambda: "-lr = 0.1" in _text(browser, "#diff"), what="step 2's diff")
+    assert "+lr = 0.05" in _text(browser, "#diff")
+    browser.execute_script(
+        "var s = document.getElementById('metric-select'); s.value = 'memory_gb'; s.dispatchEvent(new Event('change'))")
+    _wait(lambda: browser.execute_script(
+        "return document.getElementById('chart-svg').getAttribute('aria-label')") == "chart of memory_gb",
+        what="the memory_gb chart")
+    assert _count(browser, "#best-line") == 0  # best-so-far is for the primary metric
+    browser.save_screenshot(str(tmp_path / "report-step2-memory.png"))
+
+    # Nothing was fetched from anywhere, and the page logged no error.
+    assert browser.execute_script("return performance.getEntriesByType('resource').length") == 0
+    assert _severe_logs(browser) == []
+
+
+def test_a_1000_step_report_renders(browser, cli, tmp_path, journal_path):
+    lines = [f"w{i} = {i}" for i in range(100)]
+    with WecoObserver(journal_path=journal_path) as obs:
+        run = obs.create_run(source_code={"model.py": "\n".join(lines)}, primary_metric="accuracy", maximize=True,
+                             name="1,000 steps")
+        parent = 0
+        for step in range(1000):
+            lines[(step * 7) % 100] = f"w{(step * 7) % 100} = {step}"
+            failed = step % 9 == 5
+            branch = parent if step % 50 == 25 else None
+            run.log_step(step, metrics={"accuracy": 0.5 + step / 4000 + (step % 13) / 200},
+                         status="failed" if failed else "completed", description=f"idea {step}",
+                         code={"model.py": "\n".join(lines)}, parent_step=branch if branch and branch < step else None)
+            if not failed and step % 100 == 0:
+                parent = step
+    out = tmp_path / "big.html"
+    cli.ok("observe", "report", run.run_id, "-o", str(out))
+    start = time.monotonic()
+    browser.get(out.as_uri())
+    _wait(lambda: _count(browser, "#tree-svg circle.node") == 1000, timeout=30, what="1,000 nodes")
+    assert _count(browser, ".row") == 1000
+    assert _count(browser, "#chart-svg circle.pt") + _count(browser, "#chart-svg path.fail") == 1000
+    assert _text(browser, "#diff .file .fh").startswith("model.py")
+    elapsed = time.monotonic() - start
+    browser.save_screenshot(str(tmp_path / "report-1000.png"))
+    assert _severe_logs(browser) == []
+    print(f"1,000-step report rendered in {elapsed:.2f} s")
+
+
+def test_ui_lists_runs_and_updates_live(browser, cli, tmp_path):
+    run_id = _guide_run(cli, tmp_path)
+    server = UI(tmp_path)
+    try:
+        browser.get(server.url)
+        _wait(lambda: _count(browser, "#tree-svg circle.node") == 5, what="the run in the UI")
+        assert _count(browser, ".runlink") == 1 and "nanogpt speedrun" in _text(browser, ".runlink")
+        assert _count(browser, "#chart-svg circle.pt") == 4
+        _wait(lambda: "+warmup = 100" in _text(browser, "#diff"), what="the diff, fetched from the API")
+        browser.save_screenshot(str(tmp_path / "ui.png"))
+
+        (tmp_path / "train.py").write_text("lr = 0.05\nbatch = 32768\ndepth = 4\nwarmup = 200\n")
+        cli.ok("observe", "log", "--run-id", run_id, "--step", "5", "--metrics", '{"val_bpb": 2.05}',
+               "--description", "longer warmup", "--source", "train.py")
+        _wait(lambda: _count(browser, "#tree-svg circle.node") == 6, timeout=15, what="the live update")
+        assert "2.05" in _text(browser, "#best-card")
+        browser.find_element("css selector", '.row[data-step="5"]').click()
+        _wait(lambda: "+warmup = 200" in _text(browser, "#diff"), what="the new step's diff")
+        browser.save_screenshot(str(tmp_path / "ui-live.png"))
+        assert _severe_logs(browser) == []
+    finally:
+        server.stop()
