@@ -195,3 +195,16 @@ def test_network_filesystems_get_a_warning_that_says_what_to_do(tmp_path):
     # And the real /proc/mounts for this test's journal directory (a local disk here).
     real = doctor.filesystem_check(tmp_path / "journal.db")
     assert real["name"] == "filesystem" and real["message"]
+
+
+def test_a_file_that_is_not_a_journal_is_reported_and_left_alone(cli, journal_path):
+    journal_path.parent.mkdir(mode=0o700)
+    journal_path.write_bytes(b"this is not SQLite at all\n" * 400)
+    os.chmod(journal_path, 0o600)
+    found = cli("observe", "doctor")
+    assert found.returncode == 7 and "error integrity" in found.stdout
+    refused = cli("observe", "doctor", "--repair")
+    assert refused.returncode == 7
+    assert refused.stderr.startswith("error: cannot repair") and "nothing was changed" in refused.stderr
+    assert journal_path.read_bytes().startswith(b"this is not SQLite")
+    assert not [p for p in journal_path.parent.iterdir() if "damaged" in p.name or "repair" in p.name]

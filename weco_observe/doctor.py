@@ -365,6 +365,7 @@ def repair(path: str | os.PathLike[str]) -> dict[str, Any]:
     >>> repair(paths.journal_path())["kept"]  # doctest: +SKIP
     '/home/me/.local/share/weco-observe/journal.db.damaged-20261125T2210Z'
     """
+    from .errors import JournalDamaged
     from .journal import Journal
 
     path = Path(path)
@@ -374,9 +375,16 @@ def repair(path: str | os.PathLike[str]) -> dict[str, Any]:
     stats: dict[str, Any] = {"damaged_ranges": 0}
     out: dict[str, Any] = {"kept": str(kept), "journal": str(path), "tables": {}, "rebuilt": {}}
     src = _open_ro(path)
-    fresh = Journal(fresh_path, replay_spill=False)
     try:
         tables = {r[0] for r in src.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.DatabaseError as exc:
+        src.close()
+        raise JournalDamaged(
+            f"cannot repair {path}: not even its list of tables is readable ({exc}); nothing was changed. "
+            f"Move it aside (mv {path} {kept}) to start a fresh journal"
+        ) from None
+    fresh = Journal(fresh_path, replay_spill=False)
+    try:
         rows: dict[str, list[dict[str, Any]]] = {}
         for table in ("runs", "blobs", "events", "bundles", "imports"):
             if table not in tables:
