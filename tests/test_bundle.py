@@ -362,3 +362,19 @@ def test_verify_accepts_a_library_written_bundle(tmp_path):
         assert summary["events_pending"] == 40
         assert b.read_code(b.steps(run)[-1]["code"]) == {"m.py": "y = 39\n" + "pad\n" * 100}
     shutil.rmtree(tmp_path / "a")
+
+
+def test_a_journal_missing_code_refuses_to_bundle_before_the_air_gap(boxes, tmp_path):
+    a = boxes("a")
+    run = a.init()
+    a.log(run, 1, "--source", a.code("changed = 1\n"))
+    import sqlite3
+
+    conn = sqlite3.connect(a.journal)
+    conn.execute("DELETE FROM blobs WHERE hash IN (SELECT value FROM steps, json_each(steps.code)"
+                 " WHERE step = 1)")
+    conn.commit()
+    conn.close()
+    result = a("observe", "bundle", "-o", str(tmp_path / "a.weco"))
+    assert result.returncode == 7 and "missing from the journal" in result.stderr
+    assert not list(tmp_path.glob("*.weco")) and not list(tmp_path.glob(".a.weco*"))

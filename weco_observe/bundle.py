@@ -62,7 +62,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from . import codestore, ids
-from .errors import BundleInvalid, InvalidInput
+from .errors import BundleInvalid, InvalidInput, JournalDamaged
 from .journal import SCHEMA_VERSION, Journal, busy_timeout
 
 FORMAT = "weco-observe-bundle"
@@ -100,9 +100,10 @@ def _event_hashes(kind: str, payload: dict[str, Any]) -> list[str]:
 class _Writer:
     """One zip member written line by line, hashed and counted as it goes."""
 
-    def __init__(self, zf: zipfile.ZipFile, name: str):
+    def __init__(self, zf: zipfile.ZipFile, name: str, opened: list[_Writer]):
         self.name = name
         self.stream = zf.open(name, "w", force_zip64=True)
+        opened.append(self)  # so a failure can close it before the zip file closes
         self.sha = hashlib.sha256()
         self.buffer = bytearray()
         self.bytes = 0
@@ -189,80 +190,90 @@ def _write_members(snap: sqlite3.Connection, raw: BinaryIO, where: list[str], pa
     hashes: set[str] = set()
     members: dict[str, Any] = {}
     with zipfile.ZipFile(raw, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=6) as zf:
-        events = _Writer(zf, "events.jsonl")
+        opened: list[_Writer] = []
+        try:
+            events = _Writer(zf, "events.jsonl", opened)
 
-        def put(row: sqlite3.Row) -> None:
-            payload = json.loads(row["payload"])
-            included.add(row["id"])
-            touched.setdefault(row["run_id"])
-            hashes.update(_event_hashes(row["kind"], payload))
-            events.write({"id": row["id"], "run_id": row["run_id"], "kind": row["kind"], "step": row["step"],
-                          "payload": payload, "state": row["state"], "created_at": row["created_at"]})
+            def put(row: sqlite3.Row) -> None:
+                payload = json.loads(row["payload"])
+                included.add(row["id"])
+                touched.setdefault(row["run_id"])
+                hashes.update(_event_hashes(row["kind"], payload))
+                events.write({"id": row["id"], "run_id": row["run_id"], "kind": row["kind"], "step": row["step"],
+                              "payload": payload, "state": row["state"], "created_at": row["created_at"]})
 
-        for row in snap.execute(f"SELECT e.* FROM events e WHERE {' AND '.join(where)} ORDER BY e.seq", params):
-            put(row)
-        for rid in list(touched):  # repeat each run's create, so any bundle imports on its own
-            for row in snap.execute(
-                "SELECT * FROM events WHERE run_id = ? AND kind = 'create_run' AND seq <= ?", (rid, max_seq)
-            ):
-                if row["id"] not in included:
-                    put(row)
-        members["events.jsonl"] = events.close()
+            for row in snap.execute(f"SELECT e.* FROM events e WHERE {' AND '.join(where)} ORDER BY e.seq", params):
+                put(row)
+            for rid in list(touched):  # repeat each run's create, so any bundle imports on its own
+                for row in snap.execute(
+                    "SELECT * FROM events WHERE run_id = ? AND kind = 'create_run' AND seq <= ?", (rid, max_seq)
+                ):
+                    if row["id"] not in included:
+                        put(row)
+            members["events.jsonl"] = events.close()
 
-        steps = _Writer(zf, "steps.jsonl")
-        for rid in touched:
-            for row in snap.execute("SELECT * FROM steps WHERE run_id = ? ORDER BY step", (rid,)):
-                if row["event_id"] not in included:
+            steps = _Writer(zf, "steps.jsonl", opened)
+            for rid in touched:
+                for row in snap.execute("SELECT * FROM steps WHERE run_id = ? ORDER BY step", (rid,)):
+                    if row["event_id"] not in included:
+                        continue
+                    step = {k: row[k] for k in _STEP_COLUMNS}
+                    for key in ("metrics", "code", "metadata"):
+                        step[key] = _json(step[key])
+                    hashes.update((step["code"] or {}).values())
+                    steps.write(step)
+            members["steps.jsonl"] = steps.close()
+
+            runs = _Writer(zf, "runs.jsonl", opened)
+            for rid in touched:
+                row = snap.execute("SELECT * FROM runs WHERE id = ?", (rid,)).fetchone()
+                run = {k: row[k] for k in _RUN_COLUMNS}
+                run["metadata"] = _json(run["metadata"])
+                runs.write(run)
+            members["runs.jsonl"] = runs.close()
+
+            closure: set[str] = set()
+            todo = sorted(hashes)
+            while todo:  # every named blob and its delta bases, checked before the member is opened
+                digest = todo.pop()
+                if digest in closure:
                     continue
-                step = {k: row[k] for k in _STEP_COLUMNS}
-                for key in ("metrics", "code", "metadata"):
-                    step[key] = _json(step[key])
-                hashes.update((step["code"] or {}).values())
-                steps.write(step)
-        members["steps.jsonl"] = steps.close()
+                row = snap.execute("SELECT base FROM blobs WHERE hash = ?", (digest,)).fetchone()
+                if row is None:  # refuse here, not on the far side of the air gap
+                    raise JournalDamaged(f"code blob {digest} is named by a step but missing from the journal: "
+                                         "run `weco observe doctor`")
+                closure.add(digest)
+                if row[0]:
+                    todo.append(row[0])
+            blobs = _Writer(zf, "blobs.jsonl", opened)
+            for digest in sorted(closure):
+                row = snap.execute("SELECT * FROM blobs WHERE hash = ?", (digest,)).fetchone()
+                blobs.write({"hash": row["hash"], "size": row["size"], "base": row["base"], "depth": row["depth"],
+                             "prefix": row["prefix"], "suffix": row["suffix"],
+                             "data": base64.b64encode(row["data"]).decode("ascii")})
+            members["blobs.jsonl"] = blobs.close()
 
-        runs = _Writer(zf, "runs.jsonl")
-        for rid in touched:
-            row = snap.execute("SELECT * FROM runs WHERE id = ?", (rid,)).fetchone()
-            run = {k: row[k] for k in _RUN_COLUMNS}
-            run["metadata"] = _json(run["metadata"])
-            runs.write(run)
-        members["runs.jsonl"] = runs.close()
-
-        blobs = _Writer(zf, "blobs.jsonl")
-        done: set[str] = set()
-        todo = sorted(hashes)
-        while todo:
-            digest = todo.pop()
-            if digest in done:
-                continue
-            done.add(digest)
-            row = snap.execute("SELECT * FROM blobs WHERE hash = ?", (digest,)).fetchone()
-            if row is None:
-                continue  # a manifest naming a lost blob (see `doctor`); import refuses it loudly
-            if row["base"]:
-                todo.append(row["base"])
-            blobs.write({"hash": row["hash"], "size": row["size"], "base": row["base"], "depth": row["depth"],
-                         "prefix": row["prefix"], "suffix": row["suffix"],
-                         "data": base64.b64encode(row["data"]).decode("ascii")})
-        members["blobs.jsonl"] = blobs.close()
-
-        manifest: dict[str, Any] = {
-            "format": FORMAT,
-            "version": VERSION,
-            "bundle_id": bundle_id,
-            "created_at": time.time(),
-            "source": {"host": socket.gethostname(), "journal": str(source.resolve())},
-            "schema_version": SCHEMA_VERSION,
-            "incremental": not everything,
-            "run_filter": run_id,
-            "max_seq": max_seq,
-            "counts": {"runs": members["runs.jsonl"]["lines"], "steps": members["steps.jsonl"]["lines"],
-                       "events": members["events.jsonl"]["lines"], "blobs": members["blobs.jsonl"]["lines"]},
-            "members": members,
-        }
-        manifest["checksum"] = _manifest_checksum(manifest)
-        zf.writestr(MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
+            manifest: dict[str, Any] = {
+                "format": FORMAT,
+                "version": VERSION,
+                "bundle_id": bundle_id,
+                "created_at": time.time(),
+                "source": {"host": socket.gethostname(), "journal": str(source.resolve())},
+                "schema_version": SCHEMA_VERSION,
+                "incremental": not everything,
+                "run_filter": run_id,
+                "max_seq": max_seq,
+                "counts": {"runs": members["runs.jsonl"]["lines"], "steps": members["steps.jsonl"]["lines"],
+                           "events": members["events.jsonl"]["lines"], "blobs": members["blobs.jsonl"]["lines"]},
+                "members": members,
+            }
+            manifest["checksum"] = _manifest_checksum(manifest)
+            zf.writestr(MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
+        except BaseException:
+            for writer in opened:  # else closing the zip file raises and hides the real error
+                if not writer.stream.closed:
+                    writer.stream.close()
+            raise
     return manifest
 
 
