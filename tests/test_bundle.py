@@ -378,3 +378,60 @@ def test_a_journal_missing_code_refuses_to_bundle_before_the_air_gap(boxes, tmp_
     result = a("observe", "bundle", "-o", str(tmp_path / "a.weco"))
     assert result.returncode == 7 and "missing from the journal" in result.stderr
     assert not list(tmp_path.glob("*.weco")) and not list(tmp_path.glob(".a.weco*"))
+
+
+def reforge(good: Path, out: Path, edit) -> None:
+    """Rewrite a bundle with ``edit(members)`` applied, recomputing every checksum (a careful forger)."""
+    import hashlib
+
+    with zipfile.ZipFile(good) as zf:
+        members = {n: [json.loads(line) for line in zf.read(n).splitlines()] for n in bundle.MEMBERS}
+        manifest = json.loads(zf.read(bundle.MANIFEST))
+    edit(members)
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, rows in members.items():
+            data = b"".join(bundle._line(row) for row in rows)
+            manifest["members"][name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
+                                         "lines": len(rows)}
+            zf.writestr(name, data)
+        manifest["counts"] = {k: len(members[f"{k}.jsonl"]) for k in ("runs", "steps", "events", "blobs")}
+        manifest["checksum"] = bundle._manifest_checksum(manifest)
+        zf.writestr(bundle.MANIFEST, json.dumps(manifest))
+
+
+def _loop_blobs(m):
+    first, second = m["blobs.jsonl"][0], m["blobs.jsonl"][1]
+    first["base"], second["base"] = second["hash"], first["hash"]
+
+
+FORGERIES = {
+    "a run twice": lambda m: m["runs.jsonl"].append(dict(m["runs.jsonl"][0])),
+    "a run name that is a list": lambda m: m["runs.jsonl"][0].update(name=["x"]),
+    "an event of an unknown run": lambda m: m["events.jsonl"][0].update(run_id="local-elsewhere"),
+    "an event twice": lambda m: m["events.jsonl"].append(dict(m["events.jsonl"][0])),
+    "a step naming a missing blob": lambda m: m["steps.jsonl"][0].update(code={"train.py": "ab" * 32}),
+    "a delta base outside the bundle": lambda m: m["blobs.jsonl"][0].update(base="cd" * 32),
+    "a delta chain that loops": _loop_blobs,
+    "a step event whose payload names another step": lambda m: next(
+        e for e in m["events.jsonl"] if e["kind"] == "log_step")["payload"].update(step=99),
+    "a bad event state": lambda m: m["events.jsonl"][0].update(state="lost"),
+}
+
+
+@pytest.mark.parametrize("forgery", sorted(FORGERIES))
+def test_consistently_forged_bundles_are_still_refused(good_bundle, tmp_path, forgery):
+    good, _ = good_bundle
+    bad = tmp_path / "forged.weco"
+    reforge(good, bad, FORGERIES[forgery])
+    with pytest.raises(bundle.BundleInvalid, match="refused, nothing imported"):
+        bundle.verify(bad)
+    with Journal(tmp_path / "b" / "journal.db") as b:
+        with pytest.raises(bundle.BundleInvalid):
+            bundle.import_bundle(b, bad)
+        assert b.counts()["runs"] == 0 and b.query("SELECT count(*) FROM blobs")[0][0] == 0
+
+
+def test_an_untouched_reforge_is_accepted(good_bundle, tmp_path):
+    good, state = good_bundle
+    reforge(good, tmp_path / "same.weco", lambda m: None)
+    assert bundle.verify(tmp_path / "same.weco")["counts"]["events"] == 4

@@ -330,7 +330,8 @@ class _Reader:
             raise self.refuse("its manifest has no bundle id")
         for name in MEMBERS:
             info = (m.get("members") or {}).get(name)
-            if not isinstance(info, dict) or not all(k in info for k in ("sha256", "bytes", "lines")):
+            if not isinstance(info, dict) or not all(_is_int(info.get(k)) for k in ("bytes", "lines")) \
+                    or not isinstance(info.get("sha256"), str):
                 raise self.refuse(f"its manifest does not describe {name}")
 
     def rows(self, name: str) -> Iterator[dict[str, Any]]:
@@ -374,6 +375,11 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _typed(row: dict[str, Any], kind: type | tuple[type, ...], *keys: str) -> bool:
+    """Each of ``keys`` is absent, None or of ``kind`` (SQLite must be able to store it)."""
+    return all(row.get(k) is None or isinstance(row[k], kind) for k in keys)
+
+
 def _check_manifest_hashes(code: Any, blobs: dict[str, Any], reader: _Reader, where: str) -> None:
     _need(code is None or (isinstance(code, dict) and all(isinstance(k, str) and isinstance(v, str)
                                                           for k, v in code.items())),
@@ -404,6 +410,10 @@ def _verify(reader: _Reader) -> None:
               f"runs.jsonl: run {run['id']} has a bad server id")
         _need(run.get("metadata") is None or isinstance(run["metadata"], dict), reader,
               f"runs.jsonl: run {run['id']} has bad metadata")
+        _need(run["id"] not in runs, reader, f"runs.jsonl: run {run['id']} appears twice")
+        _need(_typed(run, str, "server_id", "name", "metric", "additional_instructions")
+              and _typed(run, (int, float), "maximize", "remote_only", "created_at", "updated_at"), reader,
+              f"runs.jsonl: run {run['id']} has a field of the wrong type")
         runs.add(run["id"])
 
     blobs: dict[str, dict[str, Any]] = {}
@@ -429,6 +439,8 @@ def _verify(reader: _Reader) -> None:
         _need(step.get("parent_step") is None or _is_int(step["parent_step"]), reader, f"{where}: bad parent")
         for key in ("metrics", "metadata"):
             _need(step.get(key) is None or isinstance(step[key], dict), reader, f"{where}: bad {key}")
+        _need(_typed(step, str, "description") and _typed(step, (int, float), "created_at", "updated_at"),
+              reader, f"{where}: a field of the wrong type")
         _check_manifest_hashes(step.get("code"), blobs, reader, where)
 
     seen: set[str] = set()
@@ -439,6 +451,7 @@ def _verify(reader: _Reader) -> None:
         seen.add(event["id"])
         _need(event.get("run_id") in runs, reader, f"{where}: its run is not in the bundle")
         _need(event.get("state") in _STATES, reader, f"{where}: bad state")
+        _need(_typed(event, (int, float), "created_at"), reader, f"{where}: bad created_at")
         payload = event.get("payload")
         _need(isinstance(payload, dict), reader, f"{where}: payload is not an object")
         if event.get("kind") == "create_run":
