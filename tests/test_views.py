@@ -230,3 +230,41 @@ def test_best_step_rules(tmp_path):
     assert summaries[empty.run_id]["best_step"] is None and summaries[empty.run_id]["steps"] == 1
     assert [s["step"] for s in view["steps"] if s["is_best"]] == [1]
     assert view["steps"][3]["value"] is None
+
+
+def test_runs_cache_is_used_and_invalidated_by_new_steps(cli, tmp_path, journal_path):
+    """``runs`` keeps per-run scores in a 0600 sidecar keyed by the run's newest event."""
+    (tmp_path / "a.py").write_text("x = 1\n")
+    run_id = cli.ok("observe", "init", "--metric", "loss", "--source", "a.py").stdout.strip()
+    cli.ok("observe", "log", "--run-id", run_id, "--step", "1", "--metrics", '{"loss": 0.5}')
+    assert json.loads(cli.ok("observe", "runs", "--json").stdout)[0]["best_step"] == 1
+    cache = journal_path.with_name("journal.db.views-cache.json")
+    assert cache.stat().st_mode & 0o777 == 0o600
+
+    # The cache is what answers while the run is unchanged (doctored here to prove it) ...
+    data = json.loads(cache.read_text())
+    data["runs"][run_id]["best_step"] = 0
+    cache.write_text(json.dumps(data))
+    assert json.loads(cli.ok("observe", "runs", "--json").stdout)[0]["best_step"] == 0
+    # ... and any new write to the run recomputes it, re-logging an existing step included.
+    cli.ok("observe", "log", "--run-id", run_id, "--step", "1", "--metrics", '{"loss": 0.9}')
+    cli.ok("observe", "log", "--run-id", run_id, "--step", "0", "--metrics", '{"loss": 0.7}')
+    run = json.loads(cli.ok("observe", "runs", "--json").stdout)[0]
+    assert (run["best_step"], run["best_value"], run["baseline_value"]) == (0, 0.7, 0.7)
+    # A corrupt cache is ignored and rewritten.
+    cache.write_text("{not json")
+    assert json.loads(cli.ok("observe", "runs", "--json").stdout)[0]["best_value"] == 0.7
+    assert json.loads(cache.read_text())["version"] == 1
+
+
+def test_remote_only_run_without_baseline(cli):
+    server_id = "8d0c2f4e-1111-4222-8333-444455556666"
+    cli.ok("observe", "log", "--run-id", server_id, "--step", "3", "--metrics", '{"loss": 1.5}')
+    cli.ok("observe", "log", "--run-id", server_id, "--step", "4", "--metrics", '{"loss": 1.2}')
+    doc = json.loads(cli.ok("observe", "show", server_id, "--json").stdout)
+    assert doc["run"]["remote_only"] and doc["run"]["metric"] is None
+    assert [(s["step"], s["parent_step"]) for s in doc["steps"]] == [(3, None), (4, 3)]
+    assert doc["best"] is None  # no primary metric known locally
+    text = cli.ok("observe", "show", server_id).stdout
+    assert "+-- Step 3 (kept, no parent)" in text and "best: none yet" in text
+    assert "no code changes" in cli.ok("observe", "diff", server_id, "4").stdout

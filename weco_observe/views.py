@@ -32,8 +32,10 @@ import csv
 import difflib
 import io
 import json
+import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from .errors import InvalidInput
@@ -65,7 +67,8 @@ EXPORT_FORMATS = ("json", "jsonl", "csv")
 # negate the value. The metric is looked up by a quoted JSON path, so a name
 # with dots or spaces works; a non-numeric value is ignored. Parsing each
 # step's metrics is most of the cost (~1 us a step; splitting the runs over two
-# connections did not help: SQLite's allocator serialises the threads).
+# connections did not help: SQLite's allocator serialises the threads), hence
+# the fingerprinted cache in :func:`_scores`.
 _SCORES_SQL = """
 SELECT s.run_id AS id, count(*) AS steps, sum(s.status = 'failed') AS failed,
        min(CASE WHEN s.status != 'failed' AND s.metrics IS NOT NULL THEN (
@@ -79,7 +82,9 @@ GROUP BY s.run_id
 """
 
 _RUNS_SQL = """
-SELECT r.id, r.server_id, r.remote_only, r.name, r.metric, r.maximize, r.created_at, r.updated_at,
+SELECT r.id, r.server_id, r.remote_only, r.name, r.metric, r.maximize, r.created_at,
+       max(r.updated_at, coalesce((SELECT l.updated_at FROM steps l WHERE l.run_id = r.id
+                                   ORDER BY l.step DESC LIMIT 1), 0)) AS updated_at,
        (SELECT json_extract(b.metrics, '$."' || replace(r.metric, '"', '') || '"') FROM steps b
         WHERE b.run_id = r.id AND b.step = 0 AND b.status != 'failed') AS baseline_value
 FROM runs r {where}
@@ -143,7 +148,7 @@ def _summary(row: Mapping[str, Any]) -> dict[str, Any]:
         "name": row["name"],
         "metric": row["metric"],
         "maximize": maximize,
-        "goal": "maximize" if maximize else "minimize",
+        "goal": None if row["maximize"] is None else "maximize" if maximize else "minimize",
         "steps": row["steps"],
         "failed": row["failed"],
         "best_step": row["best_step"] if score is not None else None,
@@ -163,8 +168,89 @@ def _query(journal: Journal, sql: str, params: Any = ()) -> list[dict[str, Any]]
     return [dict(row) for row in journal.query(sql, params)]
 
 
-def run_summaries(journal: Journal, run_id: str | None = None) -> list[dict[str, Any]]:
+#: Bumped when the cached fields or their meaning change; an old cache is then ignored.
+_CACHE_VERSION = 1
+
+
+def _cache_path(journal: Journal) -> Path:
+    return journal.path.with_name(journal.path.name + ".views-cache.json")
+
+
+def _load_cache(journal: Journal) -> dict[str, Any]:
+    try:
+        data = json.loads(_cache_path(journal).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict) or data.get("version") != _CACHE_VERSION or not isinstance(data.get("runs"), dict):
+        return {}
+    return data["runs"]
+
+
+def _save_cache(journal: Journal, runs: dict[str, Any]) -> None:
+    path = _cache_path(journal)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump({"version": _CACHE_VERSION, "runs": runs}, f, separators=(",", ":"))
+        os.replace(tmp, path)
+    except OSError:  # a read-only journal directory: views still work, just without the cache
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+
+
+def _scores(journal: Journal, run_ids: list[str], use_cache: bool) -> dict[str, dict[str, Any]]:
+    """Step count, failed count and best step of each run, recomputed only for runs that changed.
+
+    Every write to a run's steps (``log_step``, a bundle import) adds an outbox
+    event, events are never deleted, and event ids are unique ULIDs; so the
+    run's newest event (``seq`` and ``id``) fingerprints its steps. The scores
+    of unchanged runs come from a small cache file next to the journal (0600),
+    which turns ``runs`` on a large journal from a scan of every step's metrics
+    into one index lookup per run. A fingerprint read before the scores can only
+    make a later call recompute, never serve stale data.
+    """
+    if not use_cache:
+        where = "" if len(run_ids) != 1 else "WHERE s.run_id = ?"
+        rows = _query(journal, _SCORES_SQL.format(where=where), tuple(run_ids) if where else ())
+        return {r["id"]: r for r in rows}
+    prints = {
+        r["id"]: r["fp"]
+        for r in journal.query(
+            "SELECT r.id, (SELECT e.seq || ':' || e.id FROM events e WHERE e.run_id = r.id"
+            " ORDER BY e.seq DESC LIMIT 1) AS fp FROM runs r"
+        )
+    }
+    cache = _load_cache(journal)
+    out = {}
+    stale = []
+    for run_id in run_ids:
+        hit = cache.get(run_id)
+        if isinstance(hit, dict) and hit.get("fp") is not None and hit.get("fp") == prints.get(run_id):
+            out[run_id] = hit
+        else:
+            stale.append(run_id)
+    if stale:
+        if len(stale) > len(run_ids) // 2:
+            rows = _query(journal, _SCORES_SQL.format(where=""))
+        else:
+            marks = ",".join("?" * len(stale))
+            rows = _query(journal, _SCORES_SQL.format(where=f"WHERE s.run_id IN ({marks})"), tuple(stale))
+        fresh = {r["id"]: r for r in rows}
+        for run_id in stale:
+            row = fresh.get(run_id, {"id": run_id, "steps": 0, "failed": 0, "score": None, "best_step": None})
+            out[run_id] = {**row, "fp": prints.get(run_id)}
+        _save_cache(journal, {k: v for k, v in out.items() if k in prints})
+    return out
+
+
+def run_summaries(journal: Journal, run_id: str | None = None, *, cache: bool = True) -> list[dict[str, Any]]:
     """One summary per run (most recent activity first), or just ``run_id``'s. SQL aggregates only.
+
+    ``cache`` keeps the per-run scores of :func:`list_runs` in a sidecar file
+    (see :func:`_scores`); a single run is always computed afresh.
 
     >>> run_summaries(journal)[0]["best_step"]  # doctest: +SKIP
     4
@@ -172,17 +258,15 @@ def run_summaries(journal: Journal, run_id: str | None = None) -> list[dict[str,
     if run_id is None:
         runs = _query(journal, _RUNS_SQL.format(where=""))
         outbox = _query(journal, _OUTBOX_SQL.format(where=""))
+        scores = _scores(journal, [r["id"] for r in runs], cache)
     else:
         runs = _query(journal, _RUNS_SQL.format(where="WHERE r.id = ?"), (run_id,))
         outbox = _query(journal, _OUTBOX_SQL.format(where="AND run_id = ?"), (run_id,))
-        scores = _query(journal, _SCORES_SQL.format(where="WHERE s.run_id = ?"), (run_id,))
-    if run_id is None:
-        scores = _query(journal, _SCORES_SQL.format(where=""))
-    by_run = {s["id"]: s for s in scores}
+        scores = _scores(journal, [run_id], use_cache=False)
     counts: dict[tuple[str, str], int] = {(o["run_id"], o["state"]): o["n"] for o in outbox}
     out = []
     for run in runs:
-        score = by_run.get(run["id"], {"steps": 0, "failed": 0, "score": None, "best_step": None})
+        score = scores.get(run["id"]) or {"steps": 0, "failed": 0, "score": None, "best_step": None}
         run.update(steps=score["steps"], failed=score["failed"], score=score["score"], best_step=score["best_step"],
                    pending=counts.get((run["id"], "pending"), 0), rejected=counts.get((run["id"], "rejected"), 0))
         out.append(_summary(run))
@@ -190,9 +274,9 @@ def run_summaries(journal: Journal, run_id: str | None = None) -> list[dict[str,
     return out
 
 
-def list_runs(journal: Journal) -> list[dict[str, Any]]:
+def list_runs(journal: Journal, *, cache: bool = True) -> list[dict[str, Any]]:
     """Every run in the journal with its summary (see :func:`run_summaries`)."""
-    return run_summaries(journal)
+    return run_summaries(journal, cache=cache)
 
 
 # -- the tree -------------------------------------------------------------------
@@ -535,7 +619,7 @@ def format_runs(runs: Sequence[Mapping[str, Any]], now: float | None = None) -> 
     header = ["RUN", "SERVER", "NAME", "METRIC", "STEPS", "BEST", "SYNC", "ACTIVE"]
     table = [header]
     for r in runs:
-        goal = "max" if r["maximize"] else "min"
+        goal = {"maximize": "max", "minimize": "min"}.get(r["goal"], "?")
         best = "-" if r["best_step"] is None else f"{_num(r['best_value'])} @{r['best_step']}"
         sync = _sync_text(r)
         table.append([
@@ -566,7 +650,8 @@ def format_show(view: Mapping[str, Any], colour: bool = False) -> str:
     lines = [
         paint(title, "1"),
         f"run {run['id']}  server {server}  sync: " + _sync_text(run),
-        f"metric {metric} ({run['goal']})  steps {run['steps']} ({run['failed']} failed)",
+        f"metric {metric} ({run['goal'] or 'goal unknown: a run first seen by its server id'})"
+        f"  steps {run['steps']} ({run['failed']} failed)",
         "",
     ]
     for s in view["steps"]:
