@@ -292,14 +292,13 @@ def test_run_filter_bundles_one_run(boxes, tmp_path):
 def test_bundle_is_consistent_while_loggers_keep_writing(boxes, tmp_path):
     a, b = boxes("a"), boxes("b")
     run = a.init()
-    logger = subprocess.Popen(
-        [sys.executable, "-c",
-         "import sys\nfrom weco_observe.journal import Journal\n"
-         "j = Journal(sys.argv[1])\n"
-         "for i in range(1, 301):\n"
-         "    j.log_step(sys.argv[2], i, metrics={'loss': 1 / i}, code={'train.py': f'x = {i}\\n' * 30})\n",
-         str(a.journal), run],
+    script = (
+        "import sys\nfrom weco_observe.journal import Journal\n"
+        "j = Journal(sys.argv[1])\n"
+        "for i in range(1, 301):\n"
+        "    j.log_step(sys.argv[2], i, metrics={'loss': 1 / i}, code={'train.py': f'x = {i}\\n' * 30})\n"
     )
+    logger = subprocess.Popen([sys.executable, "-c", script, str(a.journal), run])
     files, during = [], 0
     try:
         with Journal(a.journal) as journal:
@@ -432,6 +431,6 @@ def test_consistently_forged_bundles_are_still_refused(good_bundle, tmp_path, fo
 
 
 def test_an_untouched_reforge_is_accepted(good_bundle, tmp_path):
-    good, state = good_bundle
+    good, _ = good_bundle
     reforge(good, tmp_path / "same.weco", lambda m: None)
     assert bundle.verify(tmp_path / "same.weco")["counts"]["events"] == 4

@@ -26,12 +26,12 @@ def _kib(n: int) -> str:
 def _import_lines(s: dict[str, Any]) -> list[str]:
     if s["already_imported"]:
         return [f"bundle {s['bundle_id']} was already imported here: nothing changed"]
-    lines = [
+    lines = [(
         f"imported {s['path']} (bundle {s['bundle_id']} from {s['source']}): "
         f"{s['runs_new']} new runs, {s['runs_known']} already known, {s['events_new']} new events "
         f"({s['events_pending']} to sync), {s['events_known']} already here, "
         f"{s['steps_updated']} steps updated, {s['blobs_new']} new code blobs"
-    ]
+    )]
     if s["server_ids_adopted"]:
         lines.append(f"{s['server_ids_adopted']} runs were already synced from the other box: "
                      "their new steps go to the same server runs")

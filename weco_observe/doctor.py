@@ -498,10 +498,10 @@ def _insert(conn: sqlite3.Connection, table: str, rows: Iterable[dict[str, Any]]
 
 def describe_repair(r: dict[str, Any]) -> str:
     t, rb = r["tables"], r["rebuilt"]
-    lines = [
+    lines = [(
         f"repaired: {r['journal']} now holds {t['runs']} runs, {t['steps']} steps, {t['events']} events, "
-        f"{t['blobs']} code blobs (read around {r['damaged_ranges']} damaged ranges)",
-    ]
+        f"{t['blobs']} code blobs (read around {r['damaged_ranges']} damaged ranges)"
+    )]
     if rb.get("steps") or rb.get("runs"):
         lines.append(f"rebuilt from their events: {rb.get('steps', 0)} steps, {rb.get('runs', 0)} runs")
     if rb.get("bad_events"):
