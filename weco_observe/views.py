@@ -2,7 +2,9 @@
 
 Everything that shows a run (``runs``, ``show``, ``diff``, ``export``, the HTML
 report and the local web UI) reads through this module, so a run looks the same
-everywhere and each query exists once. Nothing here writes.
+everywhere and each query exists once. Nothing here writes the journal (the
+only file written is a disposable cache of per-run scores next to it, see
+:func:`_scores`).
 
 Definitions, used by every view:
 

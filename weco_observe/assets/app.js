@@ -125,7 +125,8 @@
     var ranged = pts.filter(function (s) { return s.status !== "failed"; });
     if (!ranged.length) ranged = pts;
     var vals = ranged.map(function (s) { return s.metrics[m]; });
-    var y = niceTicks(Math.min.apply(null, vals), Math.max.apply(null, vals), 5);
+    var vmin = Math.min.apply(null, vals), vmax = Math.max.apply(null, vals), pad = (vmax - vmin) * 0.06;
+    var y = niceTicks(vmin - pad, vmax + pad, 5);  // a margin keeps the extreme points off the frame
     var lo = Math.min(y.lo, y.ticks[0]), hi = Math.max(y.hi, y.ticks[y.ticks.length - 1]);
     function X(step) { return L + (step - first) / xs * (W - L - R); }
     function Y(val) { var c = Math.min(Math.max(val, lo), hi); return T + (1 - (c - lo) / (hi - lo || 1)) * (H - T - B); }
