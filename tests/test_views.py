@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -21,17 +22,22 @@ def _write(path: Path, text: str) -> None:
     path.write_text(text, encoding="utf-8")
 
 
-@pytest.fixture
-def guide_run(cli, tmp_path: Path) -> str:
-    """The guide's example: steps 0-2 kept, 3 failed, 4 branched from 2; train.py changes along the way."""
-    src = tmp_path / "train.py"
+@pytest.fixture(scope="module")
+def guide_template(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """The guide's example, built once through the CLI: steps 0-2 kept, 3 failed, 4 branched from 2."""
+    from conftest import CLI
+
+    root = tmp_path_factory.mktemp("guide")
+    env = {"WECO_OBSERVE_DIR": str(root / "data"), "HOME": str(root), "WECO_OBSERVE_AUTO_SYNC": "0"}
+    cli = CLI(root)
+    src = root / "train.py"
     _write(src, "lr = 0.1\nbatch = 16\ndepth = 4\n")
     run_id = cli.ok("observe", "init", "--name", "my-experiment", "--metric", "val_bpb", "--goal", "min",
-                    "--source", "train.py").stdout.strip()
+                    "--source", "train.py", env=env).stdout.strip()
 
     def log(step: int, metrics: dict, description: str, *extra: str) -> None:
         cli.ok("observe", "log", "--run-id", run_id, "--step", str(step), "--description", description,
-               "--metrics", json.dumps(metrics), *extra)
+               "--metrics", json.dumps(metrics), *extra, env=env)
 
     log(0, {"val_bpb": 2.366, "memory_gb": 0.0}, "baseline", "--source", "train.py")
     _write(src, "lr = 0.1\nbatch = 32768\ndepth = 4\n")
@@ -43,6 +49,15 @@ def guide_run(cli, tmp_path: Path) -> str:
         "--source", "train.py")
     _write(src, "lr = 0.05\nbatch = 32768\ndepth = 4\nwarmup = 100\n")
     log(4, {"val_bpb": 2.1, "memory_gb": 1.5}, "tried warmup instead", "--parent-step", "2", "--source", "train.py")
+    return root, run_id
+
+
+@pytest.fixture
+def guide_run(guide_template: tuple[Path, str], isolated_env: Path, tmp_path: Path) -> str:
+    """A private copy of the guide's journal for this test (so tests may change it)."""
+    root, run_id = guide_template
+    shutil.copytree(root / "data", isolated_env)
+    shutil.copy(root / "train.py", tmp_path / "train.py")
     return run_id
 
 
