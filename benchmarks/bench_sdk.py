@@ -43,7 +43,7 @@ for i in range(10):  # the very first call on a machine: creates the journal, ru
     obs.close()
 for i in range(10):  # a script's first call: opens the existing journal, then creates
     obs = WecoObserver()
-    lines[0] = f"first = {i}\n"
+    lines[0] = f"first = {i}\\n"
     t = time.perf_counter()
     obs.create_run(source_code={"train.py": "".join(lines)}, primary_metric="loss")
     out["first_create"].append(time.perf_counter() - t)

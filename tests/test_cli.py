@@ -284,21 +284,50 @@ BAD_LOG = {
 
 
 def _bad_files(tmp_path: Path) -> None:
+    (tmp_path / "train.py").write_text("lr = 0.1\n")
     (tmp_path / "binary.bin").write_bytes(b"\x7fELF\x00\x01\x02")
     (tmp_path / "latin1.py").write_bytes("caf\u00e9 = 1\n".encode("latin-1"))
 
 
+@pytest.fixture(scope="module")
+def shared_run(tmp_path_factory) -> tuple[dict[str, str], Path, str]:
+    """One journal with a run (steps 0 and 3) that every bad-input test tries to change.
+
+    Shared to keep the suite fast; a bad input that did write would still fail its own
+    test, since each compares a dump of the journal from just before its call.
+    """
+    import os
+    import subprocess
+    import sys
+
+    base = tmp_path_factory.mktemp("bad-input")
+    _bad_files(base)
+    env = {"WECO_OBSERVE_DIR": str(base / "data")}
+    full = {**os.environ, **env, "HOME": str(base), "WECO_OBSERVE_AUTO_SYNC": "0"}
+    full.pop("WECO_API_KEY", None)
+
+    def run(*args: str) -> str:
+        done = subprocess.run([sys.executable, "-m", "weco_observe", "observe", *args], cwd=base, env=full,
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+
+    run_id = run("init", "--metric", "loss", "--source", "train.py")
+    run("log", "--run-id", run_id, "--step", "3")
+    return env, base / "data" / "journal.db", run_id
+
+
 @pytest.mark.parametrize("case", sorted(BAD_LOG))
-def test_bad_log_input(cli, run_id, tmp_path, journal_path, case):
+def test_bad_log_input(cli, shared_run, tmp_path, case):
+    env, journal_path, run_id = shared_run
     _bad_files(tmp_path)
-    cli.ok("observe", "log", "--run-id", run_id, "--step", "3")
     args, needle = BAD_LOG[case]
     base = {"--run-id": run_id, "--step": "9"}
     for flag in list(base):
         if any(a == flag or a.startswith(flag + "=") for a in args):
             del base[flag]
     before = dump(journal_path)
-    result = cli("observe", "log", *[x for kv in base.items() for x in kv], *args)
+    result = cli("observe", "log", *[x for kv in base.items() for x in kv], *args, env=env)
     assert result.returncode != 0
     assert result.stdout == ""
     lines = result.stderr.strip().splitlines()
@@ -321,11 +350,12 @@ BAD_INIT = {
 
 
 @pytest.mark.parametrize("case", sorted(BAD_INIT))
-def test_bad_init_input(cli, run_id, tmp_path, journal_path, case):
+def test_bad_init_input(cli, shared_run, tmp_path, case):
+    env, journal_path, _ = shared_run
     _bad_files(tmp_path)
     args, needle = BAD_INIT[case]
     before = dump(journal_path)
-    result = cli("observe", "init", *args)
+    result = cli("observe", "init", *args, env=env)
     assert result.returncode != 0
     assert result.stdout == ""
     lines = result.stderr.strip().splitlines()
