@@ -135,7 +135,8 @@ class Syncer:
                  unreachable_attempts: int = 3, initial_wait: float = 0.25, max_wait: float = 8.0,
                  max_retry_after: float = 30.0, sleep: Callable[[float], Any] | None = None,
                  deadline: float | None = None, progress: Callable[[int], None] | None = None,
-                 should_stop: Callable[[], bool] | None = None):
+                 should_stop: Callable[[], bool] | None = None, batch_size: int = 200,
+                 batch_age: float = 0.2):
         self.journal = journal
         self.client = client
         self.workers = max(1, workers)
@@ -148,6 +149,11 @@ class Syncer:
         self.progress = progress
         self.should_stop = should_stop
         self._halt = threading.Event()
+        self.batch_size = batch_size
+        self.batch_age = batch_age
+        self._marks: list[tuple[str, str, int, int, int, int]] = []
+        self._marks_lock = threading.Lock()
+        self._marks_since = 0.0
         self._sleep = sleep or self._interruptible_sleep
         self._lock = threading.Lock()
         self._result = PassResult()
@@ -225,11 +231,14 @@ class Syncer:
                 "SELECT run_id, min(seq) AS first FROM events WHERE state = 'pending' AND run_id = ?"
                 " GROUP BY run_id", (run_id,))
         run_ids = [r["run_id"] for r in rows]
-        if run_ids:
-            with ThreadPoolExecutor(max_workers=min(self.workers, len(run_ids)),
-                                    thread_name_prefix="weco-sync") as pool:
-                for _ in pool.map(self._sync_run_safely, run_ids):
-                    pass
+        try:
+            if run_ids:
+                with ThreadPoolExecutor(max_workers=min(self.workers, len(run_ids)),
+                                        thread_name_prefix="weco-sync") as pool:
+                    for _ in pool.map(self._sync_run_safely, run_ids):
+                        pass
+        finally:
+            self.flush_marks()
         result.pending = pending_count(self.journal, run_id)
         result.rejected_total = self.journal.query(
             "SELECT count(*) AS n FROM events WHERE state = 'rejected'"
@@ -341,12 +350,15 @@ class Syncer:
         latest = journal.query(
             "SELECT e.seq, e.id, e.kind, e.state, e.payload FROM steps s JOIN events e ON e.id = s.event_id"
             " WHERE s.run_id = ? AND s.step = ?", (run_id, ev["step"]))
+        # The step row names the event holding the step's current state (a bundle
+        # import can make that an event with a lower seq than ``ev``).
         target = latest[0] if latest else None
-        if target is None or target["kind"] != "log_step" or target["seq"] < ev["seq"]:
+        if target is None or target["kind"] != "log_step":
             target = journal.query("SELECT seq, id, kind, state, payload FROM events WHERE seq = ?",
                                    (ev["seq"],))[0]
-        elif target["state"] != "pending":
-            journal.mark_superseded(ev["id"])  # a newer state of this step is already settled
+        elif target["id"] != ev["id"] and target["state"] != "pending":
+            journal.mark_superseded(ev["id"])  # the current state of this step is already settled
+            done_upto[ev["step"]] = max(done_upto.get(ev["step"], -1), ev["seq"])
             self._tick(superseded=1)
             return True
         payload = json.loads(target["payload"])
@@ -369,11 +381,38 @@ class Syncer:
             self._tick(failed=1, sent=1)
             self._failed(exc)
             return False
-        superseded = journal.mark_step_delivered(target["id"], run_id, ev["step"], target["seq"],
-                                                 attempts=attempts)
-        done_upto[ev["step"]] = target["seq"]
-        self._tick(delivered=1, superseded=superseded, sent=1)
+        self._mark_delivered((target["id"], run_id, ev["step"], target["seq"], attempts,
+                              min(ev["seq"], target["seq"])))
+        if ev["seq"] > target["seq"]:
+            journal.mark_superseded(ev["id"])
+            self._tick(superseded=1)
+        done_upto[ev["step"]] = max(target["seq"], ev["seq"])
+        self._tick(delivered=1, sent=1)
         return True
+
+    # -- group commit of delivered steps ------------------------------------------
+    # Each commit of the journal is an fsync (synchronous=FULL); one per step
+    # would cap sync at a few hundred steps/s. Delivered steps are committed in
+    # batches: a crash before the batch commits means those steps are sent
+    # again, which the server's upsert makes harmless. Creates are never
+    # batched (their server id must be durable before any step uses it).
+
+    def _mark_delivered(self, item: tuple[str, str, int, int, int, int]) -> None:
+        with self._marks_lock:
+            if not self._marks:
+                self._marks_since = time.monotonic()
+            self._marks.append(item)
+            due = len(self._marks) >= self.batch_size or time.monotonic() - self._marks_since > self.batch_age
+        if due:
+            self.flush_marks()
+
+    def flush_marks(self) -> None:
+        with self._marks_lock:
+            batch, self._marks = self._marks, []
+        if batch:
+            superseded = self.journal.mark_steps_delivered(batch)
+            if superseded:
+                self._tick(superseded=superseded)
 
 
 def run_summaries(journal: Journal, run_ids: list[str]) -> list[RunSummary]:
