@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from weco_observe import WecoObserver, WecoObserveWarning
-from weco_observe.errors import EXIT_JOURNAL, JournalUnavailable
+from weco_observe.errors import EXIT_JOURNAL, InvalidInput, JournalUnavailable
 from weco_observe.journal import Journal
 
 
@@ -303,3 +303,25 @@ def test_sdk_spill_for_a_custom_journal_path(tmp_path, monkeypatch):
     obs.close()
     with Journal(custom) as j:
         assert [s["step"] for s in j.steps(run.run_id)] == [0, 1]
+
+
+@pytest.mark.parametrize("bad", [dict(step=1, metadata={"f": object()}), dict(step=1, code={"a.py": b"x"}),
+                                 dict(step=-1), dict(step=1, metrics={"loss": float("nan")}),
+                                 dict(step=2, parent_step=5)])
+def test_sdk_bad_input_is_refused_even_when_the_journal_cannot_open(tmp_path, bad):
+    """Bad input is reported at once (and never spilled) whatever state the journal is in."""
+    blocker = tmp_path / "blocker"
+    blocker.write_text("")
+    obs = WecoObserver(journal_path=blocker / "data" / "journal.db")
+    run = obs.run(str(uuid.uuid4()))
+    with pytest.warns(WecoObserveWarning, match="nothing recorded"):
+        assert run.log_step(**bad) is None
+    assert spill_files(tmp_path) == []
+    with pytest.raises(InvalidInput):
+        WecoObserver(journal_path=blocker / "data" / "journal.db", strict=True).run(run.run_id).log_step(**bad)
+    with pytest.warns(WecoObserveWarning, match="nothing recorded"):
+        assert obs.create_run(source_code={"a.py": 3}, primary_metric="loss") is None
+    assert spill_files(tmp_path) == []
+    with pytest.warns(WecoObserveWarning, match="saved to"):  # a good call is still spilled
+        run.log_step(1)
+    assert len(spill_files(tmp_path)) == 1

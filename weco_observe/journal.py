@@ -289,12 +289,9 @@ class Journal:
         event_id: str | None = None,
     ) -> str:
         """Record a new run with its baseline code as step 0 and queue its create; return the local id."""
-        code = validate.check_code(source_code, "source_code")
-        if not isinstance(metric, str) or not metric.strip():
-            raise InvalidInput("--metric must name the primary metric, e.g. --metric val_bpb")
-        name = validate.check_text(name, "name")
-        additional_instructions = validate.check_text(additional_instructions, "additional_instructions")
-        meta = validate.check_metadata(metadata) if metadata else {}
+        code, name, additional_instructions, meta = validate.check_run_args(
+            source_code, metric, name, additional_instructions, metadata
+        )
         run_id = run_id or ids.new_run_id()
         event_id = event_id or ids.ulid()
         now = time.time()
@@ -373,18 +370,9 @@ class Journal:
         the step is logged again (the API's upsert does the same). Returns the
         stored state: ``run_id``, ``step``, ``status``, ``parent_step``, ``event_id``.
         """
-        validate.check_step(step)
-        validate.check_status(status)
-        description = validate.check_text(description, "description")
-        metrics = validate.check_metrics(metrics) if metrics is not None else None
-        code = validate.check_code(code, "--source/code") if code is not None else None
-        if parent_step is not None:
-            validate.check_step(parent_step, "--parent-step")
-            if parent_step >= step:
-                raise InvalidInput(
-                    f"--parent-step {parent_step} must be lower than --step {step}: a parent comes before its child"
-                )
-        metadata = validate.check_metadata(metadata) if metadata is not None else None
+        description, metrics, code, metadata = validate.check_step_args(
+            step, status, description, metrics, code, parent_step, metadata
+        )
         event_id = event_id or ids.ulid()
         now = time.time()
         with self._writing() as conn:
@@ -556,13 +544,9 @@ class Journal:
                 (time.time(), note, event_id),
             )
 
-    def mark_step_delivered(self, event_id: str, run_id: str, step: int, seq: int, attempts: int = 1,
-                            from_seq: int = 0) -> int:
+    def mark_step_delivered(self, event_id: str, run_id: str, step: int, seq: int, attempts: int = 1) -> int:
         """A step's latest state was answered 2xx: mark it delivered and supersede the
-        older pending events of the same (run, step), which it replaced. Returns how many.
-
-        ``from_seq`` (the oldest pending event of the step, when the caller knows it)
-        bounds the scan: the events index is by (state, run, seq), not by step."""
+        older pending events of the same (run, step), which it replaced. Returns how many."""
         now = time.time()
         with self._writing() as conn:
             conn.execute(
@@ -571,34 +555,11 @@ class Journal:
                 (attempts, now, event_id),
             )
             cur = conn.execute(
-                "UPDATE events SET state = 'superseded', delivered_at = ? WHERE state = 'pending' AND run_id = ?"
-                " AND seq >= ? AND seq < ? AND step = ? AND kind = 'log_step'",
-                (now, run_id, from_seq, seq, step),
+                "UPDATE events SET state = 'superseded', delivered_at = ? WHERE run_id = ? AND step = ?"
+                " AND kind = 'log_step' AND state = 'pending' AND seq < ?",
+                (now, run_id, step, seq),
             )
             return cur.rowcount
-
-    def mark_steps_delivered(self, items: list[tuple[str, str, int, int, int, int]]) -> int:
-        """Group commit of :meth:`mark_step_delivered` for many steps, one transaction (one fsync).
-
-        Each item is ``(event_id, run_id, step, seq, attempts, from_seq)``. Sync
-        batches these: a crash before the commit only means those steps are sent
-        again, which the server's upsert makes harmless. Returns how many older
-        events were superseded."""
-        now = time.time()
-        superseded = 0
-        with self._writing() as conn:
-            for event_id, run_id, step, seq, attempts, from_seq in items:
-                conn.execute(
-                    "UPDATE events SET state = 'delivered', attempts = attempts + ?, delivered_at = ?,"
-                    " last_error = NULL WHERE id = ?",
-                    (attempts, now, event_id),
-                )
-                superseded += conn.execute(
-                    "UPDATE events SET state = 'superseded', delivered_at = ? WHERE state = 'pending'"
-                    " AND run_id = ? AND seq >= ? AND seq < ? AND step = ? AND kind = 'log_step'",
-                    (now, run_id, from_seq, seq, step),
-                ).rowcount
-        return superseded
 
     def mark_superseded(self, event_id: str) -> None:
         """A pending step event older than a state of its step that is already delivered: never send it."""

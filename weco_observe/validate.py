@@ -161,3 +161,39 @@ def read_sources(paths: Iterable[str]) -> dict[str, str]:
                 f"source file {raw!r} is not UTF-8 text (bad byte at offset {exc.start}): re-encode it as UTF-8"
             ) from None
     return code
+
+
+def check_run_args(
+    source_code: Any, metric: Any, name: Any = None, additional_instructions: Any = None, metadata: Any = None
+) -> tuple[dict[str, str], str | None, str | None, dict[str, Any]]:
+    """Every check of a ``create_run`` that needs no journal; returns (code, name, instructions, metadata)."""
+    code = check_code(source_code, "source_code")
+    if not isinstance(metric, str) or not metric.strip():
+        raise InvalidInput("--metric must name the primary metric, e.g. --metric val_bpb")
+    return (
+        code,
+        check_text(name, "name"),
+        check_text(additional_instructions, "additional_instructions"),
+        check_metadata(metadata) if metadata else {},
+    )
+
+
+def check_step_args(
+    step: Any, status: Any, description: Any = None, metrics: Any = None, code: Any = None,
+    parent_step: Any = None, metadata: Any = None,
+) -> tuple[str | None, dict[str, float] | None, dict[str, str] | None, dict[str, Any] | None]:
+    """Every check of a ``log_step`` that needs no journal (not: does the parent step exist);
+    returns (description, metrics, code, metadata), None where not given."""
+    check_step(step)
+    check_status(status)
+    description = check_text(description, "description")
+    metrics = check_metrics(metrics) if metrics is not None else None
+    code = check_code(code, "--source/code") if code is not None else None
+    if parent_step is not None:
+        check_step(parent_step, "--parent-step")
+        if parent_step >= step:
+            raise InvalidInput(
+                f"--parent-step {parent_step} must be lower than --step {step}: a parent comes before its child"
+            )
+    metadata = check_metadata(metadata) if metadata is not None else None
+    return description, metrics, code, metadata
