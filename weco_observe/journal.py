@@ -611,8 +611,9 @@ class Journal:
         blobs: Iterator[dict[str, Any]],
         steps: Iterator[dict[str, Any]],
         events: Iterator[dict[str, Any]],
+        batch: int = 2000,
     ) -> dict[str, Any]:
-        """Merge a verified bundle in one transaction, idempotently by id; return what changed.
+        """Merge a verified bundle idempotently by id; return what changed.
 
         Runs match by local id, then by server id (two boxes that logged to the
         same server run share it). A bundle's server id is adopted only by a run
@@ -620,123 +621,155 @@ class Journal:
         newer. A new event arrives ``pending`` unless the bundle says the server
         already has it on the same server run (then it keeps ``delivered`` /
         ``superseded``), or a newer state of its step is already here
-        (``superseded``). If an iterator raises (a checksum that no longer
-        matches), nothing is written.
+        (``superseded``).
+
+        Written in transactions of ``batch`` rows, so loggers wait at most one
+        batch (not a whole 100k-event bundle) for the lock; steps before events,
+        so a step's newest state is known before its events are queued. An
+        interrupted merge is finished by importing the bundle again: the import
+        is recorded only at the end, and every row merges by id.
         """
         out: dict[str, Any] = {
             "bundle_id": bundle_id, "already_imported": False, "runs_new": 0, "runs_known": 0,
             "server_ids_adopted": 0, "blobs_new": 0, "steps_updated": 0, "events_new": 0,
             "events_known": 0, "events_pending": 0, "conflicts": [],
         }
-        now = time.time()
         with self._writing() as conn:
             if conn.execute("SELECT 1 FROM imports WHERE bundle_id = ?", (bundle_id,)).fetchone():
                 out["already_imported"] = True
                 return out
-            mapping: dict[str, str] = {}
-            same_server: dict[str, bool] = {}
-            for run in runs:
-                rid, sid = run["id"], run.get("server_id")
-                row = conn.execute("SELECT id, server_id FROM runs WHERE id = ?", (rid,)).fetchone()
-                if row is None and sid:
-                    row = conn.execute("SELECT id, server_id FROM runs WHERE server_id = ?", (sid,)).fetchone()
-                if row is None:
-                    conn.execute(
-                        "INSERT INTO runs (id, server_id, remote_only, name, metric, maximize,"
-                        " additional_instructions, metadata, created_at, updated_at)"
-                        " VALUES (?,?,?,?,?,?,?,?,?,?)",
-                        (rid, sid, int(bool(run.get("remote_only"))), run.get("name"), run.get("metric"),
-                         run.get("maximize"), run.get("additional_instructions"),
-                         _dumps(run["metadata"]) if run.get("metadata") is not None else None,
-                         run.get("created_at") or now, run.get("updated_at") or now),
-                    )
-                    mapping[rid], same_server[rid] = rid, bool(sid)
-                    out["runs_new"] += 1
-                    continue
-                local, local_sid = row
-                mapping[rid] = local
-                out["runs_known"] += 1
-                if sid and local_sid is None:
-                    if conn.execute("SELECT 1 FROM runs WHERE server_id = ?", (sid,)).fetchone():
-                        out["conflicts"].append(f"run {rid}: server id {sid} already belongs to another run here")
-                    else:
-                        conn.execute("UPDATE runs SET server_id = ? WHERE id = ?", (sid, local))
-                        local_sid = sid
-                        out["server_ids_adopted"] += 1
-                elif sid and local_sid != sid:
-                    out["conflicts"].append(
-                        f"run {rid}: the bundle's box synced it as {sid}, this box as {local_sid}; "
-                        f"new steps go to {local_sid}"
-                    )
-                same_server[local] = bool(sid) and local_sid == sid
-            for blob in blobs:
-                cur = conn.execute(
-                    "INSERT OR IGNORE INTO blobs (hash, size, base, depth, prefix, suffix, data)"
-                    " VALUES (?,?,?,?,?,?,?)",
-                    (blob["hash"], blob["size"], blob["base"], blob["depth"], blob["prefix"],
-                     blob["suffix"], blob["data"]),
-                )
-                out["blobs_new"] += cur.rowcount
-            for step in steps:
-                run_id = mapping[step["run_id"]]
-                row = conn.execute(
-                    "SELECT event_id FROM steps WHERE run_id = ? AND step = ?", (run_id, step["step"])
-                ).fetchone()
-                if row is not None and row[0] >= step["event_id"]:
-                    continue
-                conn.execute(
-                    "INSERT INTO steps (run_id, step, status, description, metrics, code, parent_step,"
-                    " metadata, event_id, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
-                    " ON CONFLICT (run_id, step) DO UPDATE SET status = excluded.status,"
-                    " description = excluded.description, metrics = excluded.metrics, code = excluded.code,"
-                    " parent_step = excluded.parent_step, metadata = excluded.metadata,"
-                    " event_id = excluded.event_id, updated_at = excluded.updated_at",
-                    (run_id, step["step"], step["status"], step.get("description"),
-                     *(_dumps(step[k]) if step.get(k) is not None else None for k in ("metrics", "code")),
-                     step.get("parent_step"),
-                     _dumps(step["metadata"]) if step.get("metadata") is not None else None,
-                     step["event_id"], step.get("created_at") or now, step.get("updated_at") or now),
-                )
-                out["steps_updated"] += 1
-            for event in events:
-                run_id = mapping[event["run_id"]]
-                carried = event["state"] in ("delivered", "superseded") and same_server.get(run_id, False)
-                row = conn.execute("SELECT state FROM events WHERE id = ?", (event["id"],)).fetchone()
-                if row is not None:
-                    if carried and row[0] == "pending":
-                        conn.execute(
-                            "UPDATE events SET state = ?, delivered_at = ? WHERE id = ?",
-                            (event["state"], now, event["id"]),
-                        )
-                    out["events_known"] += 1
-                    continue
-                state = event["state"] if carried else "pending"
-                if state == "pending" and event["kind"] == "log_step":
-                    newer = conn.execute(
-                        "SELECT 1 FROM steps WHERE run_id = ? AND step = ? AND event_id > ?",
-                        (run_id, event["step"], event["id"]),
-                    ).fetchone()
-                    state = "superseded" if newer else state
-                conn.execute(
-                    "INSERT INTO events (id, run_id, kind, step, payload, state, created_at, delivered_at)"
-                    " VALUES (?,?,?,?,?,?,?,?)",
-                    (event["id"], run_id, event["kind"], event["step"], _dumps(event["payload"]), state,
-                     event.get("created_at") or now, None if state == "pending" else now),
-                )
-                if event["kind"] == "create_run":
-                    # A bundle that carries a create but not step 0's row still gets its baseline.
-                    conn.execute(
-                        "INSERT OR IGNORE INTO steps (run_id, step, status, code, event_id, created_at,"
-                        " updated_at) VALUES (?, 0, 'completed', ?, ?, ?, ?)",
-                        (run_id, _dumps(event["payload"]["source_code"]), event["id"], now, now),
-                    )
-                out["events_new"] += 1
-                out["events_pending"] += state == "pending"
+            mapping, same_server = self._merge_runs(conn, runs, out)
+        for rows, merge in ((blobs, self._merge_blobs), (steps, self._merge_steps), (events, self._merge_events)):
+            chunk: list[dict[str, Any]] = []
+            for row in rows:
+                chunk.append(row)
+                if len(chunk) >= batch:
+                    with self._writing() as conn:
+                        merge(conn, chunk, mapping, same_server, out)
+                    chunk = []
+            if chunk:
+                with self._writing() as conn:
+                    merge(conn, chunk, mapping, same_server, out)
+        with self._writing() as conn:
             conn.execute(
-                "INSERT INTO imports (bundle_id, source, imported_at, events) VALUES (?, ?, ?, ?)",
-                (bundle_id, source, now, out["events_new"]),
+                "INSERT OR IGNORE INTO imports (bundle_id, source, imported_at, events) VALUES (?, ?, ?, ?)",
+                (bundle_id, source, time.time(), out["events_new"]),
             )
         return out
+
+    def _merge_runs(self, conn: sqlite3.Connection, runs: list[dict[str, Any]],
+                    out: dict[str, Any]) -> tuple[dict[str, str], dict[str, bool]]:
+        """Insert or match each run; return (bundle run id -> local run id, local id -> same server run)."""
+        now = time.time()
+        mapping: dict[str, str] = {}
+        same_server: dict[str, bool] = {}
+        for run in runs:
+            rid, sid = run["id"], run.get("server_id")
+            row = conn.execute("SELECT id, server_id FROM runs WHERE id = ?", (rid,)).fetchone()
+            if row is None and sid:
+                row = conn.execute("SELECT id, server_id FROM runs WHERE server_id = ?", (sid,)).fetchone()
+            if row is None:
+                conn.execute(
+                    "INSERT INTO runs (id, server_id, remote_only, name, metric, maximize,"
+                    " additional_instructions, metadata, created_at, updated_at)"
+                    " VALUES (?,?,?,?,?,?,?,?,?,?)",
+                    (rid, sid, int(bool(run.get("remote_only"))), run.get("name"), run.get("metric"),
+                     run.get("maximize"), run.get("additional_instructions"),
+                     _dumps(run["metadata"]) if run.get("metadata") is not None else None,
+                     run.get("created_at") or now, run.get("updated_at") or now),
+                )
+                mapping[rid], same_server[rid] = rid, bool(sid)
+                out["runs_new"] += 1
+                continue
+            local, local_sid = row
+            mapping[rid] = local
+            out["runs_known"] += 1
+            if sid and local_sid is None:
+                if conn.execute("SELECT 1 FROM runs WHERE server_id = ?", (sid,)).fetchone():
+                    out["conflicts"].append(f"run {rid}: server id {sid} already belongs to another run here")
+                else:
+                    conn.execute("UPDATE runs SET server_id = ? WHERE id = ?", (sid, local))
+                    local_sid = sid
+                    out["server_ids_adopted"] += 1
+            elif sid and local_sid != sid:
+                out["conflicts"].append(
+                    f"run {rid}: the bundle's box synced it as {sid}, this box as {local_sid}; "
+                    f"new steps go to {local_sid}"
+                )
+            same_server[local] = bool(sid) and local_sid == sid
+        return mapping, same_server
+
+    def _merge_blobs(self, conn: sqlite3.Connection, blobs: list[dict[str, Any]], mapping: dict[str, str],
+                     same_server: dict[str, bool], out: dict[str, Any]) -> None:
+        for blob in blobs:
+            cur = conn.execute(
+                "INSERT OR IGNORE INTO blobs (hash, size, base, depth, prefix, suffix, data) VALUES (?,?,?,?,?,?,?)",
+                (blob["hash"], blob["size"], blob["base"], blob["depth"], blob["prefix"], blob["suffix"],
+                 blob["data"]),
+            )
+            out["blobs_new"] += cur.rowcount
+
+    def _merge_steps(self, conn: sqlite3.Connection, steps: list[dict[str, Any]], mapping: dict[str, str],
+                     same_server: dict[str, bool], out: dict[str, Any]) -> None:
+        now = time.time()
+        for step in steps:
+            run_id = mapping[step["run_id"]]
+            row = conn.execute(
+                "SELECT event_id FROM steps WHERE run_id = ? AND step = ?", (run_id, step["step"])
+            ).fetchone()
+            if row is not None and row[0] >= step["event_id"]:
+                continue
+            conn.execute(
+                "INSERT INTO steps (run_id, step, status, description, metrics, code, parent_step,"
+                " metadata, event_id, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
+                " ON CONFLICT (run_id, step) DO UPDATE SET status = excluded.status,"
+                " description = excluded.description, metrics = excluded.metrics, code = excluded.code,"
+                " parent_step = excluded.parent_step, metadata = excluded.metadata,"
+                " event_id = excluded.event_id, updated_at = excluded.updated_at",
+                (run_id, step["step"], step["status"], step.get("description"),
+                 *(_dumps(step[k]) if step.get(k) is not None else None for k in ("metrics", "code")),
+                 step.get("parent_step"),
+                 _dumps(step["metadata"]) if step.get("metadata") is not None else None,
+                 step["event_id"], step.get("created_at") or now, step.get("updated_at") or now),
+            )
+            out["steps_updated"] += 1
+
+    def _merge_events(self, conn: sqlite3.Connection, events: list[dict[str, Any]], mapping: dict[str, str],
+                      same_server: dict[str, bool], out: dict[str, Any]) -> None:
+        now = time.time()
+        for event in events:
+            run_id = mapping[event["run_id"]]
+            carried = event["state"] in ("delivered", "superseded") and same_server.get(run_id, False)
+            row = conn.execute("SELECT state FROM events WHERE id = ?", (event["id"],)).fetchone()
+            if row is not None:
+                if carried and row[0] == "pending":
+                    conn.execute(
+                        "UPDATE events SET state = ?, delivered_at = ? WHERE id = ?", (event["state"], now, event["id"])
+                    )
+                out["events_known"] += 1
+                continue
+            state = event["state"] if carried else "pending"
+            if state == "pending" and event["kind"] == "log_step":
+                newer = conn.execute(
+                    "SELECT 1 FROM steps WHERE run_id = ? AND step = ? AND event_id > ?",
+                    (run_id, event["step"], event["id"]),
+                ).fetchone()
+                state = "superseded" if newer else state
+            conn.execute(
+                "INSERT INTO events (id, run_id, kind, step, payload, state, created_at, delivered_at)"
+                " VALUES (?,?,?,?,?,?,?,?)",
+                (event["id"], run_id, event["kind"], event["step"], _dumps(event["payload"]), state,
+                 event.get("created_at") or now, None if state == "pending" else now),
+            )
+            if event["kind"] == "create_run":
+                # A bundle that carries a create but not step 0's row still gets its baseline.
+                conn.execute(
+                    "INSERT OR IGNORE INTO steps (run_id, step, status, code, event_id, created_at, updated_at)"
+                    " VALUES (?, 0, 'completed', ?, ?, ?, ?)",
+                    (run_id, _dumps(event["payload"]["source_code"]), event["id"], now, now),
+                )
+            out["events_new"] += 1
+            out["events_pending"] += state == "pending"
 
 
 def _step_row(row: sqlite3.Row) -> dict[str, Any]:
