@@ -57,27 +57,31 @@ class Box:
         return self.dir / "journal.db"
 
     def state(self) -> dict:
-        """Runs, steps (code as text) and events, minus per-box delivery state."""
-        if not self.journal.exists():
-            return {"runs": {}, "steps": {}, "events": {}}
-        with Journal(self.journal, replay_spill=False) as j:
-            runs = {r["id"]: {k: r[k] for k in ("name", "metric", "maximize", "metadata", "remote_only")}
-                    for r in j.query("SELECT * FROM runs")}
-            steps = {}
-            for run in runs:
-                for s in j.steps(run):
-                    steps[(run, s["step"])] = {
-                        **{k: s[k] for k in ("status", "description", "metrics", "parent_step", "metadata",
-                                             "event_id")},
-                        "code": j.read_code(s["code"]),
-                    }
-            events = {e["id"]: (e["run_id"], e["kind"], e["step"], json.loads(e["payload"]))
-                      for e in j.query("SELECT * FROM events")}
-        return {"runs": runs, "steps": steps, "events": events}
+        return journal_state(self.journal)
 
     def event_states(self) -> dict[str, int]:
         with Journal(self.journal, replay_spill=False) as j:
             return {r[0]: r[1] for r in j.query("SELECT state, count(*) FROM events GROUP BY state")}
+
+
+def journal_state(path: Path) -> dict:
+    """Runs, steps (code as text) and events, minus per-box delivery state."""
+    if not path.exists():
+        return {"runs": {}, "steps": {}, "events": {}}
+    with Journal(path, replay_spill=False) as j:
+        runs = {r["id"]: {k: r[k] for k in ("name", "metric", "maximize", "metadata", "remote_only")}
+                for r in j.query("SELECT * FROM runs")}
+        steps = {}
+        for run in runs:
+            for s in j.steps(run):
+                steps[(run, s["step"])] = {
+                    **{k: s[k] for k in ("status", "description", "metrics", "parent_step", "metadata",
+                                         "event_id")},
+                    "code": j.read_code(s["code"]),
+                }
+        events = {e["id"]: (e["run_id"], e["kind"], e["step"], json.loads(e["payload"]))
+                  for e in j.query("SELECT * FROM events")}
+    return {"runs": runs, "steps": steps, "events": events}
 
 
 @pytest.fixture
@@ -180,9 +184,7 @@ def good_bundle(tmp_path_factory) -> tuple[Path, dict]:
         j.log_step(run, 2, status="failed", metrics={"loss": 9.0})
         j.log_step(run, 3, parent_step=1, metrics={"loss": 1.2}, metadata={"note": "branch"})
         bundle.write_bundle(j, root / "a.weco")
-    a = Box.__new__(Box)
-    a.dir = root / "a"
-    return root / "a.weco", a.state()
+    return root / "a.weco", journal_state(root / "a" / "journal.db")
 
 
 @pytest.mark.parametrize("damage", ["truncated", "corrupted", "edited member", "edited manifest",
@@ -434,3 +436,57 @@ def test_an_untouched_reforge_is_accepted(good_bundle, tmp_path):
     good, _ = good_bundle
     reforge(good, tmp_path / "same.weco", lambda m: None)
     assert bundle.verify(tmp_path / "same.weco")["counts"]["events"] == 4
+
+
+def test_an_import_killed_midway_is_completed_by_importing_again(boxes, tmp_path):
+    """kill -9 the real `import` while it merges; the journal stays sound and a second import finishes it."""
+    import signal
+    import time
+
+    with Journal(tmp_path / "big" / "journal.db", replay_spill=False) as big:
+        big.conn.execute("PRAGMA synchronous=OFF")
+        run = big.create_run(source_code={"train.py": "x = 0\n"}, metric="loss")
+        for i in range(1, 8000):
+            big.log_step(run, i, metrics={"loss": 1 / i}, code={"train.py": f"x = {i}\n"} if i % 50 == 0 else None)
+        bundle.write_bundle(big, tmp_path / "big.weco")
+    want = journal_state(tmp_path / "big" / "journal.db")
+    b = boxes("b")
+    killed_midway = False
+    for _attempt in range(5):  # bounded: the kill must land after some batches and before the end
+        shutil.rmtree(b.dir, ignore_errors=True)
+        b.ok("observe", "status")  # create the journal first, so only the merge is timed
+        proc = subprocess.Popen([sys.executable, "-m", "weco_observe", "observe", "import", str(tmp_path / "big.weco")],
+                                env={**os.environ, **b.env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        seen = 0
+        while proc.poll() is None and time.monotonic() < deadline:
+            conn = sqlite3_connect_ro(b.journal)
+            try:
+                seen = conn.execute("SELECT count(*) FROM events").fetchone()[0]
+            finally:
+                conn.close()
+            if seen:
+                proc.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.002)
+        proc.wait(timeout=30)
+        if proc.returncode == -signal.SIGKILL and 0 < seen:
+            done = b.state()
+            if len(done["events"]) < len(want["events"]):
+                killed_midway = True
+                break
+    assert killed_midway, "could not kill the import midway in 5 tries"
+    assert list(b.dir.glob(".import-*.weco")), "the killed import's private copy is left behind"
+    with Journal(b.journal) as j:
+        assert j.query("PRAGMA integrity_check")[0][0] == "ok"
+    again = json.loads(b.ok("observe", "import", str(tmp_path / "big.weco"), "--json").stdout)
+    assert again["events_new"] > 0 and not again["already_imported"]
+    assert b.state() == want
+    assert not list(b.dir.glob(".import-*.weco")), "a stale private copy was not cleaned up"
+    assert "already imported" in b.ok("observe", "import", str(tmp_path / "big.weco")).stdout
+
+
+def sqlite3_connect_ro(path: Path):
+    import sqlite3
+
+    return sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)

@@ -64,7 +64,7 @@ def test_any_cut_and_any_import_order_converges(ops, seed):
         rng.shuffle(order)
         with Journal(root / "b" / "journal.db", replay_spill=False) as b:
             for path in order:
-                bundle.import_bundle(b, path)
+                bundle.import_bundle(b, path, batch=rng.choice([1, 3, 2000]))
             assert snapshot(b) == want
             # The newest event of every step is still to be sent; nothing is sent twice per step state.
             newest = {}

@@ -25,12 +25,14 @@ it touches and the full chain of every blob it names, so it can be imported
 without the bundles before it (an incremental bundle still holds only the steps
 changed since the previous one).
 
-Import verifies everything before it writes anything: the zip's own CRCs, every
+Import copies the file next to the journal (so it cannot change under it) and
+verifies the copy completely before it writes anything: the zip's own CRCs, every
 member's sha256 and line count against the manifest, the manifest's own
 checksum, every row's shape, that every event and step names a run in the
 bundle, that every code hash names a blob in the bundle, and that every blob
-decodes to text whose sha256 is its name. Then it merges in one transaction
-(re-hashing as it reads, so a file changed in between still imports nothing).
+decodes to text whose sha256 is its name. Then it merges in transactions of a
+few thousand rows, so loggers on the receiving box wait briefly; the import is
+recorded last, so an import that was killed is completed by running it again.
 
 The server id: a run's identity is its local id, which travels in the bundle; a
 server id is the sending box's knowledge that the run already exists on the
@@ -52,6 +54,7 @@ import base64
 import hashlib
 import json
 import os
+import shutil
 import socket
 import sqlite3
 import time
@@ -62,7 +65,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from . import codestore, ids
-from .errors import BundleInvalid, InvalidInput, JournalDamaged
+from .errors import BundleInvalid, InvalidInput, JournalDamaged, JournalUnavailable
 from .journal import SCHEMA_VERSION, Journal, busy_timeout
 
 FORMAT = "weco-observe-bundle"
@@ -283,8 +286,8 @@ def _write_members(snap: sqlite3.Connection, raw: BinaryIO, where: list[str], pa
 class _Reader:
     """The members of an open bundle, each checked against the manifest as it is read."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: Path, shown: Path | None = None):
+        self.path = shown or path  # the name the user gave, for messages
         try:
             self.zf = zipfile.ZipFile(path)
         except FileNotFoundError:
@@ -364,6 +367,12 @@ class _Reader:
 
     def close(self) -> None:
         self.zf.close()
+
+    def __enter__(self) -> _Reader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _need(ok: bool, reader: _Reader, what: str) -> None:
@@ -504,39 +513,63 @@ def _source(manifest: dict[str, Any]) -> str | None:
     return f"{src.get('host')}:{src.get('journal')}" if isinstance(src, dict) else None
 
 
-def import_bundle(journal: Journal, path: str | os.PathLike[str]) -> dict[str, Any]:
+def _remove_stale_copies(directory: Path) -> None:
+    """Private copies left by an import that was killed (its pid is gone)."""
+    for stale in directory.glob(".import-*-*.weco"):
+        try:
+            os.kill(int(stale.name.split("-")[1]), 0)
+        except ProcessLookupError:
+            stale.unlink(missing_ok=True)
+        except (ValueError, PermissionError):
+            pass
+
+
+def import_bundle(journal: Journal, path: str | os.PathLike[str], *, batch: int = 2000) -> dict[str, Any]:
     """Verify a bundle, then merge it into ``journal``; return what changed.
 
     Raises BundleInvalid (and imports nothing) for a truncated, corrupted,
     edited or foreign file. Importing the same bundle again returns
     ``already_imported: True`` and changes nothing. ``sync --bundle`` calls this
-    and then syncs.
+    and then syncs. The merge commits every ``batch`` rows; an interrupted
+    import is completed by importing the same file again.
 
     >>> import_bundle(Journal(), "box-a.weco")["events_pending"]  # doctest: +SKIP
     16
     """
-    reader = _Reader(Path(path))
-    try:
+    with _Reader(Path(path)) as reader:
         m = reader.manifest
         if journal.query("SELECT 1 FROM imports WHERE bundle_id = ?", (m["bundle_id"],)):
             counts = dict.fromkeys(("runs_new", "runs_known", "server_ids_adopted", "blobs_new", "steps_updated",
                                     "events_new", "events_known", "events_pending"), 0)
             return {"bundle_id": m["bundle_id"], "already_imported": True, **counts, "conflicts": [],
                     "path": str(path), "source": _source(m)}
-        _verify(reader)
-        source = _source(m)
+    # Verify and merge a private copy, so the file cannot change between the check and the
+    # merge (which commits in batches, to keep loggers waiting briefly).
+    _remove_stale_copies(journal.path.parent)
+    copy = journal.path.with_name(f".import-{os.getpid()}-{ids.ulid()}.weco")
+    try:
+        try:
+            fd = os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with open(path, "rb") as src, os.fdopen(fd, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+        except OSError as exc:
+            raise JournalUnavailable(f"cannot copy bundle {path} next to the journal to import it: {exc}") from None
+        with _Reader(copy, shown=Path(path)) as reader:
+            _verify(reader)
+            m = reader.manifest
+            source = _source(m)
 
-        def blobs() -> Iterator[dict[str, Any]]:
-            for blob in reader.rows("blobs.jsonl"):
-                blob["data"] = base64.b64decode(blob["data"])
-                yield blob
+            def blobs() -> Iterator[dict[str, Any]]:
+                for blob in reader.rows("blobs.jsonl"):
+                    blob["data"] = base64.b64decode(blob["data"])
+                    yield blob
 
-        summary = journal.merge_bundle(
-            m["bundle_id"], source or "", list(reader.rows("runs.jsonl")), blobs(),
-            reader.rows("steps.jsonl"), reader.rows("events.jsonl"),
-        )
+            summary = journal.merge_bundle(
+                m["bundle_id"], source or "", list(reader.rows("runs.jsonl")), blobs(),
+                reader.rows("steps.jsonl"), reader.rows("events.jsonl"), batch=batch,
+            )
     finally:
-        reader.close()
+        copy.unlink(missing_ok=True)
     summary["path"] = str(path)
     summary["source"] = source
     return summary
