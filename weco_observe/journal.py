@@ -544,9 +544,13 @@ class Journal:
                 (time.time(), note, event_id),
             )
 
-    def mark_step_delivered(self, event_id: str, run_id: str, step: int, seq: int, attempts: int = 1) -> int:
+    def mark_step_delivered(self, event_id: str, run_id: str, step: int, seq: int, attempts: int = 1,
+                            from_seq: int = 0) -> int:
         """A step's latest state was answered 2xx: mark it delivered and supersede the
-        older pending events of the same (run, step), which it replaced. Returns how many."""
+        older pending events of the same (run, step), which it replaced. Returns how many.
+
+        ``from_seq`` (the oldest pending event of the step, when the caller knows it)
+        bounds the scan: the events index is by (state, run, seq), not by step."""
         now = time.time()
         with self._writing() as conn:
             conn.execute(
@@ -555,11 +559,34 @@ class Journal:
                 (attempts, now, event_id),
             )
             cur = conn.execute(
-                "UPDATE events SET state = 'superseded', delivered_at = ? WHERE run_id = ? AND step = ?"
-                " AND kind = 'log_step' AND state = 'pending' AND seq < ?",
-                (now, run_id, step, seq),
+                "UPDATE events SET state = 'superseded', delivered_at = ? WHERE state = 'pending' AND run_id = ?"
+                " AND seq >= ? AND seq < ? AND step = ? AND kind = 'log_step'",
+                (now, run_id, from_seq, seq, step),
             )
             return cur.rowcount
+
+    def mark_steps_delivered(self, items: list[tuple[str, str, int, int, int, int]]) -> int:
+        """Group commit of :meth:`mark_step_delivered` for many steps, one transaction (one fsync).
+
+        Each item is ``(event_id, run_id, step, seq, attempts, from_seq)``. Sync
+        batches these: a crash before the commit only means those steps are sent
+        again, which the server's upsert makes harmless. Returns how many older
+        events were superseded."""
+        now = time.time()
+        superseded = 0
+        with self._writing() as conn:
+            for event_id, run_id, step, seq, attempts, from_seq in items:
+                conn.execute(
+                    "UPDATE events SET state = 'delivered', attempts = attempts + ?, delivered_at = ?,"
+                    " last_error = NULL WHERE id = ?",
+                    (attempts, now, event_id),
+                )
+                superseded += conn.execute(
+                    "UPDATE events SET state = 'superseded', delivered_at = ? WHERE state = 'pending'"
+                    " AND run_id = ? AND seq >= ? AND seq < ? AND step = ? AND kind = 'log_step'",
+                    (now, run_id, from_seq, seq, step),
+                ).rowcount
+        return superseded
 
     def mark_superseded(self, event_id: str) -> None:
         """A pending step event older than a state of its step that is already delivered: never send it."""
