@@ -119,3 +119,29 @@ def test_accepted_sockets_have_tcp_nodelay(emulator):
         socks = list(emulator._server._sockets)
         assert socks
         assert all(s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) for s in socks)
+
+
+def test_emulator_command_serves_until_interrupted(cli, tmp_path, journal_path):
+    """`weco observe emulator --port 0` prints its base URL; a real sync to it works; Ctrl-C stops it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "weco_observe", "observe", "emulator", "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        base_url = proc.stdout.readline().strip()
+        assert base_url.startswith("http://127.0.0.1:") and base_url.endswith("/v1")
+        (tmp_path / "a.py").write_text("x = 1\n")
+        cli.ok("observe", "init", "--metric", "m", "--source", "a.py")
+        env = {"WECO_BASE_URL": base_url, "WECO_API_KEY": DEFAULT_API_KEY}
+        cli.ok("observe", "sync", env=env)
+        state = httpx.get(f"{base_url}/_emulator/state").json()
+        assert len(state["runs"]) == 1
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err
+    assert "WECO_API_KEY=weco-emulator-key" in err
+    assert os.environ.get("WECO_API_KEY") is None
