@@ -253,7 +253,7 @@ def check(path: str | os.PathLike[str]) -> dict[str, Any]:
     else:
         checks.append(_check("permissions", "ok", "directory 0700, files 0600, all yours"))
     checks.append(filesystem_check(path))
-    waiting = spill.pending()
+    waiting = spill.pending(path)
     if waiting:
         checks.append(_check("spill", "warn", f"{len(waiting)} spill files wait to be imported (the next "
                              "successful init/log/status imports them)"))
