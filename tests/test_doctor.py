@@ -208,3 +208,13 @@ def test_a_file_that_is_not_a_journal_is_reported_and_left_alone(cli, journal_pa
     assert refused.stderr.startswith("error: cannot repair") and "nothing was changed" in refused.stderr
     assert journal_path.read_bytes().startswith(b"this is not SQLite")
     assert not [p for p in journal_path.parent.iterdir() if "damaged" in p.name or "repair" in p.name]
+
+
+def test_spill_files_waiting_for_this_journal_are_reported(cli, journal_path):
+    from weco_observe import spill
+
+    make_journal(journal_path, steps=4)
+    assert spill.write("log_step", {"run": "local-x", "step": 1, "event_id": "01abc"}, journal_path) is not None
+    out = json.loads(cli.ok("observe", "doctor", "--json").stdout)
+    assert any(c["name"] == "spill" and c["level"] == "warn" and c["message"].startswith("1 spill")
+               for c in out["checks"])
