@@ -340,3 +340,22 @@ def test_concurrent_in_process_syncs_never_double_send(emulator, journal_path):
     assert results == [True, True]
     assert emulator.stats()["created_runs"] == 3
     assert_server_matches_journal(emulator, journal_path)
+
+
+def test_sync_bundle_imports_then_sends(cli, emulator, tmp_path):
+    """A box with no network writes a bundle; `sync --bundle FILE` on another machine delivers it."""
+    box = tmp_path / "box-a"
+    (tmp_path / "a.py").write_text("x = 1\n")
+    box_env = {"WECO_OBSERVE_DIR": str(box)}
+    run_id = cli.ok("observe", "init", "--metric", "m", "--source", "a.py", env=box_env).stdout.strip()
+    cli.ok("observe", "log", "--run-id", run_id, "--step", "1", "--metrics", '{"m": 1}', env=box_env)
+    bundle = tmp_path / "a.weco"
+    cli.ok("observe", "bundle", "-o", str(bundle), env=box_env)
+    refused = cli("observe", "sync", "--dry-run", "--bundle", str(bundle), env=emulator.env())
+    assert refused.returncode == 2 and "import" in refused.stderr
+    result = cli("observe", "sync", "--bundle", str(bundle), "--json", env=emulator.env())
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["imports"][0]["events_new"] == 2 and summary["delivered"] == 2
+    run = next(iter(emulator.runs().values()))
+    assert run["metadata"]["weco_observe_local_id"] == run_id and run["steps"][1]["metrics"] == {"m": 1}

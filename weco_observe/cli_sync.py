@@ -70,6 +70,7 @@ def register(observe: typer.Typer) -> None:
     @observe.command("sync")
     def sync_command(
         run_id: Annotated[Optional[str], typer.Option("--run-id", help="Sync only this run (local or server id, or a unique prefix).")] = None,
+        bundles: Annotated[Optional[list[str]], typer.Option("--bundle", help="Import this bundle file first (from `weco observe bundle` on a box with no network); repeatable.")] = None,
         dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would be sent; send nothing.")] = False,
         as_json: Annotated[bool, typer.Option("--json", help="Print a machine-readable summary on stdout.")] = False,
         watch: Annotated[bool, typer.Option("--watch", help="Keep running and send new events as they are journaled (Ctrl-C to stop).")] = False,
@@ -86,6 +87,10 @@ def register(observe: typer.Typer) -> None:
         from . import sync
 
         if dry_run:
+            if bundles:
+                from .errors import InvalidInput
+
+                raise InvalidInput("--dry-run does not import bundles: run `weco observe import FILE` first")
             requests = sync.dry_run(run_id)
             if as_json:
                 print(json.dumps({"requests": requests}, indent=2))
@@ -106,12 +111,17 @@ def register(observe: typer.Typer) -> None:
                 print(f"sync: {result.delivered} delivered, {result.pending} pending", file=sys.stderr)
 
         result = sync.command(
-            run_ref=run_id, retry_rejected=retry_rejected, watch=watch, wait=not no_wait, workers=workers,
+            run_ref=run_id, bundles=bundles, retry_rejected=retry_rejected, watch=watch, wait=not no_wait, workers=workers,
             on_wait=on_wait, progress_factory=None if as_json else _progress_bar, on_pass=on_pass,
         )
         if as_json:
             print(json.dumps(result.to_json(), indent=2))
         else:
+            if result.imports:
+                from .cli_bundle import _import_lines
+
+                for imported in result.imports:
+                    print("\n".join(_import_lines(imported)), file=sys.stderr)
             print("\n".join(_summary_lines(result)), file=sys.stderr)
         raise typer.Exit(result.exit_code)
 

@@ -94,6 +94,8 @@ class PassResult:
     last_error: str | None = None
     elapsed: float = 0.0
     runs: list[RunSummary] = field(default_factory=list)
+    #: what each ``sync --bundle FILE`` import merged before sending
+    imports: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def exit_code(self) -> int:
@@ -632,7 +634,8 @@ def flush(journal_path: str | os.PathLike[str] | Path, timeout: float | None = 3
 # -- the `weco observe sync` command ------------------------------------------------
 
 
-def command(*, run_ref: str | None = None, retry_rejected: bool = False, watch: bool = False,
+def command(*, run_ref: str | None = None, bundles: list[str] | None = None, retry_rejected: bool = False,
+            watch: bool = False,
             wait: bool = True, workers: int = 8, api_key: str | None = None,
             on_wait: Callable[[dict[str, Any]], None] | None = None,
             progress_factory: Callable[[int], Callable[[int], None] | None] | None = None,
@@ -641,7 +644,8 @@ def command(*, run_ref: str | None = None, retry_rejected: bool = False, watch: 
     """Everything ``weco observe sync`` does, minus the formatting.
 
     Takes the sync lock (waiting for another syncer unless ``wait`` is False),
-    sends what is pending and returns the result. With ``watch`` it keeps
+    sends what is pending and returns the result. ``bundles`` are imported
+    first (``sync --bundle FILE``, see ``bundle.py``). With ``watch`` it keeps
     sending new events as they are journaled until SIGINT/SIGTERM, calling
     ``on_pass`` after each pass that sent something, and returns the last state.
     """
@@ -657,18 +661,25 @@ def command(*, run_ref: str | None = None, retry_rejected: bool = False, watch: 
             previous[signum] = signal.signal(signum, lambda *_: stopping.set())
     try:
         with Journal() as journal:
+            imports = []
+            if bundles:
+                from . import bundle
+
+                imports = [bundle.import_bundle(journal, path) for path in bundles]
             run_id = journal.require_run(run_ref)["id"] if run_ref else None
             key = api_key or paths.api_key()
             if not key and not watch and not retry_rejected and pending_count(journal, run_id) == 0:
-                return PassResult()  # nothing to send: no key needed
+                return PassResult(imports=imports)  # nothing to send: no key needed
             if not key:
                 raise ApiAuthFailed(f"no API key: {pending_count(journal, run_id)} events wait in the journal;"
                                     " run `weco login` (or set WECO_API_KEY), then `weco observe sync`")
             lock = SyncLock(journal.path)
             lock.acquire("sync", wait=wait, on_wait=on_wait, should_stop=stopping.is_set)
             try:
-                return _command_locked(journal, lock, key, run_id, retry_rejected, watch, workers,
-                                       progress_factory, on_pass, stopping, poll, autosync)
+                result = _command_locked(journal, lock, key, run_id, retry_rejected, watch, workers,
+                                         progress_factory, on_pass, stopping, poll, autosync)
+                result.imports = imports
+                return result
             finally:
                 lock.release()
     finally:
