@@ -359,3 +359,19 @@ def test_sync_bundle_imports_then_sends(cli, emulator, tmp_path):
     assert summary["imports"][0]["events_new"] == 2 and summary["delivered"] == 2
     run = next(iter(emulator.runs().values()))
     assert run["metadata"]["weco_observe_local_id"] == run_id and run["steps"][1]["metrics"] == {"m": 1}
+
+
+def test_remote_only_run_steps_go_straight_to_the_server_id(cli, emulator, journal_path):
+    """A run made by the official client (known only by its server id) gets its steps, no create."""
+    server_id = emulator.create_run({"a.py": "official"}, metric_name="loss")
+    cli.ok("observe", "log", "--run-id", server_id, "--step", "1", "--metrics", '{"loss": 2}')
+    cli.ok("observe", "log", "--run-id", server_id, "--step", "2", "--parent-step", "0")
+    cli.ok("observe", "sync", env=emulator.env())
+    assert emulator.stats()["created_runs"] == 1  # only the official client's
+    steps = emulator.runs()[server_id]["steps"]
+    assert steps[1]["metrics"] == {"loss": 2} and steps[2]["parent_step"] == 0
+    assert_server_matches_journal(emulator, journal_path)
+    # a server id the server does not know is a rejection, kept with the reason
+    cli.ok("observe", "log", "--run-id", "00000000-0000-4000-8000-00000000abcd", "--step", "1")
+    result = cli("observe", "sync", env=emulator.env())
+    assert result.returncode == EXIT_REJECTED and "not found" in cli.ok("observe", "status").stdout
