@@ -45,7 +45,7 @@ def run(journal_path: Path, *, linger: float = LINGER, give_up: float = GIVE_UP)
     from .api import WecoClient
     from .errors import ApiError
     from .journal import Journal
-    from .sync import SyncLock, pending_count, sync
+    from .sync import SyncLock, sync
 
     stopping = False
 
