@@ -375,3 +375,21 @@ def test_remote_only_run_steps_go_straight_to_the_server_id(cli, emulator, journ
     cli.ok("observe", "log", "--run-id", "00000000-0000-4000-8000-00000000abcd", "--step", "1")
     result = cli("observe", "sync", env=emulator.env())
     assert result.returncode == EXIT_REJECTED and "not found" in cli.ok("observe", "status").stdout
+
+
+def test_ctrl_c_stops_a_sync_promptly_and_a_later_sync_finishes(emulator, journal_path):
+    make_workload(journal_path, runs=3, steps=30, relog=False)
+    emulator.set_faults(latency=0.1)
+    proc = subprocess.Popen([sys.executable, "-m", "weco_observe", "observe", "sync"],
+                            env={**os.environ, **emulator.env()}, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 20
+    while not emulator.stats().get("steps_posted") and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    start = time.monotonic()
+    proc.communicate(timeout=20)
+    assert time.monotonic() - start < 5 and proc.returncode != 0
+    assert pending_events(journal_path) > 0
+    emulator.set_faults(latency=0)
+    assert _sync(journal_path, emulator).exit_code == 0
+    assert_server_matches_journal(emulator, journal_path)

@@ -237,8 +237,12 @@ class Syncer:
             if run_ids:
                 with ThreadPoolExecutor(max_workers=min(self.workers, len(run_ids)),
                                         thread_name_prefix="weco-sync") as pool:
-                    for _ in pool.map(self._sync_run_safely, run_ids):
-                        pass
+                    try:
+                        for _ in pool.map(self._sync_run_safely, run_ids):
+                            pass
+                    except BaseException:  # Ctrl-C: stop the workers after their request in flight
+                        self._halt.set()
+                        raise
         finally:
             self.flush_marks()
         result.pending = pending_count(self.journal, run_id)
