@@ -10,6 +10,10 @@ times, in the same run:
 - ``bundle --all``, an incremental bundle after 1% more steps, ``verify``,
   ``import`` into an empty journal, the same import again (a no-op) and an
   overlapping ``--all`` bundle into a journal that has it all;
+- how long a logger on the receiving journal waits for a ``log_step`` while an
+  import runs (against its slowest ``log_step`` when nothing else runs), and
+  the same were the merge one transaction (``events`` is then the number of
+  ``log_step`` calls, ``seconds`` the slowest);
 - ``doctor`` on the healthy journal and ``doctor --repair`` after one damaged page.
 
 Ratios are against the backup copy (time and bytes) and, for import, against
@@ -52,6 +56,44 @@ def build(journal: Journal, runs: int, steps: int, first: int = 1, ids: list[str
                              code={"train.py": "\n".join(lines) + "\n"})
     journal.conn.execute("PRAGMA synchronous=FULL")
     return ids
+
+
+_LOGGER = """
+import json, sys, time
+from pathlib import Path
+from weco_observe.journal import Journal
+j = Journal(sys.argv[1], replay_spill=False)
+run = j.create_run(source_code={"probe.py": "p = 1\\n"}, metric="loss", name="logger")
+print("ready", flush=True)
+waits, step = [], 0
+while not Path(sys.argv[2]).exists():
+    step += 1
+    start = time.perf_counter()
+    j.log_step(run, step, metrics={"loss": 1.0})
+    waits.append(time.perf_counter() - start)
+    time.sleep(0.01)
+print(json.dumps(waits))
+"""
+
+
+def logger_waits(path: Path, work, waits: list[float] | None = None):
+    """Run ``work()`` while another process logs a step every 10 ms; return its result, or the
+    logger's waits (seconds per log_step) when ``waits`` is not given."""
+    import json
+    import subprocess
+
+    waits = [] if waits is None else waits
+    stop = path.with_name("stop-logger")
+    stop.unlink(missing_ok=True)
+    proc = subprocess.Popen([sys.executable, "-c", _LOGGER, str(path), str(stop)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        result = work()
+    finally:
+        stop.touch()
+        out, _ = proc.communicate(timeout=120)
+    waits.extend(json.loads(out))
+    return waits if result is None else result
 
 
 def timed(fn):
@@ -101,10 +143,21 @@ def main() -> None:
         rows.append(("verify (no import)", full["events"], t_ver, None, f"{t_ver / t_all:.2f}x bundle --all"))
 
         with Journal(root / "b" / "journal.db", replay_spill=False) as b:
-            t_imp, imp = timed(lambda: bundle.import_bundle(b, root / "all.weco"))
+            idle = logger_waits(b.path, lambda: time.sleep(1.0))
+            waits: list[float] = []
+            t_imp, imp = timed(lambda: logger_waits(b.path, lambda: bundle.import_bundle(b, root / "all.weco"),
+                                                    waits))
             assert imp["events_new"] == full["events"]
             rows.append(("import into an empty journal", full["events"], t_imp, None,
                          f"{t_imp / t_rej:.2f}x re-journal"))
+            rows.append(("  a logger's slowest log_step meanwhile", len(waits), max(waits), None,
+                         f"{max(waits) / max(idle):.0f}x its slowest when idle ({max(idle) * 1000:.1f} ms)"))
+        with Journal(root / "c" / "journal.db", replay_spill=False) as c:
+            one: list[float] = []
+            logger_waits(c.path, lambda: bundle.import_bundle(c, root / "all.weco", batch=10**9), one)
+            rows.append(("  the same if the merge were 1 transaction", len(one), max(one), None,
+                         f"{max(one) / max(idle):.0f}x"))
+        with Journal(root / "b" / "journal.db", replay_spill=False) as b:
             t_again, again = timed(lambda: bundle.import_bundle(b, root / "all.weco"))
             assert again["already_imported"]
             rows.append(("import the same bundle again", full["events"], t_again, None, "no-op"))
@@ -138,7 +191,7 @@ def main() -> None:
     print(f"| {'operation':<42} | {'events':>7} | {'seconds':>8} | {'events/s':>9} | {'bytes':>11} | ratio |")
     print(f"|{'-' * 44}|{'-' * 9}|{'-' * 10}|{'-' * 11}|{'-' * 13}|-------|")
     for name, n, t, size, ratio in rows:
-        rate = f"{n / t:,.0f}" if t > 0 else "-"
+        rate = f"{n / t:,.0f}" if t > 0 and not name.startswith(" ") else "-"
         print(f"| {name:<42} | {n:>7,} | {t:>8.3f} | {rate:>9} | {'' if size is None else f'{size:,}':>11} | {ratio} |")
 
 
