@@ -13,6 +13,8 @@ import sqlite3
 import stat
 from pathlib import Path
 
+import pytest
+
 from weco_observe import doctor
 from weco_observe.journal import SCHEMA_VERSION, Journal
 
@@ -218,3 +220,22 @@ def test_spill_files_waiting_for_this_journal_are_reported(cli, journal_path):
     out = json.loads(cli.ok("observe", "doctor", "--json").stdout)
     assert any(c["name"] == "spill" and c["level"] == "warn" and c["message"].startswith("1 spill")
                for c in out["checks"])
+
+
+def test_repair_waits_for_a_running_syncer_and_changes_nothing_if_it_stays(journal_path):
+    from weco_observe.errors import SyncBusy
+    from weco_observe.sync import SyncLock
+
+    make_journal(journal_path, steps=10)
+    damage(journal_path, "steps", 0)
+    before = journal_path.read_bytes()
+    holder = SyncLock(journal_path)
+    assert holder.try_acquire("sync")
+    try:
+        with pytest.raises(SyncBusy, match="still holds the journal"):
+            doctor.repair(journal_path, lock_timeout=0.2)
+    finally:
+        holder.release()
+    assert journal_path.read_bytes() == before
+    assert sorted(p.name for p in journal_path.parent.iterdir() if "damaged" in p.name or "repair" in p.name) == []
+    assert doctor.repair(journal_path)["tables"]["steps"] == 10

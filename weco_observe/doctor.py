@@ -20,8 +20,9 @@ damaged page one rowid at a time; steps are walked in key order and looked up
 by the (run, step) keys the events name; a step whose row is lost is rebuilt
 from its newest event (a step event's payload is the step's whole state), step
 0 from the run's create; a run whose row is lost is rebuilt from its create
-event and the server id its index still holds. Stop loggers and syncers while
-it runs: writes made to the old file during a repair stay in the damaged copy.
+event and the server id its index still holds. It holds the sync lock (asking a
+background syncer to yield); stop loggers while it runs: writes made to the old
+file during a repair stay in the damaged copy.
 """
 
 from __future__ import annotations
@@ -358,7 +359,7 @@ def _run_server_ids(conn: sqlite3.Connection) -> dict[str, str]:
     return {ids_[rowid]: sid for rowid, sid in sids.items() if rowid in ids_}
 
 
-def repair(path: str | os.PathLike[str]) -> dict[str, Any]:
+def repair(path: str | os.PathLike[str], *, lock_timeout: float = 60.0) -> dict[str, Any]:
     """Copy every readable row of a damaged journal into a fresh one, which takes its place;
     the damaged file is kept beside it. Returns per-table counts.
 
@@ -383,7 +384,16 @@ def repair(path: str | os.PathLike[str]) -> dict[str, Any]:
             f"cannot repair {path}: not even its list of tables is readable ({exc}); nothing was changed. "
             f"Move it aside (mv {path} {kept}) to start a fresh journal"
         ) from None
+    from .sync import SyncLock
+
+    lock = SyncLock(path)  # a syncer would write its deliveries into the file being replaced
+    try:
+        lock.acquire("repair", wait=True, timeout=lock_timeout)
+    except BaseException:
+        src.close()
+        raise
     fresh = Journal(fresh_path, replay_spill=False)
+    moved = False
     try:
         rows: dict[str, list[dict[str, Any]]] = {}
         for table in ("runs", "blobs", "events", "bundles", "imports"):
@@ -414,18 +424,27 @@ def repair(path: str | os.PathLike[str]) -> dict[str, Any]:
         integrity = fresh.query("PRAGMA integrity_check")[0][0]
         if integrity != "ok":  # pragma: no cover - a fresh file written by SQLite itself
             raise RuntimeError(f"the repaired journal fails its integrity check: {integrity}")
-    finally:
+        out["damaged_ranges"] = stats["damaged_ranges"]
         src.close()
         fresh.close()
-    out["damaged_ranges"] = stats["damaged_ranges"]
-    os.replace(path, kept)
-    for suffix in ("-wal", "-journal"):
-        if Path(f"{path}{suffix}").exists():
-            os.replace(f"{path}{suffix}", f"{kept}{suffix}")
-    Path(f"{path}-shm").unlink(missing_ok=True)
-    for suffix in ("-wal", "-shm", ".migrate-lock"):
-        Path(f"{fresh_path}{suffix}").unlink(missing_ok=True)
-    os.replace(fresh_path, path)
+        moved = True  # from here on the salvaged copy is the only journal: never delete it
+        os.replace(path, kept)
+        for suffix in ("-wal", "-journal"):
+            if Path(f"{path}{suffix}").exists():
+                os.replace(f"{path}{suffix}", f"{kept}{suffix}")
+        Path(f"{path}-shm").unlink(missing_ok=True)
+        for suffix in ("-wal", "-shm", ".migrate-lock"):
+            Path(f"{fresh_path}{suffix}").unlink(missing_ok=True)
+        os.replace(fresh_path, path)
+    except BaseException:
+        src.close()
+        fresh.close()
+        if not moved:
+            for suffix in ("", "-wal", "-shm", ".migrate-lock"):
+                Path(f"{fresh_path}{suffix}").unlink(missing_ok=True)
+        raise
+    finally:
+        lock.release()
     return out
 
 
