@@ -139,6 +139,8 @@ def main() -> None:
         journal.close()
 
         print()
+        load = os.getloadavg()[0]
+        print(f"{os.cpu_count()} cores, load average {load:.1f} at the end (timings scale with other load)")
         print(f"{'operation':30} {'median ms':>10} {'x status':>9}  {'target':>11}  verdict")
         print("-" * 74)
         for name, ms, limit, label in rows:

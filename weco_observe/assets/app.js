@@ -305,6 +305,7 @@
     var main = document.getElementById("main");
     var scroll = keep && document.getElementById("treebox") ? document.getElementById("treebox").scrollTop : null;
     state.view = v;
+    document.title = (v.run.name || v.run.id) + (MODE === "ui" ? " · weco-observe" : " · weco-observe report");
     if (!keep || !v.steps.some(function (s) { return s.step === state.selected; })) state.selected = v.best ? v.best.step : (v.steps.length ? v.steps[v.steps.length - 1].step : null);
     main.textContent = "";
     header(v).forEach(function (n) { main.appendChild(n); });
@@ -331,7 +332,6 @@
     var data = JSON.parse(document.getElementById("data").textContent);
     state.diffs = data.diffs || {};
     state.runId = data.view.run.id;
-    document.title = (data.view.run.name || data.view.run.id) + " · weco-observe report";
     renderRun(data.view, false);
     return;
   }
