@@ -10,7 +10,7 @@ from weco_observe import WecoObserver
 
 
 def _island(html: str) -> dict:
-    match = re.search(r'<script id="data" type="application/json">(.*?)</script>', html, re.S)
+    match = re.search(r'<script id="data" type="application/json">(.*?)</script>', html, re.DOTALL)
     assert match, "no data island"
     return json.loads(match.group(1))
 
@@ -37,7 +37,7 @@ def test_report_is_one_self_contained_file(cli, tmp_path):
     # The browser may fetch nothing: the policy allows inline style and script only.
     assert "default-src 'none'" in html and "connect-src" not in html
     # No external reference of any kind (the SVG namespace is a name, not a request).
-    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:|//)""", html, re.I)
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:|//)""", html, re.IGNORECASE)
     assert "@import" not in html and "url(" not in html
     assert set(re.findall(r"https?://[^\s\"'<>)]+", html)) <= {"http://www.w3.org/2000/svg"}
     # User text cannot close the data island or the page's script.

@@ -16,10 +16,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from test_ui import UI
 
 from weco_observe import WecoObserver
-
-from test_ui import UI
 
 pytestmark = pytest.mark.browser
 

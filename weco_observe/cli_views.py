@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -67,7 +67,7 @@ def diff(
     run: Annotated[str, typer.Argument(help="Run: local id, server id, or a unique prefix of either.")],
     step: Annotated[int, typer.Argument(help="The step whose code to show.", min=0)],
     against: Annotated[
-        Optional[int], typer.Option("--against", help="Compare with this step instead of the parent.", min=0)
+        int | None, typer.Option("--against", help="Compare with this step instead of the parent.", min=0)
     ] = None,
     context: Annotated[int, typer.Option("--context", "-U", help="Lines of context.", min=0)] = 3,
     color: ColorOpt = "auto",
@@ -89,7 +89,7 @@ def export(
     run: Annotated[str, typer.Argument(help="Run: local id, server id, or a unique prefix of either.")],
     fmt: Annotated[str, typer.Option("--format", "-f", help="json, jsonl or csv.")] = "json",
     code: Annotated[bool, typer.Option("--code", help="Include each step's code (path -> text).")] = False,
-    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Write to this file, not stdout.")] = None,
+    output: Annotated[str | None, typer.Option("--output", "-o", help="Write to this file, not stdout.")] = None,
 ) -> None:
     """Export a run's steps, metrics and parents (and code with --code) as JSON, JSON Lines or CSV."""
     from . import views

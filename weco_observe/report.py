@@ -18,7 +18,7 @@ import html
 import json
 import os
 import time
-from functools import lru_cache
+from functools import cache
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,7 @@ REPORT_CSP = "default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-
 UI_CSP = "default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; img-src data:; connect-src 'self'"
 
 
-@lru_cache(maxsize=None)
+@cache
 def asset(name: str) -> str:
     """The text of a file in ``weco_observe/assets/``."""
     return resources.files("weco_observe").joinpath("assets", name).read_text(encoding="utf-8")

@@ -40,7 +40,7 @@ class _Handler(BaseHTTPRequestHandler):
     server: UIServer
     protocol_version = "HTTP/1.1"
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+    def log_message(self, format: str, *args: Any) -> None:
         pass  # quiet: the terminal shows only the URL
 
     def _send(self, status: int, body: bytes, content_type: str) -> None:
@@ -62,7 +62,7 @@ class _Handler(BaseHTTPRequestHandler):
         name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
         return name in self.server.allowed_hosts
 
-    def do_GET(self) -> None:  # noqa: N802 - stdlib name
+    def do_GET(self) -> None:
         if not self._host_allowed():
             self._json({"detail": "unexpected Host header"}, 403)
             return

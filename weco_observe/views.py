@@ -413,9 +413,11 @@ def run_view(journal: Journal, ref: str) -> dict[str, Any]:
     by_step = {s["step"]: s for s in steps}
     for s in steps:
         s["value"] = _value(s["metrics"], metric)
-        if s["status"] != "failed" and s["value"] is not None:
-            if best_so_far is None or (s["value"] > best_so_far if maximize else s["value"] < best_so_far):
-                best_so_far = s["value"]
+        value = s["value"]
+        if s["status"] != "failed" and value is not None and (
+            best_so_far is None or (value > best_so_far if maximize else value < best_so_far)
+        ):
+            best_so_far = value
         s["best_so_far"] = best_so_far
         s["is_best"] = s["step"] == summary["best_step"]
         parent = s["parent_step"]
@@ -652,8 +654,10 @@ def format_show(view: Mapping[str, Any], colour: bool = False) -> str:
     lines = [
         paint(title, "1"),
         f"run {run['id']}  server {server}  sync: " + _sync_text(run),
-        f"metric {metric} ({run['goal'] or 'goal unknown: a run first seen by its server id'})"
-        f"  steps {run['steps']} ({run['failed']} failed)",
+        (
+            f"metric {metric} ({run['goal'] or 'goal unknown: a run first seen by its server id'})"
+            f"  steps {run['steps']} ({run['failed']} failed)"
+        ),
         "",
     ]
     for s in view["steps"]:
