@@ -199,3 +199,16 @@ def test_ui_lists_runs_and_updates_live(browser, cli, tmp_path):
         assert _severe_logs(browser) == []
     finally:
         server.stop()
+
+
+def test_report_of_a_remote_only_run_without_metrics(browser, cli, tmp_path):
+    server_id = "5b7e0c1a-2222-4333-8444-555566667777"
+    cli.ok("observe", "log", "--run-id", server_id, "--step", "1", "--description", "first seen by its server id")
+    cli.ok("observe", "log", "--run-id", server_id, "--step", "2")
+    out = tmp_path / "remote.html"
+    cli.ok("observe", "report", server_id, "-o", str(out))
+    browser.get(out.as_uri())
+    _wait(lambda: _count(browser, "#tree-svg circle.node") == 2, what="the tree")
+    assert _text(browser, "#chart-svg text.nodata") == "No metrics logged yet"
+    assert _text(browser, "#best-card").endswith("no kept step has a value yet")
+    assert _severe_logs(browser) == []

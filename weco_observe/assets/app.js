@@ -89,7 +89,7 @@
   }
 
   function chart(v) {
-    var metrics = v.metrics.length ? v.metrics : [v.run.metric];
+    var metrics = v.metrics.length ? v.metrics : (v.run.metric ? [v.run.metric] : []);
     if (metrics.indexOf(state.metric) < 0) state.metric = metrics[0];
     var select = el("select", { id: "metric-select", "aria-label": "metric", onchange: function () { state.metric = this.value; redrawChart(); } },
       metrics.map(function (m) { var o = el("option", { value: m, text: m + (m === v.run.metric ? " (primary)" : "") }); if (m === state.metric) o.selected = true; return o; }));
@@ -115,7 +115,7 @@
     document.getElementById("legend-best").style.display = primary ? "" : "none";
     if (!pts.length) {
       var t = svg("text", { x: W / 2, y: H / 2, "text-anchor": "middle", "class": "nodata" });
-      t.textContent = "No step reports " + m + " yet";
+      t.textContent = m ? "No step reports " + m + " yet" : "No metrics logged yet";
       root.appendChild(t);
       return;
     }
