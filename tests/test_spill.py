@@ -33,9 +33,6 @@ def private_tmpdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     tmp = tmp_path / "tmpdir"
     tmp.mkdir()
     monkeypatch.setenv("TMPDIR", str(tmp))
-    import tempfile
-
-    monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR in this process too
     return tmp
 
 
