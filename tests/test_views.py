@@ -269,7 +269,7 @@ def test_runs_cache_is_used_and_invalidated_by_new_steps(cli, tmp_path, journal_
     # A corrupt cache is ignored and rewritten.
     cache.write_text("{not json")
     assert json.loads(cli.ok("observe", "runs", "--json").stdout)[0]["best_value"] == 0.7
-    assert json.loads(cache.read_text())["version"] == 1
+    assert json.loads(cache.read_text())["version"] == 2
 
 
 def test_remote_only_run_without_baseline(cli):
