@@ -322,3 +322,28 @@ def test_sdk_bad_input_is_refused_even_when_the_journal_cannot_open(tmp_path, ba
     with pytest.warns(WecoObserveWarning, match="saved to"):  # a good call is still spilled
         run.log_step(1)
     assert len(spill_files(tmp_path)) == 1
+
+
+def test_strict_init_records_nothing_when_the_journal_is_locked(cli, src, tmp_path, journal_path):
+    """A create is not idempotent: a strict init that fails must not leave a run the caller has no id for
+    (a retry would make a second one). A strict log may still spill: re-logging a step is an upsert."""
+    cli.ok("observe", "init", "--metric", "loss", "-s", "train.py")
+    with locked(journal_path):
+        result = cli("observe", "init", "--metric", "acc", "-s", "train.py", "--strict",
+                     env={"WECO_OBSERVE_BUSY_TIMEOUT": "0.2"})
+    assert result.returncode == EXIT_JOURNAL
+    assert result.stdout == ""
+    assert "not recorded" in result.stderr
+    assert spill_files(tmp_path) == []
+    with Journal(journal_path) as j:
+        assert j.counts()["runs"] == 1
+
+
+def test_sdk_strict_create_records_nothing_when_the_journal_is_locked(journal_path, monkeypatch):
+    WecoObserver().create_run(source_code={"a.py": "a"}, primary_metric="loss")
+    monkeypatch.setenv("WECO_OBSERVE_BUSY_TIMEOUT", "0.1")
+    with WecoObserver(strict=True) as strict, locked(journal_path):
+        with pytest.raises(JournalUnavailable, match="not recorded"):
+            strict.create_run(source_code={"a.py": "a"}, primary_metric="loss")
+    with Journal(journal_path) as j:
+        assert j.counts()["runs"] == 1

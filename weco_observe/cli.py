@@ -122,6 +122,9 @@ def init(
         with journal:
             run_id = journal.create_run(**kwargs)
     except errors.JournalUnavailable as exc:
+        if strict:  # no spill: a create is not idempotent, and a retry would make a second run
+            print(f"weco-observe: ERROR {exc}; the run was not recorded", file=sys.stderr)
+            raise typer.Exit(errors.EXIT_JOURNAL) from None
         if not _unwritable(exc, "create_run", kwargs, strict, "the run"):
             raise typer.Exit(1) from None
         run_id = kwargs["run_id"]

@@ -96,6 +96,8 @@ class WecoObserver:
                     raise bad from None
                 self._warn(f"{bad} (nothing recorded)")
                 return None
+            if self.strict and op == "create_run":  # a create is not idempotent: no spill the caller can't see
+                raise JournalUnavailable(f"{exc}; the run was not recorded") from None
             where = spill.write(op, kwargs, self._path)
             if where is None:
                 message = f"{exc}; could not spill it either: this call is lost"
