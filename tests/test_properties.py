@@ -101,3 +101,42 @@ def test_parse_step_accepts_exactly_ascii_integers(text):
 def test_check_step_refuses_non_steps(value):
     with pytest.raises(InvalidInput):
         validate.check_step(value)
+
+
+# -- the tree rule, against a model of the documented rule ---------------------
+
+log_calls = st.lists(
+    st.tuples(st.integers(0, 12), st.sampled_from(["completed", "failed"]), st.none() | st.integers(0, 12)),
+    min_size=1, max_size=25,
+)
+
+
+@given(log_calls)
+@settings(max_examples=60, deadline=None)
+def test_tree_rule_matches_the_model(calls):
+    """Any sequence of logs (re-logs, gaps, failures, explicit parents) gives the parents the rule says."""
+    import tempfile
+    from pathlib import Path
+
+    from weco_observe.journal import Journal
+
+    with tempfile.TemporaryDirectory() as tmp, Journal(Path(tmp) / "journal.db", replay_spill=False) as j:
+        run = j.create_run(source_code={"a.py": "a"}, metric="loss")
+        model: dict[int, tuple[str, int | None]] = {0: ("completed", None)}
+        for step, status, parent_step in calls:
+            if parent_step is not None and (parent_step >= step or parent_step not in model):
+                with pytest.raises(InvalidInput, match="--parent-step"):
+                    j.log_step(run, step, status=status, parent_step=parent_step)
+                continue
+            if parent_step is not None:
+                parent = parent_step
+            elif step == 0:
+                parent = None
+            else:
+                below = [s for s, (st_, _) in model.items() if s < step and st_ != "failed"]
+                parent = max(below) if below else None
+            result = j.log_step(run, step, status=status, parent_step=parent_step)
+            assert result["parent_step"] == parent
+            model[step] = (status, parent)
+        stored = {s["step"]: (s["status"], s["parent_step"]) for s in j.steps(run)}
+        assert stored == model
