@@ -21,6 +21,7 @@ through DNS rebinding.
 from __future__ import annotations
 
 import json
+import socket
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -126,6 +127,8 @@ class UIServer(ThreadingHTTPServer):
         self.journal = journal
         self.page = report.page("ui", "weco-observe").encode("utf-8")
         self._version_lock = threading.Lock()
+        if ":" in host:  # an IPv6 address such as ::1
+            self.address_family = socket.AF_INET6
         super().__init__((host, port), _Handler)
         # Only a loopback server needs the DNS-rebinding guard; one bound elsewhere was exposed on purpose.
         self.allowed_hosts: set[str] = set(_LOOPBACK) if host in _LOOPBACK else _AnyHost()
