@@ -138,8 +138,11 @@ class Syncer:
                  max_retry_after: float = 30.0, sleep: Callable[[float], Any] | None = None,
                  deadline: float | None = None, progress: Callable[[int], None] | None = None,
                  should_stop: Callable[[], bool] | None = None, batch_size: int = 200,
-                 batch_age: float = 0.2):
+                 batch_age: float = 0.2, step_window: int | None = None):
         self.journal = journal
+        #: steps of one run in flight at once (they carry explicit parents); default: ``workers``
+        self.step_window = max(1, step_window if step_window is not None else workers)
+        self._step_pool: ThreadPoolExecutor | None = None
         self.client = client
         self.workers = max(1, workers)
         self.attempts = max(1, attempts)
@@ -233,6 +236,8 @@ class Syncer:
                 "SELECT run_id, min(seq) AS first FROM events WHERE state = 'pending' AND run_id = ?"
                 " GROUP BY run_id", (run_id,))
         run_ids = [r["run_id"] for r in rows]
+        step_pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="weco-sync-step")
+        self._step_pool = step_pool if self.step_window > 1 else None
         try:
             if run_ids:
                 with ThreadPoolExecutor(max_workers=min(self.workers, len(run_ids)),
@@ -244,6 +249,8 @@ class Syncer:
                         self._halt.set()
                         raise
         finally:
+            step_pool.shutdown(wait=True)
+            self._step_pool = None
             self.flush_marks()
         result.pending = pending_count(self.journal, run_id)
         result.rejected_total = self.journal.query(
@@ -300,16 +307,58 @@ class Syncer:
         cursor = 0
         while True:
             page = journal.query(
-                "SELECT seq, id, step FROM events WHERE state = 'pending' AND run_id = ? AND kind = 'log_step'"
-                " AND seq > ? ORDER BY seq LIMIT ?", (run_id, cursor, PAGE))
+                "SELECT seq, id, step, json_extract(payload, '$.parent_step') IS NULL AS chained FROM events"
+                " WHERE state = 'pending' AND run_id = ? AND kind = 'log_step' AND seq > ? ORDER BY seq LIMIT ?",
+                (run_id, cursor, PAGE))
             if not page:
                 return
+            cursor = page[-1]["seq"]
+            batch, steps = [], set()
             for ev in page:
-                cursor = ev["seq"]
-                if ev["seq"] <= done_upto.get(ev["step"], -1):
-                    continue  # already superseded by the latest state we just sent
-                if not self._send_step(run_id, server_id, ev, done_upto):
-                    return
+                if ev["seq"] <= done_upto.get(ev["step"], -1) or ev["step"] in steps:
+                    continue  # superseded by the latest state already sent (or about to be)
+                steps.add(ev["step"])
+                batch.append(ev)
+            if not self._send_steps(run_id, server_id, batch, done_upto):
+                return
+
+    def _send_steps(self, run_id: str, server_id: str, batch: list[Any], done_upto: dict[int, int]) -> bool:
+        """Send a page of steps in order, up to ``step_window`` at a time; False if the run must wait.
+
+        Steps carry their parent explicitly, so their order of arrival cannot change
+        the server's tree and several may be in flight at once. A step sent without
+        a parent (left to the server's auto-chaining: a remote-only run's step whose
+        parent this journal never knew) waits for every earlier one and goes alone.
+        """
+        from concurrent.futures import FIRST_COMPLETED, wait
+
+        inflight: set[Any] = set()
+        ok = True
+
+        def drain(all_: bool) -> None:
+            nonlocal inflight, ok
+            while inflight and (all_ or len(inflight) >= self.step_window):
+                done, inflight = wait(inflight, return_when=FIRST_COMPLETED)
+                for future in done:
+                    ok = future.result() and ok
+
+        try:
+            for ev in batch:
+                if not ok or self._halted():
+                    break
+                if self._step_pool is None or self.step_window <= 1 or (ev["chained"] and ev["step"] != 0):
+                    drain(all_=True)
+                    if not ok:
+                        break
+                    ok = self._send_step(run_id, server_id, ev, done_upto)
+                    continue
+                drain(all_=False)
+                inflight.add(self._step_pool.submit(self._send_step, run_id, server_id, ev, done_upto))
+        finally:
+            drain(all_=True)
+        if self._halted():
+            raise _Halt()
+        return ok
 
     def _send_create(self, run: Any, event: Any) -> str | None:
         journal = self.journal
