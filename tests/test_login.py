@@ -188,3 +188,87 @@ def test_key_never_reaches_journal_spill_or_output(cli, creds, tmp_path, journal
     assert written
     for key in (KEY, ENV_KEY):
         assert key.encode() not in written
+
+
+
+
+def _echo_server(mode: str):
+    """A hostile API on loopback that quotes the request's Authorization header in every error."""
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - http.server's naming
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            auth = self.headers.get("Authorization", "")
+            if mode == "create-ok" and self.path.endswith("/external/runs"):
+                body, code = {"run_id": str(uuid.uuid4())}, 200
+            else:
+                code = {"reject": 422, "auth": 401, "create-ok": 422}[mode]
+                body = {"detail": f"bad request with header {auth!r}"}
+            data = json.dumps(body).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.send_header("Retry-After", "0")
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    return server, thread
+
+
+@pytest.mark.parametrize("mode", ["reject", "auth", "create-ok"])
+def test_key_echoed_by_the_server_is_not_stored_or_printed(cli, creds, tmp_path, journal_path, mode):
+    """Even an API that quotes the key back in its error `detail` must not get it into the
+    journal (last_error), sync's output or `status`."""
+    cli.ok("login", "--api-key", KEY)
+    (tmp_path / "train.py").write_text("x = 1\n")
+    run = cli.ok("observe", "init", "--metric", "loss", "-s", "train.py").stdout.strip()
+    cli.ok("observe", "log", "--run-id", run, "--step", "1")
+    server, thread = _echo_server(mode)
+    try:
+        env = {"WECO_BASE_URL": f"http://127.0.0.1:{server.server_address[1]}/v1"}
+        synced = cli("observe", "sync", "--json", env=env, timeout=120)
+        status = cli.ok("observe", "status", env=env)
+        status_json = cli.ok("observe", "status", "--json", env=env)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+    assert synced.returncode != 0  # nothing was accepted
+    for result in (synced, status, status_json):
+        assert KEY not in result.stdout and KEY not in result.stderr, (mode, result.stdout, result.stderr)
+    with Journal(journal_path) as j:
+        errors = [r["last_error"] for r in j.query("SELECT last_error FROM events WHERE last_error IS NOT NULL")]
+        j.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    assert all(KEY not in e for e in errors), errors
+    written = b"".join(p.read_bytes() for p in journal_path.parent.rglob("*") if p.is_file())
+    assert KEY.encode() not in written
+
+
+@pytest.mark.parametrize("status", [400, 401, 403, 404, 422, 429, 500, 503])
+@pytest.mark.parametrize("body", ["json-detail", "json-other", "text"])
+def test_classify_blanks_the_key_out_of_every_error(status, body):
+    """Every error class (rejected, auth, transient) and body shape; the retry path of a 5xx is
+    too slow to drive end to end here, so this checks what it would store."""
+    import httpx
+
+    from weco_observe import api
+    from weco_observe.errors import WecoObserveError
+
+    echoed = f"token Bearer {KEY} is not valid"
+    response = {
+        "json-detail": lambda: httpx.Response(status, json={"detail": echoed}),
+        "json-other": lambda: httpx.Response(status, json={"error": echoed}),
+        "text": lambda: httpx.Response(status, text=echoed),
+    }[body]()
+    with pytest.raises(WecoObserveError) as caught:
+        api.classify(response, secret=KEY)
+    assert KEY not in str(caught.value)
+    assert KEY not in (getattr(caught.value, "detail", None) or "")

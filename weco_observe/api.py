@@ -56,19 +56,27 @@ def _retry_after(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
-def _detail(response: httpx.Response) -> str:
+def _detail(response: httpx.Response, secret: str | None = None) -> str:
+    # -- key redaction (added by the issue-2 tests): a server may quote the Authorization
+    # header back in its error, and the detail goes into the journal, `status` and sync's
+    # output. Blank the key out of the whole body before cutting it short, so no part survives.
+    text = response.text
+    if secret:
+        text = text.replace(secret, "<api key>")
     try:
-        body = response.json()
+        body = json.loads(text)
     except ValueError:
-        return response.text[:300].strip() or response.reason_phrase
+        return text[:300].strip() or response.reason_phrase
     if isinstance(body, dict) and "detail" in body:
         detail = body["detail"]
         return detail if isinstance(detail, str) else json.dumps(detail)[:1000]
     return json.dumps(body)[:300]
 
 
-def classify(response: httpx.Response) -> dict[str, Any]:
-    """The JSON object of a 2xx answer; otherwise raise the matching ``ApiError``."""
+def classify(response: httpx.Response, *, secret: str | None = None) -> dict[str, Any]:
+    """The JSON object of a 2xx answer; otherwise raise the matching ``ApiError``.
+
+    ``secret`` (the API key) is blanked out of the server's error detail."""
     status = response.status_code
     if 200 <= status < 300:
         try:
@@ -79,7 +87,7 @@ def classify(response: httpx.Response) -> dict[str, Any]:
             return body
         # The request was probably applied, but we cannot read its answer.
         raise ApiTransient(f"HTTP {status} without a JSON object body", status=status, ambiguous=True)
-    detail = _detail(response)
+    detail = _detail(response, secret)
     if status in (408, 429) or status >= 500:
         raise ApiTransient(f"HTTP {status}: {detail}", status=status, detail=detail,
                            retry_after=_retry_after(response.headers.get("Retry-After")))
@@ -113,6 +121,7 @@ class WecoClient:
         key = api_key or paths.api_key()
         if not key:
             raise ApiAuthFailed("no API key: run `weco login` or set WECO_API_KEY")
+        self._key = key  # only to blank it out of error details (see classify)
         self._client = httpx.Client(
             base_url=self.base_url,
             headers={"Authorization": f"Bearer {key}", "User-Agent": USER_AGENT, "Accept": "application/json"},
@@ -144,7 +153,7 @@ class WecoClient:
         except httpx.TransportError as exc:
             raise ApiTransient(f"connection to {self.base_url} failed: {type(exc).__name__}: {exc}",
                                ambiguous=True) from exc
-        return classify(response)
+        return classify(response, secret=self._key)
 
     def create_run(self, body: dict[str, Any]) -> str:
         """``POST /external/runs``; return the server's ``run_id``."""
