@@ -90,3 +90,21 @@ def test_eight_writers_one_journal(cli, tmp_path, journal_path):
         assert all(s["parent_step"] is not None and s["parent_step"] < s["step"] for s in steps[1:])
         for r in events:
             assert json.loads(r["payload"])["parent_step"] < r["step"]
+
+
+def test_concurrent_first_use_creates_one_journal(tmp_path, journal_path):
+    """Six `weco observe init` processes race on a machine with no journal yet."""
+    (tmp_path / "train.py").write_text("x = 0\n")
+    assert not journal_path.exists()
+    procs = [subprocess.Popen([sys.executable, "-m", "weco_observe", "observe", "init", "--metric", "loss",
+                               "-s", "train.py"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(6)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0] * 6, [err for _, err in outs]
+    assert all(err == "" for _, err in outs), outs
+    run_ids = {out.strip() for out, _ in outs}
+    assert len(run_ids) == 6
+    with Journal(journal_path) as j:
+        assert {r["id"] for r in j.query("SELECT id FROM runs")} == run_ids
+        assert len(j.query("SELECT name FROM _sqlite_migrations")) == j.schema_version()
+    assert not (journal_path.parent / "spill").exists()
