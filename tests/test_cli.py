@@ -414,3 +414,59 @@ def test_journal_pragmas(run_id, journal_path):
         assert j.query("PRAGMA journal_mode")[0][0] == "wal"
         assert j.query("PRAGMA synchronous")[0][0] == 2  # FULL
         assert j.query("PRAGMA busy_timeout")[0][0] >= 10_000
+
+
+def _kill_syncers_of(journal_path: Path) -> None:
+    """SIGKILL the detached background syncers started for this test's journal (found by its unique path)."""
+    import os
+    import signal
+    import time
+
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        pids = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"weco_observe.syncer" in cmdline and str(journal_path).encode() in cmdline:
+                pids.append(int(entry))
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.1)
+
+
+def test_log_never_waits_on_a_black_holed_api(cli, src, journal_path):
+    """With a key configured and auto-sync on, `init`/`log` hand the network to a detached syncer
+    and return at once, even when the API accepts connections and never answers."""
+    import socket
+    import time
+
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(64)  # connections complete in the backlog; nothing is ever read or answered
+    env = {"WECO_API_KEY": "wk-black-hole", "WECO_OBSERVE_AUTO_SYNC": "1",
+           "WECO_BASE_URL": f"http://127.0.0.1:{hole.getsockname()[1]}/v1"}
+    try:
+        start = time.monotonic()
+        run = cli.ok("observe", "init", "--metric", "loss", "-s", "train.py", env=env).stdout.strip()
+        times = [time.monotonic() - start]
+        for step in range(1, 6):
+            start = time.monotonic()
+            cli.ok("observe", "log", "--run-id", run, "--step", str(step), "-s", "train.py", env=env)
+            times.append(time.monotonic() - start)
+    finally:
+        _kill_syncers_of(journal_path)
+        hole.close()
+    # the API's connect timeout is 3 s and its read timeout 20 s: none of that was waited for
+    assert max(times) < 2.5, times
+    assert (journal_path.parent / "autosync.log").exists()  # a background syncer was started
+    assert sorted(steps(journal_path, run)) == [0, 1, 2, 3, 4, 5]
