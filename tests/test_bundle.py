@@ -157,6 +157,10 @@ def test_same_or_overlapping_bundle_twice_changes_nothing(boxes, tmp_path):
     overlap = json.loads(b.ok("observe", "import", str(tmp_path / "all.weco"), "--json").stdout)
     assert overlap["events_new"] == 0 and overlap["events_known"] == 3 and overlap["steps_updated"] == 0
     assert (b.state(), b.event_states()) == before
+    # A box importing its own bundle changes nothing either.
+    mine = a.state(), a.event_states()
+    own = json.loads(a.ok("observe", "import", str(tmp_path / "all.weco"), "--json").stdout)
+    assert own["events_new"] == 0 and (a.state(), a.event_states()) == mine
 
 
 def test_bundles_imported_out_of_order_keep_the_newest_state(boxes, tmp_path):

@@ -115,3 +115,47 @@ def test_two_offline_boxes_merge_on_one_syncing_box(boxes, tmp_path, emulator):
     sync(b, emulator)
     assert set(server_state(emulator)) == set(runs)
     assert_server_matches_journal(emulator, b.journal)
+
+
+def test_a_box_that_imported_but_never_synced_adopts_the_senders_server_run(boxes, tmp_path, emulator):
+    a, b = boxes("a"), boxes("b")
+    run = a.init()
+    a.log(run, 1, "--metrics", '{"loss": 1.0}')
+    a.ok("observe", "bundle", "-o", str(tmp_path / "1.weco"))
+    b.ok("observe", "import", str(tmp_path / "1.weco"))  # B holds it, pending, but does not sync yet
+    sync(a, emulator)  # meanwhile A reached the network and synced the run itself
+    (server_id,) = emulator.runs()
+    requests = emulator.stats()["requests"]
+
+    a.log(run, 2, "--metrics", '{"loss": 0.5}')
+    a.ok("observe", "bundle", "--all", "-o", str(tmp_path / "all.weco"))
+    summary = json.loads(b.ok("observe", "import", str(tmp_path / "all.weco"), "--json").stdout)
+    assert summary["server_ids_adopted"] == 1 and summary["events_pending"] == 1
+    assert b.event_states() == {"delivered": 2, "pending": 1}  # create and step 1 were settled by A
+    sync(b, emulator)
+    assert list(emulator.runs()) == [server_id]
+    assert emulator.stats()["requests"] - requests == 1  # step 2 only
+    assert_server_matches_journal(emulator, b.journal)
+
+
+def test_a_run_synced_from_both_sides_is_reported_not_merged(boxes, tmp_path, emulator):
+    a, b = boxes("a"), boxes("b")
+    run = a.init()
+    a.ok("observe", "bundle", "-o", str(tmp_path / "1.weco"))
+    b.ok("observe", "import", str(tmp_path / "1.weco"))
+    sync(b, emulator)
+    sync(a, emulator)  # the same run created twice: what "sync each run from one place" warns about
+    b_server = next(r["server_id"] for r in b_runs(b) if r["id"] == run)
+    a.log(run, 1, "--metrics", '{"loss": 0.4}')
+    a.ok("observe", "bundle", "-o", str(tmp_path / "2.weco"))
+    out = b.ok("observe", "import", str(tmp_path / "2.weco")).stdout
+    assert "warning: run" in out and f"new steps go to {b_server}" in out
+    sync(b, emulator)
+    assert 1 in emulator.runs()[b_server]["steps"]
+
+
+def b_runs(box: Box) -> list[dict]:
+    from weco_observe.journal import Journal
+
+    with Journal(box.journal) as j:
+        return [dict(r) for r in j.query("SELECT id, server_id FROM runs")]
