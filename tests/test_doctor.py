@@ -239,3 +239,20 @@ def test_repair_waits_for_a_running_syncer_and_changes_nothing_if_it_stays(journ
     assert journal_path.read_bytes() == before
     assert sorted(p.name for p in journal_path.parent.iterdir() if "damaged" in p.name or "repair" in p.name) == []
     assert doctor.repair(journal_path)["tables"]["steps"] == 10
+
+
+def test_a_big_write_ahead_log_and_missing_code_are_reported(journal_path, monkeypatch):
+    make_journal(journal_path, steps=20)
+    with Journal(journal_path) as j:  # held open: the WAL is not folded back while we look
+        j.log_step(j.query("SELECT id FROM runs LIMIT 1")[0][0], 99, metrics={"loss": 0.1})
+        monkeypatch.setattr(doctor, "WAL_WARN_BYTES", 1)
+        report = doctor.check(journal_path)
+        wal = next(c for c in report["checks"] if c["name"] == "wal")
+        assert report["wal_bytes"] > 1 and wal["level"] == "warn" and "long-lived reader" in wal["message"]
+        with j.write() as conn:
+            conn.execute("DELETE FROM blobs WHERE hash IN (SELECT value FROM steps, json_each(steps.code)"
+                         " WHERE step = 0 LIMIT 1)")
+    report = doctor.check(journal_path)
+    assert report["missing_blobs"] == 1 and not report["damaged"]
+    code = next(c for c in report["checks"] if c["name"] == "code")
+    assert code["level"] == "warn" and "named but missing" in code["message"]
