@@ -159,3 +159,27 @@ def b_runs(box: Box) -> list[dict]:
 
     with Journal(box.journal) as j:
         return [dict(r) for r in j.query("SELECT id, server_id FROM runs")]
+
+
+def test_sync_bundle_imports_then_sends_and_refuses_a_damaged_file(boxes, tmp_path, emulator):
+    a, b = boxes("a"), boxes("b")
+    run = offline_work(a)
+    a.ok("observe", "bundle", "-o", str(tmp_path / "1.weco"))
+    data = (tmp_path / "1.weco").read_bytes()
+    (tmp_path / "cut.weco").write_bytes(data[: len(data) // 2])
+
+    refused = b.cli("observe", "sync", "--bundle", str(tmp_path / "cut.weco"), env={**b.env, **emulator.env()})
+    assert refused.returncode == 2 and "refused, nothing imported" in refused.stderr
+    assert emulator.stats().get("requests", 0) == 0 and b.state()["events"] == {}
+
+    b.cli.ok("observe", "sync", "--bundle", str(tmp_path / "1.weco"), env={**b.env, **emulator.env()})
+    assert_server_matches_journal(emulator, b.journal)
+    (server_id,) = emulator.runs()
+
+    a.log(run, 4, "--metrics", '{"loss": 1.1}')
+    a.ok("observe", "bundle", "-o", str(tmp_path / "2.weco"))
+    posted = emulator.stats()["steps_posted"]
+    b.cli.ok("observe", "sync", "--bundle", str(tmp_path / "1.weco"), "--bundle", str(tmp_path / "2.weco"),
+             env={**b.env, **emulator.env()})
+    assert list(emulator.runs()) == [server_id] and emulator.stats()["steps_posted"] - posted == 1
+    assert_server_matches_journal(emulator, b.journal)
