@@ -72,6 +72,8 @@ def register(observe: typer.Typer) -> None:
         else:
             print(f"wrote {summary['path']} ({_kib(summary['bytes'])}): {summary['runs']} runs, "
                   f"{summary['steps']} steps, {summary['events']} events, {summary['blobs']} code blobs")
+            print(f"on a machine that reaches the API: weco observe sync --bundle {Path(summary['path']).name}",
+                  file=sys.stderr)
 
     @observe.command("import")
     def import_cmd(
