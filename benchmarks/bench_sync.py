@@ -162,29 +162,58 @@ def lag(n: int) -> dict:
             "max": lags[-1], "missing": n - len(lags)}
 
 
-def trigger_cost(n: int = 2000) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        journal_path = Path(tmp) / "journal.db"
-        Journal(journal_path).close()
-        os.environ["WECO_OBSERVE_AUTO_SYNC"] = "1"
-        os.environ["WECO_API_KEY"] = "bench"
-        from weco_observe.sync import SyncLock
+def trigger_cost(n: int = 2000, spawns: int = 5, logs: int = 15) -> dict:
+    """The caller's cost: ``trigger`` with a syncer running (the usual case), a spawn, and the
+    wall time of ``weco observe log`` with auto-sync on vs off."""
+    from weco_observe.sync import SyncLock
 
-        lock = SyncLock(journal_path)
-        lock.try_acquire("background")  # the common case: a syncer is already running
-        start = time.perf_counter()
-        for _ in range(n):
-            autosync.trigger(journal_path)
-        held = (time.perf_counter() - start) / n
-        lock.release()
-        autosync.set_cooldown(journal_path, 60)  # measure the spawn itself with a child that exits at once
-        os.environ["WECO_BASE_URL"] = "http://127.0.0.1:9/v1"
-        start = time.perf_counter()
-        autosync.spawn(journal_path)
-        spawn = time.perf_counter() - start
-        time.sleep(0.5)
-        autosync._reap()
-    return {"held_ms": held * 1000, "spawn_ms": spawn * 1000}
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp)
+        journal_path = data / "journal.db"
+        Journal(journal_path).close()
+        saved = dict(os.environ)
+        os.environ.update(WECO_OBSERVE_AUTO_SYNC="1", WECO_API_KEY="bench", WECO_OBSERVE_DIR=str(data),
+                          WECO_BASE_URL="http://127.0.0.1:9/v1", WECO_OBSERVE_SYNC_LINGER="0")
+        try:
+            lock = SyncLock(journal_path)
+            lock.try_acquire("background")  # a syncer is already running
+            start = time.perf_counter()
+            for _ in range(n):
+                autosync.trigger(journal_path)
+            held = (time.perf_counter() - start) / n
+            spawn, starting = [], []
+            for _ in range(spawns):  # children find the lock held and exit at once
+                start = time.perf_counter()
+                autosync.spawn(journal_path)
+                spawn.append(time.perf_counter() - start)
+                time.sleep(0.5)
+                autosync._reap()
+            lock.release()
+            for _ in range(spawns):  # the caller's side when the trigger does start a syncer
+                start = time.perf_counter()
+                autosync.trigger(journal_path)
+                starting.append(time.perf_counter() - start)
+                time.sleep(1.0)  # the syncer finds nothing pending and exits (linger 0)
+                autosync._reap()
+            lock.try_acquire("background")
+            run_id = Journal(journal_path).create_run(source_code={"a.py": "x"}, metric="m")
+            wall = {}
+            for mode in ("0", "1"):
+                times = []
+                for k in range(logs):
+                    start = time.perf_counter()
+                    subprocess.run([sys.executable, "-m", "weco_observe", "observe", "log", "--run-id", run_id,
+                                    "--step", str(k + 1 + 100 * int(mode)), "-q"], check=True,
+                                   env={**os.environ, "WECO_OBSERVE_AUTO_SYNC": mode})
+                    times.append(time.perf_counter() - start)
+                wall[mode] = statistics.median(times)
+            lock.release()
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+    return {"held_ms": held * 1000, "spawn_ms": statistics.median(spawn) * 1000,
+            "starting_ms": statistics.median(starting) * 1000,
+            "log_off_ms": wall["0"] * 1000, "log_on_ms": wall["1"] * 1000}
 
 
 def main() -> None:
@@ -212,7 +241,10 @@ def main() -> None:
                  f"missing {lg['missing']}"))
     tc = trigger_cost()
     rows.append(("autosync.trigger cost to the caller", f"{tc['held_ms']:.3f} ms (syncer running)",
-                 f"{tc['spawn_ms']:.2f} ms when it starts one", "target <= 2 ms"))
+                 f"{tc['starting_ms']:.2f} ms when it starts one (the posix_spawn: {tc['spawn_ms']:.2f} ms)",
+                 "target <= 2 ms"))
+    rows.append(("`weco observe log` wall time, auto-sync on (syncer running)", f"{tc['log_on_ms']:.0f} ms",
+                 f"auto-sync off: {tc['log_off_ms']:.0f} ms", f"{tc['log_on_ms'] / tc['log_off_ms']:.2f}x"))
     rows.append(("official client (one process per step)", f"{OFFICIAL_STEPS_PER_S:.1f} steps/s",
                  "~0.7 s per `weco observe log`, from weco-api.md",
                  f"ours {t0['steps_per_s'] / OFFICIAL_STEPS_PER_S:,.0f}x faster"))
