@@ -462,7 +462,8 @@ def _verify(reader: _Reader) -> None:
         _need(event.get("state") in _STATES, reader, f"{where}: bad state")
         _need(_typed(event, (int, float), "created_at"), reader, f"{where}: bad created_at")
         payload = event.get("payload")
-        _need(isinstance(payload, dict), reader, f"{where}: payload is not an object")
+        if not isinstance(payload, dict):
+            raise reader.refuse(f"{where}: payload is not an object")
         if event.get("kind") == "create_run":
             _need(event.get("step") is None and isinstance(payload.get("source_code"), dict)
                   and isinstance(payload.get("metric_name"), str), reader, f"{where}: malformed create")
