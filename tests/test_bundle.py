@@ -495,3 +495,14 @@ def sqlite3_connect_ro(path: Path):
     import sqlite3
 
     return sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+
+
+def test_bundles_relay_through_a_middle_box(boxes, tmp_path):
+    """A -> B -> C (a data diode, then a jump host): C ends with A's runs, steps and event ids."""
+    a, b, c = boxes("a"), boxes("b"), boxes("c")
+    offline_work(a)
+    a.ok("observe", "bundle", "-o", str(tmp_path / "a.weco"))
+    b.ok("observe", "import", str(tmp_path / "a.weco"))
+    b.ok("observe", "bundle", "-o", str(tmp_path / "b.weco"))
+    c.ok("observe", "import", str(tmp_path / "b.weco"))
+    assert c.state() == a.state()
