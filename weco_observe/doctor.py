@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sqlite3
 import stat
 import time
@@ -53,15 +54,7 @@ def _check(name: str, level: str, message: str) -> dict[str, str]:
 
 def _unescape_mount(field: str) -> str:
     # /proc/mounts escapes space, tab, newline and backslash as \040 \011 \012 \134.
-    out, i = [], 0
-    while i < len(field):
-        if field[i] == "\\" and field[i + 1:i + 4].isdigit() and len(field[i + 1:i + 4]) == 3:
-            out.append(chr(int(field[i + 1:i + 4], 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
 def mount_of(path: str | os.PathLike[str], mounts: str) -> tuple[str, str] | None:
