@@ -194,16 +194,8 @@ def status(
     journal = _open_journal()
     with journal:
         counts = journal.counts()
-        rejected = [
-            dict(r)
-            for r in journal.query(
-                "SELECT e.id, e.run_id, e.kind, e.step, e.last_error FROM events e"
-                " WHERE e.state = 'rejected' ORDER BY e.seq LIMIT 20"
-            )
-        ]
-        failing = journal.query(
-            "SELECT count(*) AS n, max(last_error) AS err FROM events WHERE state = 'pending' AND attempts > 0"
-        )[0]
+        problems = journal.problems()
+        rejected = problems["rejected"]
         version = journal.schema_version()
     size = sum(
         p.stat().st_size
@@ -217,8 +209,8 @@ def status(
         "runs": counts["runs"],
         "steps": counts["steps"],
         "events": {k: counts[k] for k in ("pending", "delivered", "rejected", "superseded")},
-        "pending_with_errors": failing["n"],
-        "last_error": failing["err"],
+        "pending_with_errors": problems["retrying"],
+        "last_error": problems["last_error"],
         "rejected": rejected,
         "spill_files": len(spill.pending()),
         "api_key_configured": paths.api_key() is not None,

@@ -94,13 +94,14 @@ class Journal:
                 isolation_level=None,
                 check_same_thread=False,
             )
-            self.conn.execute("PRAGMA journal_mode=WAL")
             self.conn.execute("PRAGMA synchronous=FULL")
             self.conn.execute("PRAGMA foreign_keys=ON")
+            wal = self.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
             version = self.conn.execute("PRAGMA user_version").fetchone()[0]
-            if version < SCHEMA_VERSION:
-                self._migrate()
-            elif version > SCHEMA_VERSION:
+            if not wal or version < SCHEMA_VERSION:
+                self._setup()
+                version = self.conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
                 raise JournalUnavailable(
                     f"journal {self.path} has schema version {version}, newer than this "
                     f"weco-observe understands ({SCHEMA_VERSION}): upgrade weco-observe"
@@ -114,16 +115,23 @@ class Journal:
 
     # -- plumbing -------------------------------------------------------------
 
-    def _migrate(self) -> None:
-        import fcntl
+    def _setup(self) -> None:
+        """Switch a new journal to WAL and apply pending migrations, one process at a time.
 
-        from . import migrations
+        Switching to WAL needs an exclusive lock that SQLite does not wait for with the
+        busy handler, so concurrent first opens serialise on a file lock instead.
+        """
+        import fcntl
 
         with open(self.path.with_name(self.path.name + ".migrate-lock"), "a") as lock:
             os.chmod(lock.name, 0o600)
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
+                if self.conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                    self.conn.execute("PRAGMA journal_mode=WAL")
                 if self.conn.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
+                    from . import migrations
+
                     migrations.apply(self.conn)
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
@@ -614,6 +622,30 @@ class Journal:
             for state, n in self.conn.execute("SELECT state, count(*) FROM events GROUP BY state"):
                 out[state] = n
         return out
+
+    def problems(self, limit: int = 20) -> dict[str, Any]:
+        """For ``status``: rejected events with their reasons, and pending events that failed before.
+
+        Returns ``{"rejected": [{id, run_id, kind, step, last_error}, ...], "retrying": n,
+        "last_error": the newest failure's message or None}``.
+        """
+        rejected = [
+            dict(row)
+            for row in self.query(
+                "SELECT id, run_id, kind, step, last_error FROM events WHERE state = 'rejected'"
+                " ORDER BY seq LIMIT ?",
+                (limit,),
+            )
+        ]
+        with self._lock:
+            retrying = self.conn.execute(
+                "SELECT count(*) FROM events WHERE state = 'pending' AND attempts > 0"
+            ).fetchone()[0]
+            last = self.conn.execute(
+                "SELECT last_error FROM events WHERE state = 'pending' AND last_error IS NOT NULL"
+                " ORDER BY seq DESC LIMIT 1"
+            ).fetchone()
+        return {"rejected": rejected, "retrying": retrying, "last_error": last[0] if last else None}
 
     def schema_version(self) -> int:
         with self._lock:
