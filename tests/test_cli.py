@@ -275,6 +275,7 @@ BAD_LOG = {
     "negative-parent": (["--parent-step", "-2"], "--parent-step"),
     "missing-source": (["--source", "nope.py"], "nope.py"),
     "directory-source": (["--source", "."], "directory"),
+    "unreadable-source": (["--source", "train.py/x"], "cannot read source file"),  # ENOTDIR: root reads 0000 files
     "binary-source": (["--source", "binary.bin"], "binary"),
     "latin1-source": (["--source", "latin1.py"], "UTF-8"),
     "one-bad-of-sources": (["--sources", "train.py", "latin1.py"], "latin1.py"),
