@@ -133,7 +133,12 @@ def test_bad_create_run_warns_and_records_nothing(obs, journal_path, case):
     obs.create_run(source_code={"a.py": "a"}, primary_metric="loss")  # the journal exists
     before = dump(journal_path)
     with pytest.warns(WecoObserveWarning, match="nothing recorded"):
-        assert obs.create_run(**BAD_RUNS[case]) is None
+        run = obs.create_run(**BAD_RUNS[case])
+    assert not run and run.run_id is None
+    # the guide's loop keeps running: each step warns (at the caller's line) and records nothing
+    with pytest.warns(WecoObserveWarning, match="never created") as caught:
+        assert run.log_step(1, metrics={"loss": 1.0}) is None
+    assert caught[0].filename == __file__
     assert dump(journal_path) == before
     with WecoObserver(strict=True) as strict, pytest.raises(InvalidInput):
         strict.create_run(**BAD_RUNS[case])

@@ -317,7 +317,7 @@ def test_sdk_bad_input_is_refused_even_when_the_journal_cannot_open(tmp_path, ba
     with pytest.raises(InvalidInput):
         WecoObserver(journal_path=blocker / "data" / "journal.db", strict=True).run(run.run_id).log_step(**bad)
     with pytest.warns(WecoObserveWarning, match="nothing recorded"):
-        assert obs.create_run(source_code={"a.py": 3}, primary_metric="loss") is None
+        assert not obs.create_run(source_code={"a.py": 3}, primary_metric="loss")
     assert spill_files(tmp_path) == []
     with pytest.warns(WecoObserveWarning, match="saved to"):  # a good call is still spilled
         run.log_step(1)

@@ -74,8 +74,8 @@ class WecoObserver:
                 self._journal = Journal(self._path)
             return self._journal
 
-    def _warn(self, message: str) -> None:
-        warnings.warn(f"weco-observe: {message}", WecoObserveWarning, stacklevel=4)
+    def _warn(self, message: str, stacklevel: int = 4) -> None:
+        warnings.warn(f"weco-observe: {message}", WecoObserveWarning, stacklevel=stacklevel)
 
     def _record(self, op: str, kwargs: dict[str, Any]) -> Any:
         """Run one journal write; on bad input warn (or raise), on an unavailable journal spill."""
@@ -122,7 +122,12 @@ class WecoObserver:
         additional_instructions: str | None = None,
         metadata: Mapping[str, Any] | None = None,
     ) -> ObserveRun | None:
-        """Create a run with ``source_code`` as its baseline (step 0). Returns None if nothing was recorded."""
+        """Create a run with ``source_code`` as its baseline (step 0).
+
+        If nothing could be recorded (bad arguments: a warning said why), the result is a
+        falsy run with ``run_id`` None whose ``log_step`` warns and records nothing, so a
+        loop written like the guide's keeps running instead of failing on ``None.log_step``.
+        """
         kwargs = {
             "source_code": source_code,
             "metric": primary_metric,
@@ -134,7 +139,7 @@ class WecoObserver:
             "event_id": ids.ulid(),
         }
         if self._record("create_run", kwargs) is None:
-            return None
+            return ObserveRun(self, None, primary_metric=primary_metric, maximize=bool(maximize))
         return ObserveRun(self, kwargs["run_id"], primary_metric=primary_metric, maximize=bool(maximize))
 
     def run(self, run_id: str) -> ObserveRun:
@@ -178,7 +183,7 @@ class WecoObserver:
 class ObserveRun:
     """One run. ``run_id`` is the local id (``local-...``); ``server_id`` appears once synced."""
 
-    def __init__(self, observer: WecoObserver, run_id: str, *, primary_metric: str | None = None,
+    def __init__(self, observer: WecoObserver, run_id: str | None, *, primary_metric: str | None = None,
                  maximize: bool | None = None):
         self._observer = observer
         self.run_id = run_id
@@ -187,6 +192,10 @@ class ObserveRun:
 
     def __repr__(self) -> str:
         return f"ObserveRun(run_id={self.run_id!r})"
+
+    def __bool__(self) -> bool:
+        """False for a run that was never created (``run_id`` None)."""
+        return self.run_id is not None
 
     @property
     def server_id(self) -> str | None:
@@ -209,6 +218,10 @@ class ObserveRun:
         metadata: Mapping[str, Any] | None = None,
     ) -> dict[str, Any] | None:
         """Journal one step (durably, before returning). Returns the stored step, or None if refused."""
+        if self.run_id is None:
+            self._observer._warn(f"step {step}: this run was never created, see the warning from "
+                                 "create_run (nothing recorded)", stacklevel=3)
+            return None
         return self._observer._record(
             "log_step",
             {
