@@ -96,8 +96,10 @@ def assert_server_matches_journal(emulator: Emulator, journal_path: Path, *, all
             assert n in server_steps, f"run {server_id}: server lacks step {n}"
             have = {k: server_steps[n][k] or None if k in ("metrics", "metadata") else server_steps[n][k]
                     for k in step}
-            if want["remote_only"] and step["parent_step"] is None:
-                have["parent_step"] = None  # the journal never knew a parent: the server chose one
+            if step["parent_step"] is None and n != 0:
+                # The journal resolved no parent (a remote-only run, or every earlier step
+                # failed): no parent_step is sent and the server's auto-chaining decides.
+                have["parent_step"] = None
             assert have == step, f"run {server_id} step {n}: server {have!r} != journal {step!r}"
         if not want["remote_only"]:
             extra = set(server_steps) - set(want["steps"])
