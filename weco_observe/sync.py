@@ -626,26 +626,41 @@ def sync(journal: Journal, *, client: Any = None, api_key: str | None = None, ru
 
 
 def plan(journal: Journal, run_id: str | None = None, limit: int = 10_000) -> list[dict[str, Any]]:
-    """What a sync would send, in order (``sync --dry-run``): one dict per request."""
+    """What a sync would send, in the order it would (``sync --dry-run``): one dict per request.
+
+    Runs in order of their oldest pending event; within a run the create, then each
+    step once, at the place of its oldest pending event, with its latest state.
+    """
     out: list[dict[str, Any]] = []
-    params: tuple[Any, ...] = (run_id,) if run_id else ()
-    where = " AND e.run_id = ?" if run_id else ""
-    for ev in journal.iter_query(
-        "SELECT e.seq, e.id, e.run_id, e.kind, e.step, e.payload, r.server_id, r.name,"
-        " s.event_id AS latest FROM events e JOIN runs r ON r.id = e.run_id"
-        " LEFT JOIN steps s ON s.run_id = e.run_id AND s.step = e.step"
-        f" WHERE e.state = 'pending'{where} ORDER BY e.run_id, e.seq", params,
-    ):
-        if len(out) >= limit:
-            break
-        payload = json.loads(ev["payload"])
-        if ev["kind"] == "create_run":
-            out.append({"method": "POST", "path": "/external/runs", "run_id": ev["run_id"],
-                        "name": ev["name"], "event": ev["id"], "files": sorted(payload.get("source_code", {}))})
-        elif ev["latest"] == ev["id"] or ev["latest"] is None:
-            target = ev["server_id"] or f"<server id of {ev['run_id']}>"
-            out.append({"method": "POST", "path": f"/external/runs/{target}/steps", "run_id": ev["run_id"],
-                        "event": ev["id"], "step": ev["step"], "status": payload.get("status"),
+    if run_id is None:
+        runs = [r["run_id"] for r in journal.query(
+            "SELECT run_id, min(seq) AS first FROM events WHERE state = 'pending' GROUP BY run_id ORDER BY first")]
+    else:
+        runs = [run_id]
+    for rid in runs:
+        run = journal.query("SELECT id, name, server_id FROM runs WHERE id = ?", (rid,))[0]
+        target = run["server_id"] or f"<server id of {rid}>"
+        listed: set[int] = set()
+        for ev in journal.iter_query(
+            "SELECT e.id, e.kind, e.step, e.payload, s.event_id AS latest, l.payload AS latest_payload"
+            " FROM events e LEFT JOIN steps s ON s.run_id = e.run_id AND s.step = e.step"
+            " LEFT JOIN events l ON l.id = s.event_id AND l.state = 'pending' AND l.kind = 'log_step'"
+            " WHERE e.state = 'pending' AND e.run_id = ? ORDER BY e.kind = 'log_step', e.seq", (rid,),
+        ):
+            if len(out) >= limit:
+                return out
+            if ev["kind"] == "create_run":
+                payload = json.loads(ev["payload"])
+                out.append({"method": "POST", "path": "/external/runs", "run_id": rid, "name": run["name"],
+                            "event": ev["id"], "files": sorted(payload.get("source_code", {}))})
+                continue
+            if ev["step"] in listed:
+                continue
+            listed.add(ev["step"])
+            event = ev["latest"] if ev["latest_payload"] else ev["id"]
+            payload = json.loads(ev["latest_payload"] or ev["payload"])
+            out.append({"method": "POST", "path": f"/external/runs/{target}/steps", "run_id": rid,
+                        "event": event, "step": ev["step"], "status": payload.get("status"),
                         "parent_step": payload.get("parent_step"), "files": sorted(payload.get("code") or {})})
     return out
 
