@@ -15,6 +15,7 @@ import random
 import sqlite3
 import string
 import subprocess
+import sys
 import uuid
 import warnings
 from contextlib import contextmanager
@@ -347,3 +348,25 @@ def test_sdk_strict_create_records_nothing_when_the_journal_is_locked(journal_pa
             strict.create_run(source_code={"a.py": "a"}, primary_metric="loss")
     with Journal(journal_path) as j:
         assert j.counts()["runs"] == 1
+
+
+def test_concurrent_opens_import_each_spill_once_quietly(cli, journal_path, tmp_path):
+    """Several processes open the journal at once while spill files wait: each call is imported
+    exactly once, and no process complains about a file another one already imported."""
+    from weco_observe import spill
+
+    with Journal(journal_path) as j:
+        run = j.create_run(source_code={"a.py": "a"}, metric="loss")
+    for step in range(1, 41):
+        assert spill.write("log_step", {"run": run, "step": step, "metrics": {"loss": 1.0 / step},
+                                        "event_id": __import__("weco_observe.ids").ids.ulid()})
+    procs = [subprocess.Popen([sys.executable, "-m", "weco_observe", "observe", "status"], cwd=tmp_path,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in range(6)]
+    errs = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 6
+    assert errs == [""] * 6, errs
+    with Journal(journal_path) as j:
+        assert [s["step"] for s in j.steps(run)] == list(range(41))
+        assert j.query("SELECT count(*) AS n FROM events WHERE kind = 'log_step'")[0]["n"] == 40
+    assert spill_files(tmp_path) == []
+    assert not list(tmp_path.rglob("*.json.bad"))

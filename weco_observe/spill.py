@@ -103,6 +103,8 @@ def replay(journal) -> int:
             getattr(journal, record["op"])(**record["kwargs"])
         except JournalUnavailable:
             return done
+        except FileNotFoundError:  # another process opening the journal imported it first
+            continue
         except (OSError, ValueError, KeyError, TypeError, InvalidInput) as exc:
             print(f"weco-observe: could not import spill file {path}: {exc}; kept as {path.name}.bad",
                   file=sys.stderr)
