@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -72,6 +73,7 @@ def main() -> None:
     parser.add_argument("--venv", help="reuse (or create) a venv here with a non-editable install")
     parser.add_argument("--reps", type=int, default=40, help="interleaved repetitions per command")
     parser.add_argument("--big", type=int, default=100_000, help="steps already in the big journal")
+    parser.add_argument("--keep", action="store_true", help="keep the journals (default: removed at the end)")
     args = parser.parse_args()
     venv = ensure_venv(args.venv)
     python, weco = str(venv / "bin" / "python"), str(venv / "bin" / "weco")
@@ -149,7 +151,11 @@ def main() -> None:
             f"{pct(inproc['big'], 99) / pct(inproc['empty'], 99):.2f}x"],
            ["`Journal.log_step` in-process without fsync (CPU only), median", ms(median(inproc["empty_cpu"])),
             ms(median(inproc["big_cpu"])), f"{median(inproc['big_cpu']) / median(inproc['empty_cpu']):.2f}x"]])
-    print(f"\nvenv: {venv}; work dir: {work}")
+    if args.keep:
+        print(f"\nvenv: {venv}; work dir: {work}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+        print(f"\nvenv: {venv} (kept; pass it as --venv to reuse)")
 
 
 if __name__ == "__main__":

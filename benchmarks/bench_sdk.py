@@ -17,6 +17,7 @@ for `log_step` is the floor of any durable write here: one bare SQLite
 from __future__ import annotations
 
 import argparse
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -80,6 +81,7 @@ def main() -> None:
     parser.add_argument("--venv", help="reuse (or create) a venv here with a non-editable install")
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--imports", type=int, default=20, help="fresh interpreters per import measurement")
+    parser.add_argument("--keep", action="store_true", help="keep the journals (default: removed at the end)")
     args = parser.parse_args()
     venv = ensure_venv(args.venv)
     work = Path(tempfile.mkdtemp(prefix="weco-observe-bench-sdk-"))
@@ -119,7 +121,11 @@ def main() -> None:
            ["`create_run` on a new machine: creates the journal, runs migrations (10, once ever)",
             ms(median(r["new_journal"])), ms(max(r["new_journal"])), f"{median(r['new_journal']) / floor:.2f}x",
             "(one-time; not a target)"]])
-    print(f"\nvenv: {venv}; work dir: {work}")
+    if args.keep:
+        print(f"\nvenv: {venv}; work dir: {work}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+        print(f"\nvenv: {venv} (kept; pass it as --venv to reuse)")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -67,6 +68,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--kb", type=int, default=50)
+    parser.add_argument("--keep", action="store_true", help="keep the journals (default: removed at the end)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="weco-observe-bench-storage-"))
     os.environ["WECO_OBSERVE_AUTO_SYNC"] = "0"
@@ -82,7 +84,10 @@ def main() -> None:
     table(f"storage: {args.steps:,} steps of a {args.kb} KB file",
           ["change per step", "raw code", "zlib per version (baseline)", "journal on disk", "raw / journal",
            "blobs / their bytes", "`log_step` mean (durable)"], rows)
-    print(f"\nwork dir: {work}")
+    if args.keep:
+        print(f"\nwork dir: {work}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
