@@ -155,7 +155,10 @@ def main() -> None:
         print(f"\nvenv: {venv}; work dir: {work}")
     else:
         shutil.rmtree(work, ignore_errors=True)
-        print(f"\nvenv: {venv} (kept; pass it as --venv to reuse)")
+        if args.venv:
+            print(f"\nvenv: {venv} (kept; pass it as --venv to reuse)")
+        else:  # a temp venv made for this run
+            shutil.rmtree(venv, ignore_errors=True)
 
 
 if __name__ == "__main__":
