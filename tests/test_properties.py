@@ -132,8 +132,10 @@ def test_tree_rule_matches_the_model(calls):
                 parent = parent_step
             elif step == 0:
                 parent = None
+            elif step in model:
+                parent = model[step][1]  # a re-log keeps its parent
             else:
-                below = [s for s, (st_, _) in model.items() if s < step and st_ != "failed"]
+                below = [s for s, (st_, _) in model.items() if s < step and (st_ != "failed" or s == 0)]
                 parent = max(below) if below else None
             result = j.log_step(run, step, status=status, parent_step=parent_step)
             assert result["parent_step"] == parent

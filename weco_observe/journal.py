@@ -388,6 +388,11 @@ class Journal:
                 existing = self.query("SELECT * FROM steps WHERE event_id = ?", (event_id,))
                 return _step_result(existing[0]) if existing else {"event_id": event_id}
             run_id, _server_id, remote_only = self._run_for_log(conn, run, now)
+            prev = conn.execute(
+                "SELECT description, metrics, code, metadata, created_at, parent_step FROM steps"
+                " WHERE run_id = ? AND step = ?",
+                (run_id, step),
+            ).fetchone()
             if parent_step is not None:
                 known = conn.execute(
                     "SELECT 1 FROM steps WHERE run_id = ? AND step = ?", (run_id, parent_step)
@@ -400,18 +405,16 @@ class Journal:
                 parent = parent_step
             elif step == 0:
                 parent = None
+            elif prev is not None:
+                parent = prev[5]  # a re-log keeps the parent, like every field it leaves out
             else:
+                # The last successful step below; the baseline when every later one failed.
                 row = conn.execute(
-                    "SELECT step FROM steps WHERE run_id = ? AND step < ? AND status != 'failed'"
-                    " ORDER BY step DESC LIMIT 1",
+                    "SELECT step FROM steps WHERE run_id = ? AND step < ?"
+                    " AND (status != 'failed' OR step = 0) ORDER BY step DESC LIMIT 1",
                     (run_id, step),
                 ).fetchone()
                 parent = row[0] if row else None
-            prev = conn.execute(
-                "SELECT description, metrics, code, metadata, created_at FROM steps"
-                " WHERE run_id = ? AND step = ?",
-                (run_id, step),
-            ).fetchone()
             prev_code = _loads(prev[2]) if prev else None
             manifest = None
             if code is not None:
