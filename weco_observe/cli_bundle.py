@@ -23,7 +23,8 @@ def _kib(n: int) -> str:
     return f"{n / 1024:.1f} KiB"
 
 
-def _import_lines(s: dict[str, Any]) -> list[str]:
+def import_lines(s: dict[str, Any]) -> list[str]:
+    """The human summary of one bundle import (shared by `import` and `sync --bundle`)."""
     if s["already_imported"]:
         return [f"bundle {s['bundle_id']} was already imported here: nothing changed"]
     lines = [(
@@ -93,7 +94,7 @@ def register(observe: typer.Typer) -> None:
         if as_json:
             print(json.dumps(summary, indent=2))
         else:
-            print("\n".join(_import_lines(summary)))
+            print("\n".join(import_lines(summary)))
 
     @observe.command("doctor")
     def doctor_cmd(

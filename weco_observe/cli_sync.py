@@ -118,10 +118,10 @@ def register(observe: typer.Typer) -> None:
             print(json.dumps(result.to_json(), indent=2))
         else:
             if result.imports:
-                from .cli_bundle import _import_lines
+                from .cli_bundle import import_lines
 
                 for imported in result.imports:
-                    print("\n".join(_import_lines(imported)), file=sys.stderr)
+                    print("\n".join(import_lines(imported)), file=sys.stderr)
             print("\n".join(_summary_lines(result)), file=sys.stderr)
         raise typer.Exit(result.exit_code)
 
