@@ -393,3 +393,20 @@ def test_ctrl_c_stops_a_sync_promptly_and_a_later_sync_finishes(emulator, journa
     emulator.set_faults(latency=0)
     assert _sync(journal_path, emulator).exit_code == 0
     assert_server_matches_journal(emulator, journal_path)
+
+
+def test_status_reports_a_create_that_may_have_made_a_second_server_run(cli, emulator, journal_path, tmp_path):
+    """A create whose answer was lost is sent again; `status` names the run whose twin may exist."""
+    (tmp_path / "a.py").write_text("a = 1\n")
+    run_id = cli.ok("observe", "init", "--metric", "loss", "--source", "a.py").stdout.strip()
+    emulator.set_faults(commit_then_timeout_rate=1.0, hang=0.5)
+    first = _sync(journal_path, emulator, attempts=1, passes=1, read_timeout=0.1)
+    assert first.pending == 1
+    emulator.set_faults(commit_then_timeout_rate=0.0)
+    second = _sync(journal_path, emulator)
+    assert second.pending == 0
+    assert server_runs_by_local_id(emulator)[run_id] == 2  # the ambiguous first attempt did create a run
+    status = json.loads(cli.ok("observe", "status", "--json").stdout)
+    assert [d["run_id"] for d in status["possible_duplicates"]] == [run_id]
+    assert run_id in status["possible_duplicates"][0]["note"]
+    assert f"duplicate?:     {run_id}" in cli.ok("observe", "status").stdout

@@ -212,6 +212,7 @@ def status(
         "pending_with_errors": problems["retrying"],
         "last_error": problems["last_error"],
         "rejected": rejected,
+        "possible_duplicates": problems["possible_duplicates"],
         "spill_files": len(spill.pending()),
         "api_key_configured": paths.api_key() is not None,
         "api_key_source": paths.api_key_source(),
@@ -237,6 +238,8 @@ def status(
         lines.append(f"retrying:       {info['pending_with_errors']} pending events have failed before; last error: {info['last_error']}")
     if info["spill_files"]:
         lines.append(f"spill files:    {info['spill_files']} waiting to be imported")
+    for d in info["possible_duplicates"]:
+        lines.append(f"duplicate?:     {d['run_id']}: {d['note']}")
     for r in rejected:
         what = "create" if r["kind"] == "create_run" else f"step {r['step']}"
         lines.append(f"rejected:       {r['run_id']} {what}: {r['last_error']}")

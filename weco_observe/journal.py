@@ -630,7 +630,8 @@ class Journal:
         """For ``status``: rejected events with their reasons, and pending events that failed before.
 
         Returns ``{"rejected": [{id, run_id, kind, step, last_error}, ...], "retrying": n,
-        "last_error": the newest failure's message or None}``.
+        "last_error": the newest failure's message or None, "possible_duplicates": [{run_id,
+        note}, ...]}`` (creates that may have made a second server run after a lost answer).
         """
         rejected = [
             dict(row)
@@ -648,7 +649,16 @@ class Journal:
                 "SELECT last_error FROM events WHERE state = 'pending' AND last_error IS NOT NULL"
                 " ORDER BY seq DESC LIMIT 1"
             ).fetchone()
-        return {"rejected": rejected, "retrying": retrying, "last_error": last[0] if last else None}
+            duplicates = [
+                {"run_id": run_id, "note": note}
+                for run_id, note in self.conn.execute(
+                    "SELECT run_id, last_error FROM events WHERE kind = 'create_run' AND state = 'delivered'"
+                    " AND last_error LIKE ? ORDER BY seq LIMIT ?",
+                    (self.POSSIBLE_DUPLICATE + "%", limit),
+                )
+            ]
+        return {"rejected": rejected, "retrying": retrying, "last_error": last[0] if last else None,
+                "possible_duplicates": duplicates}
 
     def schema_version(self) -> int:
         with self._lock:
