@@ -37,23 +37,31 @@ from weco_observe import bundle, doctor
 from weco_observe.journal import Journal
 
 
-def build(journal: Journal, runs: int, steps: int, first: int = 1, ids: list[str] | None = None,
-          seed: int = 1) -> list[str]:
+def build(
+    journal: Journal, runs: int, steps: int, first: int = 1, ids: list[str] | None = None, seed: int = 1
+) -> list[str]:
     rng = random.Random(seed + first)
     journal.conn.execute("PRAGMA synchronous=OFF")
     ids = list(ids or [])
     base = [f"x{i} = {i}  # line {i} of the training script" for i in range(300)]
     for r in range(runs):
         if len(ids) <= r:
-            ids.append(journal.create_run(source_code={"train.py": "\n".join(base) + "\n"},
-                                          metric="val_bpb", name=f"bench run {r}"))
+            ids.append(
+                journal.create_run(
+                    source_code={"train.py": "\n".join(base) + "\n"}, metric="val_bpb", name=f"bench run {r}"
+                )
+            )
         lines = list(base)
         for step in range(first, first + steps):
             lines[rng.randrange(len(lines))] = f"y = {rng.random()}  # tweak at step {step}"
-            journal.log_step(ids[r], step, status="failed" if step % 10 == 0 else "completed",
-                             description=f"experiment {step}: a different schedule",
-                             metrics={"val_bpb": rng.uniform(1, 3), "memory_gb": rng.uniform(8, 16)},
-                             code={"train.py": "\n".join(lines) + "\n"})
+            journal.log_step(
+                ids[r],
+                step,
+                status="failed" if step % 10 == 0 else "completed",
+                description=f"experiment {step}: a different schedule",
+                metrics={"val_bpb": rng.uniform(1, 3), "memory_gb": rng.uniform(8, 16)},
+                code={"train.py": "\n".join(lines) + "\n"},
+            )
     journal.conn.execute("PRAGMA synchronous=FULL")
     return ids
 
@@ -129,15 +137,29 @@ def main() -> None:
         rows.append(("baseline: re-journal via log_step", events, t_rej, None, ""))
 
         t_all, full = timed(lambda: bundle.write_bundle(a, root / "all.weco", everything=True))
-        rows.append(("bundle --all", full["events"], t_all, full["bytes"],
-                     f"{t_all / t_copy:.2f}x time, {full['bytes'] / copy_bytes:.2f}x bytes of the copy"))
+        rows.append(
+            (
+                "bundle --all",
+                full["events"],
+                t_all,
+                full["bytes"],
+                f"{t_all / t_copy:.2f}x time, {full['bytes'] / copy_bytes:.2f}x bytes of the copy",
+            )
+        )
 
         bundle.write_bundle(a, root / "first.weco")
         more = max(1, args.steps // 100)
         build(a, args.runs, more, first=args.steps, ids=ids)
         t_inc, inc = timed(lambda: bundle.write_bundle(a, root / "inc.weco"))
-        rows.append((f"bundle (incremental, +{more} steps/run)", inc["events"], t_inc, inc["bytes"],
-                     f"{inc['bytes'] / full['bytes']:.3f}x bytes of --all"))
+        rows.append(
+            (
+                f"bundle (incremental, +{more} steps/run)",
+                inc["events"],
+                t_inc,
+                inc["bytes"],
+                f"{inc['bytes'] / full['bytes']:.3f}x bytes of --all",
+            )
+        )
 
         t_ver, _ = timed(lambda: bundle.verify(root / "all.weco"))
         rows.append(("verify (no import)", full["events"], t_ver, None, f"{t_ver / t_all:.2f}x bundle --all"))
@@ -145,18 +167,26 @@ def main() -> None:
         with Journal(root / "b" / "journal.db", replay_spill=False) as b:
             idle = logger_waits(b.path, lambda: time.sleep(1.0))
             waits: list[float] = []
-            t_imp, imp = timed(lambda: logger_waits(b.path, lambda: bundle.import_bundle(b, root / "all.weco"),
-                                                    waits))
+            t_imp, imp = timed(lambda: logger_waits(b.path, lambda: bundle.import_bundle(b, root / "all.weco"), waits))
             assert imp["events_new"] == full["events"]
-            rows.append(("import into an empty journal", full["events"], t_imp, None,
-                         f"{t_imp / t_rej:.2f}x re-journal"))
-            rows.append(("  a logger's slowest log_step meanwhile", len(waits), max(waits), None,
-                         f"{max(waits) / max(idle):.0f}x its slowest when idle ({max(idle) * 1000:.1f} ms)"))
+            rows.append(
+                ("import into an empty journal", full["events"], t_imp, None, f"{t_imp / t_rej:.2f}x re-journal")
+            )
+            rows.append(
+                (
+                    "  a logger's slowest log_step meanwhile",
+                    len(waits),
+                    max(waits),
+                    None,
+                    f"{max(waits) / max(idle):.0f}x its slowest when idle ({max(idle) * 1000:.1f} ms)",
+                )
+            )
         with Journal(root / "c" / "journal.db", replay_spill=False) as c:
             one: list[float] = []
             logger_waits(c.path, lambda: bundle.import_bundle(c, root / "all.weco", batch=10**9), one)
-            rows.append(("  the same if the merge were 1 transaction", len(one), max(one), None,
-                         f"{max(one) / max(idle):.0f}x"))
+            rows.append(
+                ("  the same if the merge were 1 transaction", len(one), max(one), None, f"{max(one) / max(idle):.0f}x")
+            )
         with Journal(root / "b" / "journal.db", replay_spill=False) as b:
             t_again, again = timed(lambda: bundle.import_bundle(b, root / "all.weco"))
             assert again["already_imported"]
@@ -176,18 +206,28 @@ def main() -> None:
         rows.append(("doctor (healthy)", events, t_doc, path.stat().st_size, ""))
         conn = sqlite3.connect(path)
         page_size = conn.execute("PRAGMA page_size").fetchone()[0]
-        pageno = conn.execute("SELECT pageno FROM dbstat WHERE name = 'steps' AND pagetype = 'leaf'"
-                              " ORDER BY pageno LIMIT 1 OFFSET 3").fetchone()[0]
+        pageno = conn.execute(
+            "SELECT pageno FROM dbstat WHERE name = 'steps' AND pagetype = 'leaf' ORDER BY pageno LIMIT 1 OFFSET 3"
+        ).fetchone()[0]
         conn.close()
         with open(path, "r+b") as f:
             f.seek((pageno - 1) * page_size)
             f.write(b"\0" * page_size)
         t_rep, rep = timed(lambda: doctor.repair(path))
-        rows.append(("doctor --repair (one damaged page)", rep["tables"]["steps"], t_rep, None,
-                     f"{rep['rebuilt']['steps']} steps rebuilt"))
+        rows.append(
+            (
+                "doctor --repair (one damaged page)",
+                rep["tables"]["steps"],
+                t_rep,
+                None,
+                f"{rep['rebuilt']['steps']} steps rebuilt",
+            )
+        )
 
-    print(f"# bench_bundle: {args.runs} runs x {args.steps} steps, Python {sys.version.split()[0]}, "
-          f"SQLite {sqlite3.sqlite_version}\n")
+    print(
+        f"# bench_bundle: {args.runs} runs x {args.steps} steps, Python {sys.version.split()[0]}, "
+        f"SQLite {sqlite3.sqlite_version}\n"
+    )
     print(f"| {'operation':<42} | {'events':>7} | {'seconds':>8} | {'events/s':>9} | {'bytes':>11} | ratio |")
     print(f"|{'-' * 44}|{'-' * 9}|{'-' * 10}|{'-' * 11}|{'-' * 13}|-------|")
     for name, n, t, size, ratio in rows:

@@ -88,8 +88,14 @@ def main() -> None:
     def init(env: dict[str, str]) -> str:
         import subprocess
 
-        return subprocess.run([weco, "observe", "init", "--metric", "loss", "-s", "train.py"], env=env, cwd=work,
-                              capture_output=True, text=True, check=True).stdout.strip()
+        return subprocess.run(
+            [weco, "observe", "init", "--metric", "loss", "-s", "train.py"],
+            env=env,
+            cwd=work,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
 
     run_empty = init(empty_env)
     built = in_venv(venv, BUILD, big_env, str(src), str(work / "big" / "journal.db"), str(args.big))
@@ -102,8 +108,24 @@ def main() -> None:
         step[name] += 1
         lines[n % len(lines)] = f"param = {n}\n"
         src.write_text("".join(lines))
-        return wall([weco, "observe", "log", "--run-id", run, "--step", str(n), "-s", "train.py",
-                     "--metrics", f'{{"loss": {1 / n}}}', "-q"], env, cwd=work)
+        return wall(
+            [
+                weco,
+                "observe",
+                "log",
+                "--run-id",
+                run,
+                "--step",
+                str(n),
+                "-s",
+                "train.py",
+                "--metrics",
+                f'{{"loss": {1 / n}}}',
+                "-q",
+            ],
+            env,
+            cwd=work,
+        )
 
     baseline = [python, "-c", "import typer"]
     for _ in range(3):  # warm the page cache
@@ -121,36 +143,95 @@ def main() -> None:
 
     typer_med = median(t["typer"])
     ratio = median(t["empty"]) / typer_med
-    table(f"(a) `weco observe log`, {size / 1024:.1f} KB source, {args.reps} interleaved runs each",
-          ["command", "median", "p90", "min", "median vs `import typer`", "min vs min"],
-          [["`python -c pass`", ms(median(t["pass"])), ms(pct(t["pass"], 90)), ms(min(t["pass"])),
-            f"{median(t['pass']) / typer_med:.2f}x", f"{min(t['pass']) / min(t['typer']):.2f}x"],
-           ["`python -c \"import typer\"` (baseline)", ms(typer_med), ms(pct(t["typer"], 90)), ms(min(t["typer"])),
-            "1.00x", "1.00x"],
-           ["`weco observe log` (empty journal)", ms(median(t["empty"])), ms(pct(t["empty"], 90)),
-            ms(min(t["empty"])), f"**{ratio:.2f}x** (target <= 1.5x: {verdict(ratio <= 1.5)})",
-            f"{min(t['empty']) / min(t['typer']):.2f}x"],
-           ["`weco observe init` (for the README)", ms(median(t["init"])), ms(pct(t["init"], 90)), ms(min(t["init"])),
-            f"{median(t['init']) / typer_med:.2f}x", f"{min(t['init']) / min(t['typer']):.2f}x"]])
-    print(f"\nload average during the run: {os.getloadavg()[0]:.1f} (1 min) on {os.cpu_count()} cores; "
-          "the min column is the least disturbed run of each")
+    table(
+        f"(a) `weco observe log`, {size / 1024:.1f} KB source, {args.reps} interleaved runs each",
+        ["command", "median", "p90", "min", "median vs `import typer`", "min vs min"],
+        [
+            [
+                "`python -c pass`",
+                ms(median(t["pass"])),
+                ms(pct(t["pass"], 90)),
+                ms(min(t["pass"])),
+                f"{median(t['pass']) / typer_med:.2f}x",
+                f"{min(t['pass']) / min(t['typer']):.2f}x",
+            ],
+            [
+                '`python -c "import typer"` (baseline)',
+                ms(typer_med),
+                ms(pct(t["typer"], 90)),
+                ms(min(t["typer"])),
+                "1.00x",
+                "1.00x",
+            ],
+            [
+                "`weco observe log` (empty journal)",
+                ms(median(t["empty"])),
+                ms(pct(t["empty"], 90)),
+                ms(min(t["empty"])),
+                f"**{ratio:.2f}x** (target <= 1.5x: {verdict(ratio <= 1.5)})",
+                f"{min(t['empty']) / min(t['typer']):.2f}x",
+            ],
+            [
+                "`weco observe init` (for the README)",
+                ms(median(t["init"])),
+                ms(pct(t["init"], 90)),
+                ms(min(t["init"])),
+                f"{median(t['init']) / typer_med:.2f}x",
+                f"{min(t['init']) / min(t['typer']):.2f}x",
+            ],
+        ],
+    )
+    print(
+        f"\nload average during the run: {os.getloadavg()[0]:.1f} (1 min) on {os.cpu_count()} cores; "
+        "the min column is the least disturbed run of each"
+    )
 
-    inproc = in_venv(venv, INPROCESS, empty_env, str(src), str(work / "empty" / "journal.db"), run_empty,
-                     str(work / "big" / "journal.db"), run_big, str(max(200, args.reps * 5)), str(step["big"]))
+    inproc = in_venv(
+        venv,
+        INPROCESS,
+        empty_env,
+        str(src),
+        str(work / "empty" / "journal.db"),
+        run_empty,
+        str(work / "big" / "journal.db"),
+        run_big,
+        str(max(200, args.reps * 5)),
+        str(step["big"]),
+    )
     cli_ratio = median(t["big"]) / median(t["empty"])
     lib_ratio = median(inproc["big"]) / median(inproc["empty"])
     big_size = sum(p.stat().st_size for p in (work / "big").glob("journal.db*"))
-    table(f"(d) flat cost: {args.big:,} steps already in the journal ({big_size / 1e6:.1f} MB, built in "
-          f"{built['seconds']:.0f} s)",
-          ["measure", "empty journal", f"{args.big:,} steps", "ratio"],
-          [["`weco observe log` wall, median", ms(median(t["empty"])), ms(median(t["big"])),
-            f"**{cli_ratio:.2f}x** (target <= 1.2x: {verdict(cli_ratio <= 1.2)})"],
-           [f"`Journal.log_step` in-process, median of {len(inproc['big'])}", ms(median(inproc["empty"])),
-            ms(median(inproc["big"])), f"{lib_ratio:.2f}x"],
-           ["`Journal.log_step` in-process, p99", ms(pct(inproc["empty"], 99)), ms(pct(inproc["big"], 99)),
-            f"{pct(inproc['big'], 99) / pct(inproc['empty'], 99):.2f}x"],
-           ["`Journal.log_step` in-process without fsync (CPU only), median", ms(median(inproc["empty_cpu"])),
-            ms(median(inproc["big_cpu"])), f"{median(inproc['big_cpu']) / median(inproc['empty_cpu']):.2f}x"]])
+    table(
+        f"(d) flat cost: {args.big:,} steps already in the journal ({big_size / 1e6:.1f} MB, built in "
+        f"{built['seconds']:.0f} s)",
+        ["measure", "empty journal", f"{args.big:,} steps", "ratio"],
+        [
+            [
+                "`weco observe log` wall, median",
+                ms(median(t["empty"])),
+                ms(median(t["big"])),
+                f"**{cli_ratio:.2f}x** (target <= 1.2x: {verdict(cli_ratio <= 1.2)})",
+            ],
+            [
+                f"`Journal.log_step` in-process, median of {len(inproc['big'])}",
+                ms(median(inproc["empty"])),
+                ms(median(inproc["big"])),
+                f"{lib_ratio:.2f}x",
+            ],
+            [
+                "`Journal.log_step` in-process, p99",
+                ms(pct(inproc["empty"], 99)),
+                ms(pct(inproc["big"], 99)),
+                f"{pct(inproc['big'], 99) / pct(inproc['empty'], 99):.2f}x",
+            ],
+            [
+                "`Journal.log_step` in-process without fsync (CPU only), median",
+                ms(median(inproc["empty_cpu"])),
+                ms(median(inproc["big_cpu"])),
+                f"{median(inproc['big_cpu']) / median(inproc['empty_cpu']):.2f}x",
+            ],
+        ],
+    )
     if args.keep:
         print(f"\nvenv: {venv}; work dir: {work}")
     else:

@@ -66,7 +66,9 @@ for step in range(1, steps + 1):
     run.log_step(step, metrics={"loss": 1 / step, "memory_gb": 0.0}, code=code)
     out["changed"].append(time.perf_counter() - t)
     t = time.perf_counter()
-    floor.execute("BEGIN IMMEDIATE"); floor.execute("INSERT INTO t (payload) VALUES (?)", (row,)); floor.execute("COMMIT")
+    floor.execute("BEGIN IMMEDIATE")
+    floor.execute("INSERT INTO t (payload) VALUES (?)", (row,))
+    floor.execute("COMMIT")
     out["floor"].append(time.perf_counter() - t)
 for step in range(steps + 1, 2 * steps + 1):
     t = time.perf_counter()
@@ -90,9 +92,11 @@ def main() -> None:
     src.write_text("".join(source_13k()))
 
     imports = {}
-    for label, stmt in [("`import typer` (for scale)", "import typer"),
-                        ("`import weco_observe`", "import weco_observe"),
-                        ("`from weco_observe import WecoObserver`", "from weco_observe import WecoObserver")]:
+    for label, stmt in [
+        ("`import typer` (for scale)", "import typer"),
+        ("`import weco_observe`", "import weco_observe"),
+        ("`from weco_observe import WecoObserver`", "from weco_observe import WecoObserver"),
+    ]:
         imports[label] = [in_venv(venv, IMPORT, env, stmt)["s"] for _ in range(args.imports)]
     rows = []
     for label, times in imports.items():
@@ -102,25 +106,50 @@ def main() -> None:
 
     r = in_venv(venv, SDK, env, str(src), str(args.steps), str(work))
     floor = median(r["floor"])
-    table(f"SDK calls, {src.stat().st_size / 1024:.1f} KB code dict, durable (WAL, synchronous=FULL)",
-          ["call", "p50", "p99", "p50 vs bare commit", "target"],
-          [["bare SQLite INSERT+COMMIT (baseline: one fsync)", ms(floor), ms(pct(r["floor"], 99)), "1.00x", ""],
-           [f"`log_step`, one line changed per step ({args.steps})", ms(median(r["changed"])),
-            ms(pct(r["changed"], 99)), f"{median(r['changed']) / floor:.2f}x",
-            f"p50 <= 0.5 ms: {verdict(median(r['changed']) <= 0.0005)}, "
-            f"p99 <= 3 ms: {verdict(pct(r['changed'], 99) <= 0.003)}"],
-           [f"`log_step`, code unchanged ({args.steps})", ms(median(r["unchanged"])), ms(pct(r["unchanged"], 99)),
-            f"{median(r['unchanged']) / floor:.2f}x",
-            f"p50 <= 0.5 ms: {verdict(median(r['unchanged']) <= 0.0005)}, "
-            f"p99 <= 3 ms: {verdict(pct(r['unchanged'], 99) <= 0.003)}"],
-           ["`create_run` on an open journal (50)", ms(median(r["create"])), ms(pct(r["create"], 99)),
-            f"{median(r['create']) / floor:.2f}x", f"<= 20 ms: {verdict(median(r['create']) <= 0.020)}"],
-           ["`create_run` as a script's first call: opens the journal too (10)",
-            ms(median(r["first_create"])), ms(max(r["first_create"])), f"{median(r['first_create']) / floor:.2f}x",
-            f"<= 20 ms: {verdict(median(r['first_create']) <= 0.020)}"],
-           ["`create_run` on a new machine: creates the journal, runs migrations (10, once ever)",
-            ms(median(r["new_journal"])), ms(max(r["new_journal"])), f"{median(r['new_journal']) / floor:.2f}x",
-            "(one-time; not a target)"]])
+    table(
+        f"SDK calls, {src.stat().st_size / 1024:.1f} KB code dict, durable (WAL, synchronous=FULL)",
+        ["call", "p50", "p99", "p50 vs bare commit", "target"],
+        [
+            ["bare SQLite INSERT+COMMIT (baseline: one fsync)", ms(floor), ms(pct(r["floor"], 99)), "1.00x", ""],
+            [
+                f"`log_step`, one line changed per step ({args.steps})",
+                ms(median(r["changed"])),
+                ms(pct(r["changed"], 99)),
+                f"{median(r['changed']) / floor:.2f}x",
+                f"p50 <= 0.5 ms: {verdict(median(r['changed']) <= 0.0005)}, "
+                f"p99 <= 3 ms: {verdict(pct(r['changed'], 99) <= 0.003)}",
+            ],
+            [
+                f"`log_step`, code unchanged ({args.steps})",
+                ms(median(r["unchanged"])),
+                ms(pct(r["unchanged"], 99)),
+                f"{median(r['unchanged']) / floor:.2f}x",
+                f"p50 <= 0.5 ms: {verdict(median(r['unchanged']) <= 0.0005)}, "
+                f"p99 <= 3 ms: {verdict(pct(r['unchanged'], 99) <= 0.003)}",
+            ],
+            [
+                "`create_run` on an open journal (50)",
+                ms(median(r["create"])),
+                ms(pct(r["create"], 99)),
+                f"{median(r['create']) / floor:.2f}x",
+                f"<= 20 ms: {verdict(median(r['create']) <= 0.020)}",
+            ],
+            [
+                "`create_run` as a script's first call: opens the journal too (10)",
+                ms(median(r["first_create"])),
+                ms(max(r["first_create"])),
+                f"{median(r['first_create']) / floor:.2f}x",
+                f"<= 20 ms: {verdict(median(r['first_create']) <= 0.020)}",
+            ],
+            [
+                "`create_run` on a new machine: creates the journal, runs migrations (10, once ever)",
+                ms(median(r["new_journal"])),
+                ms(max(r["new_journal"])),
+                f"{median(r['new_journal']) / floor:.2f}x",
+                "(one-time; not a target)",
+            ],
+        ],
+    )
     if args.keep:
         print(f"\nvenv: {venv}; work dir: {work}")
     else:

@@ -50,8 +50,12 @@ def run(kind: str, steps: int, kb: int, work: Path, seed: int = 1) -> dict:
                 lines.append(f"extra_{step} = {rng.random():.12f}\n")
             text = "".join(lines)
             start = time.perf_counter()
-            observed.log_step(step, status="failed" if step % 7 == 0 else "completed",
-                              metrics={"loss": rng.random()}, code={"model.py": text})
+            observed.log_step(
+                step,
+                status="failed" if step % 7 == 0 else "completed",
+                metrics={"loss": rng.random()},
+                code={"model.py": text},
+            )
             elapsed += time.perf_counter() - start
             raw += len(text)
             zipped += len(zlib.compress(text.encode()))
@@ -60,8 +64,15 @@ def run(kind: str, steps: int, kb: int, work: Path, seed: int = 1) -> dict:
         blobs = j.query("SELECT count(*) AS n, sum(length(data)) AS b FROM blobs")[0]
         last = j.steps(observed.run_id)[-1]
         assert j.read_code(last["code"]) == {"model.py": text}  # the newest version reads back exactly
-    return {"kind": kind, "raw": raw, "zipped": zipped, "journal": journal_bytes(path), "blobs": blobs["n"],
-            "blob_bytes": blobs["b"], "seconds": elapsed}
+    return {
+        "kind": kind,
+        "raw": raw,
+        "zipped": zipped,
+        "journal": journal_bytes(path),
+        "blobs": blobs["n"],
+        "blob_bytes": blobs["b"],
+        "seconds": elapsed,
+    }
 
 
 def main() -> None:
@@ -77,13 +88,30 @@ def main() -> None:
     rows = []
     for r in results:
         mb = r["journal"] / 1e6
-        rows.append([r["kind"], f"{r['raw'] / 1e6:.1f} MB", f"{r['zipped'] / 1e6:.1f} MB",
-                     f"**{mb:.2f} MB**" + (f" (<= 3 MB: {verdict(mb <= 3)})" if r["kind"] == "edit one line" else ""),
-                     f"{r['raw'] / r['journal']:.0f}x", f"{r['blobs']:,} / {r['blob_bytes'] / 1e6:.2f} MB",
-                     f"{r['seconds'] / args.steps * 1000:.2f} ms"])
-    table(f"storage: {args.steps:,} steps of a {args.kb} KB file",
-          ["change per step", "raw code", "zlib per version (baseline)", "journal on disk", "raw / journal",
-           "blobs / their bytes", "`log_step` mean (durable)"], rows)
+        rows.append(
+            [
+                r["kind"],
+                f"{r['raw'] / 1e6:.1f} MB",
+                f"{r['zipped'] / 1e6:.1f} MB",
+                f"**{mb:.2f} MB**" + (f" (<= 3 MB: {verdict(mb <= 3)})" if r["kind"] == "edit one line" else ""),
+                f"{r['raw'] / r['journal']:.0f}x",
+                f"{r['blobs']:,} / {r['blob_bytes'] / 1e6:.2f} MB",
+                f"{r['seconds'] / args.steps * 1000:.2f} ms",
+            ]
+        )
+    table(
+        f"storage: {args.steps:,} steps of a {args.kb} KB file",
+        [
+            "change per step",
+            "raw code",
+            "zlib per version (baseline)",
+            "journal on disk",
+            "raw / journal",
+            "blobs / their bytes",
+            "`log_step` mean (durable)",
+        ],
+        rows,
+    )
     if args.keep:
         print(f"\nwork dir: {work}")
     else:

@@ -57,8 +57,13 @@ def build(journal_path: Path, runs: int, steps: int, with_code: bool = True) -> 
             for n in range(1, steps + 1):
                 if with_code:
                     src = src.replace(f"value_{n % 255} =", f"value_{n % 255}_{n} =", 1)
-                journal.log_step(run, n, metrics={"loss": 1 / n}, description=f"step {n}",
-                                 code={"train.py": src} if with_code else None)
+                journal.log_step(
+                    run,
+                    n,
+                    metrics={"loss": 1 / n},
+                    description=f"step {n}",
+                    code={"train.py": src} if with_code else None,
+                )
         return journal.counts()["pending"]
 
 
@@ -68,8 +73,13 @@ def env_for(emu: Emulator, data: Path, **extra: str) -> dict[str, str]:
 
 def run_sync(emu: Emulator, data: Path) -> tuple[float, dict]:
     start = time.perf_counter()
-    out = subprocess.run([sys.executable, "-m", "weco_observe", "observe", "sync", "--json"],
-                         env=env_for(emu, data), capture_output=True, text=True, timeout=3600)
+    out = subprocess.run(
+        [sys.executable, "-m", "weco_observe", "observe", "sync", "--json"],
+        env=env_for(emu, data),
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
     elapsed = time.perf_counter() - start
     if out.returncode != 0:
         raise SystemExit(f"sync failed ({out.returncode}): {out.stderr}")
@@ -115,10 +125,17 @@ def peak_rss(events: int) -> dict:
         build(data / "journal.db", runs, steps, with_code=False)
         rss = {}
         for name, args in (("status", ["status"]), ("sync", ["sync", "--json"])):
-            probe = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:], capture_output=True);"
-                     " print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, r.returncode)")
-            out = subprocess.run([sys.executable, "-c", probe, sys.executable, "-m", "weco_observe", "observe", *args],
-                                 env=env_for(emu, data), capture_output=True, text=True, timeout=3600)
+            probe = (
+                "import resource, subprocess, sys; r = subprocess.run(sys.argv[1:], capture_output=True);"
+                " print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, r.returncode)"
+            )
+            out = subprocess.run(
+                [sys.executable, "-c", probe, sys.executable, "-m", "weco_observe", "observe", *args],
+                env=env_for(emu, data),
+                capture_output=True,
+                text=True,
+                timeout=3600,
+            )
             kb, code = out.stdout.split()
             if name == "sync":
                 assert code == "0", out
@@ -131,9 +148,23 @@ def lag(n: int) -> dict:
         data = Path(tmp)
         env = env_for(emu, data, WECO_OBSERVE_AUTO_SYNC="1")
         (data / "train.py").write_text(code_13k(0))
-        run_id = subprocess.run([sys.executable, "-m", "weco_observe", "observe", "init", "--metric", "loss",
-                                 "--source", str(data / "train.py")], env=env, capture_output=True, text=True,
-                                check=True).stdout.strip()
+        run_id = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "weco_observe",
+                "observe",
+                "init",
+                "--metric",
+                "loss",
+                "--source",
+                str(data / "train.py"),
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
         seen: dict[int, float] = {}
         done = threading.Event()
 
@@ -148,8 +179,24 @@ def lag(n: int) -> dict:
         watcher.start()
         returned: dict[int, float] = {}
         for step in range(1, n + 1):
-            subprocess.run([sys.executable, "-m", "weco_observe", "observe", "log", "--run-id", run_id, "--step",
-                            str(step), "--metrics", '{"loss": 1}', "-q"], env=env, check=True)
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "weco_observe",
+                    "observe",
+                    "log",
+                    "--run-id",
+                    run_id,
+                    "--step",
+                    str(step),
+                    "--metrics",
+                    '{"loss": 1}',
+                    "-q",
+                ],
+                env=env,
+                check=True,
+            )
             returned[step] = time.perf_counter()
             time.sleep(0.2)  # an agent loop does some work between steps
         deadline = time.perf_counter() + 30
@@ -158,8 +205,13 @@ def lag(n: int) -> dict:
         done.set()
         watcher.join()
         lags = sorted(seen[s] - returned[s] for s in returned if s in seen)
-    return {"n": len(lags), "p50": statistics.median(lags), "p95": lags[int(0.95 * (len(lags) - 1))],
-            "max": lags[-1], "missing": n - len(lags)}
+    return {
+        "n": len(lags),
+        "p50": statistics.median(lags),
+        "p95": lags[int(0.95 * (len(lags) - 1))],
+        "max": lags[-1],
+        "missing": n - len(lags),
+    }
 
 
 def trigger_cost(n: int = 2000, spawns: int = 5, logs: int = 15) -> dict:
@@ -172,8 +224,13 @@ def trigger_cost(n: int = 2000, spawns: int = 5, logs: int = 15) -> dict:
         journal_path = data / "journal.db"
         Journal(journal_path).close()
         saved = dict(os.environ)
-        os.environ.update(WECO_OBSERVE_AUTO_SYNC="1", WECO_API_KEY="bench", WECO_OBSERVE_DIR=str(data),
-                          WECO_BASE_URL="http://127.0.0.1:9/v1", WECO_OBSERVE_SYNC_LINGER="0")
+        os.environ.update(
+            WECO_OBSERVE_AUTO_SYNC="1",
+            WECO_API_KEY="bench",
+            WECO_OBSERVE_DIR=str(data),
+            WECO_BASE_URL="http://127.0.0.1:9/v1",
+            WECO_OBSERVE_SYNC_LINGER="0",
+        )
         try:
             lock = SyncLock(journal_path)
             lock.try_acquire("background")  # a syncer is already running
@@ -202,18 +259,35 @@ def trigger_cost(n: int = 2000, spawns: int = 5, logs: int = 15) -> dict:
                 times = []
                 for k in range(logs):
                     start = time.perf_counter()
-                    subprocess.run([sys.executable, "-m", "weco_observe", "observe", "log", "--run-id", run_id,
-                                    "--step", str(k + 1 + 100 * int(mode)), "-q"], check=True,
-                                   env={**os.environ, "WECO_OBSERVE_AUTO_SYNC": mode})
+                    subprocess.run(
+                        [
+                            sys.executable,
+                            "-m",
+                            "weco_observe",
+                            "observe",
+                            "log",
+                            "--run-id",
+                            run_id,
+                            "--step",
+                            str(k + 1 + 100 * int(mode)),
+                            "-q",
+                        ],
+                        check=True,
+                        env={**os.environ, "WECO_OBSERVE_AUTO_SYNC": mode},
+                    )
                     times.append(time.perf_counter() - start)
                 wall[mode] = statistics.median(times)
             lock.release()
         finally:
             os.environ.clear()
             os.environ.update(saved)
-    return {"held_ms": held * 1000, "spawn_ms": statistics.median(spawn) * 1000,
-            "starting_ms": statistics.median(starting) * 1000,
-            "log_off_ms": wall["0"] * 1000, "log_on_ms": wall["1"] * 1000}
+    return {
+        "held_ms": held * 1000,
+        "spawn_ms": statistics.median(spawn) * 1000,
+        "starting_ms": statistics.median(starting) * 1000,
+        "log_off_ms": wall["0"] * 1000,
+        "log_on_ms": wall["1"] * 1000,
+    }
 
 
 def main() -> None:
@@ -224,40 +298,78 @@ def main() -> None:
     events = 2_000 if args.quick else 100_000
     rows = []
     t0 = throughput(runs, steps, 0.0)
-    rows.append((f"sync {runs}x{steps} steps, 13 KB code each, no latency", f"{t0['steps_per_s']:,.0f} steps/s",
-                 f"plain httpx, 1 keep-alive conn: {t0['baseline']:,.0f} POSTs/s",
-                 f"{t0['steps_per_s'] / t0['baseline']:.2f}x"))
+    rows.append(
+        (
+            f"sync {runs}x{steps} steps, 13 KB code each, no latency",
+            f"{t0['steps_per_s']:,.0f} steps/s",
+            f"plain httpx, 1 keep-alive conn: {t0['baseline']:,.0f} POSTs/s",
+            f"{t0['steps_per_s'] / t0['baseline']:.2f}x",
+        )
+    )
     t50 = throughput(runs, steps // 5 if not args.quick else steps, 0.05)
-    rows.append((f"sync {runs}x{steps // 5 if not args.quick else steps} steps, +50 ms per request",
-                 f"{t50['steps_per_s']:,.0f} steps/s",
-                 f"plain httpx, 8 conns: {t50['baseline']:,.0f} POSTs/s",
-                 f"{t50['steps_per_s'] / t50['baseline']:.2f}x"))
+    rows.append(
+        (
+            f"sync {runs}x{steps // 5 if not args.quick else steps} steps, +50 ms per request",
+            f"{t50['steps_per_s']:,.0f} steps/s",
+            f"plain httpx, 8 conns: {t50['baseline']:,.0f} POSTs/s",
+            f"{t50['steps_per_s'] / t50['baseline']:.2f}x",
+        )
+    )
     rss = peak_rss(events)
-    rows.append((f"peak RSS of sync, {rss['events']:,} pending events", f"{rss['sync']:.0f} MB",
-                 f"`status` on the same journal: {rss['status']:.0f} MB", f"{rss['sync'] / rss['status']:.2f}x"))
+    rows.append(
+        (
+            f"peak RSS of sync, {rss['events']:,} pending events",
+            f"{rss['sync']:.0f} MB",
+            f"`status` on the same journal: {rss['status']:.0f} MB",
+            f"{rss['sync'] / rss['status']:.2f}x",
+        )
+    )
     lg = lag(10 if args.quick else 40)
-    rows.append((f"lag log -> server via background syncer ({lg['n']} steps)",
-                 f"p50 {lg['p50']:.2f} s, p95 {lg['p95']:.2f} s, max {lg['max']:.2f} s", "target p95 <= 2 s",
-                 f"missing {lg['missing']}"))
+    rows.append(
+        (
+            f"lag log -> server via background syncer ({lg['n']} steps)",
+            f"p50 {lg['p50']:.2f} s, p95 {lg['p95']:.2f} s, max {lg['max']:.2f} s",
+            "target p95 <= 2 s",
+            f"missing {lg['missing']}",
+        )
+    )
     tc = trigger_cost()
-    rows.append(("autosync.trigger cost to the caller", f"{tc['held_ms']:.3f} ms (syncer running)",
-                 f"{tc['starting_ms']:.2f} ms when it starts one (the posix_spawn: {tc['spawn_ms']:.2f} ms)",
-                 "target <= 2 ms"))
-    rows.append(("`weco observe log` wall time, auto-sync on (syncer running)", f"{tc['log_on_ms']:.0f} ms",
-                 f"auto-sync off: {tc['log_off_ms']:.0f} ms", f"{tc['log_on_ms'] / tc['log_off_ms']:.2f}x"))
-    rows.append(("official client (one process per step)", f"{OFFICIAL_STEPS_PER_S:.1f} steps/s",
-                 "~0.7 s per `weco observe log`, from weco-api.md",
-                 f"ours {t0['steps_per_s'] / OFFICIAL_STEPS_PER_S:,.0f}x faster"))
+    rows.append(
+        (
+            "autosync.trigger cost to the caller",
+            f"{tc['held_ms']:.3f} ms (syncer running)",
+            f"{tc['starting_ms']:.2f} ms when it starts one (the posix_spawn: {tc['spawn_ms']:.2f} ms)",
+            "target <= 2 ms",
+        )
+    )
+    rows.append(
+        (
+            "`weco observe log` wall time, auto-sync on (syncer running)",
+            f"{tc['log_on_ms']:.0f} ms",
+            f"auto-sync off: {tc['log_off_ms']:.0f} ms",
+            f"{tc['log_on_ms'] / tc['log_off_ms']:.2f}x",
+        )
+    )
+    rows.append(
+        (
+            "official client (one process per step)",
+            f"{OFFICIAL_STEPS_PER_S:.1f} steps/s",
+            "~0.7 s per `weco observe log`, from weco-api.md",
+            f"ours {t0['steps_per_s'] / OFFICIAL_STEPS_PER_S:,.0f}x faster",
+        )
+    )
     widths = [max(len(str(r[i])) for r in rows) for i in range(4)]
     header = ("benchmark", "result", "baseline (same run)", "ratio")
-    widths = [max(w, len(h)) for w, h in zip(widths, header)]
-    line = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+    widths = [max(w, len(h)) for w, h in zip(widths, header, strict=True)]
+    line = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)) + " |"  # noqa: E731
     print(line(header))
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for r in rows:
         print(line(r))
-    print(f"\n{os.cpu_count()} CPUs, Python {sys.version.split()[0]}, "
-          f"peak RSS of this script {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+    print(
+        f"\n{os.cpu_count()} CPUs, Python {sys.version.split()[0]}, "
+        f"peak RSS of this script {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB"
+    )
 
 
 if __name__ == "__main__":

@@ -42,8 +42,10 @@ def build(path: Path, runs: int, steps: int, seed: int = 1) -> list[str]:
     for r in range(runs):
         lines = list(base_lines)
         run_id = journal.create_run(
-            source_code={"train.py": "\n".join(lines) + "\n"}, metric="val_bpb",
-            maximize=False, name=f"bench run {r}",
+            source_code={"train.py": "\n".join(lines) + "\n"},
+            metric="val_bpb",
+            maximize=False,
+            name=f"bench run {r}",
         )
         ids.append(run_id)
         value = 2.5
@@ -54,7 +56,8 @@ def build(path: Path, runs: int, steps: int, seed: int = 1) -> list[str]:
             failed = step % 10 == 0
             value = value * (1 - rng.uniform(-0.01, 0.012)) if not failed else value
             journal.log_step(
-                run_id, step,
+                run_id,
+                step,
                 status="failed" if failed else "completed",
                 description=f"experiment {step}: try a different learning-rate schedule",
                 metrics={"val_bpb": 0.0 if failed else round(value, 5), "memory_gb": rng.uniform(8, 16)},
@@ -78,8 +81,13 @@ def timed(fn, repeat: int) -> float:
 
 
 def cli(env: dict[str, str], *args: str) -> None:
-    subprocess.run([sys.executable, "-m", "weco_observe", "observe", *args], env=env, check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(
+        [sys.executable, "-m", "weco_observe", "observe", *args],
+        env=env,
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def main() -> None:
@@ -106,11 +114,22 @@ def main() -> None:
         baseline = timed(lambda: cli(env, "status"), args.repeat)
         rows.append(("status (CLI baseline)", baseline, None, "-"))
         cache = path.with_name(path.name + ".views-cache.json")
-        rows.append(("runs (in-process, no cache)",
-                     timed(lambda: views.format_runs(views.list_runs(journal, cache=False)), args.repeat), 300,
-                     "<= 300 ms"))
-        rows.append(("runs (CLI, cold: no cache)",
-                     timed(lambda: (cache.unlink(missing_ok=True), cli(env, "runs")), args.repeat), 300, "<= 300 ms"))
+        rows.append(
+            (
+                "runs (in-process, no cache)",
+                timed(lambda: views.format_runs(views.list_runs(journal, cache=False)), args.repeat),
+                300,
+                "<= 300 ms",
+            )
+        )
+        rows.append(
+            (
+                "runs (CLI, cold: no cache)",
+                timed(lambda: (cache.unlink(missing_ok=True), cli(env, "runs")), args.repeat),
+                300,
+                "<= 300 ms",
+            )
+        )
         rows.append(("runs (CLI, warm cache)", timed(lambda: cli(env, "runs"), args.repeat), 300, "<= 300 ms"))
         step = [args.steps]
 
@@ -119,23 +138,55 @@ def main() -> None:
             step[0] += 1
             return timed(lambda: cli(env, "runs"), 1)
 
-        rows.append(("runs (CLI, 1 run changed)", statistics.median(log_then_runs() for _ in range(args.repeat)),
-                     300, "<= 300 ms"))
-        rows.append(("show (in-process)", timed(lambda: views.format_show(views.run_view(journal, target)), args.repeat),
-                     300, "<= 300 ms"))
+        rows.append(
+            (
+                "runs (CLI, 1 run changed)",
+                statistics.median(log_then_runs() for _ in range(args.repeat)),
+                300,
+                "<= 300 ms",
+            )
+        )
+        rows.append(
+            (
+                "show (in-process)",
+                timed(lambda: views.format_show(views.run_view(journal, target)), args.repeat),
+                300,
+                "<= 300 ms",
+            )
+        )
         rows.append(("show (CLI, end to end)", timed(lambda: cli(env, "show", target), args.repeat), 300, "<= 300 ms"))
-        rows.append(("show --json (CLI)", timed(lambda: cli(env, "show", target, "--json"), args.repeat), 300, "<= 300 ms"))
+        rows.append(
+            ("show --json (CLI)", timed(lambda: cli(env, "show", target, "--json"), args.repeat), 300, "<= 300 ms")
+        )
         rows.append(("diff step 500 (CLI)", timed(lambda: cli(env, "diff", target, "500"), args.repeat), None, "-"))
-        rows.append(("export csv (in-process)",
-                     timed(lambda: views.export_run(journal, target, "csv", io.StringIO()), args.repeat), None, "-"))
+        rows.append(
+            (
+                "export csv (in-process)",
+                timed(lambda: views.export_run(journal, target, "csv", io.StringIO()), args.repeat),
+                None,
+                "-",
+            )
+        )
         fresh = Journal(path)  # a cold blob cache, as the CLI would have
         html_bytes = len(report.report_html(fresh, target).encode())
         fresh.close()
-        rows.append(("report (in-process)", timed(lambda: report.report_html(Journal(path), target), args.repeat),
-                     2000, "<= 2000 ms"))
+        rows.append(
+            (
+                "report (in-process)",
+                timed(lambda: report.report_html(Journal(path), target), args.repeat),
+                2000,
+                "<= 2000 ms",
+            )
+        )
         out = Path(tmp) / "report.html"
-        rows.append(("report (CLI, end to end)", timed(lambda: cli(env, "report", target, "-o", str(out)), args.repeat),
-                     2000, "<= 2000 ms"))
+        rows.append(
+            (
+                "report (CLI, end to end)",
+                timed(lambda: cli(env, "report", target, "-o", str(out)), args.repeat),
+                2000,
+                "<= 2000 ms",
+            )
+        )
         journal.close()
 
         print()

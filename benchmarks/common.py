@@ -37,8 +37,11 @@ def ensure_venv(path: str | None) -> Path:
         venv = Path(tempfile.mkdtemp(prefix="weco-observe-bench-venv-"))
     print(f"# installing {REPO} (non-editable) into {venv} ...", file=sys.stderr)
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    done = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "--disable-pip-version-check", str(REPO)],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [str(venv / "bin" / "pip"), "install", "-q", "--disable-pip-version-check", str(REPO)],
+        capture_output=True,
+        text=True,
+    )
     if done.returncode != 0:
         raise SystemExit(done.stdout + done.stderr)
     return venv
@@ -65,8 +68,9 @@ def wall(argv: Sequence[str], env: dict[str, str], cwd: Path | None = None) -> f
 
 def in_venv(venv: Path, code: str, env: dict[str, str], *args: str) -> dict:
     """Run ``code`` with the venv's interpreter; it prints one JSON object, returned here."""
-    done = subprocess.run([str(venv / "bin" / "python"), "-c", code, *args], env=env, capture_output=True,
-                          text=True, check=False)
+    done = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", code, *args], env=env, capture_output=True, text=True, check=False
+    )
     if done.returncode != 0:
         raise SystemExit(done.stderr)
     return json.loads(done.stdout.strip().splitlines()[-1])

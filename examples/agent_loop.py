@@ -56,8 +56,9 @@ def score(cfg: dict) -> float:
 
 
 def weco(*args: str, env: dict, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "weco_observe", *args], capture_output=True,
-                            text=True, env=env, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "weco_observe", *args], capture_output=True, text=True, env=env, timeout=120
+    )
     if check and result.returncode != 0:
         sys.exit(f"`weco {' '.join(args)}` failed ({result.returncode}): {result.stderr.strip()}")
     return result
@@ -95,12 +96,37 @@ def main() -> int:
     cfg = {"lr": 0.01, "width": 128, "warmup": 0}
     Path("train.py").write_text(TRAIN.format(**cfg))
     t0 = time.perf_counter()
-    run_id = weco("observe", "init", "--name", "agent-loop demo", "--metric", "val_loss", "--goal", "min",
-                  "--source", "train.py", env=env).stdout.strip()
+    run_id = weco(
+        "observe",
+        "init",
+        "--name",
+        "agent-loop demo",
+        "--metric",
+        "val_loss",
+        "--goal",
+        "min",
+        "--source",
+        "train.py",
+        env=env,
+    ).stdout.strip()
     print(f"   init -> {run_id} in {(time.perf_counter() - t0) * 1000:.0f} ms (API unreachable)")
     baseline = score(cfg)
-    weco("observe", "log", "-q", "--run-id", run_id, "--step", "0", "--description", "baseline",
-         "--metrics", json.dumps({"val_loss": baseline}), "--source", "train.py", env=env)
+    weco(
+        "observe",
+        "log",
+        "-q",
+        "--run-id",
+        run_id,
+        "--step",
+        "0",
+        "--description",
+        "baseline",
+        "--metrics",
+        json.dumps({"val_loss": baseline}),
+        "--source",
+        "train.py",
+        env=env,
+    )
 
     best_step, best_cfg, best = 0, dict(cfg), baseline
     timings = []
@@ -120,9 +146,25 @@ def main() -> int:
         except MemoryError:
             value, status = 0.0, "failed"
             description = f"{knob}: {best_cfg[knob]} -> {trial[knob]} (OOM)"
-        log = ["observe", "log", "-q", "--run-id", run_id, "--step", str(step), "--status", status,
-               "--description", description, "--metrics", json.dumps({"val_loss": value}),
-               "--source", "train.py", "--parent-step", str(best_step)]
+        log = [
+            "observe",
+            "log",
+            "-q",
+            "--run-id",
+            run_id,
+            "--step",
+            str(step),
+            "--status",
+            status,
+            "--description",
+            description,
+            "--metrics",
+            json.dumps({"val_loss": value}),
+            "--source",
+            "train.py",
+            "--parent-step",
+            str(best_step),
+        ]
         t = time.perf_counter()
         weco(*log, env=env)
         timings.append(time.perf_counter() - t)
@@ -130,16 +172,22 @@ def main() -> int:
             best_step, best_cfg, best = step, trial, value
             print(f"   step {step:2}: {description:32} val_loss {value:.4f}  kept (new best)")
         else:
-            print(f"   step {step:2}: {description:32} "
-                  + (f"val_loss {value:.4f}  reverted to step {best_step}" if status == "completed" else "failed"))
+            print(
+                f"   step {step:2}: {description:32} "
+                + (f"val_loss {value:.4f}  reverted to step {best_step}" if status == "completed" else "failed")
+            )
             Path("train.py").write_text(TRAIN.format(**best_cfg))
-    print(f"   {len(timings)} logs, median {statistics.median(timings) * 1000:.0f} ms per `weco observe log` "
-          "process (the official client: ~700 ms online, steps dropped offline)")
+    print(
+        f"   {len(timings)} logs, median {statistics.median(timings) * 1000:.0f} ms per `weco observe log` "
+        "process (the official client: ~700 ms online, steps dropped offline)"
+    )
 
     t = time.perf_counter()
     offline = weco("observe", "sync", env=env, check=False)
-    print(f"   sync while offline: exit {offline.returncode} after {time.perf_counter() - t:.1f} s: "
-          f"{(offline.stderr or offline.stdout).strip().splitlines()[-1] if (offline.stderr or offline.stdout).strip() else ''}")
+    print(
+        f"   sync while offline: exit {offline.returncode} after {time.perf_counter() - t:.1f} s: "
+        + ((offline.stderr or offline.stdout).strip().splitlines() or [""])[-1]
+    )
     if offline.returncode != 4:
         print("   unexpected: sync should exit 4 (pending, API unreachable) while offline")
         return 1
@@ -172,11 +220,15 @@ def main() -> int:
         if mismatches:
             print("   server state differs from the journal:\n   " + "\n   ".join(mismatches))
             return 1
-        print(f"   server holds run {shown['run']['server_id']} with all {len(shown['steps'])} steps, "
-              "statuses, metrics and parents equal to the journal")
-    print(f"\nJournal kept in {home / 'journal'}; explore it with:\n"
-          f"   WECO_OBSERVE_DIR={home / 'journal'} weco observe show {run_id}\n"
-          f"   WECO_OBSERVE_DIR={home / 'journal'} weco observe ui")
+        print(
+            f"   server holds run {shown['run']['server_id']} with all {len(shown['steps'])} steps, "
+            "statuses, metrics and parents equal to the journal"
+        )
+    print(
+        f"\nJournal kept in {home / 'journal'}; explore it with:\n"
+        f"   WECO_OBSERVE_DIR={home / 'journal'} weco observe show {run_id}\n"
+        f"   WECO_OBSERVE_DIR={home / 'journal'} weco observe ui"
+    )
     return 0
 
 

@@ -46,8 +46,7 @@ def main(steps: int = 12, seed: int = 0) -> str:
             maximize=False,
             metadata={"seed": seed},
         )
-        run.log_step(0, description="baseline", metrics={"val_bpb": best_loss},
-                     code={"train.py": TRAIN.format(**best)})
+        run.log_step(0, description="baseline", metrics={"val_bpb": best_loss}, code={"train.py": TRAIN.format(**best)})
         best_step = 0
         for step in range(1, steps + 1):
             trial = dict(best)

@@ -69,7 +69,11 @@ def render() -> str:
             continue
         params = [p for p in command.params if p.name != "help"]
         args = [p for p in params if p.param_type_name == "argument"]
-        usage = name + "".join(f" {a.human_readable_name}" for a in args) + (" [OPTIONS]" if len(params) > len(args) else "")
+        usage = (
+            name
+            + "".join(f" {a.human_readable_name}" for a in args)
+            + (" [OPTIONS]" if len(params) > len(args) else "")
+        )
         out.append(f"Usage: `{usage}`")
         out.append("")
         if params:

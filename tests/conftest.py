@@ -39,13 +39,19 @@ class CLI:
     def __init__(self, cwd: Path):
         self.cwd = cwd
 
-    def __call__(self, *args: str, input: str | None = None, env: dict[str, str] | None = None,
-                 timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    def __call__(
+        self, *args: str, input: str | None = None, env: dict[str, str] | None = None, timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]:
         full_env = dict(os.environ)
         full_env.update(env or {})
         return subprocess.run(
             [sys.executable, "-m", "weco_observe", *args],
-            cwd=self.cwd, input=input, capture_output=True, text=True, env=full_env, timeout=timeout,
+            cwd=self.cwd,
+            input=input,
+            capture_output=True,
+            text=True,
+            env=full_env,
+            timeout=timeout,
         )
 
     def ok(self, *args: str, **kw) -> subprocess.CompletedProcess[str]:

@@ -56,7 +56,9 @@ def expected_server_state(journal_path: Path) -> dict[str, dict[str, Any]]:
             expected: dict[str, Any] = {"remote_only": bool(run["remote_only"]), "steps": {}}
             if not run["remote_only"]:
                 expected.update(
-                    name=run["name"], metric_name=run["metric"], maximize=bool(run["maximize"]),
+                    name=run["name"],
+                    metric_name=run["metric"],
+                    maximize=bool(run["maximize"]),
                     additional_instructions=run["additional_instructions"],
                     metadata={**meta, LOCAL_ID_KEY: run["id"]},
                 )
@@ -76,12 +78,15 @@ def expected_server_state(journal_path: Path) -> dict[str, dict[str, Any]]:
 def server_runs_by_local_id(emulator: Emulator) -> Counter[str]:
     """How many server runs carry each local id (more than one = a duplicated create)."""
     return Counter(
-        (run.get("metadata") or {}).get(LOCAL_ID_KEY) for run in emulator.runs().values()
+        (run.get("metadata") or {}).get(LOCAL_ID_KEY)
+        for run in emulator.runs().values()
         if (run.get("metadata") or {}).get(LOCAL_ID_KEY)
     )
 
 
-def assert_server_matches_journal(emulator: Emulator, journal_path: Path, *, allow_duplicate_runs: bool = False) -> None:
+def assert_server_matches_journal(
+    emulator: Emulator, journal_path: Path, *, allow_duplicate_runs: bool = False
+) -> None:
     """The emulator holds exactly the journal's runs and steps (every field and the tree)."""
     expected = expected_server_state(journal_path)
     runs = emulator.runs()
@@ -94,8 +99,7 @@ def assert_server_matches_journal(emulator: Emulator, journal_path: Path, *, all
         server_steps = got["steps"]
         for n, step in want["steps"].items():
             assert n in server_steps, f"run {server_id}: server lacks step {n}"
-            have = {k: server_steps[n][k] or None if k in ("metrics", "metadata") else server_steps[n][k]
-                    for k in step}
+            have = {k: server_steps[n][k] or None if k in ("metrics", "metadata") else server_steps[n][k] for k in step}
             if step["parent_step"] is None and n != 0:
                 # The journal resolved no parent (a remote-only run, or every earlier step
                 # failed): no parent_step is sent and the server's auto-chaining decides.
@@ -108,8 +112,9 @@ def assert_server_matches_journal(emulator: Emulator, journal_path: Path, *, all
     duplicates = {local: n for local, n in server_runs_by_local_id(emulator).items() if n > 1}
     if not allow_duplicate_runs:
         assert not duplicates, f"duplicated creates on the server: {duplicates}"
-        unknown = [rid for rid, run in runs.items()
-                   if rid not in synced and (run.get("metadata") or {}).get(LOCAL_ID_KEY)]
+        unknown = [
+            rid for rid, run in runs.items() if rid not in synced and (run.get("metadata") or {}).get(LOCAL_ID_KEY)
+        ]
         assert not unknown, f"server runs that the journal does not know: {unknown}"
 
 
@@ -121,8 +126,9 @@ def pending_events(journal_path: Path) -> int:
         conn.close()
 
 
-def make_workload(journal_path: Path, *, runs: int = 3, steps: int = 12, seed: int = 0,
-                  relog: bool = True) -> list[str]:
+def make_workload(
+    journal_path: Path, *, runs: int = 3, steps: int = 12, seed: int = 0, relog: bool = True
+) -> list[str]:
     """Journal a realistic workload: several runs, code that changes, failed steps, explicit
     branches, steps logged again (so several events per step), metadata. Returns the local run ids."""
     import random
@@ -133,8 +139,11 @@ def make_workload(journal_path: Path, *, runs: int = 3, steps: int = 12, seed: i
         for r in range(runs):
             src = "".join(f"line_{i} = {i * r}\n" for i in range(40))
             run_id = journal.create_run(
-                source_code={"train.py": src, "util.py": f"R = {r}\n"}, metric="loss", maximize=bool(r % 2),
-                name=f"run {r}" if r % 3 else None, additional_instructions="be brief" if r == 1 else None,
+                source_code={"train.py": src, "util.py": f"R = {r}\n"},
+                metric="loss",
+                maximize=bool(r % 2),
+                name=f"run {r}" if r % 3 else None,
+                additional_instructions="be brief" if r == 1 else None,
                 metadata={"host": "box", "r": r} if r % 2 else None,
             )
             out.append(run_id)
@@ -143,13 +152,20 @@ def make_workload(journal_path: Path, *, runs: int = 3, steps: int = 12, seed: i
                 failed = rng.random() < 0.25
                 parent = rng.randrange(0, n) if rng.random() < 0.2 else None
                 journal.log_step(
-                    run_id, n, status="failed" if failed else "completed",
+                    run_id,
+                    n,
+                    status="failed" if failed else "completed",
                     description=f"try {n}" if rng.random() < 0.8 else None,
                     metrics={"loss": round(rng.random(), 4), "mem": n} if rng.random() < 0.9 else None,
                     code={"train.py": src} if rng.random() < 0.7 else None,
-                    parent_step=parent, metadata={"k": n} if rng.random() < 0.2 else None,
+                    parent_step=parent,
+                    metadata={"k": n} if rng.random() < 0.2 else None,
                 )
                 if relog and rng.random() < 0.2:
-                    journal.log_step(run_id, rng.randrange(0, n + 1), description=f"re-logged at {n}",
-                                     metrics={"loss": round(rng.random(), 4)})
+                    journal.log_step(
+                        run_id,
+                        rng.randrange(0, n + 1),
+                        description=f"re-logged at {n}",
+                        metrics={"loss": round(rng.random(), 4)},
+                    )
     return out

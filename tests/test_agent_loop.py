@@ -10,8 +10,12 @@ EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "agent_loop.py"
 
 
 def test_agent_loop_offline_then_synced(tmp_path):
-    result = subprocess.run([sys.executable, str(EXAMPLE), "--dir", str(tmp_path / "demo"), "--steps", "6"],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLE), "--dir", str(tmp_path / "demo"), "--steps", "6"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
     assert "sync while offline: exit 4" in out

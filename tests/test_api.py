@@ -101,8 +101,12 @@ def test_classification(status, body, expected):
     assert info.value.status == status
     assert api.is_retryable(info.value) is (expected is ApiTransient)
     if expected is ApiRejected:
-        assert info.value.detail and ("bad" in info.value.detail or "run" in info.value.detail
-                                      or "big" in info.value.detail or "field required" in info.value.detail)
+        assert info.value.detail and (
+            "bad" in info.value.detail
+            or "run" in info.value.detail
+            or "big" in info.value.detail
+            or "field required" in info.value.detail
+        )
     if expected is ApiAuthFailed:
         assert "weco login" in str(info.value)
 
@@ -148,17 +152,23 @@ def test_the_key_never_appears_in_errors():
 
 
 def test_retry_policy_waits_exponentially_honours_retry_after_and_stops(journal_path):
-    answers = iter([httpx.Response(500, json={"detail": "a"}), httpx.Response(503, json={"detail": "b"}),
-                    httpx.Response(429, headers={"Retry-After": "100"}, json={"detail": "c"}),
-                    httpx.Response(200, json={"ok": 1})])
+    answers = iter(
+        [
+            httpx.Response(500, json={"detail": "a"}),
+            httpx.Response(503, json={"detail": "b"}),
+            httpx.Response(429, headers={"Retry-After": "100"}, json={"detail": "c"}),
+            httpx.Response(200, json={"ok": 1}),
+        ]
+    )
     waits: list[float] = []
     with Journal(journal_path) as journal, _client(lambda r: next(answers)) as client:
-        syncer = Syncer(journal, client, attempts=5, initial_wait=0.5, max_wait=4.0, max_retry_after=10.0,
-                        sleep=waits.append)
+        syncer = Syncer(
+            journal, client, attempts=5, initial_wait=0.5, max_wait=4.0, max_retry_after=10.0, sleep=waits.append
+        )
         answer, attempts = syncer.call(lambda: client.log_step("r", {"step": 1, "status": "completed"}))
     assert answer == {"ok": 1} and attempts == 4
-    assert 0.5 <= waits[0] <= 1.0 and 1.0 <= waits[1] <= 1.5   # 0.5 * 2^(n-1) + jitter
-    assert waits[2] == 10.0                                     # Retry-After 100, capped at 10
+    assert 0.5 <= waits[0] <= 1.0 and 1.0 <= waits[1] <= 1.5  # 0.5 * 2^(n-1) + jitter
+    assert waits[2] == 10.0  # Retry-After 100, capped at 10
     assert len(waits) == 3
 
 

@@ -34,8 +34,7 @@ def _idle(journal_path: Path) -> bool:
     return not autosync.syncer_running(journal_path)
 
 
-def test_background_syncer_delivers_without_a_sync_command_and_exits(cli, emulator, auto_env, journal_path,
-                                                                     tmp_path):
+def test_background_syncer_delivers_without_a_sync_command_and_exits(cli, emulator, auto_env, journal_path, tmp_path):
     (tmp_path / "train.py").write_text("x = 0\n")
     init = cli.ok("observe", "init", "--metric", "loss", "--source", "train.py")
     run_id = init.stdout.strip()
@@ -54,8 +53,11 @@ def test_background_syncer_delivers_without_a_sync_command_and_exits(cli, emulat
 def test_sdk_triggers_with_its_own_key_passed_only_through_the_environment(emulator, journal_path, monkeypatch):
     from weco_observe import WecoObserver
 
-    for k, v in {"WECO_BASE_URL": emulator.base_url, "WECO_OBSERVE_AUTO_SYNC": "1",
-                 "WECO_OBSERVE_SYNC_LINGER": "0.3"}.items():
+    for k, v in {
+        "WECO_BASE_URL": emulator.base_url,
+        "WECO_OBSERVE_AUTO_SYNC": "1",
+        "WECO_OBSERVE_SYNC_LINGER": "0.3",
+    }.items():
         monkeypatch.setenv(k, v)
     with WecoObserver(api_key=emulator.api_key) as obs:
         run = obs.create_run(source_code={"a.py": "1"}, primary_metric="m")
@@ -108,8 +110,13 @@ def test_offline_background_syncer_gives_up_keeps_events_and_cools_down(cli, jou
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {"WECO_BASE_URL": f"http://127.0.0.1:{port}/v1", "WECO_API_KEY": "k", "WECO_OBSERVE_AUTO_SYNC": "1",
-           "WECO_OBSERVE_SYNC_GIVE_UP": "1", "WECO_OBSERVE_SYNC_LINGER": "0.2"}
+    env = {
+        "WECO_BASE_URL": f"http://127.0.0.1:{port}/v1",
+        "WECO_API_KEY": "k",
+        "WECO_OBSERVE_AUTO_SYNC": "1",
+        "WECO_OBSERVE_SYNC_GIVE_UP": "1",
+        "WECO_OBSERVE_SYNC_LINGER": "0.2",
+    }
     (tmp_path / "a.py").write_text("x = 1\n")
     run_id = cli.ok("observe", "init", "--metric", "m", "--source", "a.py", env=env).stdout.strip()
     assert _wait_for(lambda: autosync.in_cooldown(journal_path), timeout=30), "syncer never gave up"
@@ -129,8 +136,9 @@ def test_offline_background_syncer_gives_up_keeps_events_and_cools_down(cli, jou
     assert pending_events(journal_path) == 0
 
 
-def test_foreground_sync_takes_over_from_a_lingering_background_syncer(cli, emulator, auto_env, journal_path,
-                                                                      tmp_path, monkeypatch):
+def test_foreground_sync_takes_over_from_a_lingering_background_syncer(
+    cli, emulator, auto_env, journal_path, tmp_path, monkeypatch
+):
     monkeypatch.setenv("WECO_OBSERVE_SYNC_LINGER", "30")
     (tmp_path / "a.py").write_text("x = 1\n")
     cli.ok("observe", "init", "--metric", "m", "--source", "a.py", env={"WECO_OBSERVE_SYNC_LINGER": "30"})

@@ -46,8 +46,9 @@ class Box:
 
     def init(self, name: str = "exp") -> str:
         src = self.code("lr = 0.1\n" * 40)
-        return self.ok("observe", "init", "--metric", "loss", "--name", name, "--source", src,
-                       "--metadata", '{"gpu": "a100"}').stdout.strip()
+        return self.ok(
+            "observe", "init", "--metric", "loss", "--name", name, "--source", src, "--metadata", '{"gpu": "a100"}'
+        ).stdout.strip()
 
     def log(self, run: str, step: int, *extra: str) -> None:
         self.ok("observe", "log", "--run-id", run, "--step", str(step), "-q", *extra)
@@ -69,18 +70,21 @@ def journal_state(path: Path) -> dict:
     if not path.exists():
         return {"runs": {}, "steps": {}, "events": {}}
     with Journal(path, replay_spill=False) as j:
-        runs = {r["id"]: {k: r[k] for k in ("name", "metric", "maximize", "metadata", "remote_only")}
-                for r in j.query("SELECT * FROM runs")}
+        runs = {
+            r["id"]: {k: r[k] for k in ("name", "metric", "maximize", "metadata", "remote_only")}
+            for r in j.query("SELECT * FROM runs")
+        }
         steps = {}
         for run in runs:
             for s in j.steps(run):
                 steps[(run, s["step"])] = {
-                    **{k: s[k] for k in ("status", "description", "metrics", "parent_step", "metadata",
-                                         "event_id")},
+                    **{k: s[k] for k in ("status", "description", "metrics", "parent_step", "metadata", "event_id")},
                     "code": j.read_code(s["code"]),
                 }
-        events = {e["id"]: (e["run_id"], e["kind"], e["step"], json.loads(e["payload"]))
-                  for e in j.query("SELECT * FROM events")}
+        events = {
+            e["id"]: (e["run_id"], e["kind"], e["step"], json.loads(e["payload"]))
+            for e in j.query("SELECT * FROM events")
+        }
     return {"runs": runs, "steps": steps, "events": events}
 
 
@@ -191,8 +195,20 @@ def good_bundle(tmp_path_factory) -> tuple[Path, dict]:
     return root / "a.weco", journal_state(root / "a" / "journal.db")
 
 
-@pytest.mark.parametrize("damage", ["truncated", "corrupted", "edited member", "edited manifest",
-                                    "edited code", "extra member", "foreign zip", "not a zip", "empty"])
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "truncated",
+        "corrupted",
+        "edited member",
+        "edited manifest",
+        "edited code",
+        "extra member",
+        "foreign zip",
+        "not a zip",
+        "empty",
+    ],
+)
 def test_damaged_or_foreign_bundles_are_refused_and_import_nothing(boxes, tmp_path, damage, good_bundle):
     b = boxes("b")
     good, a_state = good_bundle
@@ -210,7 +226,7 @@ def test_damaged_or_foreign_bundles_are_refused_and_import_nothing(boxes, tmp_pa
     elif damage == "corrupted":
         info = zipfile.ZipFile(good).getinfo("events.jsonl")
         pos = info.header_offset + 30 + len(info.filename) + info.compress_size // 2
-        bad.write_bytes(data[:pos] + bytes([data[pos] ^ 0xFF]) + data[pos + 1:])
+        bad.write_bytes(data[:pos] + bytes([data[pos] ^ 0xFF]) + data[pos + 1 :])
     elif damage == "edited member":
         rezip({"events.jsonl": members["events.jsonl"].replace(b'"loss":1.2', b'"loss":0.1')})
     elif damage == "edited manifest":
@@ -231,8 +247,11 @@ def test_damaged_or_foreign_bundles_are_refused_and_import_nothing(boxes, tmp_pa
         manifest = json.loads(members["manifest.json"])
         import hashlib
 
-        manifest["members"]["blobs.jsonl"] = {"sha256": hashlib.sha256(new).hexdigest(), "bytes": len(new),
-                                              "lines": len(lines)}
+        manifest["members"]["blobs.jsonl"] = {
+            "sha256": hashlib.sha256(new).hexdigest(),
+            "bytes": len(new),
+            "lines": len(lines),
+        }
         manifest["checksum"] = bundle._manifest_checksum(manifest)
         rezip({"blobs.jsonl": new, "manifest.json": json.dumps(manifest).encode()})
     elif damage == "extra member":
@@ -284,8 +303,9 @@ def test_run_filter_bundles_one_run(boxes, tmp_path):
     one, two = a.init("one"), a.init("two")
     a.log(one, 1)
     a.log(two, 1)
-    only = json.loads(a.ok("observe", "bundle", "--run-id", one[:-6], "-o", str(tmp_path / "one.weco"),
-                           "--json").stdout)
+    only = json.loads(
+        a.ok("observe", "bundle", "--run-id", one[:-6], "-o", str(tmp_path / "one.weco"), "--json").stdout
+    )
     assert only["runs"] == 1 and only["events"] == 2
     rest = json.loads(a.ok("observe", "bundle", "-o", str(tmp_path / "rest.weco"), "--json").stdout)
     assert rest["runs"] == 1 and rest["events"] == 2  # run two only: run one is already bundled
@@ -377,8 +397,7 @@ def test_a_journal_missing_code_refuses_to_bundle_before_the_air_gap(boxes, tmp_
     import sqlite3
 
     conn = sqlite3.connect(a.journal)
-    conn.execute("DELETE FROM blobs WHERE hash IN (SELECT value FROM steps, json_each(steps.code)"
-                 " WHERE step = 1)")
+    conn.execute("DELETE FROM blobs WHERE hash IN (SELECT value FROM steps, json_each(steps.code) WHERE step = 1)")
     conn.commit()
     conn.close()
     result = a("observe", "bundle", "-o", str(tmp_path / "a.weco"))
@@ -397,8 +416,11 @@ def reforge(good: Path, out: Path, edit) -> None:
     with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as zf:
         for name, rows in members.items():
             data = b"".join(bundle._line(row) for row in rows)
-            manifest["members"][name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
-                                         "lines": len(rows)}
+            manifest["members"][name] = {
+                "sha256": hashlib.sha256(data).hexdigest(),
+                "bytes": len(data),
+                "lines": len(rows),
+            }
             zf.writestr(name, data)
         manifest["counts"] = {k: len(members[f"{k}.jsonl"]) for k in ("runs", "steps", "events", "blobs")}
         manifest["checksum"] = bundle._manifest_checksum(manifest)
@@ -419,7 +441,8 @@ FORGERIES = {
     "a delta base outside the bundle": lambda m: m["blobs.jsonl"][0].update(base="cd" * 32),
     "a delta chain that loops": _loop_blobs,
     "a step event whose payload names another step": lambda m: next(
-        e for e in m["events.jsonl"] if e["kind"] == "log_step")["payload"].update(step=99),
+        e for e in m["events.jsonl"] if e["kind"] == "log_step"
+    )["payload"].update(step=99),
     "a bad event state": lambda m: m["events.jsonl"][0].update(state="lost"),
 }
 
@@ -460,8 +483,12 @@ def test_an_import_killed_midway_is_completed_by_importing_again(boxes, tmp_path
     for _attempt in range(5):  # bounded: the kill must land after some batches and before the end
         shutil.rmtree(b.dir, ignore_errors=True)
         b.ok("observe", "status")  # create the journal first, so only the merge is timed
-        proc = subprocess.Popen([sys.executable, "-m", "weco_observe", "observe", "import", str(tmp_path / "big.weco")],
-                                env={**os.environ, **b.env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "weco_observe", "observe", "import", str(tmp_path / "big.weco")],
+            env={**os.environ, **b.env},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + 30
         seen = 0
         while proc.poll() is None and time.monotonic() < deadline:

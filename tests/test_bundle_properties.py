@@ -20,9 +20,16 @@ ops = st.lists(st.one_of(log_op, log_op, log_op, bundle_op), min_size=1, max_siz
 
 
 def snapshot(journal: Journal) -> dict:
-    steps = {(r["run_id"], r["step"]): (r["status"], r["metrics"], r["parent_step"], r["event_id"],
-                                        json.dumps(journal.read_code(json.loads(r["code"]) if r["code"] else None)))
-             for r in journal.query("SELECT * FROM steps")}
+    steps = {
+        (r["run_id"], r["step"]): (
+            r["status"],
+            r["metrics"],
+            r["parent_step"],
+            r["event_id"],
+            json.dumps(journal.read_code(json.loads(r["code"]) if r["code"] else None)),
+        )
+        for r in journal.query("SELECT * FROM steps")
+    }
     events = {r["id"]: (r["run_id"], r["kind"], r["step"], r["payload"]) for r in journal.query("SELECT * FROM events")}
     runs = {r["id"]: (r["name"], r["metric"]) for r in journal.query("SELECT * FROM runs")}
     return {"runs": runs, "steps": steps, "events": events}
@@ -37,8 +44,7 @@ def test_any_cut_and_any_import_order_converges(ops, seed):
         files: list[Path] = []
         with Journal(root / "a" / "journal.db", replay_spill=False) as a:
             a.conn.execute("PRAGMA synchronous=OFF")
-            runs = [a.create_run(source_code={"t.py": f"run = {i}\n"}, metric="loss", name=f"r{i}")
-                    for i in range(3)]
+            runs = [a.create_run(source_code={"t.py": f"run = {i}\n"}, metric="loss", name=f"r{i}") for i in range(3)]
 
             def write(**kw) -> None:
                 path = root / f"{len(files)}.weco"
@@ -48,9 +54,13 @@ def test_any_cut_and_any_import_order_converges(ops, seed):
             for op in ops:
                 if op[0] == "log":
                     _, r, step, failed, code = op
-                    a.log_step(runs[r], step, status="failed" if failed else "completed",
-                               metrics={"loss": rng.random()},
-                               code={"t.py": f"step = {step} {rng.random()}\n" * 20} if code else None)
+                    a.log_step(
+                        runs[r],
+                        step,
+                        status="failed" if failed else "completed",
+                        metrics={"loss": rng.random()},
+                        code={"t.py": f"step = {step} {rng.random()}\n" * 20} if code else None,
+                    )
                 elif op[0] == "bundle":
                     write()
                 elif op[0] == "bundle_all":

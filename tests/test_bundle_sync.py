@@ -20,10 +20,11 @@ def server_state(emu: Emulator) -> dict:
     out = {}
     for run in emu.runs().values():
         local = (run.get("metadata") or {}).get(LOCAL_ID_KEY)
-        steps = {n: {k: v for k, v in s.items() if k not in ("posts", "updated_at")}
-                 for n, s in run["steps"].items()}
-        out[local] = {**{k: run[k] for k in ("name", "metric_name", "maximize", "additional_instructions",
-                                             "metadata")}, "steps": steps}
+        steps = {n: {k: v for k, v in s.items() if k not in ("posts", "updated_at")} for n, s in run["steps"].items()}
+        out[local] = {
+            **{k: run[k] for k in ("name", "metric_name", "maximize", "additional_instructions", "metadata")},
+            "steps": steps,
+        }
     return out
 
 
@@ -179,7 +180,14 @@ def test_sync_bundle_imports_then_sends_and_refuses_a_damaged_file(boxes, tmp_pa
     a.log(run, 4, "--metrics", '{"loss": 1.1}')
     a.ok("observe", "bundle", "-o", str(tmp_path / "2.weco"))
     posted = emulator.stats()["steps_posted"]
-    b.cli.ok("observe", "sync", "--bundle", str(tmp_path / "1.weco"), "--bundle", str(tmp_path / "2.weco"),
-             env={**b.env, **emulator.env()})
+    b.cli.ok(
+        "observe",
+        "sync",
+        "--bundle",
+        str(tmp_path / "1.weco"),
+        "--bundle",
+        str(tmp_path / "2.weco"),
+        env={**b.env, **emulator.env()},
+    )
     assert list(emulator.runs()) == [server_id] and emulator.stats()["steps_posted"] - posted == 1
     assert_server_matches_journal(emulator, b.journal)

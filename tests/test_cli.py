@@ -60,8 +60,22 @@ def events(journal_path: Path, run: str) -> list[dict]:
 
 
 def test_init_prints_only_the_run_id_and_records_baseline(cli, src, journal_path):
-    result = cli.ok("observe", "init", "--name", "my-experiment", "--metric", "val_bpb", "--goal", "min",
-                    "--source", "train.py", "-i", "be careful", "--metadata", '{"gpu": "a100"}')
+    result = cli.ok(
+        "observe",
+        "init",
+        "--name",
+        "my-experiment",
+        "--metric",
+        "val_bpb",
+        "--goal",
+        "min",
+        "--source",
+        "train.py",
+        "-i",
+        "be careful",
+        "--metadata",
+        '{"gpu": "a100"}',
+    )
     assert result.stdout.count("\n") == 1
     run = result.stdout.strip()
     assert run.startswith("local-") and len(run) == len("local-") + 26
@@ -78,8 +92,9 @@ def test_init_prints_only_the_run_id_and_records_baseline(cli, src, journal_path
     assert set(payload["source_code"]) == {"train.py"}
 
 
-@pytest.mark.parametrize("goal,maximize", [("max", True), ("maximize", True), ("min", False),
-                                           ("minimize", False), (None, False)])
+@pytest.mark.parametrize(
+    "goal,maximize", [("max", True), ("maximize", True), ("min", False), ("minimize", False), (None, False)]
+)
 def test_init_goal(cli, src, journal_path, goal, maximize):
     args = ["observe", "init", "--metric", "acc", "-s", "train.py"] + (["-g", goal] if goal else [])
     run = cli.ok(*args).stdout.strip()
@@ -115,8 +130,13 @@ def test_weco_observe_script_and_module_agree(cli, src, journal_path):
         script = Path(shutil.which("weco-observe") or "")
     if not script.is_file():
         pytest.skip("weco-observe console script not installed next to this interpreter")
-    result = subprocess.run([str(script), "init", "--metric", "loss", "-s", "train.py"], cwd=src.parent,
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [str(script), "init", "--metric", "loss", "-s", "train.py"],
+        cwd=src.parent,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     assert Journal(journal_path).find_run(result.stdout.strip()) is not None
 
@@ -126,9 +146,24 @@ def test_weco_observe_script_and_module_agree(cli, src, journal_path):
 
 def test_log_step_with_all_flags(cli, run_id, src, journal_path):
     src.write_text("lr = 0.2\nbatch = 32\n")
-    result = cli.ok("observe", "log", "--run-id", run_id, "--step", "1", "--status", "completed",
-                    "--description", "raise lr", "--metrics", '{"val_bpb": 2.261, "memory_gb": 0.0}',
-                    "--source", "train.py", "--metadata", '{"seed": 3}')
+    result = cli.ok(
+        "observe",
+        "log",
+        "--run-id",
+        run_id,
+        "--step",
+        "1",
+        "--status",
+        "completed",
+        "--description",
+        "raise lr",
+        "--metrics",
+        '{"val_bpb": 2.261, "memory_gb": 0.0}',
+        "--source",
+        "train.py",
+        "--metadata",
+        '{"seed": 3}',
+    )
     assert result.stdout == ""
     assert "step 1 journaled" in result.stderr
     step = steps(journal_path, run_id)[1]
@@ -138,9 +173,15 @@ def test_log_step_with_all_flags(cli, run_id, src, journal_path):
     with Journal(journal_path) as j:
         assert j.read_code(step["code"]) == {"train.py": "lr = 0.2\nbatch = 32\n"}
     payload = events(journal_path, run_id)[-1]["payload"]
-    assert payload == {"step": 1, "status": "completed", "description": "raise lr",
-                       "metrics": {"val_bpb": 2.261, "memory_gb": 0.0}, "code": step["code"],
-                       "parent_step": 0, "metadata": {"seed": 3}}
+    assert payload == {
+        "step": 1,
+        "status": "completed",
+        "description": "raise lr",
+        "metrics": {"val_bpb": 2.261, "memory_gb": 0.0},
+        "code": step["code"],
+        "parent_step": 0,
+        "metadata": {"seed": 3},
+    }
 
 
 def test_log_quiet_prints_nothing(cli, run_id):
@@ -151,8 +192,9 @@ def test_log_quiet_prints_nothing(cli, run_id):
 def test_log_sources_space_separated(cli, run_id, tmp_path, journal_path):
     (tmp_path / "a.py").write_text("a\n")
     (tmp_path / "b.py").write_text("b\n")
-    cli.ok("observe", "log", "--run-id", run_id, "--step", "1", "--sources", "a.py", "b.py",
-           "--description", "two files")
+    cli.ok(
+        "observe", "log", "--run-id", run_id, "--step", "1", "--sources", "a.py", "b.py", "--description", "two files"
+    )
     step = steps(journal_path, run_id)[1]
     assert set(step["code"]) == {"a.py", "b.py"} and step["description"] == "two files"
 
@@ -167,10 +209,19 @@ def test_unchanged_source_reuses_the_blob(cli, run_id, journal_path):
 
 
 def test_relog_updates_the_step_and_is_its_own_event(cli, run_id, journal_path):
-    cli.ok("observe", "log", "--run-id", run_id, "--step", "1", "--description", "first try",
-           "--metrics", '{"val_bpb": 2.5}')
-    cli.ok("observe", "log", "--run-id", run_id, "--step", "1", "--status", "failed",
-           "--metrics", '{"val_bpb": 2.4}')
+    cli.ok(
+        "observe",
+        "log",
+        "--run-id",
+        run_id,
+        "--step",
+        "1",
+        "--description",
+        "first try",
+        "--metrics",
+        '{"val_bpb": 2.5}',
+    )
+    cli.ok("observe", "log", "--run-id", run_id, "--step", "1", "--status", "failed", "--metrics", '{"val_bpb": 2.4}')
     all_steps = steps(journal_path, run_id)
     assert sorted(all_steps) == [0, 1]
     step = all_steps[1]
@@ -179,8 +230,13 @@ def test_relog_updates_the_step_and_is_its_own_event(cli, run_id, journal_path):
     step_events = [e for e in events(journal_path, run_id) if e["kind"] == "log_step"]
     assert len(step_events) == 2 and step_events[0]["id"] != step_events[1]["id"]
     assert step_events[0]["id"] < step_events[1]["id"]  # ULIDs sort by time
-    assert step_events[1]["payload"] == {"step": 1, "status": "failed", "description": "first try",
-                                         "metrics": {"val_bpb": 2.4}, "parent_step": 0}
+    assert step_events[1]["payload"] == {
+        "step": 1,
+        "status": "failed",
+        "description": "first try",
+        "metrics": {"val_bpb": 2.4},
+        "parent_step": 0,
+    }
     assert step["event_id"] == step_events[1]["id"]
 
 
@@ -190,10 +246,19 @@ def test_guide_branching_example(cli, run_id, journal_path):
     log("--step", "0", "--description", "baseline", "--metrics", '{"val_bpb": 2.366}', "-s", "train.py")
     log("--step", "1", "--metrics", '{"val_bpb": 2.261}')
     log("--step", "2", "--metrics", '{"val_bpb": 2.2}')
-    log("--step", "3", "--status", "failed", "--description", "tried X, didn't work", "--metrics",
-        '{"val_bpb": 2.5}')
-    log("--step", "4", "--parent-step", "2", "--status", "completed", "--description", "tried Y instead",
-        "--metrics", '{"val_bpb": 2.1}')
+    log("--step", "3", "--status", "failed", "--description", "tried X, didn't work", "--metrics", '{"val_bpb": 2.5}')
+    log(
+        "--step",
+        "4",
+        "--parent-step",
+        "2",
+        "--status",
+        "completed",
+        "--description",
+        "tried Y instead",
+        "--metrics",
+        '{"val_bpb": 2.1}',
+    )
     tree = {n: s["parent_step"] for n, s in steps(journal_path, run_id).items()}
     assert tree == {0: None, 1: 0, 2: 1, 3: 2, 4: 2}
     assert steps(journal_path, run_id)[0]["metrics"] == {"val_bpb": 2.366}
@@ -308,8 +373,14 @@ def shared_run(tmp_path_factory) -> tuple[dict[str, str], Path, str]:
     full.pop("WECO_API_KEY", None)
 
     def run(*args: str) -> str:
-        done = subprocess.run([sys.executable, "-m", "weco_observe", "observe", *args], cwd=base, env=full,
-                              capture_output=True, text=True, timeout=60)
+        done = subprocess.run(
+            [sys.executable, "-m", "weco_observe", "observe", *args],
+            cwd=base,
+            env=full,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert done.returncode == 0, done.stderr
         return done.stdout.strip()
 
@@ -377,8 +448,7 @@ def test_bad_input_before_any_journal_creates_nothing(cli, isolated_env):
 def test_status_json(cli, run_id, journal_path):
     cli.ok("observe", "log", "--run-id", run_id, "--step", "1")
     cli.ok("observe", "log", "--run-id", run_id, "--step", "1")
-    info = json.loads(cli.ok("observe", "status", "--json",
-                             env={"WECO_BASE_URL": "http://127.0.0.1:9/v1"}).stdout)
+    info = json.loads(cli.ok("observe", "status", "--json", env={"WECO_BASE_URL": "http://127.0.0.1:9/v1"}).stdout)
     assert info["journal"] == str(journal_path)
     assert info["size_bytes"] >= journal_path.stat().st_size > 0
     assert info["schema_version"] == 2
@@ -454,8 +524,11 @@ def test_log_never_waits_on_a_black_holed_api(cli, src, journal_path):
     hole = socket.socket()
     hole.bind(("127.0.0.1", 0))
     hole.listen(64)  # connections complete in the backlog; nothing is ever read or answered
-    env = {"WECO_API_KEY": "wk-black-hole", "WECO_OBSERVE_AUTO_SYNC": "1",
-           "WECO_BASE_URL": f"http://127.0.0.1:{hole.getsockname()[1]}/v1"}
+    env = {
+        "WECO_API_KEY": "wk-black-hole",
+        "WECO_OBSERVE_AUTO_SYNC": "1",
+        "WECO_BASE_URL": f"http://127.0.0.1:{hole.getsockname()[1]}/v1",
+    }
     try:
         start = time.monotonic()
         run = cli.ok("observe", "init", "--metric", "loss", "-s", "train.py", env=env).stdout.strip()

@@ -66,15 +66,22 @@ def test_eight_writers_one_journal(cli, tmp_path, journal_path):
         workdir = tmp_path / f"w{i}"
         workdir.mkdir()
         kind = "cli" if i < CLI_WRITERS else "sdk"
-        procs.append(subprocess.Popen(
-            [sys.executable, "-c", WORKER, kind, run_id, str(1 + i * STEPS), str(STEPS)],
-            cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", WORKER, kind, run_id, str(1 + i * STEPS), str(STEPS)],
+                cwd=workdir,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     deadline = time.monotonic() + 240
     results = []
     for proc in procs:
         out, err = proc.communicate(timeout=max(1, deadline - time.monotonic()))
         results.append((proc.returncode, out, err))
-    for rc, out, err in results:
+    for rc, _out, err in results:
         assert rc == 0, err
         assert err == "", err  # no warnings, no "journal unavailable", no spill
     assert not (journal_path.parent / "spill").exists()
@@ -96,9 +103,16 @@ def test_concurrent_first_use_creates_one_journal(tmp_path, journal_path):
     """Six `weco observe init` processes race on a machine with no journal yet."""
     (tmp_path / "train.py").write_text("x = 0\n")
     assert not journal_path.exists()
-    procs = [subprocess.Popen([sys.executable, "-m", "weco_observe", "observe", "init", "--metric", "loss",
-                               "-s", "train.py"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for _ in range(6)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "weco_observe", "observe", "init", "--metric", "loss", "-s", "train.py"],
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(6)
+    ]
     outs = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0] * 6, [err for _, err in outs]
     assert all(err == "" for _, err in outs), outs

@@ -35,7 +35,8 @@ def check(journal_path: Path, run_id: str, must_have: set[int]) -> set[int]:
         have = {s["step"] for s in j.steps(run_id)}
         # every step row has its event, and every event its step: a transaction is all or nothing
         orphans = j.query(
-            "SELECT count(*) AS n FROM steps s LEFT JOIN events e ON e.id = s.event_id WHERE e.id IS NULL")
+            "SELECT count(*) AS n FROM steps s LEFT JOIN events e ON e.id = s.event_id WHERE e.id IS NULL"
+        )
         assert orphans[0]["n"] == 0
         for s in j.steps(run_id):
             if s["code"]:
@@ -56,9 +57,26 @@ def test_kill_9_during_cli_log(cli, tmp_path, journal_path):
         lines[rng.randrange(len(lines))] = f"w = {step}\n"
         src.write_text("".join(lines))
         return subprocess.Popen(
-            [sys.executable, "-m", "weco_observe", "observe", "log", "--run-id", run_id, "--step", str(step),
-             "-s", "train.py", "--metrics", f'{{"loss": {step}}}', "-q"],
-            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            [
+                sys.executable,
+                "-m",
+                "weco_observe",
+                "observe",
+                "log",
+                "--run-id",
+                run_id,
+                "--step",
+                str(step),
+                "-s",
+                "train.py",
+                "--metrics",
+                f'{{"loss": {step}}}',
+                "-q",
+            ],
+            cwd=tmp_path,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
 
     # calibrate: how long does one log take here?
     durations = []
@@ -122,8 +140,12 @@ def test_kill_9_during_sdk_log_loop(tmp_path, journal_path):
     deadline = time.monotonic() + 8
     rounds = 0
     while rounds < 20 and time.monotonic() < deadline:
-        proc = subprocess.Popen([sys.executable, "-c", SDK_LOOP, run_id, str(next_step)],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", SDK_LOOP, run_id, str(next_step)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
         time.sleep(rng.uniform(0.01, 0.3))
         proc.send_signal(signal.SIGKILL)

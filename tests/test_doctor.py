@@ -26,12 +26,18 @@ def make_journal(path: Path, steps: int = 300) -> list[str]:
     with Journal(path) as j:
         runs = []
         for r in range(2):
-            run = j.create_run(source_code={"train.py": "lr = 0.1\n" * 50}, metric="loss", name=f"run{r}",
-                               metadata={"box": "a"})
+            run = j.create_run(
+                source_code={"train.py": "lr = 0.1\n" * 50}, metric="loss", name=f"run{r}", metadata={"box": "a"}
+            )
             for i in range(1, steps // 2):
-                j.log_step(run, i, metrics={"loss": 1 / i}, description=f"step {i} " + "d" * 150,
-                           code={"train.py": f"lr = {i}\n" * 50} if i % 10 == 0 else None,
-                           status="failed" if i % 7 == 0 else "completed")
+                j.log_step(
+                    run,
+                    i,
+                    metrics={"loss": 1 / i},
+                    description=f"step {i} " + "d" * 150,
+                    code={"train.py": f"lr = {i}\n" * 50} if i % 10 == 0 else None,
+                    status="failed" if i % 7 == 0 else "completed",
+                )
             runs.append(run)
         create = j.query("SELECT id FROM events WHERE run_id = ? AND kind = 'create_run'", (runs[0],))[0][0]
         j.mark_run_created(create, runs[0], SERVER_ID)
@@ -97,8 +103,11 @@ def test_repair_recovers_every_intact_step_and_event(cli, journal_path):
 
     repaired = cli.ok("observe", "doctor", "--repair")
     assert "repaired:" in repaired.stdout and "damaged file is kept as" in repaired.stdout
-    kept = [p for p in journal_path.parent.iterdir() if p.name.startswith("journal.db.damaged-")
-            and not p.name.endswith("-wal")]
+    kept = [
+        p
+        for p in journal_path.parent.iterdir()
+        if p.name.startswith("journal.db.damaged-") and not p.name.endswith("-wal")
+    ]
     assert len(kept) == 1 and kept[0].stat().st_size > 0
 
     # Every step comes back exactly: those on the damaged page from their newest event.
@@ -218,8 +227,9 @@ def test_spill_files_waiting_for_this_journal_are_reported(cli, journal_path):
     make_journal(journal_path, steps=4)
     assert spill.write("log_step", {"run": "local-x", "step": 1, "event_id": "01abc"}, journal_path) is not None
     out = json.loads(cli.ok("observe", "doctor", "--json").stdout)
-    assert any(c["name"] == "spill" and c["level"] == "warn" and c["message"].startswith("1 spill")
-               for c in out["checks"])
+    assert any(
+        c["name"] == "spill" and c["level"] == "warn" and c["message"].startswith("1 spill") for c in out["checks"]
+    )
 
 
 def test_repair_waits_for_a_running_syncer_and_changes_nothing_if_it_stays(journal_path):
@@ -250,8 +260,10 @@ def test_a_big_write_ahead_log_and_missing_code_are_reported(journal_path, monke
         wal = next(c for c in report["checks"] if c["name"] == "wal")
         assert report["wal_bytes"] > 1 and wal["level"] == "warn" and "long-lived reader" in wal["message"]
         with j.write() as conn:
-            conn.execute("DELETE FROM blobs WHERE hash IN (SELECT value FROM steps, json_each(steps.code)"
-                         " WHERE step = 0 LIMIT 1)")
+            conn.execute(
+                "DELETE FROM blobs WHERE hash IN (SELECT value FROM steps, json_each(steps.code)"
+                " WHERE step = 0 LIMIT 1)"
+            )
     report = doctor.check(journal_path)
     assert report["missing_blobs"] == 1 and not report["damaged"]
     code = next(c for c in report["checks"] if c["name"] == "code")

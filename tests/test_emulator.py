@@ -19,8 +19,10 @@ def _client(emu: Emulator, key: str | None = DEFAULT_API_KEY, timeout: float = 5
 
 def test_create_and_upsert_steps_with_auto_chaining(emulator):
     with _client(emulator) as c:
-        r = c.post("/external/runs", json={"source_code": {"a.py": "x=1"}, "metric_name": "loss",
-                                          "maximize": False, "name": "demo"})
+        r = c.post(
+            "/external/runs",
+            json={"source_code": {"a.py": "x=1"}, "metric_name": "loss", "maximize": False, "name": "demo"},
+        )
         assert r.status_code == 200
         run_id = r.json()["run_id"]
         assert len(run_id) == 36
@@ -61,15 +63,19 @@ def test_auth_unknown_run_and_invalid_bodies(emulator):
 
 def test_any_key_mode():
     with Emulator(api_key=None) as emu, _client(emu, key="whatever") as c:
-        assert c.post("/external/runs", json={"source_code": {}, "metric_name": "m",
-                                             "maximize": True}).status_code == 200
+        assert (
+            c.post("/external/runs", json={"source_code": {}, "metric_name": "m", "maximize": True}).status_code == 200
+        )
 
 
 @pytest.mark.parametrize(
     ("faults", "check"),
     [
         ({"error_rate": 1.0}, lambda r: r.status_code in (500, 503)),
-        ({"rate_limit_rate": 1.0, "retry_after": 3}, lambda r: r.status_code == 429 and r.headers["Retry-After"] == "3"),
+        (
+            {"rate_limit_rate": 1.0, "retry_after": 3},
+            lambda r: r.status_code == 429 and r.headers["Retry-After"] == "3",
+        ),
         ({"non_json_rate": 1.0}, lambda r: r.status_code == 200 and r.text == "<html>OK</html>"),
         ({"reject_steps": [1]}, lambda r: r.status_code == 422),
     ],
@@ -128,8 +134,12 @@ def test_emulator_command_serves_until_interrupted(cli, tmp_path, journal_path):
     import subprocess
     import sys
 
-    proc = subprocess.Popen([sys.executable, "-m", "weco_observe", "observe", "emulator", "--port", "0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "weco_observe", "observe", "emulator", "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         base_url = proc.stdout.readline().strip()
         assert base_url.startswith("http://127.0.0.1:") and base_url.endswith("/v1")

@@ -34,8 +34,9 @@ def test_quickstart_sh(tmp_path, journal_path, weco):
         env.pop("WECO", None)
     else:
         env["WECO"] = f"{sys.executable} -m weco_observe"
-    out = subprocess.run(["bash", str(EXAMPLES / "quickstart.sh")], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        ["bash", str(EXAMPLES / "quickstart.sh")], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("run: local-")
     assert "steps:          5" in out.stdout
@@ -52,8 +53,13 @@ def test_quickstart_sh(tmp_path, journal_path, weco):
 
 
 def test_sdk_sweep(tmp_path, journal_path):
-    out = subprocess.run([sys.executable, "-W", "error", str(EXAMPLES / "sdk_sweep.py"), "--steps", "15"],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-W", "error", str(EXAMPLES / "sdk_sweep.py"), "--steps", "15"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("run local-") and "best step" in out.stdout
     shape = tree(journal_path)

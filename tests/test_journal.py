@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 import uuid
 
 import pytest
@@ -24,8 +25,7 @@ def blob_bytes(j: Journal) -> int:
 
 
 def big_file(lines: int = 1500) -> list[str]:
-    return [f"line_{i} = {i * 7919 % 104729}  # some padding text to make the file realistic\n"
-            for i in range(lines)]
+    return [f"line_{i} = {i * 7919 % 104729}  # some padding text to make the file realistic\n" for i in range(lines)]
 
 
 def test_unchanged_code_costs_nothing(j):
@@ -70,8 +70,17 @@ def test_reads_back_from_a_fresh_process_cache(journal_path):
         assert fresh.read_code(fresh.steps(run)[4]["code"])["a.py"] == "".join(lines)
 
 
-@pytest.mark.parametrize("old,new", [("", "x"), ("abc", "abc\n"), ("abcdef", "abXdef"), ("aaaa", "aa"),
-                                     ("héllo wörld", "héllo world"), ("x" * 1000, "y" * 1000)])
+@pytest.mark.parametrize(
+    "old,new",
+    [
+        ("", "x"),
+        ("abc", "abc\n"),
+        ("abcdef", "abXdef"),
+        ("aaaa", "aa"),
+        ("héllo wörld", "héllo world"),
+        ("x" * 1000, "y" * 1000),
+    ],
+)
 def test_codestore_round_trip(old, new):
     base = old.encode()
     depth, prefix, suffix, payload = codestore.encode(new.encode(), base, 0)
@@ -133,6 +142,7 @@ def test_a_failing_log_writes_nothing(j, journal_path):
 
 def test_find_run_by_prefix(j):
     a = j.create_run(source_code={"a.py": "a"}, metric="m")
+    time.sleep(0.003)  # ids made in one millisecond differ only in their last characters
     b = j.create_run(source_code={"a.py": "a"}, metric="m")
     assert j.find_run(a[:-3], prefix=True)["id"] == a
     assert j.find_run(a[:-3]) is None  # exact match only without prefix
@@ -142,14 +152,25 @@ def test_find_run_by_prefix(j):
 
 
 def test_payload_is_the_request_body_with_code_as_hashes(j):
-    run = j.create_run(source_code={"a.py": "a = 1\n"}, metric="loss", maximize=True, name="n",
-                       metadata={"k": [1, 2]})
+    run = j.create_run(source_code={"a.py": "a = 1\n"}, metric="loss", maximize=True, name="n", metadata={"k": [1, 2]})
     j.log_step(run, 1, description="d", metrics={"loss": 1}, code={"a.py": "a = 2\n"}, metadata={"s": 1})
     create, step = [json.loads(r["payload"]) for r in j.query("SELECT payload FROM events ORDER BY seq")]
-    assert create == {"source_code": {"a.py": codestore.text_hash(b"a = 1\n")}, "metric_name": "loss",
-                      "maximize": True, "name": "n", "metadata": {"k": [1, 2]}}
-    assert step == {"step": 1, "status": "completed", "description": "d", "metrics": {"loss": 1},
-                    "code": {"a.py": codestore.text_hash(b"a = 2\n")}, "parent_step": 0, "metadata": {"s": 1}}
+    assert create == {
+        "source_code": {"a.py": codestore.text_hash(b"a = 1\n")},
+        "metric_name": "loss",
+        "maximize": True,
+        "name": "n",
+        "metadata": {"k": [1, 2]},
+    }
+    assert step == {
+        "step": 1,
+        "status": "completed",
+        "description": "d",
+        "metrics": {"loss": 1},
+        "code": {"a.py": codestore.text_hash(b"a = 2\n")},
+        "parent_step": 0,
+        "metadata": {"s": 1},
+    }
     assert j.read_code(step["code"]) == {"a.py": "a = 2\n"}
 
 

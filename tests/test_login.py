@@ -162,21 +162,27 @@ def test_key_never_reaches_journal_spill_or_output(cli, creds, tmp_path, journal
 
     conn = sqlite3.connect(journal_path, isolation_level=None)
     conn.execute("BEGIN IMMEDIATE")
-    spilled = cli("observe", "log", "--run-id", run, "--step", "2",
-                  env={**env, "WECO_OBSERVE_BUSY_TIMEOUT": "0.1"})
+    spilled = cli("observe", "log", "--run-id", run, "--step", "2", env={**env, "WECO_OBSERVE_BUSY_TIMEOUT": "0.1"})
     outputs.append(spilled)
     spill_bytes = b"".join(p.read_bytes() for p in journal_path.parent.glob("spill/*.json"))
     assert spill_bytes  # there is a spill file to check
     conn.execute("ROLLBACK")
     conn.close()
     sdk = subprocess.run(
-        [sys.executable, "-c",
-         "from weco_observe import WecoObserver\n"
-         f"obs = WecoObserver(api_key={KEY!r})\n"
-         f"run = obs.run({run!r})\n"
-         "run.log_step(3, metrics={'loss': 0.1})\n"
-         "run.log_step(-3)\n"],
-        capture_output=True, text=True, timeout=60, env={**os.environ, **env})
+        [
+            sys.executable,
+            "-c",
+            "from weco_observe import WecoObserver\n"
+            f"obs = WecoObserver(api_key={KEY!r})\n"
+            f"run = obs.run({run!r})\n"
+            "run.log_step(3, metrics={'loss': 0.1})\n"
+            "run.log_step(-3)\n",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **env},
+    )
     outputs.append(sdk)
     with Journal(journal_path) as j:
         assert j.counts()["steps"] == 4
@@ -188,8 +194,6 @@ def test_key_never_reaches_journal_spill_or_output(cli, creds, tmp_path, journal
     assert written
     for key in (KEY, ENV_KEY):
         assert key.encode() not in written
-
-
 
 
 def _echo_server(mode: str):

@@ -43,11 +43,14 @@ def test_schema_version_equals_number_of_migrations():
     assert journal.SCHEMA_VERSION == migrations.SCHEMA_VERSION == len(migrations.migrations._migrations)
 
 
-@pytest.mark.parametrize("argv", [
-    [sys.executable, "-m", "weco_observe", "--help"],
-    [sys.executable, "-m", "weco_observe", "observe", "--help"],
-    [sys.executable, "-c", "from weco_observe.cli import main_observe; main_observe()", "--help"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [sys.executable, "-m", "weco_observe", "--help"],
+        [sys.executable, "-m", "weco_observe", "observe", "--help"],
+        [sys.executable, "-c", "from weco_observe.cli import main_observe; main_observe()", "--help"],
+    ],
+)
 def test_entry_points_answer_help(argv):
     out = subprocess.run(argv, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
@@ -59,8 +62,7 @@ def test_console_scripts_declared():
     from pathlib import Path
 
     project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
-    assert project["scripts"] == {"weco": "weco_observe.cli:main_weco",
-                                  "weco-observe": "weco_observe.cli:main_observe"}
+    assert project["scripts"] == {"weco": "weco_observe.cli:main_weco", "weco-observe": "weco_observe.cli:main_observe"}
     assert project["requires-python"] == ">=3.10"
     deps = " ".join(project["dependencies"])
     for dep in ("typer", "sqlite-utils", "httpx", "platformdirs", "tenacity"):

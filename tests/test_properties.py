@@ -31,8 +31,13 @@ def test_non_finite_metric_is_refused(value, name, bad):
         validate.check_metrics(value)
 
 
-@given(metrics, names, st.one_of(st.booleans(), st.none(), st.text(), st.lists(finite, max_size=2),
-                                 st.dictionaries(names, finite, max_size=2)))
+@given(
+    metrics,
+    names,
+    st.one_of(
+        st.booleans(), st.none(), st.text(), st.lists(finite, max_size=2), st.dictionaries(names, finite, max_size=2)
+    ),
+)
 def test_non_number_metric_is_refused(value, name, bad):
     with pytest.raises(InvalidInput, match="--metrics"):
         validate.parse_metrics(json.dumps({**value, name: bad}))
@@ -60,8 +65,11 @@ def test_parse_metrics_never_crashes(text):
     assert all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in out.values())
 
 
-@given(st.integers(min_value=0, max_value=validate.MAX_STEP), st.sampled_from(["", " ", "\t", "+"]),
-       st.sampled_from(["", " ", "\n"]))
+@given(
+    st.integers(min_value=0, max_value=validate.MAX_STEP),
+    st.sampled_from(["", " ", "\t", "+"]),
+    st.sampled_from(["", " ", "\n"]),
+)
 def test_step_round_trip(step, lead, trail):
     assert validate.parse_step(f"{lead}{step}{trail}") == step
 
@@ -107,7 +115,8 @@ def test_check_step_refuses_non_steps(value):
 
 log_calls = st.lists(
     st.tuples(st.integers(0, 12), st.sampled_from(["completed", "failed"]), st.none() | st.integers(0, 12)),
-    min_size=1, max_size=25,
+    min_size=1,
+    max_size=25,
 )
 
 

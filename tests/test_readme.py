@@ -24,9 +24,10 @@ def test_every_command_is_documented():
 
 
 def test_help_runs_for_every_command():
-    for path, command in cli_reference.commands():
+    for path, _command in cli_reference.commands():
         args = [*path[1:], "--help"]
-        result = subprocess.run([sys.executable, "-m", "weco_observe", *args], capture_output=True, text=True,
-                                timeout=60)
+        result = subprocess.run(
+            [sys.executable, "-m", "weco_observe", *args], capture_output=True, text=True, timeout=60
+        )
         assert result.returncode == 0, (args, result.stderr)
         assert "Usage" in result.stdout

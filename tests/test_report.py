@@ -17,13 +17,39 @@ def _island(html: str) -> dict:
 
 def _make_run(cli, tmp_path: Path) -> str:
     (tmp_path / "train.py").write_text("lr = 0.1\n")
-    run_id = cli.ok("observe", "init", "--name", "report <demo>", "--metric", "loss", "--source", "train.py").stdout.strip()
+    run_id = cli.ok(
+        "observe", "init", "--name", "report <demo>", "--metric", "loss", "--source", "train.py"
+    ).stdout.strip()
     cli.ok("observe", "log", "--run-id", run_id, "--step", "0", "--metrics", '{"loss": 1.0}')
     (tmp_path / "train.py").write_text("lr = 0.05\n")
-    cli.ok("observe", "log", "--run-id", run_id, "--step", "1", "--metrics", '{"loss": 0.8, "acc": 0.5}',
-           "--description", "</script><script>alert(1)</script> halve lr", "--source", "train.py")
-    cli.ok("observe", "log", "--run-id", run_id, "--step", "2", "--metrics", '{"loss": 0.0}', "--status", "failed",
-           "--description", "diverged")
+    cli.ok(
+        "observe",
+        "log",
+        "--run-id",
+        run_id,
+        "--step",
+        "1",
+        "--metrics",
+        '{"loss": 0.8, "acc": 0.5}',
+        "--description",
+        "</script><script>alert(1)</script> halve lr",
+        "--source",
+        "train.py",
+    )
+    cli.ok(
+        "observe",
+        "log",
+        "--run-id",
+        run_id,
+        "--step",
+        "2",
+        "--metrics",
+        '{"loss": 0.0}',
+        "--status",
+        "failed",
+        "--description",
+        "diverged",
+    )
     return run_id
 
 
@@ -49,10 +75,13 @@ def test_report_is_one_self_contained_file(cli, tmp_path):
     assert [s["step"] for s in steps] == [0, 1, 2]
     assert steps[1]["description"].startswith("</script>")
     assert data["view"]["best"]["step"] == 1 and data["view"]["metrics"] == ["loss", "acc"]
-    assert data["diffs"]["1"] == [{
-        "path": "train.py", "status": "modified",
-        "lines": ["--- step0/train.py", "+++ step1/train.py", "@@ -1 +1 @@", "-lr = 0.1", "+lr = 0.05"],
-    }]
+    assert data["diffs"]["1"] == [
+        {
+            "path": "train.py",
+            "status": "modified",
+            "lines": ["--- step0/train.py", "+++ step1/train.py", "@@ -1 +1 @@", "-lr = 0.1", "+lr = 0.05"],
+        }
+    ]
     assert data["diffs"]["2"] == []  # no code of its own: same code as its parent
     assert "0" not in data["diffs"]  # the baseline has no parent
 
@@ -73,8 +102,13 @@ def test_a_1000_step_report_stays_small(cli, tmp_path, journal_path):
         run = obs.create_run(source_code={"train.py": "\n".join(lines)}, primary_metric="loss")
         for step in range(1000):
             lines[step % 200] = f"w{step % 200} = {step} * 2"
-            run.log_step(step, metrics={"loss": 1 / (step + 1)}, status="failed" if step % 7 == 3 else "completed",
-                         description=f"experiment {step}", code={"train.py": "\n".join(lines)})
+            run.log_step(
+                step,
+                metrics={"loss": 1 / (step + 1)},
+                status="failed" if step % 7 == 3 else "completed",
+                description=f"experiment {step}",
+                code={"train.py": "\n".join(lines)},
+            )
     out = tmp_path / "big.html"
     cli.ok("observe", "report", run.run_id, "-o", str(out))
     size = out.stat().st_size

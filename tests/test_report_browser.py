@@ -23,8 +23,15 @@ from weco_observe import WecoObserver
 pytestmark = pytest.mark.browser
 
 CHROMIUM_FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1400,1000",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--window-size=1400,1000",
 ]
 
 
@@ -74,7 +81,9 @@ def _count(driver, selector: str) -> int:
 
 
 def _text(driver, selector: str) -> str:
-    return driver.execute_script("var n = document.querySelector(arguments[0]); return n ? n.textContent : ''", selector)
+    return driver.execute_script(
+        "var n = document.querySelector(arguments[0]); return n ? n.textContent : ''", selector
+    )
 
 
 def _severe_logs(driver) -> list[dict]:
@@ -84,22 +93,59 @@ def _severe_logs(driver) -> list[dict]:
 def _guide_run(cli, tmp_path: Path) -> str:
     src = tmp_path / "train.py"
     src.write_text("lr = 0.1\nbatch = 16\ndepth = 4\n")
-    run_id = cli.ok("observe", "init", "--name", "nanogpt speedrun", "--metric", "val_bpb",
-                    "--source", "train.py").stdout.strip()
+    run_id = cli.ok(
+        "observe", "init", "--name", "nanogpt speedrun", "--metric", "val_bpb", "--source", "train.py"
+    ).stdout.strip()
     steps = [
         (0, "completed", {"val_bpb": 2.366, "memory_gb": 10.2}, "baseline", None, None),
-        (1, "completed", {"val_bpb": 2.261, "memory_gb": 12.0}, "increase batch size to 32K", None,
-         "lr = 0.1\nbatch = 32768\ndepth = 4\n"),
-        (2, "completed", {"val_bpb": 2.2, "memory_gb": 12.0}, "halve the learning rate", None,
-         "lr = 0.05\nbatch = 32768\ndepth = 4\n"),
-        (3, "failed", {"val_bpb": 0.0, "memory_gb": 0.0}, "double model depth (OOM)", None,
-         "lr = 0.05\nbatch = 32768\ndepth = 8\n"),
-        (4, "completed", {"val_bpb": 2.1, "memory_gb": 12.5}, "add a warmup instead", "2",
-         "lr = 0.05\nbatch = 32768\ndepth = 4\nwarmup = 100\n"),
+        (
+            1,
+            "completed",
+            {"val_bpb": 2.261, "memory_gb": 12.0},
+            "increase batch size to 32K",
+            None,
+            "lr = 0.1\nbatch = 32768\ndepth = 4\n",
+        ),
+        (
+            2,
+            "completed",
+            {"val_bpb": 2.2, "memory_gb": 12.0},
+            "halve the learning rate",
+            None,
+            "lr = 0.05\nbatch = 32768\ndepth = 4\n",
+        ),
+        (
+            3,
+            "failed",
+            {"val_bpb": 0.0, "memory_gb": 0.0},
+            "double model depth (OOM)",
+            None,
+            "lr = 0.05\nbatch = 32768\ndepth = 8\n",
+        ),
+        (
+            4,
+            "completed",
+            {"val_bpb": 2.1, "memory_gb": 12.5},
+            "add a warmup instead",
+            "2",
+            "lr = 0.05\nbatch = 32768\ndepth = 4\nwarmup = 100\n",
+        ),
     ]
     for step, status, metrics, description, parent, code in steps:
-        args = ["observe", "log", "--run-id", run_id, "--step", str(step), "--status", status,
-                "--metrics", json.dumps(metrics), "--description", description]
+        args = [
+            "observe",
+            "log",
+            "--run-id",
+            run_id,
+            "--step",
+            str(step),
+            "--status",
+            status,
+            "--metrics",
+            json.dumps(metrics),
+            "--description",
+            description,
+        ]
         if parent:
             args += ["--parent-step", parent]
         if code:
@@ -136,10 +182,15 @@ def test_report_renders_tree_chart_and_diff_offline(browser, cli, tmp_path):
     _wait(lambda: "-lr = 0.1" in _text(browser, "#diff"), what="step 2's diff")
     assert "+lr = 0.05" in _text(browser, "#diff")
     browser.execute_script(
-        "var s = document.getElementById('metric-select'); s.value = 'memory_gb'; s.dispatchEvent(new Event('change'))")
-    _wait(lambda: browser.execute_script(
-        "return document.getElementById('chart-svg').getAttribute('aria-label')") == "chart of memory_gb",
-        what="the memory_gb chart")
+        "var s = document.getElementById('metric-select'); s.value = 'memory_gb'; s.dispatchEvent(new Event('change'))"
+    )
+    _wait(
+        lambda: (
+            browser.execute_script("return document.getElementById('chart-svg').getAttribute('aria-label')")
+            == "chart of memory_gb"
+        ),
+        what="the memory_gb chart",
+    )
     assert _count(browser, "#best-line") == 0  # best-so-far is for the primary metric
     browser.save_screenshot(str(tmp_path / "report-step2-memory.png"))
 
@@ -151,16 +202,22 @@ def test_report_renders_tree_chart_and_diff_offline(browser, cli, tmp_path):
 def test_a_1000_step_report_renders(browser, cli, tmp_path, journal_path):
     lines = [f"w{i} = {i}" for i in range(100)]
     with WecoObserver(journal_path=journal_path) as obs:
-        run = obs.create_run(source_code={"model.py": "\n".join(lines)}, primary_metric="accuracy", maximize=True,
-                             name="1,000 steps")
+        run = obs.create_run(
+            source_code={"model.py": "\n".join(lines)}, primary_metric="accuracy", maximize=True, name="1,000 steps"
+        )
         parent = 0
         for step in range(1000):
             lines[(step * 7) % 100] = f"w{(step * 7) % 100} = {step}"
             failed = step % 9 == 5
             branch = parent if step % 50 == 25 else None
-            run.log_step(step, metrics={"accuracy": 0.5 + step / 4000 + (step % 13) / 200},
-                         status="failed" if failed else "completed", description=f"idea {step}",
-                         code={"model.py": "\n".join(lines)}, parent_step=branch if branch and branch < step else None)
+            run.log_step(
+                step,
+                metrics={"accuracy": 0.5 + step / 4000 + (step % 13) / 200},
+                status="failed" if failed else "completed",
+                description=f"idea {step}",
+                code={"model.py": "\n".join(lines)},
+                parent_step=branch if branch and branch < step else None,
+            )
             if not failed and step % 100 == 0:
                 parent = step
     out = tmp_path / "big.html"
@@ -189,8 +246,20 @@ def test_ui_lists_runs_and_updates_live(browser, cli, tmp_path):
         browser.save_screenshot(str(tmp_path / "ui.png"))
 
         (tmp_path / "train.py").write_text("lr = 0.05\nbatch = 32768\ndepth = 4\nwarmup = 200\n")
-        cli.ok("observe", "log", "--run-id", run_id, "--step", "5", "--metrics", '{"val_bpb": 2.05}',
-               "--description", "longer warmup", "--source", "train.py")
+        cli.ok(
+            "observe",
+            "log",
+            "--run-id",
+            run_id,
+            "--step",
+            "5",
+            "--metrics",
+            '{"val_bpb": 2.05}',
+            "--description",
+            "longer warmup",
+            "--source",
+            "train.py",
+        )
         _wait(lambda: _count(browser, "#tree-svg circle.node") == 6, timeout=15, what="the live update")
         assert "2.05" in _text(browser, "#best-card")
         browser.find_element("css selector", '.row[data-step="5"]').click()

@@ -28,8 +28,16 @@ def test_the_skill_teaches_the_loop(cli):
     text = cli.ok("observe", "setup", "claude-code", "--print").stdout
     front, body = text.split("---\n")[1], text.split("---\n", 2)[2]
     assert "name: weco-observe" in front and "description:" in front
-    for needle in ("weco observe init", "weco observe log", "--parent-step", "--status failed",
-                   "weco observe show \"$WECO_RUN_ID\" --json", "weco observe diff", "is_best", "--sources"):
+    for needle in (
+        "weco observe init",
+        "weco observe log",
+        "--parent-step",
+        "--status failed",
+        'weco observe show "$WECO_RUN_ID" --json',
+        "weco observe diff",
+        "is_best",
+        "--sources",
+    ):
         assert needle in body, needle
     assert not (Path.home() / ".claude").exists()  # --print writes nothing
 

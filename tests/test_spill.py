@@ -77,8 +77,9 @@ def test_lock_held_past_timeout_log_exits_0_and_spill_is_imported(cli, src, tmp_
     run = cli.ok("observe", "init", "--metric", "loss", "-s", "train.py").stdout.strip()
     fast = {"WECO_OBSERVE_BUSY_TIMEOUT": "0.2"}
     with locked(journal_path):
-        result = cli("observe", "log", "--run-id", run, "--step", "1", "--metrics", '{"loss": 0.5}',
-                     "-s", "train.py", env=fast)
+        result = cli(
+            "observe", "log", "--run-id", run, "--step", "1", "--metrics", '{"loss": 0.5}', "-s", "train.py", env=fast
+        )
         assert result.returncode == 0
         assert_loud_warning(result)
         assert "locked" in result.stderr
@@ -100,8 +101,17 @@ def test_lock_held_past_timeout_log_exits_0_and_spill_is_imported(cli, src, tmp_
 def test_lock_held_past_timeout_init_still_prints_a_run_id(cli, src, tmp_path, journal_path):
     cli.ok("observe", "init", "--metric", "loss", "-s", "train.py")  # create the journal
     with locked(journal_path):
-        result = cli("observe", "init", "--metric", "acc", "-g", "max", "-s", "train.py",
-                     env={"WECO_OBSERVE_BUSY_TIMEOUT": "0.2"})
+        result = cli(
+            "observe",
+            "init",
+            "--metric",
+            "acc",
+            "-g",
+            "max",
+            "-s",
+            "train.py",
+            env={"WECO_OBSERVE_BUSY_TIMEOUT": "0.2"},
+        )
     assert result.returncode == 0
     assert_loud_warning(result)
     run = result.stdout.strip()
@@ -149,8 +159,10 @@ def test_journal_dir_is_a_file(cli, src, tmp_path, isolated_env):
     result = cli("observe", "log", "--run-id", str(uuid.uuid4()), "--step", "1", env=env)
     assert result.returncode == 0
     assert_loud_warning(result)
-    assert cli("observe", "log", "--run-id", str(uuid.uuid4()), "--step", "1", "--strict",
-               env=env).returncode == EXIT_JOURNAL
+    assert (
+        cli("observe", "log", "--run-id", str(uuid.uuid4()), "--step", "1", "--strict", env=env).returncode
+        == EXIT_JOURNAL
+    )
     (spilled, _) = spill_files(tmp_path)
     assert spilled.is_relative_to(tmp_path / "tmpdir")  # the fallback spill dir
     blocker.unlink()
@@ -252,8 +264,10 @@ def test_disk_full(cli, src, tmp_path):
         assert result.returncode == 0, result.stderr
         assert_loud_warning(result)
         assert "full" in result.stderr
-        assert cli("observe", "log", "--run-id", run, "--step", "2", "-s", "big.py", "--strict",
-                   env=env).returncode == EXIT_JOURNAL
+        assert (
+            cli("observe", "log", "--run-id", run, "--step", "2", "-s", "big.py", "--strict", env=env).returncode
+            == EXIT_JOURNAL
+        )
         (spilled, _) = spill_files(tmp_path)
         assert spilled.is_relative_to(tmp_path / "tmpdir")
         os.unlink(disk / "filler")
@@ -303,9 +317,16 @@ def test_sdk_spill_for_a_custom_journal_path(tmp_path, monkeypatch):
         assert [s["step"] for s in j.steps(run.run_id)] == [0, 1]
 
 
-@pytest.mark.parametrize("bad", [dict(step=1, metadata={"f": object()}), dict(step=1, code={"a.py": b"x"}),
-                                 dict(step=-1), dict(step=1, metrics={"loss": float("nan")}),
-                                 dict(step=2, parent_step=5)])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(step=1, metadata={"f": object()}),
+        dict(step=1, code={"a.py": b"x"}),
+        dict(step=-1),
+        dict(step=1, metrics={"loss": float("nan")}),
+        dict(step=2, parent_step=5),
+    ],
+)
 def test_sdk_bad_input_is_refused_even_when_the_journal_cannot_open(tmp_path, bad):
     """Bad input is reported at once (and never spilled) whatever state the journal is in."""
     blocker = tmp_path / "blocker"
@@ -330,8 +351,9 @@ def test_strict_init_records_nothing_when_the_journal_is_locked(cli, src, tmp_pa
     (a retry would make a second one). A strict log may still spill: re-logging a step is an upsert."""
     cli.ok("observe", "init", "--metric", "loss", "-s", "train.py")
     with locked(journal_path):
-        result = cli("observe", "init", "--metric", "acc", "-s", "train.py", "--strict",
-                     env={"WECO_OBSERVE_BUSY_TIMEOUT": "0.2"})
+        result = cli(
+            "observe", "init", "--metric", "acc", "-s", "train.py", "--strict", env={"WECO_OBSERVE_BUSY_TIMEOUT": "0.2"}
+        )
     assert result.returncode == EXIT_JOURNAL
     assert result.stdout == ""
     assert "not recorded" in result.stderr
@@ -358,10 +380,25 @@ def test_concurrent_opens_import_each_spill_once_quietly(cli, journal_path, tmp_
     with Journal(journal_path) as j:
         run = j.create_run(source_code={"a.py": "a"}, metric="loss")
     for step in range(1, 41):
-        assert spill.write("log_step", {"run": run, "step": step, "metrics": {"loss": 1.0 / step},
-                                        "event_id": __import__("weco_observe.ids").ids.ulid()})
-    procs = [subprocess.Popen([sys.executable, "-m", "weco_observe", "observe", "status"], cwd=tmp_path,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in range(6)]
+        assert spill.write(
+            "log_step",
+            {
+                "run": run,
+                "step": step,
+                "metrics": {"loss": 1.0 / step},
+                "event_id": __import__("weco_observe.ids").ids.ulid(),
+            },
+        )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "weco_observe", "observe", "status"],
+            cwd=tmp_path,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(6)
+    ]
     errs = [p.communicate(timeout=120)[1] for p in procs]
     assert [p.returncode for p in procs] == [0] * 6
     assert errs == [""] * 6, errs

@@ -31,12 +31,21 @@ from weco_observe.errors import EXIT_AUTH, EXIT_BUSY, EXIT_PENDING, EXIT_REJECTE
 from weco_observe.journal import Journal
 
 
-def _sync(journal_path: Path, emu, *, attempts: int = 8, passes: int = 10, read_timeout: float = 5.0,
-          **kw) -> sync.PassResult:
+def _sync(
+    journal_path: Path, emu, *, attempts: int = 8, passes: int = 10, read_timeout: float = 5.0, **kw
+) -> sync.PassResult:
     """In-process sync with fast retries (real HTTP, real journal)."""
     with Journal(journal_path) as journal, WecoClient(emu.base_url, emu.api_key, read_timeout=read_timeout) as client:
-        return sync.sync(journal, client=client, attempts=attempts, passes=passes, initial_wait=0.01,
-                         max_wait=0.05, max_retry_after=0.05, **kw)
+        return sync.sync(
+            journal,
+            client=client,
+            attempts=attempts,
+            passes=passes,
+            initial_wait=0.01,
+            max_wait=0.05,
+            max_retry_after=0.05,
+            **kw,
+        )
 
 
 def test_cli_sync_end_to_end(cli, emulator, journal_path, tmp_path):
@@ -44,8 +53,20 @@ def test_cli_sync_end_to_end(cli, emulator, journal_path, tmp_path):
     run_id = cli.ok("observe", "init", "--metric", "loss", "--source", "train.py", "--name", "e2e").stdout.strip()
     for n in (1, 2, 3):
         (tmp_path / "train.py").write_text(f"x = {n}\n")
-        cli.ok("observe", "log", "--run-id", run_id, "--step", str(n), "--metrics", f'{{"loss": {n}}}',
-               "--source", "train.py", "--status", "failed" if n == 2 else "completed")
+        cli.ok(
+            "observe",
+            "log",
+            "--run-id",
+            run_id,
+            "--step",
+            str(n),
+            "--metrics",
+            f'{{"loss": {n}}}',
+            "--source",
+            "train.py",
+            "--status",
+            "failed" if n == 2 else "completed",
+        )
     cli.ok("observe", "log", "--run-id", run_id, "--step", "4", "--parent-step", "1")
     result = cli("observe", "sync", "--json", env=emulator.env())
     assert result.returncode == 0, result.stderr
@@ -72,8 +93,16 @@ def test_cli_sync_end_to_end(cli, emulator, journal_path, tmp_path):
         {"drop_rate": 0.2},
         {"commit_then_timeout_rate": 0.2, "hang": 0.3},
         {"non_json_rate": 0.2},
-        {"error_rate": 0.15, "rate_limit_rate": 0.1, "retry_after": 0.01, "drop_rate": 0.1,
-         "commit_then_timeout_rate": 0.1, "hang": 0.3, "non_json_rate": 0.1, "latency": 0.002},
+        {
+            "error_rate": 0.15,
+            "rate_limit_rate": 0.1,
+            "retry_after": 0.01,
+            "drop_rate": 0.1,
+            "commit_then_timeout_rate": 0.1,
+            "hang": 0.3,
+            "non_json_rate": 0.1,
+            "latency": 0.002,
+        },
     ],
     ids=["clean", "5xx", "429", "latency", "drop", "commit-then-timeout", "non-json", "mixed"],
 )
@@ -85,8 +114,7 @@ def test_faults_end_with_server_equal_to_journal(emulator, journal_path, faults)
     # ambiguous failure may duplicate its run; those are counted and reported
     ambiguous = faults.get("commit_then_timeout_rate", 0) or faults.get("non_json_rate", 0)
     if result.pending:  # a pass can run out of attempts under heavy faults; the next sync finishes
-        emulator.set_faults(error_rate=0, rate_limit_rate=0, drop_rate=0, commit_then_timeout_rate=0,
-                            non_json_rate=0)
+        emulator.set_faults(error_rate=0, rate_limit_rate=0, drop_rate=0, commit_then_timeout_rate=0, non_json_rate=0)
         result = _sync(journal_path, emulator)
     assert result.pending == 0 and result.exit_code == 0
     assert pending_events(journal_path) == 0
@@ -128,11 +156,11 @@ def test_parents_survive_server_side_auto_chaining_in_any_order(emulator, journa
     """Steps logged out of order: the server's own chaining would differ; the explicit parent wins."""
     with Journal(journal_path) as j:
         run = j.create_run(source_code={"a.py": "1"}, metric="m")
-        j.log_step(run, 3)                      # parent 0
-        j.log_step(run, 1, status="failed")     # parent 0
-        j.log_step(run, 2)                      # parent 0 (1 failed)
+        j.log_step(run, 3)  # parent 0
+        j.log_step(run, 1, status="failed")  # parent 0
+        j.log_step(run, 2)  # parent 0 (1 failed)
         j.log_step(run, 5, parent_step=2)
-        j.log_step(run, 4, status="failed")     # parent 3
+        j.log_step(run, 4, status="failed")  # parent 3
     _sync(journal_path, emulator)
     steps = next(iter(emulator.runs().values()))["steps"]
     assert {n: s["parent_step"] for n, s in steps.items()} == {0: None, 3: 0, 1: 0, 2: 0, 5: 2, 4: 3}
@@ -172,7 +200,7 @@ def test_rejected_step_does_not_block_the_rest_and_retry_rejected_resends(cli, e
 
 def test_rejected_create_blocks_only_its_own_run(emulator, journal_path):
     runs = make_workload(journal_path, runs=3, steps=4)
-    emulator.reject = lambda path, body: ("bad run" if body.get("name") == "run 1" else None)
+    emulator.reject = lambda path, body: "bad run" if body.get("name") == "run 1" else None
     result = _sync(journal_path, emulator)
     assert result.exit_code == EXIT_PENDING and result.rejected_total == 1
     blocked = [r for r in result.runs if r.blocked]
@@ -229,8 +257,12 @@ def test_second_sync_waits_or_exits_with_no_wait(cli, emulator, journal_path):
         try:
             busy = cli("observe", "sync", "--no-wait", env=emulator.env())
             assert busy.returncode == EXIT_BUSY and "another syncer" in busy.stderr
-            waiting = subprocess.Popen([sys.executable, "-m", "weco_observe", "observe", "sync"],
-                                       env={**os.environ, **emulator.env()}, stderr=subprocess.PIPE, text=True)
+            waiting = subprocess.Popen(
+                [sys.executable, "-m", "weco_observe", "observe", "sync"],
+                env={**os.environ, **emulator.env()},
+                stderr=subprocess.PIPE,
+                text=True,
+            )
             time.sleep(1.0)
             assert waiting.poll() is None and emulator.runs() == {}
         finally:
@@ -261,9 +293,13 @@ def test_loggers_keep_writing_while_a_sync_runs(emulator, journal_path, tmp_path
 
 def test_watch_sends_new_events_and_exits_cleanly_on_sigterm(cli, emulator, journal_path, tmp_path):
     runs = make_workload(journal_path, runs=1, steps=2)
-    watcher = subprocess.Popen([sys.executable, "-m", "weco_observe", "observe", "sync", "--watch", "--json"],
-                               env={**os.environ, **emulator.env()}, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+    watcher = subprocess.Popen(
+        [sys.executable, "-m", "weco_observe", "observe", "sync", "--watch", "--json"],
+        env={**os.environ, **emulator.env()},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 20
         while not emulator.runs() and time.monotonic() < deadline:
@@ -314,8 +350,7 @@ def test_retry_after_is_honoured_and_capped(emulator, journal_path):
     emulator.set_faults(rate_limit_rate=1.0, retry_after=3)
     waits: list[float] = []
     with Journal(journal_path) as journal, WecoClient(emulator.base_url, emulator.api_key) as client:
-        result = sync.sync(journal, client=client, attempts=3, passes=1, sleep=waits.append,
-                           max_retry_after=2.0)
+        result = sync.sync(journal, client=client, attempts=3, passes=1, sleep=waits.append, max_retry_after=2.0)
     assert waits == [2.0, 2.0]  # Retry-After 3 s, capped at 2 s, between 3 attempts
     assert result.pending == 2 and result.exit_code == EXIT_PENDING
     with Journal(journal_path) as journal:
@@ -327,8 +362,10 @@ def test_concurrent_in_process_syncs_never_double_send(emulator, journal_path):
     """Two threads calling flush() on one journal: the lock lets one send at a time."""
     make_workload(journal_path, runs=3, steps=5)
     results = []
-    threads = [threading.Thread(target=lambda: results.append(
-        sync.flush(journal_path, timeout=30, api_key=emulator.api_key))) for _ in range(2)]
+    threads = [
+        threading.Thread(target=lambda: results.append(sync.flush(journal_path, timeout=30, api_key=emulator.api_key)))
+        for _ in range(2)
+    ]
     os.environ["WECO_BASE_URL"] = emulator.base_url
     try:
         for t in threads:
@@ -380,8 +417,12 @@ def test_remote_only_run_steps_go_straight_to_the_server_id(cli, emulator, journ
 def test_ctrl_c_stops_a_sync_promptly_and_a_later_sync_finishes(emulator, journal_path):
     make_workload(journal_path, runs=3, steps=30, relog=False)
     emulator.set_faults(latency=0.1)
-    proc = subprocess.Popen([sys.executable, "-m", "weco_observe", "observe", "sync"],
-                            env={**os.environ, **emulator.env()}, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "weco_observe", "observe", "sync"],
+        env={**os.environ, **emulator.env()},
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 20
     while not emulator.stats().get("steps_posted") and time.monotonic() < deadline:
         time.sleep(0.02)

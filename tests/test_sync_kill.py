@@ -60,16 +60,19 @@ def test_kill_9_at_random_moments_loses_and_doubles_nothing(emulator, journal_pa
     emulator.set_faults(latency=0)
     with Journal(journal_path) as journal, WecoClient(emulator.base_url, emulator.api_key) as client:
         result = sync.sync(journal, client=client)
-        states = {r["state"]: r["n"] for r in journal.query(
-            "SELECT state, count(*) AS n FROM events GROUP BY state")}
+        states = {r["state"]: r["n"] for r in journal.query("SELECT state, count(*) AS n FROM events GROUP BY state")}
     assert result.exit_code == 0 and result.pending == 0
     assert set(states) <= {"delivered", "superseded"}, states
 
     duplicated = {k for k, n in server_runs_by_local_id(emulator).items() if n > 1}
     flagged = {r.run_id for r in result.runs if r.possible_duplicate}
     with Journal(journal_path) as journal:
-        flagged |= {r["run_id"] for r in journal.query(
-            "SELECT run_id FROM events WHERE kind = 'create_run' AND last_error LIKE 'possible duplicate:%'")}
+        flagged |= {
+            r["run_id"]
+            for r in journal.query(
+                "SELECT run_id FROM events WHERE kind = 'create_run' AND last_error LIKE 'possible duplicate:%'"
+            )
+        }
         server_ids = {r["server_id"] for r in journal.query("SELECT server_id FROM runs")}
     # A create is not idempotent on the server: a kill between its commit and our
     # record can leave a twin. Every such twin must be flagged, and holds no steps.

@@ -16,17 +16,25 @@ from weco_observe.journal import Journal
 
 # one logged call: (step, failed?, explicit parent as a fraction of step or None, description?, code version)
 calls = st.lists(
-    st.tuples(st.integers(0, 12), st.booleans(), st.one_of(st.none(), st.floats(0, 0.99)),
-              st.booleans(), st.one_of(st.none(), st.integers(0, 3))),
-    min_size=1, max_size=25,
+    st.tuples(
+        st.integers(0, 12),
+        st.booleans(),
+        st.one_of(st.none(), st.floats(0, 0.99)),
+        st.booleans(),
+        st.one_of(st.none(), st.integers(0, 3)),
+    ),
+    min_size=1,
+    max_size=25,
 )
-faults = st.fixed_dictionaries({
-    "error_rate": st.sampled_from([0.0, 0.3]),
-    "rate_limit_rate": st.sampled_from([0.0, 0.2]),
-    "drop_rate": st.sampled_from([0.0, 0.2]),
-    "non_json_rate": st.sampled_from([0.0, 0.2]),
-    "seed": st.integers(0, 1000),
-})
+faults = st.fixed_dictionaries(
+    {
+        "error_rate": st.sampled_from([0.0, 0.3]),
+        "rate_limit_rate": st.sampled_from([0.0, 0.2]),
+        "drop_rate": st.sampled_from([0.0, 0.2]),
+        "non_json_rate": st.sampled_from([0.0, 0.2]),
+        "seed": st.integers(0, 1000),
+    }
+)
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -42,15 +50,23 @@ def test_any_log_sequence_and_faults_converge_to_the_journal(tmp_path_factory, r
                 else:
                     known = [row["step"] for row in journal.steps(run_id) if row["step"] < step]
                     parent = known[int(parent_frac * len(known))] if parent_frac is not None and known else None
-                journal.log_step(run_id, step, status="failed" if failed else "completed",
-                                 description=f"s{step}" if described else None,
-                                 metrics={"m": float(step)},
-                                 code={"a.py": f"v{version}"} if version is not None else None,
-                                 parent_step=parent)
-    with Emulator(**network) as emu, Journal(journal_path) as journal, \
-            WecoClient(emu.base_url, emu.api_key, read_timeout=2) as client:
-        result = sync.sync(journal, client=client, attempts=10, passes=20, initial_wait=0.001, max_wait=0.005,
-                           max_retry_after=0.005)
+                journal.log_step(
+                    run_id,
+                    step,
+                    status="failed" if failed else "completed",
+                    description=f"s{step}" if described else None,
+                    metrics={"m": float(step)},
+                    code={"a.py": f"v{version}"} if version is not None else None,
+                    parent_step=parent,
+                )
+    with (
+        Emulator(**network) as emu,
+        Journal(journal_path) as journal,
+        WecoClient(emu.base_url, emu.api_key, read_timeout=2) as client,
+    ):
+        result = sync.sync(
+            journal, client=client, attempts=10, passes=20, initial_wait=0.001, max_wait=0.005, max_retry_after=0.005
+        )
         if result.pending:
             emu.set_faults(error_rate=0, rate_limit_rate=0, drop_rate=0, non_json_rate=0)
             result = sync.sync(journal, client=client, initial_wait=0.001, max_wait=0.005)

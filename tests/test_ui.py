@@ -22,7 +22,11 @@ class UI:
     def __init__(self, cwd: Path, *args: str):
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "weco_observe", "observe", "ui", "--port", "0", *args],
-            cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ),
+            cwd=cwd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=dict(os.environ),
         )
         line = self.proc.stderr.readline()  # the server prints its URL once it is listening
         match = re.search(r"http://([\d.]+):(\d+)/", line)

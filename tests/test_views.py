@@ -32,12 +32,35 @@ def guide_template(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]
     cli = CLI(root)
     src = root / "train.py"
     _write(src, "lr = 0.1\nbatch = 16\ndepth = 4\n")
-    run_id = cli.ok("observe", "init", "--name", "my-experiment", "--metric", "val_bpb", "--goal", "min",
-                    "--source", "train.py", env=env).stdout.strip()
+    run_id = cli.ok(
+        "observe",
+        "init",
+        "--name",
+        "my-experiment",
+        "--metric",
+        "val_bpb",
+        "--goal",
+        "min",
+        "--source",
+        "train.py",
+        env=env,
+    ).stdout.strip()
 
     def log(step: int, metrics: dict, description: str, *extra: str) -> None:
-        cli.ok("observe", "log", "--run-id", run_id, "--step", str(step), "--description", description,
-               "--metrics", json.dumps(metrics), *extra, env=env)
+        cli.ok(
+            "observe",
+            "log",
+            "--run-id",
+            run_id,
+            "--step",
+            str(step),
+            "--description",
+            description,
+            "--metrics",
+            json.dumps(metrics),
+            *extra,
+            env=env,
+        )
 
     log(0, {"val_bpb": 2.366, "memory_gb": 0.0}, "baseline", "--source", "train.py")
     _write(src, "lr = 0.1\nbatch = 32768\ndepth = 4\n")
@@ -45,8 +68,7 @@ def guide_template(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]
     _write(src, "lr = 0.05\nbatch = 32768\ndepth = 4\n")
     log(2, {"val_bpb": 2.2, "memory_gb": 1.5}, "halve the learning rate", "--source", "train.py")
     _write(src, "lr = 0.05\nbatch = 32768\ndepth = 8\n")
-    log(3, {"val_bpb": 0.0, "memory_gb": 0.0}, "double model depth (OOM)", "--status", "failed",
-        "--source", "train.py")
+    log(3, {"val_bpb": 0.0, "memory_gb": 0.0}, "double model depth (OOM)", "--status", "failed", "--source", "train.py")
     _write(src, "lr = 0.05\nbatch = 32768\ndepth = 4\nwarmup = 100\n")
     log(4, {"val_bpb": 2.1, "memory_gb": 1.5}, "tried warmup instead", "--parent-step", "2", "--source", "train.py")
     return root, run_id
@@ -111,10 +133,22 @@ def test_runs_lists_every_run(cli, guide_run, tmp_path):
     by_id = {r["id"]: r for r in runs}
     g, o = by_id[guide_run], by_id[other]
     assert (g["name"], g["metric"], g["goal"], g["steps"], g["best_step"], g["best_value"]) == (
-        "my-experiment", "val_bpb", "minimize", 5, 4, 2.1)
+        "my-experiment",
+        "val_bpb",
+        "minimize",
+        5,
+        4,
+        2.1,
+    )
     assert (g["pending"], g["rejected"], g["server_id"]) == (6, 0, None)
     # maximize; the failed step's higher value is never best
-    assert (o["goal"], o["steps"], o["best_step"], o["best_value"], o["baseline_value"]) == ("maximize", 4, 3, 0.93, None)
+    assert (o["goal"], o["steps"], o["best_step"], o["best_value"], o["baseline_value"]) == (
+        "maximize",
+        4,
+        3,
+        0.93,
+        None,
+    )
     assert o["last_activity"].endswith("Z")
 
     table = cli.ok("observe", "runs").stdout.splitlines()
@@ -200,7 +234,12 @@ def test_export_formats(cli, guide_run, tmp_path):
     doc = json.loads(cli.ok("observe", "export", guide_run, "--format", "json").stdout)
     assert doc["run"]["id"] == guide_run
     assert [(s["step"], s["parent_step"], s["status"]) for s in doc["steps"]] == [
-        (0, None, "completed"), (1, 0, "completed"), (2, 1, "completed"), (3, 2, "failed"), (4, 2, "completed")]
+        (0, None, "completed"),
+        (1, 0, "completed"),
+        (2, 1, "completed"),
+        (3, 2, "failed"),
+        (4, 2, "completed"),
+    ]
     assert "code" not in doc["steps"][0]
 
     lines = cli.ok("observe", "export", guide_run, "-f", "jsonl", "--code").stdout.splitlines()

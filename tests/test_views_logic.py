@@ -78,16 +78,26 @@ def test_unified_diff_of_a_large_file_with_one_edit():
     a = "".join(f"line {i}\n" for i in range(20000))
     b = a.replace("line 12345\n", "changed\n")
     assert unified_diff(a, b, "x", "x") == [
-        "--- x", "+++ x", "@@ -12343,7 +12343,7 @@",
-        " line 12342", " line 12343", " line 12344", "-line 12345", "+changed", " line 12346", " line 12347",
+        "--- x",
+        "+++ x",
+        "@@ -12343,7 +12343,7 @@",
+        " line 12342",
+        " line 12343",
+        " line 12344",
+        "-line 12345",
+        "+changed",
+        " line 12346",
+        " line 12347",
         " line 12348",
     ]
     assert unified_diff(a, a, "x", "x") == []
 
 
 def _steps(parents: dict[int, int | None], failed: frozenset[int] = frozenset()) -> list[dict]:
-    return [{"step": s, "parent_step": p, "status": "failed" if s in failed else "completed"}
-            for s, p in sorted(parents.items())]
+    return [
+        {"step": s, "parent_step": p, "status": "failed" if s in failed else "completed"}
+        for s, p in sorted(parents.items())
+    ]
 
 
 def test_guide_tree_keeps_the_main_line_in_lane_zero():

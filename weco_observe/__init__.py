@@ -27,8 +27,8 @@ _EXPORTS = {
 __all__ = sorted([*_EXPORTS, "__version__"])
 
 if TYPE_CHECKING:
-    from .errors import InvalidInput, JournalUnavailable, UnknownRun, WecoObserveError
-    from .sdk import ObserveRun, WecoObserver, WecoObserveWarning
+    from .errors import InvalidInput, JournalUnavailable, UnknownRun, WecoObserveError  # noqa: F401
+    from .sdk import ObserveRun, WecoObserver, WecoObserveWarning  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

@@ -89,11 +89,18 @@ def classify(response: httpx.Response, *, secret: str | None = None) -> dict[str
         raise ApiTransient(f"HTTP {status} without a JSON object body", status=status, ambiguous=True)
     detail = _detail(response, secret)
     if status in (408, 429) or status >= 500:
-        raise ApiTransient(f"HTTP {status}: {detail}", status=status, detail=detail,
-                           retry_after=_retry_after(response.headers.get("Retry-After")))
+        raise ApiTransient(
+            f"HTTP {status}: {detail}",
+            status=status,
+            detail=detail,
+            retry_after=_retry_after(response.headers.get("Retry-After")),
+        )
     if status in (401, 403):
-        raise ApiAuthFailed(f"the Weco API refused the API key (HTTP {status}: {detail}): run `weco login`",
-                            status=status, detail=detail)
+        raise ApiAuthFailed(
+            f"the Weco API refused the API key (HTTP {status}: {detail}): run `weco login`",
+            status=status,
+            detail=detail,
+        )
     raise ApiRejected(f"HTTP {status}: {detail}", status=status, detail=detail)
 
 
@@ -114,9 +121,16 @@ class WecoClient:
     or the credentials file.
     """
 
-    def __init__(self, base_url: str | None = None, api_key: str | None = None, *,
-                 transport: httpx.BaseTransport | None = None, connect_timeout: float = CONNECT_TIMEOUT,
-                 read_timeout: float = READ_TIMEOUT, max_connections: int = 8):
+    def __init__(
+        self,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        *,
+        transport: httpx.BaseTransport | None = None,
+        connect_timeout: float = CONNECT_TIMEOUT,
+        read_timeout: float = READ_TIMEOUT,
+        max_connections: int = 8,
+    ):
         self.base_url = (base_url or paths.api_base_url()).rstrip("/")
         key = api_key or paths.api_key()
         if not key:
@@ -148,11 +162,13 @@ class WecoClient:
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
             raise ApiTransient(f"cannot connect to {self.base_url}: {type(exc).__name__}: {exc}") from exc
         except httpx.TimeoutException as exc:
-            raise ApiTransient(f"no answer from {self.base_url} in time ({type(exc).__name__})",
-                               ambiguous=True) from exc
+            raise ApiTransient(
+                f"no answer from {self.base_url} in time ({type(exc).__name__})", ambiguous=True
+            ) from exc
         except httpx.TransportError as exc:
-            raise ApiTransient(f"connection to {self.base_url} failed: {type(exc).__name__}: {exc}",
-                               ambiguous=True) from exc
+            raise ApiTransient(
+                f"connection to {self.base_url} failed: {type(exc).__name__}: {exc}", ambiguous=True
+            ) from exc
         return classify(response, secret=self._key)
 
     def create_run(self, body: dict[str, Any]) -> str:
@@ -166,4 +182,3 @@ class WecoClient:
     def log_step(self, run_id: str, body: dict[str, Any]) -> dict[str, Any]:
         """``POST /external/runs/{run_id}/steps`` (an upsert by step number)."""
         return self._post(f"/external/runs/{run_id}/steps", body)
-

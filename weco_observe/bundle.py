@@ -75,10 +75,31 @@ MEMBERS = ("runs.jsonl", "blobs.jsonl", "steps.jsonl", "events.jsonl")
 #: A longer line is refused before it is parsed (a decompression bomb, not a bundle).
 MAX_LINE = 256 << 20
 
-_RUN_COLUMNS = ("id", "server_id", "remote_only", "name", "metric", "maximize",
-                "additional_instructions", "metadata", "created_at", "updated_at")
-_STEP_COLUMNS = ("run_id", "step", "status", "description", "metrics", "code", "parent_step",
-                 "metadata", "event_id", "created_at", "updated_at")
+_RUN_COLUMNS = (
+    "id",
+    "server_id",
+    "remote_only",
+    "name",
+    "metric",
+    "maximize",
+    "additional_instructions",
+    "metadata",
+    "created_at",
+    "updated_at",
+)
+_STEP_COLUMNS = (
+    "run_id",
+    "step",
+    "status",
+    "description",
+    "metrics",
+    "code",
+    "parent_step",
+    "metadata",
+    "event_id",
+    "created_at",
+    "updated_at",
+)
 _STATES = ("pending", "delivered", "rejected", "superseded")
 
 
@@ -165,13 +186,22 @@ def write_bundle(
             )
         params = {"max_seq": max_seq, "run": run_id}
         if snap.execute(f"SELECT 1 FROM events e WHERE {' AND '.join(where)} LIMIT 1", params).fetchone() is None:
-            return {"bundle_id": None, "path": None, "runs": 0, "steps": 0, "events": 0, "blobs": 0,
-                    "bytes": 0, "incremental": not everything}
+            return {
+                "bundle_id": None,
+                "path": None,
+                "runs": 0,
+                "steps": 0,
+                "events": 0,
+                "blobs": 0,
+                "bytes": 0,
+                "incremental": not everything,
+            }
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             with os.fdopen(fd, "wb") as raw:
-                manifest = _write_members(snap, raw, where, params, run_id, everything, bundle_id, max_seq,
-                                              journal.path)
+                manifest = _write_members(
+                    snap, raw, where, params, run_id, everything, bundle_id, max_seq, journal.path
+                )
                 raw.flush()
                 os.fsync(raw.fileno())
             os.replace(tmp, out_path)
@@ -181,13 +211,26 @@ def write_bundle(
     finally:
         snap.close()
     journal.record_bundle(bundle_id, str(out_path.resolve()), max_seq, manifest["counts"]["events"], run_id)
-    return {"bundle_id": bundle_id, "path": str(out_path), **manifest["counts"],
-            "bytes": out_path.stat().st_size, "incremental": not everything}
+    return {
+        "bundle_id": bundle_id,
+        "path": str(out_path),
+        **manifest["counts"],
+        "bytes": out_path.stat().st_size,
+        "incremental": not everything,
+    }
 
 
-def _write_members(snap: sqlite3.Connection, raw: BinaryIO, where: list[str], params: dict[str, Any],
-                   run_id: str | None, everything: bool, bundle_id: str, max_seq: int,
-                   source: Path) -> dict[str, Any]:
+def _write_members(
+    snap: sqlite3.Connection,
+    raw: BinaryIO,
+    where: list[str],
+    params: dict[str, Any],
+    run_id: str | None,
+    everything: bool,
+    bundle_id: str,
+    max_seq: int,
+    source: Path,
+) -> dict[str, Any]:
     included: set[str] = set()
     touched: dict[str, None] = {}
     hashes: set[str] = set()
@@ -202,8 +245,17 @@ def _write_members(snap: sqlite3.Connection, raw: BinaryIO, where: list[str], pa
                 included.add(row["id"])
                 touched.setdefault(row["run_id"])
                 hashes.update(_event_hashes(row["kind"], payload))
-                events.write({"id": row["id"], "run_id": row["run_id"], "kind": row["kind"], "step": row["step"],
-                              "payload": payload, "state": row["state"], "created_at": row["created_at"]})
+                events.write(
+                    {
+                        "id": row["id"],
+                        "run_id": row["run_id"],
+                        "kind": row["kind"],
+                        "step": row["step"],
+                        "payload": payload,
+                        "state": row["state"],
+                        "created_at": row["created_at"],
+                    }
+                )
 
             for row in snap.execute(f"SELECT e.* FROM events e WHERE {' AND '.join(where)} ORDER BY e.seq", params):
                 put(row)
@@ -243,17 +295,26 @@ def _write_members(snap: sqlite3.Connection, raw: BinaryIO, where: list[str], pa
                     continue
                 row = snap.execute("SELECT base FROM blobs WHERE hash = ?", (digest,)).fetchone()
                 if row is None:  # refuse here, not on the far side of the air gap
-                    raise JournalDamaged(f"code blob {digest} is named by a step but missing from the journal: "
-                                         "run `weco observe doctor`")
+                    raise JournalDamaged(
+                        f"code blob {digest} is named by a step but missing from the journal: run `weco observe doctor`"
+                    )
                 closure.add(digest)
                 if row[0]:
                     todo.append(row[0])
             blobs = _Writer(zf, "blobs.jsonl", opened)
             for digest in sorted(closure):
                 row = snap.execute("SELECT * FROM blobs WHERE hash = ?", (digest,)).fetchone()
-                blobs.write({"hash": row["hash"], "size": row["size"], "base": row["base"], "depth": row["depth"],
-                             "prefix": row["prefix"], "suffix": row["suffix"],
-                             "data": base64.b64encode(row["data"]).decode("ascii")})
+                blobs.write(
+                    {
+                        "hash": row["hash"],
+                        "size": row["size"],
+                        "base": row["base"],
+                        "depth": row["depth"],
+                        "prefix": row["prefix"],
+                        "suffix": row["suffix"],
+                        "data": base64.b64encode(row["data"]).decode("ascii"),
+                    }
+                )
             members["blobs.jsonl"] = blobs.close()
 
             manifest: dict[str, Any] = {
@@ -266,8 +327,12 @@ def _write_members(snap: sqlite3.Connection, raw: BinaryIO, where: list[str], pa
                 "incremental": not everything,
                 "run_filter": run_id,
                 "max_seq": max_seq,
-                "counts": {"runs": members["runs.jsonl"]["lines"], "steps": members["steps.jsonl"]["lines"],
-                           "events": members["events.jsonl"]["lines"], "blobs": members["blobs.jsonl"]["lines"]},
+                "counts": {
+                    "runs": members["runs.jsonl"]["lines"],
+                    "steps": members["steps.jsonl"]["lines"],
+                    "events": members["events.jsonl"]["lines"],
+                    "blobs": members["blobs.jsonl"]["lines"],
+                },
                 "members": members,
             }
             manifest["checksum"] = _manifest_checksum(manifest)
@@ -322,19 +387,25 @@ class _Reader:
         if not isinstance(m, dict) or m.get("format") != FORMAT:
             raise self.refuse(f"its manifest is not a {FORMAT} manifest (a foreign file?)")
         if not isinstance(m.get("version"), int) or m["version"] > VERSION:
-            raise self.refuse(f"format version {m.get('version')!r} is newer than this weco-observe "
-                              f"reads ({VERSION}): upgrade weco-observe")
+            raise self.refuse(
+                f"format version {m.get('version')!r} is newer than this weco-observe "
+                f"reads ({VERSION}): upgrade weco-observe"
+            )
         if m.get("checksum") != _manifest_checksum(m):
             raise self.refuse("the manifest's checksum does not match (the manifest was edited or damaged)")
         if sorted(names) != sorted((*MEMBERS, MANIFEST)):
-            raise self.refuse(f"its members {sorted(names)} are not {sorted((*MEMBERS, MANIFEST))} "
-                              "(files were added or removed)")
+            raise self.refuse(
+                f"its members {sorted(names)} are not {sorted((*MEMBERS, MANIFEST))} (files were added or removed)"
+            )
         if not isinstance(m.get("bundle_id"), str) or not m["bundle_id"]:
             raise self.refuse("its manifest has no bundle id")
         for name in MEMBERS:
             info = (m.get("members") or {}).get(name)
-            if not isinstance(info, dict) or not all(_is_int(info.get(k)) for k in ("bytes", "lines")) \
-                    or not isinstance(info.get("sha256"), str):
+            if (
+                not isinstance(info, dict)
+                or not all(_is_int(info.get(k)) for k in ("bytes", "lines"))
+                or not isinstance(info.get("sha256"), str)
+            ):
                 raise self.refuse(f"its manifest does not describe {name}")
 
     def rows(self, name: str) -> Iterator[dict[str, Any]]:
@@ -390,9 +461,12 @@ def _typed(row: dict[str, Any], kind: type | tuple[type, ...], *keys: str) -> bo
 
 
 def _check_manifest_hashes(code: Any, blobs: dict[str, Any], reader: _Reader, where: str) -> None:
-    _need(code is None or (isinstance(code, dict) and all(isinstance(k, str) and isinstance(v, str)
-                                                          for k, v in code.items())),
-          reader, f"{where}: its code is not a {{path: hash}} manifest")
+    _need(
+        code is None
+        or (isinstance(code, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in code.items())),
+        reader,
+        f"{where}: its code is not a {{path: hash}} manifest",
+    )
     missing = [h for h in (code or {}).values() if h not in blobs]
     _need(not missing, reader, f"{where}: code blob {missing[:1]} is not in the bundle")
 
@@ -415,22 +489,34 @@ def _verify(reader: _Reader) -> None:
     runs: set[str] = set()
     for run in reader.rows("runs.jsonl"):
         _need(isinstance(run.get("id"), str) and bool(run["id"]), reader, "runs.jsonl: a run has no id")
-        _need(run.get("server_id") is None or isinstance(run["server_id"], str), reader,
-              f"runs.jsonl: run {run['id']} has a bad server id")
-        _need(run.get("metadata") is None or isinstance(run["metadata"], dict), reader,
-              f"runs.jsonl: run {run['id']} has bad metadata")
+        _need(
+            run.get("server_id") is None or isinstance(run["server_id"], str),
+            reader,
+            f"runs.jsonl: run {run['id']} has a bad server id",
+        )
+        _need(
+            run.get("metadata") is None or isinstance(run["metadata"], dict),
+            reader,
+            f"runs.jsonl: run {run['id']} has bad metadata",
+        )
         _need(run["id"] not in runs, reader, f"runs.jsonl: run {run['id']} appears twice")
-        _need(_typed(run, str, "server_id", "name", "metric", "additional_instructions")
-              and _typed(run, (int, float), "maximize", "remote_only", "created_at", "updated_at"), reader,
-              f"runs.jsonl: run {run['id']} has a field of the wrong type")
+        _need(
+            _typed(run, str, "server_id", "name", "metric", "additional_instructions")
+            and _typed(run, (int, float), "maximize", "remote_only", "created_at", "updated_at"),
+            reader,
+            f"runs.jsonl: run {run['id']} has a field of the wrong type",
+        )
         runs.add(run["id"])
 
     blobs: dict[str, dict[str, Any]] = {}
     for blob in reader.rows("blobs.jsonl"):
-        ok = (isinstance(blob.get("hash"), str) and len(blob["hash"]) == 64
-              and all(_is_int(blob.get(k)) for k in ("size", "depth", "prefix", "suffix"))
-              and (blob.get("base") is None or isinstance(blob["base"], str))
-              and isinstance(blob.get("data"), str))
+        ok = (
+            isinstance(blob.get("hash"), str)
+            and len(blob["hash"]) == 64
+            and all(_is_int(blob.get(k)) for k in ("size", "depth", "prefix", "suffix"))
+            and (blob.get("base") is None or isinstance(blob["base"], str))
+            and isinstance(blob.get("data"), str)
+        )
         _need(ok, reader, f"blobs.jsonl: blob {blob.get('hash')!r} is malformed")
         try:
             blob["data"] = base64.b64decode(blob["data"], validate=True)
@@ -448,8 +534,11 @@ def _verify(reader: _Reader) -> None:
         _need(step.get("parent_step") is None or _is_int(step["parent_step"]), reader, f"{where}: bad parent")
         for key in ("metrics", "metadata"):
             _need(step.get(key) is None or isinstance(step[key], dict), reader, f"{where}: bad {key}")
-        _need(_typed(step, str, "description") and _typed(step, (int, float), "created_at", "updated_at"),
-              reader, f"{where}: a field of the wrong type")
+        _need(
+            _typed(step, str, "description") and _typed(step, (int, float), "created_at", "updated_at"),
+            reader,
+            f"{where}: a field of the wrong type",
+        )
         _check_manifest_hashes(step.get("code"), blobs, reader, where)
 
     seen: set[str] = set()
@@ -465,19 +554,35 @@ def _verify(reader: _Reader) -> None:
         if not isinstance(payload, dict):
             raise reader.refuse(f"{where}: payload is not an object")
         if event.get("kind") == "create_run":
-            _need(event.get("step") is None and isinstance(payload.get("source_code"), dict)
-                  and isinstance(payload.get("metric_name"), str), reader, f"{where}: malformed create")
+            _need(
+                event.get("step") is None
+                and isinstance(payload.get("source_code"), dict)
+                and isinstance(payload.get("metric_name"), str),
+                reader,
+                f"{where}: malformed create",
+            )
         else:
-            _need(event.get("kind") == "log_step" and _is_int(event.get("step"))
-                  and payload.get("step") == event["step"], reader, f"{where}: malformed step event")
-        _check_manifest_hashes(payload.get("source_code" if event["kind"] == "create_run" else "code"),
-                               blobs, reader, where)
+            _need(
+                event.get("kind") == "log_step" and _is_int(event.get("step")) and payload.get("step") == event["step"],
+                reader,
+                f"{where}: malformed step event",
+            )
+        _check_manifest_hashes(
+            payload.get("source_code" if event["kind"] == "create_run" else "code"), blobs, reader, where
+        )
 
     counts = m.get("counts") or {}
-    actual = {"runs": len(runs), "blobs": len(blobs), "events": len(seen),
-              "steps": m["members"]["steps.jsonl"]["lines"]}
-    _need(all(counts.get(k) == v for k, v in actual.items()), reader,
-          f"the manifest's counts {counts} do not match the members {actual}")
+    actual = {
+        "runs": len(runs),
+        "blobs": len(blobs),
+        "events": len(seen),
+        "steps": m["members"]["steps.jsonl"]["lines"],
+    }
+    _need(
+        all(counts.get(k) == v for k, v in actual.items()),
+        reader,
+        f"the manifest's counts {counts} do not match the members {actual}",
+    )
 
 
 def _check_blobs(blobs: dict[str, dict[str, Any]], reader: _Reader) -> None:
@@ -499,8 +604,11 @@ def _check_blobs(blobs: dict[str, dict[str, Any]], reader: _Reader) -> None:
             data = codestore.decode(blob["data"], blob["prefix"], blob["suffix"], base_data)
         except zlib.error:
             raise reader.refuse(f"blobs.jsonl: blob {name} does not decompress (corrupted)") from None
-        _need(codestore.text_hash(data) == name and len(data) == blob["size"], reader,
-              f"blobs.jsonl: blob {name} does not hash to its name (corrupted or edited)")
+        _need(
+            codestore.text_hash(data) == name and len(data) == blob["size"],
+            reader,
+            f"blobs.jsonl: blob {name} does not hash to its name (corrupted or edited)",
+        )
         done += 1
         stack.extend((child, data) for child in children.get(name, ()))
     _need(done == len(blobs), reader, "blobs.jsonl: some delta chains loop")
@@ -540,10 +648,27 @@ def import_bundle(journal: Journal, path: str | os.PathLike[str], *, batch: int 
     with _Reader(Path(path)) as reader:
         m = reader.manifest
         if journal.query("SELECT 1 FROM imports WHERE bundle_id = ?", (m["bundle_id"],)):
-            counts = dict.fromkeys(("runs_new", "runs_known", "server_ids_adopted", "blobs_new", "steps_updated",
-                                    "events_new", "events_known", "events_pending"), 0)
-            return {"bundle_id": m["bundle_id"], "already_imported": True, **counts, "conflicts": [],
-                    "path": str(path), "source": _source(m)}
+            counts = dict.fromkeys(
+                (
+                    "runs_new",
+                    "runs_known",
+                    "server_ids_adopted",
+                    "blobs_new",
+                    "steps_updated",
+                    "events_new",
+                    "events_known",
+                    "events_pending",
+                ),
+                0,
+            )
+            return {
+                "bundle_id": m["bundle_id"],
+                "already_imported": True,
+                **counts,
+                "conflicts": [],
+                "path": str(path),
+                "source": _source(m),
+            }
     # Verify and merge a private copy, so the file cannot change between the check and the
     # merge (which commits in batches, to keep loggers waiting briefly).
     _remove_stale_copies(journal.path.parent)
@@ -566,8 +691,13 @@ def import_bundle(journal: Journal, path: str | os.PathLike[str], *, batch: int 
                     yield blob
 
             summary = journal.merge_bundle(
-                m["bundle_id"], source or "", list(reader.rows("runs.jsonl")), blobs(),
-                reader.rows("steps.jsonl"), reader.rows("events.jsonl"), batch=batch,
+                m["bundle_id"],
+                source or "",
+                list(reader.rows("runs.jsonl")),
+                blobs(),
+                reader.rows("steps.jsonl"),
+                reader.rows("events.jsonl"),
+                batch=batch,
             )
     finally:
         copy.unlink(missing_ok=True)

@@ -66,11 +66,12 @@ def _unwritable(exc: errors.JournalUnavailable, op: str, kwargs: dict[str, Any],
 
     where = spill.write(op, kwargs)
     if where is not None:
-        print(f"weco-observe: WARNING {exc}; {what} saved to {where} and imported on the next "
-              "successful open", file=sys.stderr)
+        print(
+            f"weco-observe: WARNING {exc}; {what} saved to {where} and imported on the next successful open",
+            file=sys.stderr,
+        )
     else:
-        print(f"weco-observe: WARNING {exc}; could not save {what} anywhere ({what} dropped)",
-              file=sys.stderr)
+        print(f"weco-observe: WARNING {exc}; could not save {what} anywhere ({what} dropped)", file=sys.stderr)
     if strict:
         raise typer.Exit(errors.EXIT_JOURNAL)
     return where is not None
@@ -178,8 +179,11 @@ def log(
         return
     if not quiet:
         parent = result["parent_step"]
-        where = "baseline" if result["step"] == 0 else (
-            f"parent {parent}" if parent is not None else "parent chosen by the server")
+        where = (
+            "baseline"
+            if result["step"] == 0
+            else (f"parent {parent}" if parent is not None else "parent chosen by the server")
+        )
         print(f"weco-observe: step {result['step']} journaled ({where})", file=sys.stderr)
     _trigger_sync()
 
@@ -198,9 +202,7 @@ def status(
         rejected = problems["rejected"]
         version = journal.schema_version()
     size = sum(
-        p.stat().st_size
-        for p in (journal.path, Path(f"{journal.path}-wal"), Path(f"{journal.path}-shm"))
-        if p.exists()
+        p.stat().st_size for p in (journal.path, Path(f"{journal.path}-wal"), Path(f"{journal.path}-shm")) if p.exists()
     )
     info = {
         "journal": str(journal.path),
@@ -230,12 +232,20 @@ def status(
         f"steps:          {info['steps']}",
         f"events:         {ev['pending']} pending, {ev['delivered']} delivered, {ev['rejected']} rejected"
         + (f", {ev['superseded']} superseded" if ev["superseded"] else ""),
-        f"api key:        {'configured (' + info['api_key_source'] + ')' if info['api_key_configured'] else 'not configured (run `weco login`)'}",
+        "api key:        "
+        + (
+            f"configured ({info['api_key_source']})"
+            if info["api_key_configured"]
+            else "not configured (run `weco login`)"
+        ),
         f"api base url:   {info['base_url']}",
         f"auto-sync:      {'on' if info['auto_sync'] else 'off (WECO_OBSERVE_AUTO_SYNC=0)'}",
     ]
     if info["pending_with_errors"]:
-        lines.append(f"retrying:       {info['pending_with_errors']} pending events have failed before; last error: {info['last_error']}")
+        lines.append(
+            f"retrying:       {info['pending_with_errors']} pending events have failed before;"
+            f" last error: {info['last_error']}"
+        )
     if info["spill_files"]:
         lines.append(f"spill files:    {info['spill_files']} waiting to be imported")
     for d in info["possible_duplicates"]:
@@ -325,8 +335,11 @@ def _narrow(group: typer.Typer, args: list[str]) -> typer.Typer:
     if not args or args[0].startswith("-"):
         return group
     name = args[0]
-    narrow = typer.Typer(**{k: getattr(group.info, k) for k in ("name", "help", "no_args_is_help")},
-                         add_completion=False, pretty_exceptions_enable=False)
+    narrow = typer.Typer(
+        **{k: getattr(group.info, k) for k in ("name", "help", "no_args_is_help")},
+        add_completion=False,
+        pretty_exceptions_enable=False,
+    )
     # A callback keeps a one-command Typer a group, so the command name is still expected.
     narrow.callback()(_group_callback)
     for info in group.registered_groups:

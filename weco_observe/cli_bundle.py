@@ -27,15 +27,19 @@ def import_lines(s: dict[str, Any]) -> list[str]:
     """The human summary of one bundle import (shared by `import` and `sync --bundle`)."""
     if s["already_imported"]:
         return [f"bundle {s['bundle_id']} was already imported here: nothing changed"]
-    lines = [(
-        f"imported {s['path']} (bundle {s['bundle_id']} from {s['source']}): "
-        f"{s['runs_new']} new runs, {s['runs_known']} already known, {s['events_new']} new events "
-        f"({s['events_pending']} to sync), {s['events_known']} already here, "
-        f"{s['steps_updated']} steps updated, {s['blobs_new']} new code blobs"
-    )]
+    lines = [
+        (
+            f"imported {s['path']} (bundle {s['bundle_id']} from {s['source']}): "
+            f"{s['runs_new']} new runs, {s['runs_known']} already known, {s['events_new']} new events "
+            f"({s['events_pending']} to sync), {s['events_known']} already here, "
+            f"{s['steps_updated']} steps updated, {s['blobs_new']} new code blobs"
+        )
+    ]
     if s["server_ids_adopted"]:
-        lines.append(f"{s['server_ids_adopted']} runs were already synced from the other box: "
-                     "their new steps go to the same server runs")
+        lines.append(
+            f"{s['server_ids_adopted']} runs were already synced from the other box: "
+            "their new steps go to the same server runs"
+        )
     lines.extend(f"warning: {c}" for c in s["conflicts"])
     return lines
 
@@ -68,13 +72,19 @@ def register(observe: typer.Typer) -> None:
         if as_json:
             print(json.dumps(summary, indent=2))
         elif summary["events"] == 0:
-            print("nothing new to bundle since the last bundle (use --all for everything); no file written",
-                  file=sys.stderr)
+            print(
+                "nothing new to bundle since the last bundle (use --all for everything); no file written",
+                file=sys.stderr,
+            )
         else:
-            print(f"wrote {summary['path']} ({_kib(summary['bytes'])}): {summary['runs']} runs, "
-                  f"{summary['steps']} steps, {summary['events']} events, {summary['blobs']} code blobs")
-            print(f"on a machine that reaches the API: weco observe sync --bundle {Path(summary['path']).name}",
-                  file=sys.stderr)
+            print(
+                f"wrote {summary['path']} ({_kib(summary['bytes'])}): {summary['runs']} runs, "
+                f"{summary['steps']} steps, {summary['events']} events, {summary['blobs']} code blobs"
+            )
+            print(
+                f"on a machine that reaches the API: weco observe sync --bundle {Path(summary['path']).name}",
+                file=sys.stderr,
+            )
 
     @observe.command("import")
     def import_cmd(
@@ -100,8 +110,10 @@ def register(observe: typer.Typer) -> None:
     def doctor_cmd(
         repair: Annotated[
             bool,
-            typer.Option("--repair", help="Copy everything readable into a fresh journal; keep the damaged "
-                                          "file beside it; fix permissions."),
+            typer.Option(
+                "--repair",
+                help="Copy everything readable into a fresh journal; keep the damaged file beside it; fix permissions.",
+            ),
         ] = False,
         as_json: JsonOpt = False,
     ) -> None:
@@ -118,8 +130,9 @@ def register(observe: typer.Typer) -> None:
         if repair:
             fixed = doctor.fix_permissions(path)
         if as_json:
-            print(json.dumps({**report, "repair": repaired, **({"permissions_fixed": fixed} if repair else {})},
-                             indent=2))
+            print(
+                json.dumps({**report, "repair": repaired, **({"permissions_fixed": fixed} if repair else {})}, indent=2)
+            )
         else:
             for item in report["checks"]:
                 print(f"{item['level']:<5} {item['name']:<12} {item['message']}")

@@ -15,9 +15,7 @@ from typing import Annotated
 import typer
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output (for agents and scripts).")]
-ColorOpt = Annotated[
-    str, typer.Option("--color", help="Colour the output: auto (on a terminal), always or never.")
-]
+ColorOpt = Annotated[str, typer.Option("--color", help="Colour the output: auto (on a terminal), always or never.")]
 
 
 def _colour(mode: str) -> bool:

@@ -38,12 +38,41 @@ from pathlib import Path
 from typing import Any
 
 #: Filesystem types (as in /proc/mounts) whose locking SQLite cannot rely on.
-NETWORK_FILESYSTEMS = frozenset({
-    "nfs", "nfs4", "lustre", "cifs", "smb", "smb3", "smbfs", "fuse.sshfs", "sshfs", "9p", "afs",
-    "ceph", "fuse.ceph", "cephfs", "glusterfs", "fuse.glusterfs", "gpfs", "beegfs", "panfs",
-    "wekafs", "fuse.s3fs", "fuse.gcsfuse", "fuse.juicefs", "fuse.rclone", "davfs", "fuse.davfs2",
-    "ncpfs", "coda", "orangefs", "pvfs2", "virtiofs",
-})
+NETWORK_FILESYSTEMS = frozenset(
+    {
+        "nfs",
+        "nfs4",
+        "lustre",
+        "cifs",
+        "smb",
+        "smb3",
+        "smbfs",
+        "fuse.sshfs",
+        "sshfs",
+        "9p",
+        "afs",
+        "ceph",
+        "fuse.ceph",
+        "cephfs",
+        "glusterfs",
+        "fuse.glusterfs",
+        "gpfs",
+        "beegfs",
+        "panfs",
+        "wekafs",
+        "fuse.s3fs",
+        "fuse.gcsfuse",
+        "fuse.juicefs",
+        "fuse.rclone",
+        "davfs",
+        "fuse.davfs2",
+        "ncpfs",
+        "coda",
+        "orangefs",
+        "pvfs2",
+        "virtiofs",
+    }
+)
 WAL_WARN_BYTES = 64 * 1024 * 1024
 _PROBE_LIMIT = 100_000  # rowids probed past a damaged page when the table's end is unknown
 
@@ -88,7 +117,8 @@ def filesystem_check(path: Path, mounts: str | None = None) -> dict[str, str]:
     point, fstype = found
     if fstype in NETWORK_FILESYSTEMS or fstype.startswith(("nfs", "fuse.sshfs")):
         return _check(
-            "filesystem", "warn",
+            "filesystem",
+            "warn",
             f"the journal is on a network filesystem ({fstype} at {point}), where SQLite's locking is "
             "unsafe: concurrent loggers can corrupt it. Set WECO_OBSERVE_DIR to a local disk on each "
             "machine (node-local scratch, /tmp, ~/.local/share), and bring the runs together with "
@@ -107,8 +137,7 @@ def _mode(p: Path) -> int | None:
 def _permission_problems(path: Path) -> list[tuple[Path, int, int]]:
     """``(path, mode, wanted)`` for the directory and files that others can read or that you do not own."""
     out = []
-    for p, wanted in ((path.parent, 0o700), (path, 0o600), (Path(f"{path}-wal"), 0o600),
-                      (Path(f"{path}-shm"), 0o600)):
+    for p, wanted in ((path.parent, 0o700), (path, 0o600), (Path(f"{path}-wal"), 0o600), (Path(f"{path}-shm"), 0o600)):
         mode = _mode(p)
         if mode is not None and mode & 0o077:
             out.append((p, mode, wanted))
@@ -189,8 +218,14 @@ def check(path: str | os.PathLike[str]) -> dict[str, Any]:
             checks.append(_check("integrity", "ok", "integrity_check passed"))
         else:
             damaged = True
-            checks.append(_check("integrity", "error", f"the journal is damaged ({'; '.join(problems[:3])}"
-                                 f"{'; ...' if len(problems) > 3 else ''}): run `weco observe doctor --repair`"))
+            checks.append(
+                _check(
+                    "integrity",
+                    "error",
+                    f"the journal is damaged ({'; '.join(problems[:3])}"
+                    f"{'; ...' if len(problems) > 3 else ''}): run `weco observe doctor --repair`",
+                )
+            )
         try:
             version = conn.execute("PRAGMA user_version").fetchone()[0]
         except sqlite3.DatabaseError as exc:
@@ -201,11 +236,22 @@ def check(path: str | os.PathLike[str]) -> dict[str, Any]:
             if version == SCHEMA_VERSION:
                 checks.append(_check("schema", "ok", f"schema version {version}"))
             elif version < SCHEMA_VERSION:
-                checks.append(_check("schema", "ok", f"schema version {version}; migrated to "
-                                     f"{SCHEMA_VERSION} the next time a command opens it"))
+                checks.append(
+                    _check(
+                        "schema",
+                        "ok",
+                        f"schema version {version}; migrated to {SCHEMA_VERSION} the next time a command opens it",
+                    )
+                )
             else:
-                checks.append(_check("schema", "error", f"schema version {version} is newer than this "
-                                     f"weco-observe ({SCHEMA_VERSION}): upgrade weco-observe"))
+                checks.append(
+                    _check(
+                        "schema",
+                        "error",
+                        f"schema version {version} is newer than this "
+                        f"weco-observe ({SCHEMA_VERSION}): upgrade weco-observe",
+                    )
+                )
         try:
             named, bases = _manifest_hashes(conn)
             stored = dict(conn.execute("SELECT hash, length(data) FROM blobs").fetchall())
@@ -214,12 +260,23 @@ def check(path: str | os.PathLike[str]) -> dict[str, Any]:
             report["orphaned_blobs"] = len(orphans)
             report["missing_blobs"] = len(missing)
             if missing:
-                checks.append(_check("code", "warn", f"{len(missing)} code blobs are named but missing: "
-                                     "those steps cannot send their code"))
+                checks.append(
+                    _check(
+                        "code",
+                        "warn",
+                        f"{len(missing)} code blobs are named but missing: those steps cannot send their code",
+                    )
+                )
             if orphans:
                 size = sum(stored[h] for h in orphans)
-                checks.append(_check("code", "warn", f"{len(orphans)} orphaned code blobs ({size} bytes) that "
-                                     "no step, event or delta names; harmless, kept"))
+                checks.append(
+                    _check(
+                        "code",
+                        "warn",
+                        f"{len(orphans)} orphaned code blobs ({size} bytes) that "
+                        "no step, event or delta names; harmless, kept",
+                    )
+                )
             if not missing and not orphans:
                 checks.append(_check("code", "ok", f"{len(stored)} code blobs, none orphaned or missing"))
         except (sqlite3.DatabaseError, ValueError, AttributeError) as exc:
@@ -231,9 +288,15 @@ def check(path: str | os.PathLike[str]) -> dict[str, Any]:
     wal_size = wal.stat().st_size if wal.exists() else 0
     report["wal_bytes"] = wal_size
     if wal_size > WAL_WARN_BYTES:
-        checks.append(_check("wal", "warn", f"write-ahead log is {wal_size / 2**20:.0f} MiB: a long-lived reader "
-                             "(a dashboard, an open SDK process) keeps SQLite from folding it back; "
-                             "stop it and the next write shrinks it"))
+        checks.append(
+            _check(
+                "wal",
+                "warn",
+                f"write-ahead log is {wal_size / 2**20:.0f} MiB: a long-lived reader "
+                "(a dashboard, an open SDK process) keeps SQLite from folding it back; "
+                "stop it and the next write shrinks it",
+            )
+        )
     else:
         checks.append(_check("wal", "ok", f"write-ahead log {wal_size / 1024:.0f} KiB"))
 
@@ -242,15 +305,26 @@ def check(path: str | os.PathLike[str]) -> dict[str, Any]:
     if perms or owners:
         what = [f"{p} is {mode:04o} (want {wanted:04o})" for p, mode, wanted in perms]
         what += [f"{p} is owned by another user" for p in owners]
-        checks.append(_check("permissions", "warn", "; ".join(what) + ": others may read your code and "
-                             "metrics; `weco observe doctor --repair` fixes the modes"))
+        checks.append(
+            _check(
+                "permissions",
+                "warn",
+                "; ".join(what) + ": others may read your code and "
+                "metrics; `weco observe doctor --repair` fixes the modes",
+            )
+        )
     else:
         checks.append(_check("permissions", "ok", "directory 0700, files 0600, all yours"))
     checks.append(filesystem_check(path))
     waiting = spill.pending(path)
     if waiting:
-        checks.append(_check("spill", "warn", f"{len(waiting)} spill files wait to be imported (the next "
-                             "successful init/log/status imports them)"))
+        checks.append(
+            _check(
+                "spill",
+                "warn",
+                f"{len(waiting)} spill files wait to be imported (the next successful init/log/status imports them)",
+            )
+        )
     report["damaged"] = damaged
     return report
 
@@ -344,9 +418,11 @@ def _run_server_ids(conn: sqlite3.Connection) -> dict[str, str]:
     by_col = {tuple(c): name for name, c in _indexes(conn, "runs").items()}
     try:
         ids_ = dict(conn.execute(f"SELECT rowid, id FROM runs INDEXED BY {by_col[('id',)]}"))
-        sids = dict(conn.execute(
-            f"SELECT rowid, server_id FROM runs INDEXED BY {by_col[('server_id',)]} WHERE server_id IS NOT NULL"
-        ))
+        sids = dict(
+            conn.execute(
+                f"SELECT rowid, server_id FROM runs INDEXED BY {by_col[('server_id',)]} WHERE server_id IS NOT NULL"
+            )
+        )
     except (sqlite3.DatabaseError, KeyError):
         return {}
     return {ids_[rowid]: sid for rowid, sid in sids.items() if rowid in ids_}
@@ -393,14 +469,14 @@ def repair(path: str | os.PathLike[str], *, lock_timeout: float = 60.0) -> dict[
             if table not in tables:
                 continue
             cols = _columns(src, table)
-            rows[table] = [dict(zip(cols, r)) for r in _salvage_rowid(src, table, stats)]
+            rows[table] = [dict(zip(cols, r, strict=True)) for r in _salvage_rowid(src, table, stats)]
         events = [e for e in rows.get("events", []) if _valid_event(e)]
         out["rebuilt"]["bad_events"] = len(rows.get("events", [])) - len(events)
         keys = {(e["run_id"], e["step"] if e["kind"] == "log_step" else 0) for e in events}
         keys |= {(r["id"], 0) for r in rows.get("runs", [])}
         steps = _salvage_steps(src, sorted(keys), stats) if "steps" in tables else {}
         step_cols = _columns(src, "steps")
-        step_rows = {k: dict(zip(step_cols, v)) for k, v in steps.items()}
+        step_rows = {k: dict(zip(step_cols, v, strict=True)) for k, v in steps.items()}
         out["rebuilt"]["steps"] = _rebuild_steps(step_rows, events)
         runs = {r["id"]: r for r in rows.get("runs", [])}
         out["rebuilt"]["runs"] = _rebuild_runs(runs, events, step_rows, _run_server_ids(src))
@@ -411,8 +487,12 @@ def repair(path: str | os.PathLike[str], *, lock_timeout: float = 60.0) -> dict[
             _insert(conn, "steps", step_rows.values())
             _insert(conn, "bundles", rows.get("bundles", []))
             _insert(conn, "imports", rows.get("imports", []))
-        for table, n in (("runs", len(runs)), ("blobs", len(rows.get("blobs", []))), ("events", len(events)),
-                         ("steps", len(step_rows))):
+        for table, n in (
+            ("runs", len(runs)),
+            ("blobs", len(rows.get("blobs", []))),
+            ("events", len(events)),
+            ("steps", len(step_rows)),
+        ):
             out["tables"][table] = n
         integrity = fresh.query("PRAGMA integrity_check")[0][0]
         if integrity != "ok":  # pragma: no cover - a fresh file written by SQLite itself
@@ -446,8 +526,12 @@ def _valid_event(e: dict[str, Any]) -> bool:
         payload = json.loads(e["payload"])
     except (TypeError, ValueError):
         return False
-    return (isinstance(payload, dict) and e["kind"] in ("create_run", "log_step") and isinstance(e["id"], str)
-            and isinstance(e["run_id"], str))
+    return (
+        isinstance(payload, dict)
+        and e["kind"] in ("create_run", "log_step")
+        and isinstance(e["id"], str)
+        and isinstance(e["run_id"], str)
+    )
 
 
 def _rebuild_steps(steps: dict[tuple[str, int], dict[str, Any]], events: list[dict[str, Any]]) -> int:
@@ -465,22 +549,42 @@ def _rebuild_steps(steps: dict[tuple[str, int], dict[str, Any]], events: list[di
         if key in steps:
             continue
         body = json.loads(e["payload"])
-        dumps = (lambda v: None if v is None else json.dumps(v, separators=(",", ":"), ensure_ascii=False))
         if e["kind"] == "create_run":
-            row = {"status": "completed", "description": None, "metrics": None,
-                   "code": dumps(body.get("source_code")), "parent_step": None, "metadata": None}
+            row = {
+                "status": "completed",
+                "description": None,
+                "metrics": None,
+                "code": _json_or_none(body.get("source_code")),
+                "parent_step": None,
+                "metadata": None,
+            }
         else:
-            row = {"status": body.get("status", "completed"), "description": body.get("description"),
-                   "metrics": dumps(body.get("metrics")), "code": dumps(body.get("code")),
-                   "parent_step": body.get("parent_step"), "metadata": dumps(body.get("metadata"))}
-        steps[key] = {"run_id": key[0], "step": key[1], **row, "event_id": e["id"],
-                      "created_at": e["created_at"], "updated_at": e["created_at"]}
+            row = {
+                "status": body.get("status", "completed"),
+                "description": body.get("description"),
+                "metrics": _json_or_none(body.get("metrics")),
+                "code": _json_or_none(body.get("code")),
+                "parent_step": body.get("parent_step"),
+                "metadata": _json_or_none(body.get("metadata")),
+            }
+        steps[key] = {
+            "run_id": key[0],
+            "step": key[1],
+            **row,
+            "event_id": e["id"],
+            "created_at": e["created_at"],
+            "updated_at": e["created_at"],
+        }
         rebuilt += 1
     return rebuilt
 
 
-def _rebuild_runs(runs: dict[str, dict[str, Any]], events: list[dict[str, Any]],
-                  steps: dict[tuple[str, int], dict[str, Any]], server_ids: dict[str, str]) -> int:
+def _rebuild_runs(
+    runs: dict[str, dict[str, Any]],
+    events: list[dict[str, Any]],
+    steps: dict[tuple[str, int], dict[str, Any]],
+    server_ids: dict[str, str],
+) -> int:
     """Runs whose rows were lost but whose events or steps survive, from their create event."""
     creates = {e["run_id"]: e for e in events if e["kind"] == "create_run"}
     needed = {e["run_id"] for e in events} | {k[0] for k in steps}
@@ -491,12 +595,16 @@ def _rebuild_runs(runs: dict[str, dict[str, Any]], events: list[dict[str, Any]],
         body = json.loads(create["payload"]) if create else {}
         meta = body.get("metadata")
         runs[run_id] = {
-            "id": run_id, "server_id": server_ids.get(run_id), "remote_only": 0 if create else 1,
-            "name": body.get("name"), "metric": body.get("metric_name"),
+            "id": run_id,
+            "server_id": server_ids.get(run_id),
+            "remote_only": 0 if create else 1,
+            "name": body.get("name"),
+            "metric": body.get("metric_name"),
             "maximize": int(bool(body.get("maximize"))) if create else None,
             "additional_instructions": body.get("additional_instructions"),
             "metadata": json.dumps(meta, separators=(",", ":")) if meta else None,
-            "created_at": create["created_at"] if create else now, "updated_at": now,
+            "created_at": create["created_at"] if create else now,
+            "updated_at": now,
         }
         rebuilt += 1
     return rebuilt
@@ -510,13 +618,19 @@ def _insert(conn: sqlite3.Connection, table: str, rows: Iterable[dict[str, Any]]
 
 def describe_repair(r: dict[str, Any]) -> str:
     t, rb = r["tables"], r["rebuilt"]
-    lines = [(
-        f"repaired: {r['journal']} now holds {t['runs']} runs, {t['steps']} steps, {t['events']} events, "
-        f"{t['blobs']} code blobs (read around {r['damaged_ranges']} damaged ranges)"
-    )]
+    lines = [
+        (
+            f"repaired: {r['journal']} now holds {t['runs']} runs, {t['steps']} steps, {t['events']} events, "
+            f"{t['blobs']} code blobs (read around {r['damaged_ranges']} damaged ranges)"
+        )
+    ]
     if rb.get("steps") or rb.get("runs"):
         lines.append(f"rebuilt from their events: {rb.get('steps', 0)} steps, {rb.get('runs', 0)} runs")
     if rb.get("bad_events"):
         lines.append(f"dropped {rb['bad_events']} unreadable events")
     lines.append(f"the damaged file is kept as {r['kept']}")
     return "\n".join(lines)
+
+
+def _json_or_none(value: Any) -> str | None:
+    return None if value is None else json.dumps(value, separators=(",", ":"), ensure_ascii=False)

@@ -44,7 +44,8 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field, fields
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 __all__ = ["DEFAULT_API_KEY", "Emulator", "Faults"]
 
@@ -116,8 +117,15 @@ class Emulator:
     ``api_key`` is the one Bearer key accepted; ``None`` accepts any non-empty key.
     """
 
-    def __init__(self, port: int = 0, *, host: str = "127.0.0.1", api_key: str | None = DEFAULT_API_KEY,
-                 faults: Faults | None = None, **fault_settings: Any):
+    def __init__(
+        self,
+        port: int = 0,
+        *,
+        host: str = "127.0.0.1",
+        api_key: str | None = DEFAULT_API_KEY,
+        faults: Faults | None = None,
+        **fault_settings: Any,
+    ):
         self.host = host
         self.port = port
         self.api_key = api_key
@@ -138,8 +146,12 @@ class Emulator:
         handler = type("_BoundHandler", (_Handler,), {"emulator": self})
         self._server = _Server((self.host, self.port), handler)
         self.port = self._server.server_address[1]
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name=f"weco-emulator:{self.port}", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name=f"weco-emulator:{self.port}",
+            daemon=True,
+        )
         self._thread.start()
         return self
 
@@ -176,16 +188,18 @@ class Emulator:
 
     def env(self) -> dict[str, str]:
         """Environment variables that point a client at this emulator."""
-        return {"WECO_BASE_URL": self.base_url, "WECO_API_KEY": self.api_key or "any-key",
-                "WECO_DASHBOARD_URL": f"http://{self.host}:{self.port}/dashboard"}
+        return {
+            "WECO_BASE_URL": self.base_url,
+            "WECO_API_KEY": self.api_key or "any-key",
+            "WECO_DASHBOARD_URL": f"http://{self.host}:{self.port}/dashboard",
+        }
 
     # -- state ----------------------------------------------------------------
 
     def state(self) -> dict[str, Any]:
         """A deep copy of everything held: ``{"runs": {id: {..., "steps": {n: {...}}}}, "stats": {...}}``."""
         with self._lock:
-            return {"runs": copy.deepcopy(self._runs), "stats": dict(self._stats),
-                    "faults": asdict(self.faults)}
+            return {"runs": copy.deepcopy(self._runs), "stats": dict(self._stats), "faults": asdict(self.faults)}
 
     def runs(self) -> dict[str, dict[str, Any]]:
         return self.state()["runs"]
@@ -201,8 +215,9 @@ class Emulator:
             if "seed" in changes:
                 self._rng = random.Random(changes["seed"])
 
-    def create_run(self, source_code: dict[str, str], metric_name: str = "score", maximize: bool = False,
-                   **extra: Any) -> str:
+    def create_run(
+        self, source_code: dict[str, str], metric_name: str = "score", maximize: bool = False, **extra: Any
+    ) -> str:
         """Make a run directly (as the official client would have); return its id."""
         body = {"source_code": source_code, "metric_name": metric_name, "maximize": maximize, **extra}
         with self._lock:
@@ -235,9 +250,19 @@ class Emulator:
             "metadata": body.get("metadata"),
             "created_at": now,
             "last_ok_step": 0,
-            "steps": {0: {"step": 0, "status": "completed", "description": None, "metrics": None,
-                          "code": dict(body["source_code"]), "parent_step": None, "metadata": None,
-                          "posts": 0, "updated_at": now}},
+            "steps": {
+                0: {
+                    "step": 0,
+                    "status": "completed",
+                    "description": None,
+                    "metrics": None,
+                    "code": dict(body["source_code"]),
+                    "parent_step": None,
+                    "metadata": None,
+                    "posts": 0,
+                    "updated_at": now,
+                }
+            },
         }
         self._count("created_runs")
         return run_id
@@ -262,8 +287,9 @@ class Emulator:
         if "metadata" in body:
             _check_object(body["metadata"], "metadata")
         parent = body.get("parent_step")
-        if "parent_step" in body and (not isinstance(parent, int) or isinstance(parent, bool)
-                                      or parent < 0 or parent >= step):
+        if "parent_step" in body and (
+            not isinstance(parent, int) or isinstance(parent, bool) or parent < 0 or parent >= step
+        ):
             raise _Invalid(422, "parent_step must be an integer below step")
         if step in self.faults.reject_steps:
             raise _Invalid(422, f"step {step} refused by the emulator's reject_steps fault")
@@ -271,9 +297,16 @@ class Emulator:
         if stored is None:
             if "parent_step" not in body:
                 parent = None if step == 0 else run["last_ok_step"]
-            stored = run["steps"][step] = {"step": step, "status": body["status"], "description": None,
-                                           "metrics": None, "code": None, "parent_step": parent,
-                                           "metadata": None, "posts": 0}
+            stored = run["steps"][step] = {
+                "step": step,
+                "status": body["status"],
+                "description": None,
+                "metrics": None,
+                "code": None,
+                "parent_step": parent,
+                "metadata": None,
+                "posts": 0,
+            }
         elif "parent_step" in body:
             stored["parent_step"] = parent
         stored["status"] = body["status"]
@@ -334,12 +367,22 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         return self.rfile.read(length) if length else b""
 
-    def _send(self, status: int, payload: Any = None, *, raw: bytes | None = None,
-              headers: dict[str, str] | None = None, content_type: str = "application/json") -> None:
+    def _send(
+        self,
+        status: int,
+        payload: Any = None,
+        *,
+        raw: bytes | None = None,
+        headers: dict[str, str] | None = None,
+        content_type: str = "application/json",
+    ) -> None:
         body = raw if raw is not None else json.dumps(payload).encode()
-        lines = [f"HTTP/1.1 {status} {self.responses.get(status, ('',))[0]}",
-                 f"Content-Type: {content_type}", f"Content-Length: {len(body)}",
-                 f"Server: {self.server_version}"]
+        lines = [
+            f"HTTP/1.1 {status} {self.responses.get(status, ('',))[0]}",
+            f"Content-Type: {content_type}",
+            f"Content-Length: {len(body)}",
+            f"Server: {self.server_version}",
+        ]
         lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
         self.wfile.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
 
@@ -357,8 +400,10 @@ class _Handler(BaseHTTPRequestHandler):
         path = self.path.split("?", 1)[0]
         if path.rstrip("/") == "/v1/_emulator/state":
             state = emu.state()
-            state["runs"] = {rid: {**run, "steps": {str(k): v for k, v in run["steps"].items()}}
-                             for rid, run in state["runs"].items()}
+            state["runs"] = {
+                rid: {**run, "steps": {str(k): v for k, v in run["steps"].items()}}
+                for rid, run in state["runs"].items()
+            }
             self._send(200, state)
             return
         match = _RUN_PATH.match(path)

@@ -88,8 +88,15 @@ class ApiError(WecoObserveError):
 
     exit_code = EXIT_PENDING
 
-    def __init__(self, message: str, *, status: int | None = None, detail: str | None = None,
-                 retry_after: float | None = None, ambiguous: bool = False):
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        detail: str | None = None,
+        retry_after: float | None = None,
+        ambiguous: bool = False,
+    ):
         super().__init__(message)
         self.status = status
         self.detail = detail

@@ -234,7 +234,9 @@ class Journal:
         """Turn a manifest ``{path: hash}`` back into ``{path: text}``."""
         return {path: self.read_blob(digest) for path, digest in (manifest or {}).items()}
 
-    def _store_code(self, conn: sqlite3.Connection, code: Mapping[str, str], base: Mapping[str, str] | None) -> dict[str, str]:
+    def _store_code(
+        self, conn: sqlite3.Connection, code: Mapping[str, str], base: Mapping[str, str] | None
+    ) -> dict[str, str]:
         manifest: dict[str, str] = {}
         for path, text in code.items():
             data = text.encode("utf-8")
@@ -311,8 +313,16 @@ class Journal:
                 "INSERT INTO runs (id, server_id, remote_only, name, metric, maximize,"
                 " additional_instructions, metadata, created_at, updated_at)"
                 " VALUES (?, NULL, 0, ?, ?, ?, ?, ?, ?, ?)",
-                (run_id, name, metric, int(bool(maximize)), additional_instructions,
-                 _dumps(meta) if meta else None, now, now),
+                (
+                    run_id,
+                    name,
+                    metric,
+                    int(bool(maximize)),
+                    additional_instructions,
+                    _dumps(meta) if meta else None,
+                    now,
+                    now,
+                ),
             )
             conn.execute(
                 "INSERT INTO steps (run_id, step, status, description, metrics, code, parent_step,"
@@ -452,13 +462,22 @@ class Journal:
                 " description = excluded.description, metrics = excluded.metrics, code = excluded.code,"
                 " parent_step = excluded.parent_step, metadata = excluded.metadata,"
                 " event_id = excluded.event_id, updated_at = excluded.updated_at",
-                (run_id, step, status, description, _dumps(metrics) if metrics is not None else None,
-                 _dumps(manifest) if manifest is not None else None, parent,
-                 _dumps(metadata) if metadata is not None else None, event_id, now, now),
+                (
+                    run_id,
+                    step,
+                    status,
+                    description,
+                    _dumps(metrics) if metrics is not None else None,
+                    _dumps(manifest) if manifest is not None else None,
+                    parent,
+                    _dumps(metadata) if metadata is not None else None,
+                    event_id,
+                    now,
+                    now,
+                ),
             )
             conn.execute(
-                "INSERT INTO events (id, run_id, kind, step, payload, created_at)"
-                " VALUES (?, ?, 'log_step', ?, ?, ?)",
+                "INSERT INTO events (id, run_id, kind, step, payload, created_at) VALUES (?, ?, 'log_step', ?, ?, ?)",
                 (event_id, run_id, step, _dumps(payload), now),
             )
             conn.execute("UPDATE runs SET updated_at = ? WHERE id = ?", (now, run_id))
@@ -535,8 +554,12 @@ class Journal:
             earlier = last.startswith((self.IN_FLIGHT, self.AMBIGUOUS))
             conn.execute(
                 "UPDATE events SET attempts = attempts + 1, last_error = ? WHERE id = ?",
-                (self.AMBIGUOUS + "an earlier attempt got no answer; " + self.IN_FLIGHT if earlier
-                 else self.IN_FLIGHT, event_id),
+                (
+                    self.AMBIGUOUS + "an earlier attempt got no answer; " + self.IN_FLIGHT
+                    if earlier
+                    else self.IN_FLIGHT,
+                    event_id,
+                ),
             )
         return earlier
 
@@ -546,8 +569,14 @@ class Journal:
         After an ambiguous earlier attempt the server may hold a second run for
         this local id; the note stays in ``last_error`` so ``sync`` can report it.
         """
-        note = (f"{self.POSSIBLE_DUPLICATE}an earlier attempt got no answer; the server may also hold a run"
-                f" whose metadata.weco_observe_local_id is {run_id}") if possible_duplicate else None
+        note = (
+            (
+                f"{self.POSSIBLE_DUPLICATE}an earlier attempt got no answer; the server may also hold a run"
+                f" whose metadata.weco_observe_local_id is {run_id}"
+            )
+            if possible_duplicate
+            else None
+        )
         with self._writing() as conn:
             conn.execute("UPDATE runs SET server_id = ? WHERE id = ?", (server_id, run_id))
             conn.execute(
@@ -555,8 +584,9 @@ class Journal:
                 (time.time(), note, event_id),
             )
 
-    def mark_step_delivered(self, event_id: str, run_id: str, step: int, seq: int, attempts: int = 1,
-                            from_seq: int = 0) -> int:
+    def mark_step_delivered(
+        self, event_id: str, run_id: str, step: int, seq: int, attempts: int = 1, from_seq: int = 0
+    ) -> int:
         """A step's latest state was answered 2xx: mark it delivered and supersede the
         older pending events of the same (run, step), which it replaced. Returns how many.
 
@@ -611,10 +641,7 @@ class Journal:
 
     def steps(self, run_id: str) -> list[dict[str, Any]]:
         """Every step of a run (by local id), oldest step number first, JSON columns decoded."""
-        return [
-            _step_row(row)
-            for row in self.query("SELECT * FROM steps WHERE run_id = ? ORDER BY step", (run_id,))
-        ]
+        return [_step_row(row) for row in self.query("SELECT * FROM steps WHERE run_id = ? ORDER BY step", (run_id,))]
 
     def counts(self) -> dict[str, int]:
         """Totals for ``status``: runs, steps and events by state."""
@@ -636,8 +663,7 @@ class Journal:
         rejected = [
             dict(row)
             for row in self.query(
-                "SELECT id, run_id, kind, step, last_error FROM events WHERE state = 'rejected'"
-                " ORDER BY seq LIMIT ?",
+                "SELECT id, run_id, kind, step, last_error FROM events WHERE state = 'rejected' ORDER BY seq LIMIT ?",
                 (limit,),
             )
         ]
@@ -657,8 +683,12 @@ class Journal:
                     (self.POSSIBLE_DUPLICATE + "%", limit),
                 )
             ]
-        return {"rejected": rejected, "retrying": retrying, "last_error": last[0] if last else None,
-                "possible_duplicates": duplicates}
+        return {
+            "rejected": rejected,
+            "retrying": retrying,
+            "last_error": last[0] if last else None,
+            "possible_duplicates": duplicates,
+        }
 
     def schema_version(self) -> int:
         with self._lock:
@@ -702,9 +732,17 @@ class Journal:
         is recorded only at the end, and every row merges by id.
         """
         out: dict[str, Any] = {
-            "bundle_id": bundle_id, "already_imported": False, "runs_new": 0, "runs_known": 0,
-            "server_ids_adopted": 0, "blobs_new": 0, "steps_updated": 0, "events_new": 0,
-            "events_known": 0, "events_pending": 0, "conflicts": [],
+            "bundle_id": bundle_id,
+            "already_imported": False,
+            "runs_new": 0,
+            "runs_known": 0,
+            "server_ids_adopted": 0,
+            "blobs_new": 0,
+            "steps_updated": 0,
+            "events_new": 0,
+            "events_known": 0,
+            "events_pending": 0,
+            "conflicts": [],
         }
         with self._writing() as conn:
             if conn.execute("SELECT 1 FROM imports WHERE bundle_id = ?", (bundle_id,)).fetchone():
@@ -729,8 +767,9 @@ class Journal:
             )
         return out
 
-    def _merge_runs(self, conn: sqlite3.Connection, runs: list[dict[str, Any]],
-                    out: dict[str, Any]) -> tuple[dict[str, str], dict[str, bool]]:
+    def _merge_runs(
+        self, conn: sqlite3.Connection, runs: list[dict[str, Any]], out: dict[str, Any]
+    ) -> tuple[dict[str, str], dict[str, bool]]:
         """Insert or match each run; return (bundle run id -> local run id, local id -> same server run)."""
         now = time.time()
         mapping: dict[str, str] = {}
@@ -745,10 +784,18 @@ class Journal:
                     "INSERT INTO runs (id, server_id, remote_only, name, metric, maximize,"
                     " additional_instructions, metadata, created_at, updated_at)"
                     " VALUES (?,?,?,?,?,?,?,?,?,?)",
-                    (rid, sid, int(bool(run.get("remote_only"))), run.get("name"), run.get("metric"),
-                     run.get("maximize"), run.get("additional_instructions"),
-                     _dumps(run["metadata"]) if run.get("metadata") is not None else None,
-                     run.get("created_at") or now, run.get("updated_at") or now),
+                    (
+                        rid,
+                        sid,
+                        int(bool(run.get("remote_only"))),
+                        run.get("name"),
+                        run.get("metric"),
+                        run.get("maximize"),
+                        run.get("additional_instructions"),
+                        _dumps(run["metadata"]) if run.get("metadata") is not None else None,
+                        run.get("created_at") or now,
+                        run.get("updated_at") or now,
+                    ),
                 )
                 mapping[rid], same_server[rid] = rid, bool(sid)
                 out["runs_new"] += 1
@@ -771,18 +818,29 @@ class Journal:
             same_server[local] = bool(sid) and local_sid == sid
         return mapping, same_server
 
-    def _merge_blobs(self, conn: sqlite3.Connection, blobs: list[dict[str, Any]], mapping: dict[str, str],
-                     same_server: dict[str, bool], out: dict[str, Any]) -> None:
+    def _merge_blobs(
+        self,
+        conn: sqlite3.Connection,
+        blobs: list[dict[str, Any]],
+        mapping: dict[str, str],
+        same_server: dict[str, bool],
+        out: dict[str, Any],
+    ) -> None:
         for blob in blobs:
             cur = conn.execute(
                 "INSERT OR IGNORE INTO blobs (hash, size, base, depth, prefix, suffix, data) VALUES (?,?,?,?,?,?,?)",
-                (blob["hash"], blob["size"], blob["base"], blob["depth"], blob["prefix"], blob["suffix"],
-                 blob["data"]),
+                (blob["hash"], blob["size"], blob["base"], blob["depth"], blob["prefix"], blob["suffix"], blob["data"]),
             )
             out["blobs_new"] += cur.rowcount
 
-    def _merge_steps(self, conn: sqlite3.Connection, steps: list[dict[str, Any]], mapping: dict[str, str],
-                     same_server: dict[str, bool], out: dict[str, Any]) -> None:
+    def _merge_steps(
+        self,
+        conn: sqlite3.Connection,
+        steps: list[dict[str, Any]],
+        mapping: dict[str, str],
+        same_server: dict[str, bool],
+        out: dict[str, Any],
+    ) -> None:
         now = time.time()
         for step in steps:
             run_id = mapping[step["run_id"]]
@@ -798,16 +856,29 @@ class Journal:
                 " description = excluded.description, metrics = excluded.metrics, code = excluded.code,"
                 " parent_step = excluded.parent_step, metadata = excluded.metadata,"
                 " event_id = excluded.event_id, updated_at = excluded.updated_at",
-                (run_id, step["step"], step["status"], step.get("description"),
-                 *(_dumps(step[k]) if step.get(k) is not None else None for k in ("metrics", "code")),
-                 step.get("parent_step"),
-                 _dumps(step["metadata"]) if step.get("metadata") is not None else None,
-                 step["event_id"], step.get("created_at") or now, step.get("updated_at") or now),
+                (
+                    run_id,
+                    step["step"],
+                    step["status"],
+                    step.get("description"),
+                    *(_dumps(step[k]) if step.get(k) is not None else None for k in ("metrics", "code")),
+                    step.get("parent_step"),
+                    _dumps(step["metadata"]) if step.get("metadata") is not None else None,
+                    step["event_id"],
+                    step.get("created_at") or now,
+                    step.get("updated_at") or now,
+                ),
             )
             out["steps_updated"] += 1
 
-    def _merge_events(self, conn: sqlite3.Connection, events: list[dict[str, Any]], mapping: dict[str, str],
-                      same_server: dict[str, bool], out: dict[str, Any]) -> None:
+    def _merge_events(
+        self,
+        conn: sqlite3.Connection,
+        events: list[dict[str, Any]],
+        mapping: dict[str, str],
+        same_server: dict[str, bool],
+        out: dict[str, Any],
+    ) -> None:
         now = time.time()
         for event in events:
             run_id = mapping[event["run_id"]]
@@ -830,8 +901,16 @@ class Journal:
             conn.execute(
                 "INSERT INTO events (id, run_id, kind, step, payload, state, created_at, delivered_at)"
                 " VALUES (?,?,?,?,?,?,?,?)",
-                (event["id"], run_id, event["kind"], event["step"], _dumps(event["payload"]), state,
-                 event.get("created_at") or now, None if state == "pending" else now),
+                (
+                    event["id"],
+                    run_id,
+                    event["kind"],
+                    event["step"],
+                    _dumps(event["payload"]),
+                    state,
+                    event.get("created_at") or now,
+                    None if state == "pending" else now,
+                ),
             )
             if event["kind"] == "create_run":
                 # A bundle that carries a create but not step 0's row still gets its baseline.

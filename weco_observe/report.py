@@ -50,11 +50,12 @@ def page(mode: str, title: str, data: Any | None = None) -> str:
     island = f'<script id="data" type="application/json">{_json_island(data)}</script>\n' if data is not None else ""
     sidebar = (
         '<nav class="sidebar"><h2>Runs <span id="live" class="live">live</span></h2><div id="runs"></div></nav>'
-        if mode == "ui" else ""
+        if mode == "ui"
+        else ""
     )
     generated = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     return (
-        "<!doctype html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+        '<!doctype html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
         f'<meta http-equiv="Content-Security-Policy" content="{csp}">\n'
         '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
         '<meta name="referrer" content="no-referrer">\n'

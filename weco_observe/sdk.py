@@ -35,11 +35,23 @@ class WecoObserveWarning(UserWarning):
 def _check_args(op: str, kwargs: dict[str, Any]) -> None:
     """The journal-free checks of a ``create_run`` or ``log_step`` call (raise InvalidInput)."""
     if op == "create_run":
-        validate.check_run_args(kwargs["source_code"], kwargs["metric"], kwargs["name"],
-                                kwargs["additional_instructions"], kwargs["metadata"])
+        validate.check_run_args(
+            kwargs["source_code"],
+            kwargs["metric"],
+            kwargs["name"],
+            kwargs["additional_instructions"],
+            kwargs["metadata"],
+        )
     else:
-        validate.check_step_args(kwargs["step"], kwargs["status"], kwargs["description"], kwargs["metrics"],
-                                 kwargs["code"], kwargs["parent_step"], kwargs["metadata"])
+        validate.check_step_args(
+            kwargs["step"],
+            kwargs["status"],
+            kwargs["description"],
+            kwargs["metrics"],
+            kwargs["code"],
+            kwargs["parent_step"],
+            kwargs["metadata"],
+        )
 
 
 class WecoObserver:
@@ -153,8 +165,12 @@ class WecoObserver:
         except JournalUnavailable:
             row = None
         if row is not None:
-            return ObserveRun(self, row["id"], primary_metric=row["metric"],
-                              maximize=bool(row["maximize"]) if row["maximize"] is not None else None)
+            return ObserveRun(
+                self,
+                row["id"],
+                primary_metric=row["metric"],
+                maximize=bool(row["maximize"]) if row["maximize"] is not None else None,
+            )
         if ids.looks_like_server_id(run_id) or ids.is_local_run_id(run_id):
             return ObserveRun(self, run_id)
         raise InvalidInput(f"unknown run {run_id!r}: use an id from create_run() or `weco observe runs`")
@@ -183,8 +199,14 @@ class WecoObserver:
 class ObserveRun:
     """One run. ``run_id`` is the local id (``local-...``); ``server_id`` appears once synced."""
 
-    def __init__(self, observer: WecoObserver, run_id: str | None, *, primary_metric: str | None = None,
-                 maximize: bool | None = None):
+    def __init__(
+        self,
+        observer: WecoObserver,
+        run_id: str | None,
+        *,
+        primary_metric: str | None = None,
+        maximize: bool | None = None,
+    ):
         self._observer = observer
         self.run_id = run_id
         self.primary_metric = primary_metric
@@ -219,8 +241,10 @@ class ObserveRun:
     ) -> dict[str, Any] | None:
         """Journal one step (durably, before returning). Returns the stored step, or None if refused."""
         if self.run_id is None:
-            self._observer._warn(f"step {step}: this run was never created, see the warning from "
-                                 "create_run (nothing recorded)", stacklevel=3)
+            self._observer._warn(
+                f"step {step}: this run was never created, see the warning from create_run (nothing recorded)",
+                stacklevel=3,
+            )
             return None
         return self._observer._record(
             "log_step",

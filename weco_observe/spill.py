@@ -106,8 +106,7 @@ def replay(journal) -> int:
         except FileNotFoundError:  # another process opening the journal imported it first
             continue
         except (OSError, ValueError, KeyError, TypeError, InvalidInput) as exc:
-            print(f"weco-observe: could not import spill file {path}: {exc}; kept as {path.name}.bad",
-                  file=sys.stderr)
+            print(f"weco-observe: could not import spill file {path}: {exc}; kept as {path.name}.bad", file=sys.stderr)
             try:
                 path.rename(path.with_name(path.name + ".bad"))
             except OSError:

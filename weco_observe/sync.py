@@ -118,8 +118,7 @@ class PassResult:
 def pending_count(journal: Journal, run_id: str | None = None) -> int:
     if run_id is None:
         return journal.query("SELECT count(*) AS n FROM events WHERE state = 'pending'")[0]["n"]
-    return journal.query("SELECT count(*) AS n FROM events WHERE state = 'pending' AND run_id = ?",
-                         (run_id,))[0]["n"]
+    return journal.query("SELECT count(*) AS n FROM events WHERE state = 'pending' AND run_id = ?", (run_id,))[0]["n"]
 
 
 class _Halt(Exception):
@@ -133,12 +132,25 @@ class Syncer:
     interruptible wait on the halt flag, so a stop request is honoured at once.
     """
 
-    def __init__(self, journal: Journal, client: Any, *, workers: int = 8, attempts: int = 5,
-                 unreachable_attempts: int = 3, initial_wait: float = 0.25, max_wait: float = 8.0,
-                 max_retry_after: float = 30.0, sleep: Callable[[float], Any] | None = None,
-                 deadline: float | None = None, progress: Callable[[int], None] | None = None,
-                 should_stop: Callable[[], bool] | None = None, batch_size: int = 200,
-                 batch_age: float = 0.2, step_window: int | None = None):
+    def __init__(
+        self,
+        journal: Journal,
+        client: Any,
+        *,
+        workers: int = 8,
+        attempts: int = 5,
+        unreachable_attempts: int = 3,
+        initial_wait: float = 0.25,
+        max_wait: float = 8.0,
+        max_retry_after: float = 30.0,
+        sleep: Callable[[float], Any] | None = None,
+        deadline: float | None = None,
+        progress: Callable[[int], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+        batch_size: int = 200,
+        batch_age: float = 0.2,
+        step_window: int | None = None,
+    ):
         self.journal = journal
         #: steps of one run in flight at once (they carry explicit parents); default: ``workers``
         self.step_window = max(1, step_window if step_window is not None else workers)
@@ -213,8 +225,13 @@ class Syncer:
             attempts += 1
             return fn()
 
-        retrying = tenacity.Retrying(stop=self._stop, wait=self._wait, sleep=self._sleep, reraise=True,
-                                     retry=tenacity.retry_if_exception(api.is_retryable))
+        retrying = tenacity.Retrying(
+            stop=self._stop,
+            wait=self._wait,
+            sleep=self._sleep,
+            reraise=True,
+            retry=tenacity.retry_if_exception(api.is_retryable),
+        )
         try:
             return retrying(attempt), attempts
         except ApiError as exc:
@@ -229,19 +246,21 @@ class Syncer:
         self._result = result = PassResult()
         if run_id is None:
             rows = self.journal.query(
-                "SELECT run_id, min(seq) AS first FROM events WHERE state = 'pending'"
-                " GROUP BY run_id ORDER BY first")
+                "SELECT run_id, min(seq) AS first FROM events WHERE state = 'pending' GROUP BY run_id ORDER BY first"
+            )
         else:
             rows = self.journal.query(
-                "SELECT run_id, min(seq) AS first FROM events WHERE state = 'pending' AND run_id = ?"
-                " GROUP BY run_id", (run_id,))
+                "SELECT run_id, min(seq) AS first FROM events WHERE state = 'pending' AND run_id = ? GROUP BY run_id",
+                (run_id,),
+            )
         run_ids = [r["run_id"] for r in rows]
         step_pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="weco-sync-step")
         self._step_pool = step_pool if self.step_window > 1 else None
         try:
             if run_ids:
-                with ThreadPoolExecutor(max_workers=min(self.workers, len(run_ids)),
-                                        thread_name_prefix="weco-sync") as pool:
+                with ThreadPoolExecutor(
+                    max_workers=min(self.workers, len(run_ids)), thread_name_prefix="weco-sync"
+                ) as pool:
                     try:
                         for _ in pool.map(self._sync_run_safely, run_ids):
                             pass
@@ -254,8 +273,9 @@ class Syncer:
             self.flush_marks()
         result.pending = pending_count(self.journal, run_id)
         result.rejected_total = self.journal.query(
-            "SELECT count(*) AS n FROM events WHERE state = 'rejected'"
-            + (" AND run_id = ?" if run_id else ""), (run_id,) if run_id else ())[0]["n"]
+            "SELECT count(*) AS n FROM events WHERE state = 'rejected'" + (" AND run_id = ?" if run_id else ""),
+            (run_id,) if run_id else (),
+        )[0]["n"]
         result.elapsed = time.monotonic() - start
         result.runs = run_summaries(self.journal, run_ids)
         result.possible_duplicates = sum(1 for r in result.runs if r.possible_duplicate)
@@ -265,8 +285,7 @@ class Syncer:
         with self._lock:
             for key, n in counts.items():
                 setattr(self._result, key, getattr(self._result, key) + n)
-            done = (self._result.delivered + self._result.superseded + self._result.rejected
-                    + self._result.failed)
+            done = self._result.delivered + self._result.superseded + self._result.rejected + self._result.failed
         if self.progress is not None:
             self.progress(done)
 
@@ -297,7 +316,8 @@ class Syncer:
         server_id = run["server_id"]
         if server_id is None:
             creates = journal.query(
-                "SELECT * FROM events WHERE run_id = ? AND kind = 'create_run' ORDER BY seq LIMIT 1", (run_id,))
+                "SELECT * FROM events WHERE run_id = ? AND kind = 'create_run' ORDER BY seq LIMIT 1", (run_id,)
+            )
             if not creates or creates[0]["state"] != "pending":
                 return  # rejected (or missing): the run waits; its steps stay pending
             server_id = self._send_create(run, creates[0])
@@ -309,7 +329,8 @@ class Syncer:
             page = journal.query(
                 "SELECT seq, id, step, json_extract(payload, '$.parent_step') IS NULL AS chained FROM events"
                 " WHERE state = 'pending' AND run_id = ? AND kind = 'log_step' AND seq > ? ORDER BY seq LIMIT ?",
-                (run_id, cursor, PAGE))
+                (run_id, cursor, PAGE),
+            )
             if not page:
                 return
             cursor = page[-1]["seq"]
@@ -379,8 +400,7 @@ class Syncer:
                 return self.client.create_run(body)
             except ApiError as exc:
                 if not exc.ambiguous:  # answered, so not applied: clear the in-flight marker
-                    journal.mark_failed(event["id"], (journal.AMBIGUOUS if earlier else "") + str(exc),
-                                        attempts=0)
+                    journal.mark_failed(event["id"], (journal.AMBIGUOUS if earlier else "") + str(exc), attempts=0)
                 raise
 
         try:
@@ -404,13 +424,14 @@ class Syncer:
         journal = self.journal
         latest = journal.query(
             "SELECT e.seq, e.id, e.kind, e.state, e.payload FROM steps s JOIN events e ON e.id = s.event_id"
-            " WHERE s.run_id = ? AND s.step = ?", (run_id, ev["step"]))
+            " WHERE s.run_id = ? AND s.step = ?",
+            (run_id, ev["step"]),
+        )
         # The step row names the event holding the step's current state (a bundle
         # import can make that an event with a lower seq than ``ev``).
         target = latest[0] if latest else None
         if target is None or target["kind"] != "log_step":
-            target = journal.query("SELECT seq, id, kind, state, payload FROM events WHERE seq = ?",
-                                   (ev["seq"],))[0]
+            target = journal.query("SELECT seq, id, kind, state, payload FROM events WHERE seq = ?", (ev["seq"],))[0]
         elif target["id"] != ev["id"] and target["state"] != "pending":
             journal.mark_superseded(ev["id"])  # the current state of this step is already settled
             done_upto[ev["step"]] = max(done_upto.get(ev["step"], -1), ev["seq"])
@@ -436,8 +457,7 @@ class Syncer:
             self._tick(failed=1, sent=1)
             self._failed(exc)
             return False
-        self._mark_delivered((target["id"], run_id, ev["step"], target["seq"], attempts,
-                              min(ev["seq"], target["seq"])))
+        self._mark_delivered((target["id"], run_id, ev["step"], target["seq"], attempts, min(ev["seq"], target["seq"])))
         if ev["seq"] > target["seq"]:
             journal.mark_superseded(ev["id"])
             self._tick(superseded=1)
@@ -480,11 +500,12 @@ def run_summaries(journal: Journal, run_ids: list[str]) -> list[RunSummary]:
             continue
         run = rows[0]
         summary = RunSummary(run_id=run_id, name=run["name"], server_id=run["server_id"])
-        for row in journal.query("SELECT state, count(*) AS n FROM events WHERE run_id = ? GROUP BY state",
-                                 (run_id,)):
+        for row in journal.query("SELECT state, count(*) AS n FROM events WHERE run_id = ? GROUP BY state", (run_id,)):
             setattr(summary, row["state"], row["n"])
-        create = journal.query("SELECT state, last_error FROM events WHERE run_id = ? AND kind = 'create_run'"
-                               " ORDER BY seq LIMIT 1", (run_id,))
+        create = journal.query(
+            "SELECT state, last_error FROM events WHERE run_id = ? AND kind = 'create_run' ORDER BY seq LIMIT 1",
+            (run_id,),
+        )
         if create:
             summary.possible_duplicate = (create[0]["last_error"] or "").startswith(Journal.POSSIBLE_DUPLICATE)
             if create[0]["state"] == "rejected":
@@ -518,9 +539,15 @@ class SyncLock:
         self._fd = fd
         return True
 
-    def acquire(self, mode: str = "sync", *, wait: bool = True, timeout: float | None = None,
-                on_wait: Callable[[dict[str, Any]], None] | None = None,
-                should_stop: Callable[[], bool] | None = None) -> None:
+    def acquire(
+        self,
+        mode: str = "sync",
+        *,
+        wait: bool = True,
+        timeout: float | None = None,
+        on_wait: Callable[[dict[str, Any]], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> None:
         """Take the lock; with ``wait`` poll until free (asking a background holder to yield).
 
         Raises SyncBusy if it is held and ``wait`` is False or ``timeout`` passes.
@@ -529,8 +556,10 @@ class SyncLock:
             return
         holder = self.holder()
         if not wait:
-            raise SyncBusy(f"another syncer (pid {holder.get('pid', '?')}, {holder.get('mode', 'sync')}) is "
-                           "running on this journal: wait for it, or run `weco observe sync` without --no-wait")
+            raise SyncBusy(
+                f"another syncer (pid {holder.get('pid', '?')}, {holder.get('mode', 'sync')}) is "
+                "running on this journal: wait for it, or run `weco observe sync` without --no-wait"
+            )
         if on_wait is not None:
             on_wait(holder)
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -588,10 +617,21 @@ def _merge(total: PassResult, one: PassResult) -> None:
     total.possible_duplicates = sum(1 for r in total.runs if r.possible_duplicate)
 
 
-def sync(journal: Journal, *, client: Any = None, api_key: str | None = None, run_id: str | None = None,
-         retry_rejected: bool = False, workers: int = 8, attempts: int = 5, passes: int = 3,
-         deadline: float | None = None, progress: Callable[[int], None] | None = None,
-         should_stop: Callable[[], bool] | None = None, **syncer_options: Any) -> PassResult:
+def sync(
+    journal: Journal,
+    *,
+    client: Any = None,
+    api_key: str | None = None,
+    run_id: str | None = None,
+    retry_rejected: bool = False,
+    workers: int = 8,
+    attempts: int = 5,
+    passes: int = 3,
+    deadline: float | None = None,
+    progress: Callable[[int], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    **syncer_options: Any,
+) -> PassResult:
     """Deliver everything pending (the caller holds the :class:`SyncLock`).
 
     Runs up to ``passes`` passes while a pass makes progress (a later pass picks
@@ -608,8 +648,16 @@ def sync(journal: Journal, *, client: Any = None, api_key: str | None = None, ru
     start = time.monotonic()
     try:
         for _ in range(max(1, passes)):
-            syncer = Syncer(journal, client, workers=workers, attempts=attempts, deadline=deadline,
-                            progress=progress, should_stop=should_stop, **syncer_options)
+            syncer = Syncer(
+                journal,
+                client,
+                workers=workers,
+                attempts=attempts,
+                deadline=deadline,
+                progress=progress,
+                should_stop=should_stop,
+                **syncer_options,
+            )
             one = syncer.run_pass(run_id)
             _merge(total, one)
             if not one.pending or one.auth_failed or one.unreachable or one.sent == 0:
@@ -633,8 +681,12 @@ def plan(journal: Journal, run_id: str | None = None, limit: int = 10_000) -> li
     """
     out: list[dict[str, Any]] = []
     if run_id is None:
-        runs = [r["run_id"] for r in journal.query(
-            "SELECT run_id, min(seq) AS first FROM events WHERE state = 'pending' GROUP BY run_id ORDER BY first")]
+        runs = [
+            r["run_id"]
+            for r in journal.query(
+                "SELECT run_id, min(seq) AS first FROM events WHERE state = 'pending' GROUP BY run_id ORDER BY first"
+            )
+        ]
     else:
         runs = [run_id]
     for rid in runs:
@@ -645,28 +697,47 @@ def plan(journal: Journal, run_id: str | None = None, limit: int = 10_000) -> li
             "SELECT e.id, e.kind, e.step, e.payload, s.event_id AS latest, l.payload AS latest_payload"
             " FROM events e LEFT JOIN steps s ON s.run_id = e.run_id AND s.step = e.step"
             " LEFT JOIN events l ON l.id = s.event_id AND l.state = 'pending' AND l.kind = 'log_step'"
-            " WHERE e.state = 'pending' AND e.run_id = ? ORDER BY e.kind = 'log_step', e.seq", (rid,),
+            " WHERE e.state = 'pending' AND e.run_id = ? ORDER BY e.kind = 'log_step', e.seq",
+            (rid,),
         ):
             if len(out) >= limit:
                 return out
             if ev["kind"] == "create_run":
                 payload = json.loads(ev["payload"])
-                out.append({"method": "POST", "path": "/external/runs", "run_id": rid, "name": run["name"],
-                            "event": ev["id"], "files": sorted(payload.get("source_code", {}))})
+                out.append(
+                    {
+                        "method": "POST",
+                        "path": "/external/runs",
+                        "run_id": rid,
+                        "name": run["name"],
+                        "event": ev["id"],
+                        "files": sorted(payload.get("source_code", {})),
+                    }
+                )
                 continue
             if ev["step"] in listed:
                 continue
             listed.add(ev["step"])
             event = ev["latest"] if ev["latest_payload"] else ev["id"]
             payload = json.loads(ev["latest_payload"] or ev["payload"])
-            out.append({"method": "POST", "path": f"/external/runs/{target}/steps", "run_id": rid,
-                        "event": event, "step": ev["step"], "status": payload.get("status"),
-                        "parent_step": payload.get("parent_step"), "files": sorted(payload.get("code") or {})})
+            out.append(
+                {
+                    "method": "POST",
+                    "path": f"/external/runs/{target}/steps",
+                    "run_id": rid,
+                    "event": event,
+                    "step": ev["step"],
+                    "status": payload.get("status"),
+                    "parent_step": payload.get("parent_step"),
+                    "files": sorted(payload.get("code") or {}),
+                }
+            )
     return out
 
 
-def flush(journal_path: str | os.PathLike[str] | Path, timeout: float | None = 30.0,
-          api_key: str | None = None) -> bool:
+def flush(
+    journal_path: str | os.PathLike[str] | Path, timeout: float | None = 30.0, api_key: str | None = None
+) -> bool:
     """Deliver everything pending now, waiting at most ``timeout`` seconds; True if nothing is left pending.
 
     Used by ``WecoObserver.flush()``. Without an API key nothing can be sent
@@ -702,13 +773,20 @@ def flush(journal_path: str | os.PathLike[str] | Path, timeout: float | None = 3
 # -- the `weco observe sync` command ------------------------------------------------
 
 
-def command(*, run_ref: str | None = None, bundles: list[str] | None = None, retry_rejected: bool = False,
-            watch: bool = False,
-            wait: bool = True, workers: int = 8, api_key: str | None = None,
-            on_wait: Callable[[dict[str, Any]], None] | None = None,
-            progress_factory: Callable[[int], Callable[[int], None] | None] | None = None,
-            on_pass: Callable[[PassResult], None] | None = None,
-            poll: float = 0.5) -> PassResult:
+def command(
+    *,
+    run_ref: str | None = None,
+    bundles: list[str] | None = None,
+    retry_rejected: bool = False,
+    watch: bool = False,
+    wait: bool = True,
+    workers: int = 8,
+    api_key: str | None = None,
+    on_wait: Callable[[dict[str, Any]], None] | None = None,
+    progress_factory: Callable[[int], Callable[[int], None] | None] | None = None,
+    on_pass: Callable[[PassResult], None] | None = None,
+    poll: float = 0.5,
+) -> PassResult:
     """Everything ``weco observe sync`` does, minus the formatting.
 
     Takes the sync lock (waiting for another syncer unless ``wait`` is False),
@@ -739,13 +817,27 @@ def command(*, run_ref: str | None = None, bundles: list[str] | None = None, ret
             if not key and not watch and not retry_rejected and pending_count(journal, run_id) == 0:
                 return PassResult(imports=imports)  # nothing to send: no key needed
             if not key:
-                raise ApiAuthFailed(f"no API key: {pending_count(journal, run_id)} events wait in the journal;"
-                                    " run `weco login` (or set WECO_API_KEY), then `weco observe sync`")
+                raise ApiAuthFailed(
+                    f"no API key: {pending_count(journal, run_id)} events wait in the journal;"
+                    " run `weco login` (or set WECO_API_KEY), then `weco observe sync`"
+                )
             lock = SyncLock(journal.path)
             lock.acquire("sync", wait=wait, on_wait=on_wait, should_stop=stopping.is_set)
             try:
-                result = _command_locked(journal, lock, key, run_id, retry_rejected, watch, workers,
-                                         progress_factory, on_pass, stopping, poll, autosync)
+                result = _command_locked(
+                    journal,
+                    lock,
+                    key,
+                    run_id,
+                    retry_rejected,
+                    watch,
+                    workers,
+                    progress_factory,
+                    on_pass,
+                    stopping,
+                    poll,
+                    autosync,
+                )
                 result.imports = imports
                 return result
             finally:
@@ -755,9 +847,20 @@ def command(*, run_ref: str | None = None, bundles: list[str] | None = None, ret
             signal.signal(signum, handler)
 
 
-def _command_locked(journal: Journal, lock: SyncLock, key: str, run_id: str | None, retry_rejected: bool,
-                    watch: bool, workers: int, progress_factory: Any, on_pass: Any, stopping: threading.Event,
-                    poll: float, autosync: Any) -> PassResult:
+def _command_locked(
+    journal: Journal,
+    lock: SyncLock,
+    key: str,
+    run_id: str | None,
+    retry_rejected: bool,
+    watch: bool,
+    workers: int,
+    progress_factory: Any,
+    on_pass: Any,
+    stopping: threading.Event,
+    poll: float,
+    autosync: Any,
+) -> PassResult:
     from .api import WecoClient
 
     if retry_rejected:
@@ -770,8 +873,9 @@ def _command_locked(journal: Journal, lock: SyncLock, key: str, run_id: str | No
             seen = journal.query("SELECT coalesce(max(seq), 0) AS n FROM events")[0]["n"]
             pending = pending_count(journal, run_id)
             progress = progress_factory(pending) if progress_factory and pending else None
-            one = sync(journal, client=client, run_id=run_id, workers=workers, progress=progress,
-                       should_stop=stopping.is_set)
+            one = sync(
+                journal, client=client, run_id=run_id, workers=workers, progress=progress, should_stop=stopping.is_set
+            )
             _merge(total, one)
             if not one.pending:
                 autosync.set_cooldown(journal.path, 0)

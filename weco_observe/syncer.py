@@ -81,8 +81,10 @@ def run(journal_path: Path, *, linger: float = LINGER, give_up: float = GIVE_UP)
                 if need_pass:
                     result = sync(journal, client=client, should_stop=should_stop, passes=1)
                     if result.sent:
-                        _log(f"delivered {result.delivered}, rejected {result.rejected}, "
-                             f"pending {result.pending} in {result.elapsed:.2f}s")
+                        _log(
+                            f"delivered {result.delivered}, rejected {result.rejected}, "
+                            f"pending {result.pending} in {result.elapsed:.2f}s"
+                        )
                     code = result.exit_code
                     if result.auth_failed:
                         _log(f"stopping: {result.last_error}")
@@ -114,8 +116,10 @@ def run(journal_path: Path, *, linger: float = LINGER, give_up: float = GIVE_UP)
                 _log("gave way to a foreground sync" if lock.yield_requested() else "stopped by a signal")
                 return code
             lock.release()
-            if journal.query("SELECT count(*) AS n FROM events WHERE state = 'pending' AND seq > ?",
-                             (seen,))[0]["n"] == 0:
+            if (
+                journal.query("SELECT count(*) AS n FROM events WHERE state = 'pending' AND seq > ?", (seen,))[0]["n"]
+                == 0
+            ):
                 return code
             if not lock.try_acquire("background"):
                 return code  # whoever holds it now sends them

@@ -159,8 +159,10 @@ def serve(host: str = "127.0.0.1", port: int = DEFAULT_PORT) -> None:
     """Serve until Ctrl-C, printing the URL on stderr."""
     server = make_server(host, port)
     if host not in _LOOPBACK:
-        print(f"weco-observe: WARNING serving on {host}: anyone who can reach it can read your runs "
-              "and code (read-only)", file=sys.stderr)
+        print(
+            f"weco-observe: WARNING serving on {host}: anyone who can reach it can read your runs and code (read-only)",
+            file=sys.stderr,
+        )
     print(f"weco-observe: UI at {server.url} (read-only; Ctrl-C to stop)", file=sys.stderr, flush=True)
     try:
         server.serve_forever(poll_interval=0.25)

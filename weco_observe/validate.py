@@ -24,9 +24,7 @@ def goal_to_maximize(goal: str) -> bool:
     try:
         return _GOALS[goal.strip().lower()]
     except (KeyError, AttributeError):
-        raise InvalidInput(
-            f"unknown --goal {goal!r}: use one of max, maximize, min, minimize"
-        ) from None
+        raise InvalidInput(f"unknown --goal {goal!r}: use one of max, maximize, min, minimize") from None
 
 
 def check_status(status: Any) -> str:
@@ -62,9 +60,7 @@ def parse_step(text: str, flag: str = "--step") -> int:
 def check_metrics(metrics: Any, flag: str = "--metrics") -> dict[str, float]:
     """Metrics are an object of metric name -> finite number (booleans are not numbers)."""
     if not isinstance(metrics, Mapping):
-        raise InvalidInput(
-            f"{flag} must be a JSON object of name -> number, e.g. '{{\"val_bpb\": 1.03}}'"
-        )
+        raise InvalidInput(f"{flag} must be a JSON object of name -> number, e.g. '{{\"val_bpb\": 1.03}}'")
     out: dict[str, float] = {}
     for name, value in metrics.items():
         if not isinstance(name, str) or not name:
@@ -179,8 +175,13 @@ def check_run_args(
 
 
 def check_step_args(
-    step: Any, status: Any, description: Any = None, metrics: Any = None, code: Any = None,
-    parent_step: Any = None, metadata: Any = None,
+    step: Any,
+    status: Any,
+    description: Any = None,
+    metrics: Any = None,
+    code: Any = None,
+    parent_step: Any = None,
+    metadata: Any = None,
 ) -> tuple[str | None, dict[str, float] | None, dict[str, str] | None, dict[str, Any] | None]:
     """Every check of a ``log_step`` that needs no journal (not: does the parent step exist);
     returns (description, metrics, code, metadata), None where not given."""

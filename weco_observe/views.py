@@ -211,7 +211,7 @@ def _compute_scores(journal: Journal, runs: Sequence[Mapping[str, Any]]) -> dict
     for (metric, maximize), ids in groups.items():
         path = f'$."{metric.replace(chr(34), "")}"' if metric else None  # no metric: counts only
         for start in range(0, len(ids), 500):  # well under SQLite's bound-parameter limit
-            chunk = ids[start:start + 500]
+            chunk = ids[start : start + 500]
             sql = _SCORES_SQL.format(agg="max" if maximize else "min", ids=",".join("?" * len(chunk)))
             for row in _query(journal, sql, (path, *chunk)):
                 out[row["id"]] = row
@@ -277,8 +277,14 @@ def run_summaries(journal: Journal, run_id: str | None = None, *, cache: bool = 
     out = []
     for run in runs:
         score = scores[run["id"]]
-        run.update(steps=score["steps"], failed=score["failed"], value=score["value"], best_step=score["best_step"],
-                   pending=counts.get((run["id"], "pending"), 0), rejected=counts.get((run["id"], "rejected"), 0))
+        run.update(
+            steps=score["steps"],
+            failed=score["failed"],
+            value=score["value"],
+            best_step=score["best_step"],
+            pending=counts.get((run["id"], "pending"), 0),
+            rejected=counts.get((run["id"], "rejected"), 0),
+        )
         out.append(_summary(run))
     out.sort(key=lambda r: (r["last_activity_ts"], r["id"]), reverse=True)
     return out
@@ -399,19 +405,21 @@ def run_view(journal: Journal, ref: str) -> dict[str, Any]:
     for r in rows:
         metrics = json.loads(r["metrics"]) if r["metrics"] else {}
         metric_names.update(dict.fromkeys(metrics))
-        steps.append({
-            "step": r["step"],
-            "parent_step": r["parent_step"],
-            "status": r["status"],
-            "description": r["description"],
-            "metrics": metrics,
-            "code": json.loads(r["code"]) if r["code"] else None,
-            "metadata": json.loads(r["metadata"]) if r["metadata"] else None,
-            "sync": r["sync"] or "local",
-            "sync_error": r["sync_error"] if r["sync"] == "rejected" else None,
-            "created_at": iso_time(r["created_at"]),
-            "updated_at": iso_time(r["updated_at"]),
-        })
+        steps.append(
+            {
+                "step": r["step"],
+                "parent_step": r["parent_step"],
+                "status": r["status"],
+                "description": r["description"],
+                "metrics": metrics,
+                "code": json.loads(r["code"]) if r["code"] else None,
+                "metadata": json.loads(r["metadata"]) if r["metadata"] else None,
+                "sync": r["sync"] or "local",
+                "sync_error": r["sync_error"] if r["sync"] == "rejected" else None,
+                "created_at": iso_time(r["created_at"]),
+                "updated_at": iso_time(r["updated_at"]),
+            }
+        )
     _effective_code(steps)
     lanes, lane_count = tree_layout(steps)
     metric = summary["metric"]
@@ -422,8 +430,10 @@ def run_view(journal: Journal, ref: str) -> dict[str, Any]:
     for s in steps:
         s["value"] = _value(s["metrics"], metric)
         value = s["value"]
-        if s["status"] != "failed" and value is not None and (
-            best_so_far is None or (value > best_so_far if maximize else value < best_so_far)
+        if (
+            s["status"] != "failed"
+            and value is not None
+            and (best_so_far is None or (value > best_so_far if maximize else value < best_so_far))
         ):
             best_so_far = value
         s["best_so_far"] = best_so_far
@@ -440,8 +450,7 @@ def run_view(journal: Journal, ref: str) -> dict[str, Any]:
     summary["last_step"] = steps[-1]["step"] if steps else None
     best = None
     if summary["best_step"] is not None:
-        best = {"step": summary["best_step"], "value": summary["best_value"],
-                "improvement": summary["improvement"]}
+        best = {"step": summary["best_step"], "value": summary["best_value"], "improvement": summary["improvement"]}
     return {
         "run": summary,
         "metrics": list(metric_names),
@@ -491,7 +500,7 @@ def unified_diff(a: str, b: str, path_a: str, path_b: str, context: int = 3) -> 
     while tail < limit - head and la[len(la) - 1 - tail] == lb[len(lb) - 1 - tail]:
         tail += 1
     lo = max(0, head - context)
-    ta, tb = la[lo: len(la) - max(0, tail - context)], lb[lo: len(lb) - max(0, tail - context)]
+    ta, tb = la[lo : len(la) - max(0, tail - context)], lb[lo : len(lb) - max(0, tail - context)]
     out = [f"--- {path_a}", f"+++ {path_b}"]
     matcher = difflib.SequenceMatcher(None, ta, tb, autojunk=False)
     for group in matcher.get_grouped_opcodes(context):
@@ -516,8 +525,9 @@ def _range(start: int, length: int) -> str:
     return f"{first}" if length == 1 else f"{first},{length}"
 
 
-def file_diffs(journal: Journal, old: Mapping[str, str], new: Mapping[str, str],
-               old_label: str, new_label: str, context: int = 3) -> list[dict[str, Any]]:
+def file_diffs(
+    journal: Journal, old: Mapping[str, str], new: Mapping[str, str], old_label: str, new_label: str, context: int = 3
+) -> list[dict[str, Any]]:
     """Diff two code manifests file by file: ``[{"path", "status", "lines"}]`` for each changed file."""
     out = []
     for path in sorted(set(old) | set(new)):
@@ -527,7 +537,8 @@ def file_diffs(journal: Journal, old: Mapping[str, str], new: Mapping[str, str],
         b = journal.read_blob(new[path]) if path in new else ""
         status = "added" if path not in old else "removed" if path not in new else "modified"
         lines = unified_diff(
-            a, b,
+            a,
+            b,
             f"{old_label}/{path}" if path in old else "/dev/null",
             f"{new_label}/{path}" if path in new else "/dev/null",
             context,
@@ -536,8 +547,14 @@ def file_diffs(journal: Journal, old: Mapping[str, str], new: Mapping[str, str],
     return out
 
 
-def step_diff(journal: Journal, ref: str, step: int, against: int | None = None,
-              view: Mapping[str, Any] | None = None, context: int = 3) -> dict[str, Any]:
+def step_diff(
+    journal: Journal,
+    ref: str,
+    step: int,
+    against: int | None = None,
+    view: Mapping[str, Any] | None = None,
+    context: int = 3,
+) -> dict[str, Any]:
     """The code diff of ``step`` against its parent (default) or step ``against``.
 
     Returns ``{"run_id", "step", "against", "code_step", "against_code_step", "files": [...]}``.
@@ -634,18 +651,20 @@ def format_runs(runs: Sequence[Mapping[str, Any]], now: float | None = None) -> 
         goal = {"maximize": "max", "minimize": "min"}.get(r["goal"], "?")
         best = "-" if r["best_step"] is None else f"{_num(r['best_value'])} @{r['best_step']}"
         sync = _sync_text(r)
-        table.append([
-            r["id"],
-            (r["server_id"] or "-")[:8],
-            (r["name"] or "-")[:28],
-            f"{r['metric'] or '?'} ({goal})",
-            str(r["steps"]),
-            best,
-            sync,
-            _ago(r["last_activity_ts"], now),
-        ])
+        table.append(
+            [
+                r["id"],
+                (r["server_id"] or "-")[:8],
+                (r["name"] or "-")[:28],
+                f"{r['metric'] or '?'} ({goal})",
+                str(r["steps"]),
+                best,
+                sync,
+                _ago(r["last_activity_ts"], now),
+            ]
+        )
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in table]
     return "\n".join(lines) + "\n"
 
 
@@ -748,17 +767,27 @@ def export_run(journal: Journal, ref: str, fmt: str, out: io.TextIOBase | Any, c
         out.write("\n]}\n")
     elif fmt == "jsonl":
         out.write(json.dumps({"type": "run", **run}, ensure_ascii=False) + "\n")
-        for n, row in enumerate(steps, 1):
+        for n, row in enumerate(steps, 1):  # noqa: B007 - n is the count returned
             out.write(json.dumps({"type": "step", "run_id": run["id"], **row}, ensure_ascii=False) + "\n")
     else:
-        columns = ["run_id", "step", "parent_step", "status", "description", "is_best", "sync",
-                   "created_at", "updated_at", "changed_files"]
+        columns = [
+            "run_id",
+            "step",
+            "parent_step",
+            "status",
+            "description",
+            "is_best",
+            "sync",
+            "created_at",
+            "updated_at",
+            "changed_files",
+        ]
         columns += [f"metric:{m}" for m in view["metrics"]]
         if code:
             columns += ["code_step", "code"]
         writer = csv.DictWriter(out, fieldnames=columns, lineterminator="\n")
         writer.writeheader()
-        for n, row in enumerate(steps, 1):
+        for n, row in enumerate(steps, 1):  # noqa: B007 - n is the count returned
             flat = {k: row[k] for k in columns if k in row}
             flat["run_id"] = run["id"]
             flat["changed_files"] = " ".join(row["changed_files"])
