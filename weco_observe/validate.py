@@ -66,7 +66,7 @@ def check_metrics(metrics: Any, flag: str = "--metrics") -> dict[str, float]:
         if not isinstance(name, str) or not name:
             raise InvalidInput(f"{flag}: metric names must be non-empty strings, got {name!r}")
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise InvalidInput(f"{flag}: metric {name!r} must be a number, got {value!r}")
+            raise InvalidInput(f"{flag}: metric {name!r} must be a number, got {_shown(value)}")
         try:
             finite = math.isfinite(value)
         except OverflowError:  # an int too large for a float (JSON allows 1000...0)
@@ -75,6 +75,15 @@ def check_metrics(metrics: Any, flag: str = "--metrics") -> dict[str, float]:
             raise InvalidInput(f"{flag}: metric {name!r} must be finite, got {value!r}")
         out[name] = value
     return out
+
+
+def _shown(value: Any) -> str:
+    """A value as the user wrote it in JSON (``true``, ``"x"``, ``null``), falling back to repr."""
+    try:
+        text = json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _reject_constant(name: str) -> Any:
