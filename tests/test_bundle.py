@@ -533,3 +533,30 @@ def test_bundles_relay_through_a_middle_box(boxes, tmp_path):
     b.ok("observe", "bundle", "-o", str(tmp_path / "b.weco"))
     c.ok("observe", "import", str(tmp_path / "b.weco"))
     assert c.state() == a.state()
+
+
+def test_import_moves_a_known_runs_last_activity_to_its_newest_step(tmp_path, monkeypatch):
+    """A run both boxes know shows the imported steps' time as its last activity on the receiver."""
+    import time as _time
+
+    from weco_observe import bundle as bundle_mod
+    from weco_observe.journal import Journal
+
+    box_a, box_b = tmp_path / "a" / "journal.db", tmp_path / "b" / "journal.db"
+    with Journal(box_a) as a:
+        run = a.create_run(source_code={"t.py": "x = 1\n"}, metric="loss")
+        first = tmp_path / "first.bundle"
+        bundle_mod.write_bundle(a, first)
+    with Journal(box_b) as b:
+        bundle_mod.import_bundle(b, first)
+        before = b.query("SELECT updated_at FROM runs WHERE id = ?", (run,))[0]["updated_at"]
+    _time.sleep(0.05)
+    with Journal(box_a) as a:
+        a.log_step(run, 1, metrics={"loss": 0.5})
+        logged_at = a.query("SELECT updated_at FROM steps WHERE run_id = ? AND step = 1", (run,))[0]["updated_at"]
+        second = tmp_path / "second.bundle"
+        bundle_mod.write_bundle(a, second)
+    with Journal(box_b) as b:
+        bundle_mod.import_bundle(b, second)
+        after = b.query("SELECT updated_at FROM runs WHERE id = ?", (run,))[0]["updated_at"]
+    assert after == logged_at > before

@@ -869,6 +869,11 @@ class Journal:
                     step.get("updated_at") or now,
                 ),
             )
+            # The run's last activity is its newest step's, wherever that step was logged.
+            conn.execute(
+                "UPDATE runs SET updated_at = max(updated_at, ?) WHERE id = ?",
+                (step.get("updated_at") or now, run_id),
+            )
             out["steps_updated"] += 1
 
     def _merge_events(
