@@ -37,6 +37,18 @@ SCHEMA_VERSION = 2
 DEFAULT_BUSY_TIMEOUT = 30.0
 
 
+#: Insert a step or replace its state (keeping when it was first logged): one statement
+#: for ``log_step`` and for bundle merges.
+_UPSERT_STEP = (
+    "INSERT INTO steps (run_id, step, status, description, metrics, code, parent_step,"
+    " metadata, event_id, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
+    " ON CONFLICT (run_id, step) DO UPDATE SET status = excluded.status,"
+    " description = excluded.description, metrics = excluded.metrics, code = excluded.code,"
+    " parent_step = excluded.parent_step, metadata = excluded.metadata,"
+    " event_id = excluded.event_id, updated_at = excluded.updated_at"
+)
+
+
 def busy_timeout() -> float:
     """Seconds a writer waits for the lock: ``$WECO_OBSERVE_BUSY_TIMEOUT`` or 30."""
     try:
@@ -456,12 +468,7 @@ class Journal:
             if metadata:
                 payload["metadata"] = metadata
             conn.execute(
-                "INSERT INTO steps (run_id, step, status, description, metrics, code, parent_step,"
-                " metadata, event_id, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
-                " ON CONFLICT (run_id, step) DO UPDATE SET status = excluded.status,"
-                " description = excluded.description, metrics = excluded.metrics, code = excluded.code,"
-                " parent_step = excluded.parent_step, metadata = excluded.metadata,"
-                " event_id = excluded.event_id, updated_at = excluded.updated_at",
+                _UPSERT_STEP,
                 (
                     run_id,
                     step,
@@ -850,12 +857,7 @@ class Journal:
             if row is not None and row[0] >= step["event_id"]:
                 continue
             conn.execute(
-                "INSERT INTO steps (run_id, step, status, description, metrics, code, parent_step,"
-                " metadata, event_id, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
-                " ON CONFLICT (run_id, step) DO UPDATE SET status = excluded.status,"
-                " description = excluded.description, metrics = excluded.metrics, code = excluded.code,"
-                " parent_step = excluded.parent_step, metadata = excluded.metadata,"
-                " event_id = excluded.event_id, updated_at = excluded.updated_at",
+                _UPSERT_STEP,
                 (
                     run_id,
                     step["step"],

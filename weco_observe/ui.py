@@ -42,7 +42,7 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
     def log_message(self, format: str, *args: Any) -> None:
-        pass  # quiet: the terminal shows only the URL
+        """Log nothing: the terminal shows only the URL."""
 
     def _send(self, status: int, body: bytes, content_type: str) -> None:
         self.send_response(status)
