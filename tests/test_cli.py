@@ -306,7 +306,7 @@ def test_local_id_keeps_working_after_sync_maps_it(cli, run_id, journal_path):
     server = str(uuid.uuid4())
     with Journal(journal_path) as j:
         (create,) = j.query("SELECT id FROM events WHERE kind = 'create_run'")
-        j.mark_run_created(create["id"], run_id, server)
+        j.mark_create_delivered(create["id"], run_id, server)
     cli.ok("observe", "log", "--run-id", run_id, "--step", "1")
     cli.ok("observe", "log", "--run-id", server, "--step", "2")
     with Journal(journal_path) as j:
@@ -461,7 +461,7 @@ def test_status_json(cli, run_id, journal_path):
 def test_status_text_and_default_base_url(cli, run_id, journal_path):
     with Journal(journal_path) as j:
         (create,) = j.query("SELECT id FROM events WHERE kind = 'create_run'")
-        j.mark_run_created(create["id"], run_id, str(uuid.uuid4()))
+        j.mark_create_delivered(create["id"], run_id, str(uuid.uuid4()))
         j.log_step(run_id, 1)
         (step,) = j.query("SELECT id FROM events WHERE kind = 'log_step'")
         j.mark_rejected(step["id"], "422: metrics must be numbers")

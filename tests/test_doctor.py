@@ -40,7 +40,7 @@ def make_journal(path: Path, steps: int = 300) -> list[str]:
                 )
             runs.append(run)
         create = j.query("SELECT id FROM events WHERE run_id = ? AND kind = 'create_run'", (runs[0],))[0][0]
-        j.mark_run_created(create, runs[0], SERVER_ID)
+        j.mark_create_delivered(create, runs[0], SERVER_ID)
         j.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     return runs
 

@@ -177,11 +177,13 @@ def test_payload_is_the_request_body_with_code_as_hashes(j):
 def test_outbox_state_transitions(j):
     run = j.create_run(source_code={"a.py": "a"}, metric="m")
     (create,) = j.query("SELECT id FROM events")
-    j.mark_run_created(create["id"], run, "srv-1")
+    assert j.begin_create_attempt(create["id"]) is False  # the attempt is counted before the request
+    j.mark_create_delivered(create["id"], run, "srv-1")
     old = j.log_step(run, 1)["event_id"]
     new = j.log_step(run, 1, metrics={"m": 2})["event_id"]
     j.mark_failed(new, "timeout")
-    j.mark_delivered(new, superseded=[old])
+    (new_seq,) = j.query("SELECT seq FROM events WHERE id = ?", (new,))[0]
+    assert j.mark_step_delivered(new, run, 1, new_seq) == 1
     states = {r["id"]: (r["state"], r["attempts"]) for r in j.query("SELECT id, state, attempts FROM events")}
     assert states == {create["id"]: ("delivered", 1), old: ("superseded", 0), new: ("delivered", 2)}
     rejected = j.log_step(run, 2)["event_id"]

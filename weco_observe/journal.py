@@ -411,7 +411,7 @@ class Journal:
                 return _step_result(existing[0]) if existing else {"event_id": event_id}
             run_id, _server_id, remote_only = self._run_for_log(conn, run, now)
             prev = conn.execute(
-                "SELECT description, metrics, code, metadata, created_at, parent_step FROM steps"
+                "SELECT description, metrics, code, metadata, parent_step FROM steps"
                 " WHERE run_id = ? AND step = ?",
                 (run_id, step),
             ).fetchone()
@@ -428,7 +428,7 @@ class Journal:
             elif step == 0:
                 parent = None
             elif prev is not None:
-                parent = prev[5]  # a re-log keeps the parent, like every field it leaves out
+                parent = prev[4]  # a re-log keeps the parent, like every field it leaves out
             else:
                 # The last successful step below; the baseline when every later one failed.
                 row = conn.execute(
@@ -492,31 +492,6 @@ class Journal:
 
     # -- outbox (used by sync) ------------------------------------------------
 
-    def mark_run_created(self, event_id: str, run_id: str, server_id: str) -> None:
-        """The create was answered 2xx: store the server id and mark the create delivered, atomically."""
-        now = time.time()
-        with self._writing() as conn:
-            conn.execute("UPDATE runs SET server_id = ? WHERE id = ?", (server_id, run_id))
-            conn.execute(
-                "UPDATE events SET state = 'delivered', attempts = attempts + 1, delivered_at = ?,"
-                " last_error = NULL WHERE id = ?",
-                (now, event_id),
-            )
-
-    def mark_delivered(self, event_id: str, superseded: list[str] = ()) -> None:  # type: ignore[assignment]
-        """A step event was answered 2xx; older pending events of the same step it replaced are superseded."""
-        now = time.time()
-        with self._writing() as conn:
-            conn.execute(
-                "UPDATE events SET state = 'delivered', attempts = attempts + 1, delivered_at = ?,"
-                " last_error = NULL WHERE id = ?",
-                (now, event_id),
-            )
-            conn.executemany(
-                "UPDATE events SET state = 'superseded', delivered_at = ? WHERE id = ? AND state != 'delivered'",
-                [(now, old) for old in superseded],
-            )
-
     def mark_failed(self, event_id: str, error: str, attempts: int = 1) -> None:
         """A transient failure: the event stays pending with its attempt count and last error."""
         with self._writing() as conn:
@@ -570,7 +545,9 @@ class Journal:
             )
         return earlier
 
-    def mark_create_delivered(self, event_id: str, run_id: str, server_id: str, possible_duplicate: bool) -> None:
+    def mark_create_delivered(
+        self, event_id: str, run_id: str, server_id: str, possible_duplicate: bool = False
+    ) -> None:
         """Store the server id and mark the create delivered in one transaction (the attempt is already counted).
 
         After an ambiguous earlier attempt the server may hold a second run for
@@ -599,19 +576,7 @@ class Journal:
 
         ``from_seq`` (the oldest pending event of the step, when the caller knows it)
         bounds the scan: the events index is by (state, run, seq), not by step."""
-        now = time.time()
-        with self._writing() as conn:
-            conn.execute(
-                "UPDATE events SET state = 'delivered', attempts = attempts + ?, delivered_at = ?,"
-                " last_error = NULL WHERE id = ?",
-                (attempts, now, event_id),
-            )
-            cur = conn.execute(
-                "UPDATE events SET state = 'superseded', delivered_at = ? WHERE state = 'pending' AND run_id = ?"
-                " AND seq >= ? AND seq < ? AND step = ? AND kind = 'log_step'",
-                (now, run_id, from_seq, seq, step),
-            )
-            return cur.rowcount
+        return self.mark_steps_delivered([(event_id, run_id, step, seq, attempts, from_seq)])
 
     def mark_steps_delivered(self, items: list[tuple[str, str, int, int, int, int]]) -> int:
         """Group commit of :meth:`mark_step_delivered` for many steps, one transaction (one fsync).
