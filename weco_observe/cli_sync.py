@@ -186,8 +186,6 @@ def register(observe: typer.Typer) -> None:
         Point the client at it with WECO_BASE_URL=http://127.0.0.1:PORT/v1 and
         WECO_API_KEY=weco-emulator-key. Its state: GET /v1/_emulator/state.
         """
-        import time
-
         from .emulator import Emulator
 
         emu = Emulator(
@@ -207,10 +205,4 @@ def register(observe: typer.Typer) -> None:
             file=sys.stderr,
             flush=True,
         )
-        try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            pass
-        finally:
-            emu.stop()
+        emu.serve_forever()

@@ -166,12 +166,13 @@ class Emulator:
             self._thread = None
 
     def serve_forever(self) -> None:
-        """Run in the foreground until interrupted (``weco observe emulator``)."""
-        self.start()
-        assert self._thread is not None
+        """Block until interrupted (Ctrl-C), then stop; ``start()`` first (``weco observe emulator``)."""
+        assert self._thread is not None, "call start() first"
         try:
             while self._thread.is_alive():
                 self._thread.join(timeout=0.5)
+        except KeyboardInterrupt:
+            pass
         finally:
             self.stop()
 
@@ -501,26 +502,3 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, raw=b"<html>OK</html>", content_type="text/html")
             return
         self._send(200, {"run_id": result} if steps is None else result)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``python -m weco_observe.emulator [--port N]``: serve in the foreground."""
-    import argparse
-
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--port", type=int, default=8765)
-    parser.add_argument("--api-key", default=DEFAULT_API_KEY)
-    args = parser.parse_args(argv)
-    emu = Emulator(args.port, api_key=args.api_key).start()
-    print(f"weco API emulator on {emu.base_url} (key {emu.api_key})", flush=True)
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        emu.stop()
-
-
-if __name__ == "__main__":
-    main()
