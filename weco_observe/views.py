@@ -84,9 +84,7 @@ GROUP BY s.run_id
 """
 
 _RUNS_SQL = """
-SELECT r.id, r.server_id, r.remote_only, r.name, r.metric, r.maximize, r.created_at,
-       max(r.updated_at, coalesce((SELECT l.updated_at FROM steps l WHERE l.run_id = r.id
-                                   ORDER BY l.step DESC LIMIT 1), 0)) AS updated_at,
+SELECT r.id, r.server_id, r.remote_only, r.name, r.metric, r.maximize, r.created_at, r.updated_at,
        (SELECT json_extract(b.metrics, '$."' || replace(r.metric, '"', '') || '"') FROM steps b
         WHERE b.run_id = r.id AND b.step = 0 AND b.status != 'failed') AS baseline_value
 FROM runs r {where}
