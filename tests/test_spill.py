@@ -124,6 +124,21 @@ def test_lock_held_past_timeout_init_still_prints_a_run_id(cli, src, tmp_path, j
         assert [s["step"] for s in j.steps(run)] == [0, 1]
 
 
+def test_cli_bad_input_is_refused_not_spilled_when_the_journal_cannot_open(cli, src, tmp_path):
+    """The journal's own checks still run when it cannot even be opened: exit 2, no spill file."""
+    blocker = tmp_path / "blocker"
+    blocker.write_text("")
+    env = {"WECO_OBSERVE_DIR": str(blocker / "data")}
+    blank_metric = cli("observe", "init", "--metric", " ", "-s", "train.py", env=env)
+    strict_blank = cli("observe", "init", "--metric", " ", "-s", "train.py", "--strict", env=env)
+    parent_above = cli("observe", "log", "--run-id", str(uuid.uuid4()), "--step", "2", "--parent-step", "5", env=env)
+    for result in (blank_metric, strict_blank, parent_above):
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+        assert result.stdout == ""
+    assert spill_files(tmp_path) == []
+
+
 def test_spill_replay_is_idempotent(src, journal_path, tmp_path):
     j = Journal(journal_path)
     run = j.create_run(source_code={"a.py": "a"}, metric="loss")

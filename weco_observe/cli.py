@@ -106,7 +106,7 @@ def init(
 
     The baseline code becomes step 0. Works offline and without credentials.
     """
-    from . import ids
+    from . import ids, spill
 
     kwargs = {
         "source_code": _sources(source, sources, required=True),
@@ -124,6 +124,7 @@ def init(
             run_id = journal.create_run(**kwargs)
     except errors.JournalUnavailable as exc:
         if strict:  # no spill: a create is not idempotent, and a retry would make a second run
+            spill.check("create_run", kwargs)
             print(f"weco-observe: ERROR {exc}; the run was not recorded", file=sys.stderr)
             raise typer.Exit(errors.EXIT_JOURNAL) from None
         if not _unwritable(exc, "create_run", kwargs, strict, "the run"):

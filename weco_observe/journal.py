@@ -411,8 +411,7 @@ class Journal:
                 return _step_result(existing[0]) if existing else {"event_id": event_id}
             run_id, _server_id, remote_only = self._run_for_log(conn, run, now)
             prev = conn.execute(
-                "SELECT description, metrics, code, metadata, parent_step FROM steps"
-                " WHERE run_id = ? AND step = ?",
+                "SELECT description, metrics, code, metadata, parent_step FROM steps WHERE run_id = ? AND step = ?",
                 (run_id, step),
             ).fetchone()
             if parent_step is not None:

@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from . import autosync, ids, paths, spill, validate
+from . import autosync, ids, paths, spill
 from .errors import InvalidInput, JournalUnavailable
 from .journal import Journal
 
@@ -30,28 +30,6 @@ __all__ = ["ObserveRun", "WecoObserveWarning", "WecoObserver"]
 
 class WecoObserveWarning(UserWarning):
     """Something was not recorded as asked (bad input, or the journal was unavailable)."""
-
-
-def _check_args(op: str, kwargs: dict[str, Any]) -> None:
-    """The journal-free checks of a ``create_run`` or ``log_step`` call (raise InvalidInput)."""
-    if op == "create_run":
-        validate.check_run_args(
-            kwargs["source_code"],
-            kwargs["metric"],
-            kwargs["name"],
-            kwargs["additional_instructions"],
-            kwargs["metadata"],
-        )
-    else:
-        validate.check_step_args(
-            kwargs["step"],
-            kwargs["status"],
-            kwargs["description"],
-            kwargs["metrics"],
-            kwargs["code"],
-            kwargs["parent_step"],
-            kwargs["metadata"],
-        )
 
 
 class WecoObserver:
@@ -99,18 +77,16 @@ class WecoObserver:
             self._warn(f"{exc} (nothing recorded)")
             return None
         except JournalUnavailable as exc:
-            # Check the input now, so bad input is refused whatever state the journal is in
-            # and a spill file only ever holds a call that will import cleanly.
             try:
-                _check_args(op, kwargs)
-            except InvalidInput as bad:
+                if self.strict and op == "create_run":  # a create is not idempotent: no spill the caller can't see
+                    spill.check(op, kwargs)
+                    raise JournalUnavailable(f"{exc}; the run was not recorded") from None
+                where = spill.write(op, kwargs, self._path)
+            except InvalidInput as bad:  # refused whatever state the journal is in
                 if self.strict:
                     raise bad from None
                 self._warn(f"{bad} (nothing recorded)")
                 return None
-            if self.strict and op == "create_run":  # a create is not idempotent: no spill the caller can't see
-                raise JournalUnavailable(f"{exc}; the run was not recorded") from None
-            where = spill.write(op, kwargs, self._path)
             if where is None:
                 message = f"{exc}; could not spill it either: this call is lost"
             else:

@@ -43,9 +43,35 @@ def _temp_root() -> Path:
     return Path("/tmp")
 
 
+def check(op: str, kwargs: dict[str, Any]) -> None:
+    """The journal-free checks of a ``create_run`` or ``log_step`` call; raises InvalidInput."""
+    from . import validate
+
+    get = kwargs.get
+    if op == "create_run":
+        validate.check_run_args(
+            get("source_code"), get("metric"), get("name"), get("additional_instructions"), get("metadata")
+        )
+    else:
+        validate.check_step_args(
+            get("step"),
+            get("status", "completed"),
+            get("description"),
+            get("metrics"),
+            get("code"),
+            get("parent_step"),
+            get("metadata"),
+        )
+
+
 def write(op: str, kwargs: dict[str, Any], journal_path: str | os.PathLike[str] | None = None) -> Path | None:
     """Write one operation (``create_run`` or ``log_step``) meant for ``journal_path`` (default: the
-    user's journal) to a spill file; None if nowhere works."""
+    user's journal) to a spill file; None if nowhere works.
+
+    Bad input raises InvalidInput and writes nothing, whatever state the journal is in,
+    so a spill file only ever holds a call that will import cleanly.
+    """
+    check(op, kwargs)
     # The journal's path is recorded so a spill in the shared fallback dir goes back to its own journal.
     record = json.dumps({"op": op, "journal": _target(journal_path), "kwargs": kwargs}, ensure_ascii=False)
     name = f"{ids.ulid()}.json"
