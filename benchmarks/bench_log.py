@@ -19,11 +19,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
-from common import ensure_venv, in_venv, isolated_env, median, ms, pct, source_13k, table, verdict, wall
+from common import clean_up, ensure_venv, in_venv, isolated_env, median, ms, pct, source_13k, table, verdict, wall
 
 BUILD = """
 import json, sys, time
@@ -232,14 +231,7 @@ def main() -> None:
             ],
         ],
     )
-    if args.keep:
-        print(f"\nvenv: {venv}; work dir: {work}")
-    else:
-        shutil.rmtree(work, ignore_errors=True)
-        if args.venv:
-            print(f"\nvenv: {venv} (kept; pass it as --venv to reuse)")
-        else:  # a temp venv made for this run
-            shutil.rmtree(venv, ignore_errors=True)
+    clean_up(venv, work, keep=args.keep, venv_given=bool(args.venv))
 
 
 if __name__ == "__main__":

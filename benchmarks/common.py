@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -100,3 +101,15 @@ def verdict(ok: bool) -> str:
 
 def median(values: Sequence[float]) -> float:
     return statistics.median(values)
+
+
+def clean_up(venv: Path, work: Path, *, keep: bool, venv_given: bool) -> None:
+    """Remove the work dir, and the venv unless the caller named it (``--venv``) or asked to ``--keep``."""
+    if keep:
+        print(f"\nvenv: {venv}; work dir: {work}")
+        return
+    shutil.rmtree(work, ignore_errors=True)
+    if venv_given:
+        print(f"\nvenv: {venv} (kept; pass it as --venv to reuse)")
+    else:  # a temp venv made for this run
+        shutil.rmtree(venv, ignore_errors=True)
