@@ -33,7 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from weco_observe import bundle, doctor
+from weco_observe import bundle, doctor, outbox
 from weco_observe.journal import Journal
 
 
@@ -70,7 +70,7 @@ _LOGGER = """
 import json, sys, time
 from pathlib import Path
 from weco_observe.journal import Journal
-j = Journal(sys.argv[1], replay_spill=False)
+j = Journal(sys.argv[1])
 run = j.create_run(source_code={"probe.py": "p = 1\\n"}, metric="loss", name="logger")
 print("ready", flush=True)
 waits, step = [], 0
@@ -119,9 +119,9 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        a = Journal(root / "a" / "journal.db", replay_spill=False)
+        a = Journal(root / "a" / "journal.db")
         ids = build(a, args.runs, args.steps)
-        events = a.counts()["pending"]
+        events = outbox.count_unsent(a)
 
         def backup() -> int:
             dest = sqlite3.connect(root / "copy.db")
@@ -132,7 +132,7 @@ def main() -> None:
         t_copy, copy_bytes = timed(backup)
         rows.append(("baseline: copy journal (backup API)", events, t_copy, copy_bytes, "1.00x"))
 
-        with Journal(root / "rej" / "journal.db", replay_spill=False) as rej:
+        with Journal(root / "rej" / "journal.db") as rej:
             t_rej, _ = timed(lambda: build(rej, args.runs, args.steps))
         rows.append(("baseline: re-journal via log_step", events, t_rej, None, ""))
 
@@ -164,7 +164,7 @@ def main() -> None:
         t_ver, _ = timed(lambda: bundle.verify(root / "all.weco"))
         rows.append(("verify (no import)", full["events"], t_ver, None, f"{t_ver / t_all:.2f}x bundle --all"))
 
-        with Journal(root / "b" / "journal.db", replay_spill=False) as b:
+        with Journal(root / "b" / "journal.db") as b:
             idle = logger_waits(b.path, lambda: time.sleep(1.0))
             waits: list[float] = []
             t_imp, imp = timed(lambda: logger_waits(b.path, lambda: bundle.import_bundle(b, root / "all.weco"), waits))
@@ -181,19 +181,19 @@ def main() -> None:
                     f"{max(waits) / max(idle):.0f}x its slowest when idle ({max(idle) * 1000:.1f} ms)",
                 )
             )
-        with Journal(root / "c" / "journal.db", replay_spill=False) as c:
+        with Journal(root / "c" / "journal.db") as c:
             one: list[float] = []
             logger_waits(c.path, lambda: bundle.import_bundle(c, root / "all.weco", batch=10**9), one)
             rows.append(
                 ("  the same if the merge were 1 transaction", len(one), max(one), None, f"{max(one) / max(idle):.0f}x")
             )
-        with Journal(root / "b" / "journal.db", replay_spill=False) as b:
+        with Journal(root / "b" / "journal.db") as b:
             t_again, again = timed(lambda: bundle.import_bundle(b, root / "all.weco"))
             assert again["already_imported"]
             rows.append(("import the same bundle again", full["events"], t_again, None, "no-op"))
             bundle.import_bundle(b, root / "inc.weco")
         bundle.write_bundle(a, root / "all2.weco", everything=True)
-        with Journal(root / "b" / "journal.db", replay_spill=False) as b:
+        with Journal(root / "b" / "journal.db") as b:
             t_over, over = timed(lambda: bundle.import_bundle(b, root / "all2.weco"))
             assert over["events_new"] == 0
             rows.append(("import an overlapping --all bundle", over["events_known"], t_over, None, "0 new"))

@@ -15,7 +15,7 @@ measured in the same run:
    RSS of ``weco observe status`` on the same journal.
 4. Lag from ``weco observe log`` returning to the emulator holding the step,
    through the background syncer only (no sync command): p50/p95/max.
-5. The caller's cost of ``autosync.trigger`` (the check after every log).
+5. The caller's cost of ``background.trigger`` (the check after every log).
 
 The official client sends each step from its own process, ~0.7 s each against a
 zero-latency loopback server (``shared/reference/weco-api.md``): ~1.4 steps/s.
@@ -37,7 +37,7 @@ from pathlib import Path
 
 import httpx
 
-from weco_observe import autosync
+from weco_observe import background, outbox
 from weco_observe.emulator import Emulator
 from weco_observe.journal import Journal
 
@@ -64,7 +64,7 @@ def build(journal_path: Path, runs: int, steps: int, with_code: bool = True) -> 
                     description=f"step {n}",
                     code={"train.py": src} if with_code else None,
                 )
-        return journal.counts()["pending"]
+        return outbox.count_unsent(journal)
 
 
 def env_for(emu: Emulator, data: Path, **extra: str) -> dict[str, str]:
@@ -217,7 +217,7 @@ def lag(n: int) -> dict:
 def trigger_cost(n: int = 2000, spawns: int = 5, logs: int = 15) -> dict:
     """The caller's cost: ``trigger`` with a syncer running (the usual case), a spawn, and the
     wall time of ``weco observe log`` with auto-sync on vs off."""
-    from weco_observe.sync import SyncLock
+    from weco_observe.synclock import SyncLock
 
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp)
@@ -236,22 +236,22 @@ def trigger_cost(n: int = 2000, spawns: int = 5, logs: int = 15) -> dict:
             lock.try_acquire("background")  # a syncer is already running
             start = time.perf_counter()
             for _ in range(n):
-                autosync.trigger(journal_path)
+                background.trigger(journal_path)
             held = (time.perf_counter() - start) / n
             spawn, starting = [], []
             for _ in range(spawns):  # children find the lock held and exit at once
                 start = time.perf_counter()
-                autosync.spawn(journal_path)
+                background.spawn(journal_path)
                 spawn.append(time.perf_counter() - start)
                 time.sleep(0.5)
-                autosync._reap()
+                background._reap()
             lock.release()
             for _ in range(spawns):  # the caller's side when the trigger does start a syncer
                 start = time.perf_counter()
-                autosync.trigger(journal_path)
+                background.trigger(journal_path)
                 starting.append(time.perf_counter() - start)
                 time.sleep(1.0)  # the syncer finds nothing pending and exits (linger 0)
-                autosync._reap()
+                background._reap()
             lock.try_acquire("background")
             run_id = Journal(journal_path).create_run(source_code={"a.py": "x"}, metric="m")
             wall = {}
@@ -336,7 +336,7 @@ def main() -> None:
     tc = trigger_cost()
     rows.append(
         (
-            "autosync.trigger cost to the caller",
+            "background.trigger cost to the caller",
             f"{tc['held_ms']:.3f} ms (syncer running)",
             f"{tc['starting_ms']:.2f} ms when it starts one (the posix_spawn: {tc['spawn_ms']:.2f} ms)",
             "target <= 2 ms",

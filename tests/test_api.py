@@ -17,7 +17,7 @@ from weco_observe import __version__, api, errors
 from weco_observe.api import WecoClient
 from weco_observe.errors import ApiAuthFailed, ApiRejected, ApiTransient
 from weco_observe.journal import Journal
-from weco_observe.sync import Syncer
+from weco_observe.replay import Replayer as Syncer
 
 KEY = "sk-test-secret-key"
 

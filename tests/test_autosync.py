@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from emulator_fixtures import assert_server_matches_journal, emulator, pending_events  # noqa: F401
-from weco_observe import autosync, sync
+from weco_observe import background, synclock
 from weco_observe.journal import Journal
 
 
@@ -31,7 +31,7 @@ def auto_env(emulator, monkeypatch):
 
 
 def _idle(journal_path: Path) -> bool:
-    return not autosync.syncer_running(journal_path)
+    return not synclock.running(journal_path)
 
 
 def test_background_syncer_delivers_without_a_sync_command_and_exits(cli, emulator, auto_env, journal_path, tmp_path):
@@ -73,13 +73,13 @@ def test_sdk_triggers_with_its_own_key_passed_only_through_the_environment(emula
 
 def test_no_key_or_auto_sync_off_starts_nothing(journal_path, monkeypatch):
     Journal(journal_path).close()
-    before = set(autosync._children)
+    before = set(background._children)
     monkeypatch.setenv("WECO_OBSERVE_AUTO_SYNC", "1")
-    autosync.trigger(journal_path)  # no key anywhere
+    background.trigger(journal_path)  # no key anywhere
     monkeypatch.setenv("WECO_API_KEY", "k")
     monkeypatch.setenv("WECO_OBSERVE_AUTO_SYNC", "0")
-    autosync.trigger(journal_path)
-    assert set(autosync._children) <= before
+    background.trigger(journal_path)
+    assert set(background._children) <= before
     assert not (journal_path.parent / "autosync.log").exists()
 
 
@@ -87,21 +87,21 @@ def test_a_running_syncer_or_a_cooldown_means_no_new_process(journal_path, monke
     Journal(journal_path).close()
     monkeypatch.setenv("WECO_OBSERVE_AUTO_SYNC", "1")
     monkeypatch.setenv("WECO_API_KEY", "k")
-    before = set(autosync._children)
-    lock = sync.SyncLock(journal_path)
+    before = set(background._children)
+    lock = synclock.SyncLock(journal_path)
     assert lock.try_acquire("background")
     try:
-        assert autosync.syncer_running(journal_path)
-        autosync.trigger(journal_path)
-        assert set(autosync._children) <= before
+        assert synclock.running(journal_path)
+        background.trigger(journal_path)
+        assert set(background._children) <= before
     finally:
         lock.release()
-    autosync.set_cooldown(journal_path, 60)
-    assert autosync.in_cooldown(journal_path)
-    autosync.trigger(journal_path)
-    assert set(autosync._children) <= before
-    autosync.set_cooldown(journal_path, 0)
-    assert not autosync.in_cooldown(journal_path)
+    synclock.set_cooldown(journal_path, 60)
+    assert synclock.in_cooldown(journal_path)
+    background.trigger(journal_path)
+    assert set(background._children) <= before
+    synclock.set_cooldown(journal_path, 0)
+    assert not synclock.in_cooldown(journal_path)
 
 
 def test_offline_background_syncer_gives_up_keeps_events_and_cools_down(cli, journal_path, monkeypatch, tmp_path):
@@ -119,7 +119,7 @@ def test_offline_background_syncer_gives_up_keeps_events_and_cools_down(cli, jou
     }
     (tmp_path / "a.py").write_text("x = 1\n")
     run_id = cli.ok("observe", "init", "--metric", "m", "--source", "a.py", env=env).stdout.strip()
-    assert _wait_for(lambda: autosync.in_cooldown(journal_path), timeout=30), "syncer never gave up"
+    assert _wait_for(lambda: synclock.in_cooldown(journal_path), timeout=30), "syncer never gave up"
     assert _wait_for(lambda: _idle(journal_path), timeout=10)
     assert pending_events(journal_path) == 1
     # during the cooldown a log does not start another syncer
@@ -132,7 +132,7 @@ def test_offline_background_syncer_gives_up_keeps_events_and_cools_down(cli, jou
 
     with Emulator(port) as emu:
         cli.ok("observe", "sync", env={**env, "WECO_API_KEY": emu.api_key})
-    assert not autosync.in_cooldown(journal_path)
+    assert not synclock.in_cooldown(journal_path)
     assert pending_events(journal_path) == 0
 
 
@@ -143,7 +143,7 @@ def test_foreground_sync_takes_over_from_a_lingering_background_syncer(
     (tmp_path / "a.py").write_text("x = 1\n")
     cli.ok("observe", "init", "--metric", "m", "--source", "a.py", env={"WECO_OBSERVE_SYNC_LINGER": "30"})
     assert _wait_for(lambda: pending_events(journal_path) == 0)
-    assert autosync.syncer_running(journal_path)  # lingering for 30 s
+    assert synclock.running(journal_path)  # lingering for 30 s
     start = time.monotonic()
     cli.ok("observe", "sync", env={"WECO_OBSERVE_AUTO_SYNC": "0"})
     assert time.monotonic() - start < 15, "the background syncer should give way at once"

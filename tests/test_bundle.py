@@ -15,6 +15,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+from helpers import totals
 import pytest
 
 from weco_observe import bundle
@@ -61,7 +62,7 @@ class Box:
         return journal_state(self.journal)
 
     def event_states(self) -> dict[str, int]:
-        with Journal(self.journal, replay_spill=False) as j:
+        with Journal(self.journal) as j:
             return {r[0]: r[1] for r in j.query("SELECT state, count(*) FROM events GROUP BY state")}
 
 
@@ -69,7 +70,7 @@ def journal_state(path: Path) -> dict:
     """Runs, steps (code as text) and events, minus per-box delivery state."""
     if not path.exists():
         return {"runs": {}, "steps": {}, "events": {}}
-    with Journal(path, replay_spill=False) as j:
+    with Journal(path) as j:
         runs = {
             r["id"]: {k: r[k] for k in ("name", "metric", "maximize", "metadata", "remote_only")}
             for r in j.query("SELECT * FROM runs")
@@ -186,7 +187,7 @@ def test_bundles_imported_out_of_order_keep_the_newest_state(boxes, tmp_path):
 def good_bundle(tmp_path_factory) -> tuple[Path, dict]:
     """One bundle of a small offline run, written once through the library for the damage tests."""
     root = tmp_path_factory.mktemp("good")
-    with Journal(root / "a" / "journal.db", replay_spill=False) as j:
+    with Journal(root / "a" / "journal.db") as j:
         run = j.create_run(source_code={"train.py": "lr = 0.1\n" * 40}, metric="loss", name="exp")
         j.log_step(run, 1, metrics={"loss": 1.5}, code={"train.py": "lr = 0.2\n" * 40})
         j.log_step(run, 2, status="failed", metrics={"loss": 9.0})
@@ -457,7 +458,7 @@ def test_consistently_forged_bundles_are_still_refused(good_bundle, tmp_path, fo
     with Journal(tmp_path / "b" / "journal.db") as b:
         with pytest.raises(bundle.BundleInvalid):
             bundle.import_bundle(b, bad)
-        assert b.counts()["runs"] == 0 and b.query("SELECT count(*) FROM blobs")[0][0] == 0
+        assert totals(b)["runs"] == 0 and b.query("SELECT count(*) FROM blobs")[0][0] == 0
 
 
 def test_an_untouched_reforge_is_accepted(good_bundle, tmp_path):
@@ -471,7 +472,7 @@ def test_an_import_killed_midway_is_completed_by_importing_again(boxes, tmp_path
     import signal
     import time
 
-    with Journal(tmp_path / "big" / "journal.db", replay_spill=False) as big:
+    with Journal(tmp_path / "big" / "journal.db") as big:
         big.conn.execute("PRAGMA synchronous=OFF")
         run = big.create_run(source_code={"train.py": "x = 0\n"}, metric="loss")
         for i in range(1, 8000):

@@ -42,7 +42,7 @@ def test_any_cut_and_any_import_order_converges(ops, seed):
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         files: list[Path] = []
-        with Journal(root / "a" / "journal.db", replay_spill=False) as a:
+        with Journal(root / "a" / "journal.db") as a:
             a.conn.execute("PRAGMA synchronous=OFF")
             runs = [a.create_run(source_code={"t.py": f"run = {i}\n"}, metric="loss", name=f"r{i}") for i in range(3)]
 
@@ -72,7 +72,7 @@ def test_any_cut_and_any_import_order_converges(ops, seed):
 
         order = files + rng.sample(files, k=min(len(files), rng.randrange(3)))  # some twice
         rng.shuffle(order)
-        with Journal(root / "b" / "journal.db", replay_spill=False) as b:
+        with Journal(root / "b" / "journal.db") as b:
             for path in order:
                 bundle.import_bundle(b, path, batch=rng.choice([1, 3, 2000]))
             assert snapshot(b) == want

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from weco_observe.journal import Journal
+from weco_observe import outbox
+from weco_observe.journal import SCHEMA_VERSION, Journal
 
 
 def dump(db: Path) -> dict[str, list[tuple]]:
@@ -306,7 +307,7 @@ def test_local_id_keeps_working_after_sync_maps_it(cli, run_id, journal_path):
     server = str(uuid.uuid4())
     with Journal(journal_path) as j:
         (create,) = j.query("SELECT id FROM events WHERE kind = 'create_run'")
-        j.mark_create_delivered(create["id"], run_id, server)
+        outbox.create_delivered(j, create["id"], run_id, server)
     cli.ok("observe", "log", "--run-id", run_id, "--step", "1")
     cli.ok("observe", "log", "--run-id", server, "--step", "2")
     with Journal(journal_path) as j:
@@ -451,9 +452,9 @@ def test_status_json(cli, run_id, journal_path):
     info = json.loads(cli.ok("observe", "status", "--json", env={"WECO_BASE_URL": "http://127.0.0.1:9/v1"}).stdout)
     assert info["journal"] == str(journal_path)
     assert info["size_bytes"] >= journal_path.stat().st_size > 0
-    assert info["schema_version"] == 2
+    assert info["schema_version"] == SCHEMA_VERSION
     assert (info["runs"], info["steps"]) == (1, 2)
-    assert info["events"] == {"pending": 3, "delivered": 0, "rejected": 0, "superseded": 0}
+    assert info["events"] == {**dict.fromkeys(outbox.STATES, 0), "pending": 3}
     assert info["api_key_configured"] is False
     assert info["base_url"] == "http://127.0.0.1:9/v1"
 
@@ -461,13 +462,13 @@ def test_status_json(cli, run_id, journal_path):
 def test_status_text_and_default_base_url(cli, run_id, journal_path):
     with Journal(journal_path) as j:
         (create,) = j.query("SELECT id FROM events WHERE kind = 'create_run'")
-        j.mark_create_delivered(create["id"], run_id, str(uuid.uuid4()))
+        outbox.create_delivered(j, create["id"], run_id, str(uuid.uuid4()))
         j.log_step(run_id, 1)
         (step,) = j.query("SELECT id FROM events WHERE kind = 'log_step'")
-        j.mark_rejected(step["id"], "422: metrics must be numbers")
+        outbox.rejected(j, step["id"], "422: metrics must be numbers")
     out = cli.ok("observe", "status").stdout
     assert str(journal_path) in out
-    assert "schema version: 2" in out
+    assert f"schema version: {SCHEMA_VERSION}" in out
     assert "0 pending, 1 delivered, 1 rejected" in out
     assert "https://api.weco.ai/v1" in out
     assert "not configured" in out
@@ -503,7 +504,7 @@ def _kill_syncers_of(journal_path: Path) -> None:
                 cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if b"weco_observe.syncer" in cmdline and str(journal_path).encode() in cmdline:
+            if b"weco_observe.background" in cmdline and str(journal_path).encode() in cmdline:
                 pids.append(int(entry))
         if not pids:
             return

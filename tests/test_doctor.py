@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from weco_observe import doctor
+from weco_observe import doctor, ids, outbox
 from weco_observe.journal import SCHEMA_VERSION, Journal
 
 SERVER_ID = "0d9f3c1e-1111-4222-8333-444455556666"
@@ -40,7 +40,7 @@ def make_journal(path: Path, steps: int = 300) -> list[str]:
                 )
             runs.append(run)
         create = j.query("SELECT id FROM events WHERE run_id = ? AND kind = 'create_run'", (runs[0],))[0][0]
-        j.mark_create_delivered(create, runs[0], SERVER_ID)
+        outbox.create_delivered(j, create, runs[0], SERVER_ID)
         j.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     return runs
 
@@ -225,7 +225,8 @@ def test_spill_files_waiting_for_this_journal_are_reported(cli, journal_path):
     from weco_observe import spill
 
     make_journal(journal_path, steps=4)
-    assert spill.write("log_step", {"run": "local-x", "step": 1, "event_id": "01abc"}, journal_path) is not None
+    call = {"run": ids.new_run_id(), "step": 1, "event_id": ids.ulid()}
+    assert spill.write("log_step", call, journal_path) is not None
     out = json.loads(cli.ok("observe", "doctor", "--json").stdout)
     assert any(
         c["name"] == "spill" and c["level"] == "warn" and c["message"].startswith("1 spill") for c in out["checks"]
@@ -234,7 +235,7 @@ def test_spill_files_waiting_for_this_journal_are_reported(cli, journal_path):
 
 def test_repair_waits_for_a_running_syncer_and_changes_nothing_if_it_stays(journal_path):
     from weco_observe.errors import SyncBusy
-    from weco_observe.sync import SyncLock
+    from weco_observe.synclock import SyncLock
 
     make_journal(journal_path, steps=10)
     damage(journal_path, "steps", 0)

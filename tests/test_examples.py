@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from helpers import totals
 import pytest
 
 from weco_observe.journal import Journal
@@ -49,7 +50,7 @@ def test_quickstart_sh(tmp_path, journal_path, weco):
         assert steps[3]["status"] == "failed"
         assert steps[0]["metrics"] == {"val_bpb": 2.366, "memory_gb": 0.0}
         assert "BATCH_SIZE = 32_768" in j.read_code(steps[1]["code"])["train.py"]
-        assert j.counts()["pending"] == 6  # 1 create + 5 logs, waiting for sync
+        assert totals(j)["pending"] == 6  # 1 create + 5 logs, waiting for sync
 
 
 def test_sdk_sweep(tmp_path, journal_path):

@@ -7,8 +7,10 @@ import sqlite3
 import time
 import uuid
 
+from helpers import totals
 import pytest
 
+from weco_observe import outbox
 from weco_observe import codestore, ids
 from weco_observe.errors import InvalidInput, JournalUnavailable
 from weco_observe.journal import Journal
@@ -100,7 +102,15 @@ def test_create_run_is_idempotent_by_event_id(j):
     run_id, event_id = ids.new_run_id(), ids.ulid()
     for _ in range(3):
         assert j.create_run(source_code={"a.py": "a"}, metric="m", run_id=run_id, event_id=event_id) == run_id
-    assert j.counts() == {"runs": 1, "steps": 1, "pending": 1, "delivered": 0, "rejected": 0, "superseded": 0}
+    assert totals(j) == {
+        "runs": 1,
+        "steps": 1,
+        "pending": 1,
+        "delivered": 0,
+        "rejected": 0,
+        "superseded": 0,
+        "discarded": 0,
+    }
 
 
 def test_log_step_is_idempotent_by_event_id(j):
@@ -109,7 +119,7 @@ def test_log_step_is_idempotent_by_event_id(j):
     first = j.log_step(run, 1, metrics={"m": 1.0}, event_id=event_id)
     again = j.log_step(run, 1, metrics={"m": 1.0}, event_id=event_id)
     assert first == again
-    assert j.counts()["pending"] == 2
+    assert totals(j)["pending"] == 2
 
 
 def test_a_failing_log_writes_nothing(j, journal_path):
@@ -123,19 +133,19 @@ def test_a_failing_log_writes_nothing(j, journal_path):
         return out
 
     before = snapshot()
-    original = j._store_code
+    original = j.store_code
 
     def store_then_fail(conn, code, base):
         original(conn, code, base)  # the blob row is written...
         raise sqlite3.OperationalError("disk I/O error")  # ...then the disk fails
 
-    j._store_code = store_then_fail
+    j.store_code = store_then_fail
     with pytest.raises(JournalUnavailable, match="disk I/O"):
         j.log_step(str(uuid.uuid4()), 1, code={"new.py": "brand new text"})  # would add a remote-only run too
     j._known_blobs.clear()
     j._texts.clear()
     assert snapshot() == before
-    del j._store_code
+    del j.store_code
     j.log_step(run, 1, code={"new.py": "brand new text"})  # and the journal is still usable
     assert snapshot()[1:] == [before[1] + 1, before[2] + 1, before[3] + 1]
 
@@ -177,20 +187,20 @@ def test_payload_is_the_request_body_with_code_as_hashes(j):
 def test_outbox_state_transitions(j):
     run = j.create_run(source_code={"a.py": "a"}, metric="m")
     (create,) = j.query("SELECT id FROM events")
-    assert j.begin_create_attempt(create["id"]) is False  # the attempt is counted before the request
-    j.mark_create_delivered(create["id"], run, "srv-1")
+    assert outbox.begin_create(j, create["id"]) is False  # the attempt is counted before the request
+    outbox.create_delivered(j, create["id"], run, "srv-1")
     old = j.log_step(run, 1)["event_id"]
     new = j.log_step(run, 1, metrics={"m": 2})["event_id"]
-    j.mark_failed(new, "timeout")
+    outbox.failed(j, new, "timeout")
     (new_seq,) = j.query("SELECT seq FROM events WHERE id = ?", (new,))[0]
-    assert j.mark_step_delivered(new, run, 1, new_seq) == 1
+    assert outbox.steps_delivered(j, [(new, run, 1, new_seq, 1, 0)]) == 1
     states = {r["id"]: (r["state"], r["attempts"]) for r in j.query("SELECT id, state, attempts FROM events")}
     assert states == {create["id"]: ("delivered", 1), old: ("superseded", 0), new: ("delivered", 2)}
     rejected = j.log_step(run, 2)["event_id"]
-    j.mark_rejected(rejected, "422")
-    assert j.counts()["rejected"] == 1
-    assert j.requeue_rejected(run) == 1
-    assert j.counts()["pending"] == 1
+    outbox.rejected(j, rejected, "422")
+    assert totals(j)["rejected"] == 1
+    assert outbox.requeue_rejected(j, run) == 1
+    assert totals(j)["pending"] == 1
     assert j.find_run("srv-1")["id"] == run
 
 

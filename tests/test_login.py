@@ -9,6 +9,7 @@ import sys
 import uuid
 from pathlib import Path
 
+from helpers import totals
 import pytest
 
 from weco_observe.journal import Journal
@@ -106,14 +107,10 @@ def test_env_key_wins_over_file(cli, creds):
     info = json.loads(cli.ok("observe", "status", "--json", env={"WECO_API_KEY": ENV_KEY}).stdout)
     assert info["api_key_configured"] is True
     assert "WECO_API_KEY" in info["api_key_source"]
-    from weco_observe import paths
+    from weco_observe.settings import Settings
 
-    os.environ["WECO_API_KEY"] = ENV_KEY
-    try:
-        assert paths.api_key() == ENV_KEY
-    finally:
-        del os.environ["WECO_API_KEY"]
-    assert paths.api_key() == KEY
+    assert Settings.load({**os.environ, "WECO_API_KEY": ENV_KEY}).api_key == ENV_KEY
+    assert Settings.load().api_key == KEY
     result = cli.ok("login", "--api-key", KEY, env={"WECO_API_KEY": ENV_KEY})
     assert "WECO_API_KEY" in result.stderr and ENV_KEY not in result.stderr
 
@@ -185,7 +182,7 @@ def test_key_never_reaches_journal_spill_or_output(cli, creds, tmp_path, journal
     )
     outputs.append(sdk)
     with Journal(journal_path) as j:
-        assert j.counts()["steps"] == 4
+        assert totals(j)["steps"] == 4
         j.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     for result in outputs:
         for key in (KEY, ENV_KEY):

@@ -129,7 +129,7 @@ def test_tree_rule_matches_the_model(calls):
 
     from weco_observe.journal import Journal
 
-    with tempfile.TemporaryDirectory() as tmp, Journal(Path(tmp) / "journal.db", replay_spill=False) as j:
+    with tempfile.TemporaryDirectory() as tmp, Journal(Path(tmp) / "journal.db") as j:
         run = j.create_run(source_code={"a.py": "a"}, metric="loss")
         model: dict[int, tuple[str, int | None]] = {0: ("completed", None)}
         for step, status, parent_step in calls:

@@ -21,9 +21,10 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
+from helpers import totals
 import pytest
 
-from weco_observe import WecoObserver, WecoObserveWarning
+from weco_observe import WecoObserver, WecoObserveWarning, ids, spill
 from weco_observe.errors import EXIT_JOURNAL, InvalidInput, JournalUnavailable
 from weco_observe.journal import Journal
 
@@ -48,8 +49,16 @@ def spill_files(tmp_path: Path) -> list[Path]:
     return sorted(p for p in tmp_path.rglob("*.json") if "spill" in p.parent.name)
 
 
-def step_numbers(journal_path: Path, run: str) -> list[int]:
+@contextmanager
+def writer(journal_path: Path):
+    """The journal opened as every writer opens it: spilled calls are replayed first."""
     with Journal(journal_path) as j:
+        spill.replay(j)
+        yield j
+
+
+def step_numbers(journal_path: Path, run: str) -> list[int]:
+    with writer(journal_path) as j:
         return [s["step"] for s in j.steps(j.require_run(run)["id"])]
 
 
@@ -95,7 +104,7 @@ def test_lock_held_past_timeout_log_exits_0_and_spill_is_imported(cli, src, tmp_
         step1 = j.steps(run)[1]
         assert step1["metrics"] == {"loss": 0.5}
         assert j.read_code(step1["code"]) == {"train.py": "x = 1\n"}
-        assert j.counts()["pending"] == 4
+        assert totals(j)["pending"] == 4
 
 
 def test_lock_held_past_timeout_init_still_prints_a_run_id(cli, src, tmp_path, journal_path):
@@ -143,13 +152,11 @@ def test_spill_replay_is_idempotent(src, journal_path, tmp_path):
     j = Journal(journal_path)
     run = j.create_run(source_code={"a.py": "a"}, metric="loss")
     j.close()
-    from weco_observe import spill
-
-    kwargs = {"run": run, "step": 1, "metrics": {"loss": 1.0}, "event_id": "01jzzzzzzzzzzzzzzzzzzzzzzz"}
+    kwargs = {"run": run, "step": 1, "metrics": {"loss": 1.0}, "event_id": ids.ulid()}
     first = spill.write("log_step", kwargs)
     second = spill.write("log_step", kwargs)  # the same event spilled twice
     assert first and second
-    with Journal(journal_path) as j:
+    with writer(journal_path) as j:
         assert j.query("SELECT count(*) AS n FROM events WHERE kind = 'log_step'")[0]["n"] == 1
     assert spill_files(tmp_path) == []
 
@@ -160,6 +167,9 @@ def test_bad_spill_file_is_kept_aside(journal_path, tmp_path, capfd):
     spill_dir.mkdir()
     (spill_dir / "01jaaaaaaaaaaaaaaaaaaaaaaa.json").write_text("{not json")
     Journal(journal_path).close()
+    assert (spill_dir / "01jaaaaaaaaaaaaaaaaaaaaaaa.json").exists()  # opening a journal replays nothing
+    with writer(journal_path):
+        pass
     assert (spill_dir / "01jaaaaaaaaaaaaaaaaaaaaaaa.json.bad").exists()
     assert "could not import spill file" in capfd.readouterr().err
 
@@ -181,9 +191,8 @@ def test_journal_dir_is_a_file(cli, src, tmp_path, isolated_env):
     (spilled, _) = spill_files(tmp_path)
     assert spilled.is_relative_to(tmp_path / "tmpdir")  # the fallback spill dir
     blocker.unlink()
-    cli.ok("observe", "status", env=env)
-    with Journal(blocker / "data" / "journal.db") as j:
-        assert j.counts()["steps"] == 2
+    with writer(blocker / "data" / "journal.db") as j:
+        assert totals(j)["steps"] == 2
     assert spill_files(tmp_path) == []
 
 
@@ -208,8 +217,11 @@ def test_sdk_spills_and_warns_when_locked(journal_path, monkeypatch):
     monkeypatch.delenv("WECO_OBSERVE_BUSY_TIMEOUT")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
+        obs = WecoObserver()  # the next writer replays what was spilled
+        obs.run(run.run_id).log_step(3)
+        obs.close()
         with Journal(journal_path) as j:
-            assert [s["step"] for s in j.steps(run.run_id)] == [0, 1, 2]
+            assert [s["step"] for s in j.steps(run.run_id)] == [0, 1, 2, 3]
 
 
 # -- read-only directory and full disk (need mount, i.e. root) ----------------
@@ -286,8 +298,7 @@ def test_disk_full(cli, src, tmp_path):
         (spilled, _) = spill_files(tmp_path)
         assert spilled.is_relative_to(tmp_path / "tmpdir")
         os.unlink(disk / "filler")
-        cli.ok("observe", "status", env=env)
-        with Journal(disk / "data" / "journal.db") as j:
+        with writer(disk / "data" / "journal.db") as j:
             assert j.query("PRAGMA integrity_check")[0][0] == "ok"
             steps = {s["step"]: s for s in j.steps(run)}
             assert sorted(steps) == [0, 1, 2]
@@ -306,13 +317,11 @@ def test_spill_goes_back_to_its_own_journal(cli, tmp_path, journal_path):
     server = str(uuid.uuid4())
     result = cli("observe", "log", "--run-id", server, "--step", "1", env=env_a)
     assert result.returncode == 0 and "saved to" in result.stderr
-    cli.ok("observe", "status")  # opens journal B, which must leave A's spill alone
-    with Journal(journal_path) as j:
+    with writer(journal_path) as j:  # a writer of journal B must leave A's spill alone
         assert j.find_run(server) is None
     assert len(spill_files(tmp_path)) == 1
     blocker.unlink()
-    cli.ok("observe", "status", env=env_a)
-    with Journal(blocker / "data" / "journal.db") as j:
+    with writer(blocker / "data" / "journal.db") as j:
         assert [s["step"] for s in j.steps(j.require_run(server)["id"])] == [1]
     assert spill_files(tmp_path) == []
 
@@ -328,7 +337,7 @@ def test_sdk_spill_for_a_custom_journal_path(tmp_path, monkeypatch):
         with pytest.warns(WecoObserveWarning, match=str(custom.parent / "spill")):
             obs.run(run.run_id).log_step(1)
     obs.close()
-    with Journal(custom) as j:
+    with writer(custom) as j:
         assert [s["step"] for s in j.steps(run.run_id)] == [0, 1]
 
 
@@ -374,7 +383,7 @@ def test_strict_init_records_nothing_when_the_journal_is_locked(cli, src, tmp_pa
     assert "not recorded" in result.stderr
     assert spill_files(tmp_path) == []
     with Journal(journal_path) as j:
-        assert j.counts()["runs"] == 1
+        assert totals(j)["runs"] == 1
 
 
 def test_sdk_strict_create_records_nothing_when_the_journal_is_locked(journal_path, monkeypatch):
@@ -384,14 +393,12 @@ def test_sdk_strict_create_records_nothing_when_the_journal_is_locked(journal_pa
         with pytest.raises(JournalUnavailable, match="not recorded"):
             strict.create_run(source_code={"a.py": "a"}, primary_metric="loss")
     with Journal(journal_path) as j:
-        assert j.counts()["runs"] == 1
+        assert totals(j)["runs"] == 1
 
 
 def test_concurrent_opens_import_each_spill_once_quietly(cli, journal_path, tmp_path):
     """Several processes open the journal at once while spill files wait: each call is imported
     exactly once, and no process complains about a file another one already imported."""
-    from weco_observe import spill
-
     with Journal(journal_path) as j:
         run = j.create_run(source_code={"a.py": "a"}, metric="loss")
     for step in range(1, 41):
@@ -401,12 +408,12 @@ def test_concurrent_opens_import_each_spill_once_quietly(cli, journal_path, tmp_
                 "run": run,
                 "step": step,
                 "metrics": {"loss": 1.0 / step},
-                "event_id": __import__("weco_observe.ids").ids.ulid(),
+                "event_id": ids.ulid(),
             },
         )
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "weco_observe", "observe", "status"],
+            [sys.executable, "-c", "from weco_observe import journal, spill; spill.replay(journal.Journal())"],
             cwd=tmp_path,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,

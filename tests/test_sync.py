@@ -25,7 +25,7 @@ from emulator_fixtures import (  # noqa: F401
     pending_events,
     server_runs_by_local_id,
 )
-from weco_observe import sync
+from weco_observe import outbox, replay, synclock
 from weco_observe.api import WecoClient
 from weco_observe.errors import EXIT_AUTH, EXIT_BUSY, EXIT_PENDING, EXIT_REJECTED
 from weco_observe.journal import Journal
@@ -33,10 +33,10 @@ from weco_observe.journal import Journal
 
 def _sync(
     journal_path: Path, emu, *, attempts: int = 8, passes: int = 10, read_timeout: float = 5.0, **kw
-) -> sync.PassResult:
+) -> replay.PassResult:
     """In-process sync with fast retries (real HTTP, real journal)."""
     with Journal(journal_path) as journal, WecoClient(emu.base_url, emu.api_key, read_timeout=read_timeout) as client:
-        return sync.sync(
+        return replay.sync(
             journal,
             client=client,
             attempts=attempts,
@@ -208,7 +208,7 @@ def test_rejected_create_blocks_only_its_own_run(emulator, journal_path):
     assert len(emulator.runs()) == 2
     emulator.reject = None
     with Journal(journal_path) as j:
-        j.requeue_rejected()
+        outbox.requeue_rejected(j)
     assert _sync(journal_path, emulator).exit_code == 0
     assert_server_matches_journal(emulator, journal_path)
 
@@ -246,13 +246,13 @@ def test_run_id_syncs_one_run(cli, emulator, journal_path):
     cli.ok("observe", "sync", "--run-id", runs[1], env=emulator.env())
     assert [r["metadata"]["weco_observe_local_id"] for r in emulator.runs().values()] == [runs[1]]
     with Journal(journal_path) as j:
-        assert sync.pending_count(j, runs[0]) > 0 and sync.pending_count(j, runs[1]) == 0
+        assert outbox.count_unsent(j, runs[0]) > 0 and outbox.count_unsent(j, runs[1]) == 0
 
 
 def test_second_sync_waits_or_exits_with_no_wait(cli, emulator, journal_path):
     make_workload(journal_path, runs=1, steps=2)
     with Journal(journal_path) as j:
-        lock = sync.SyncLock(j.path)
+        lock = synclock.SyncLock(j.path)
         assert lock.try_acquire("sync")
         try:
             busy = cli("observe", "sync", "--no-wait", env=emulator.env())
@@ -350,7 +350,7 @@ def test_retry_after_is_honoured_and_capped(emulator, journal_path):
     emulator.set_faults(rate_limit_rate=1.0, retry_after=3)
     waits: list[float] = []
     with Journal(journal_path) as journal, WecoClient(emulator.base_url, emulator.api_key) as client:
-        result = sync.sync(journal, client=client, attempts=3, passes=1, sleep=waits.append, max_retry_after=2.0)
+        result = replay.sync(journal, client=client, attempts=3, passes=1, sleep=waits.append, max_retry_after=2.0)
     assert waits == [2.0, 2.0]  # Retry-After 3 s, capped at 2 s, between 3 attempts
     assert result.pending == 2 and result.exit_code == EXIT_PENDING
     with Journal(journal_path) as journal:
@@ -363,7 +363,9 @@ def test_concurrent_in_process_syncs_never_double_send(emulator, journal_path):
     make_workload(journal_path, runs=3, steps=5)
     results = []
     threads = [
-        threading.Thread(target=lambda: results.append(sync.flush(journal_path, timeout=30, api_key=emulator.api_key)))
+        threading.Thread(
+            target=lambda: results.append(replay.flush(journal_path, timeout=30, api_key=emulator.api_key))
+        )
         for _ in range(2)
     ]
     os.environ["WECO_BASE_URL"] = emulator.base_url

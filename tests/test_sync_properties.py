@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from emulator_fixtures import assert_server_matches_journal, server_runs_by_local_id
-from weco_observe import sync
+from weco_observe import replay
 from weco_observe.api import WecoClient
 from weco_observe.emulator import Emulator
 from weco_observe.journal import Journal
@@ -64,12 +64,12 @@ def test_any_log_sequence_and_faults_converge_to_the_journal(tmp_path_factory, r
         Journal(journal_path) as journal,
         WecoClient(emu.base_url, emu.api_key, read_timeout=2) as client,
     ):
-        result = sync.sync(
+        result = replay.sync(
             journal, client=client, attempts=10, passes=20, initial_wait=0.001, max_wait=0.005, max_retry_after=0.005
         )
         if result.pending:
             emu.set_faults(error_rate=0, rate_limit_rate=0, drop_rate=0, non_json_rate=0)
-            result = sync.sync(journal, client=client, initial_wait=0.001, max_wait=0.005)
+            result = replay.sync(journal, client=client, initial_wait=0.001, max_wait=0.005)
         assert result.pending == 0
         # a 2xx without a JSON body on a create may duplicate it: only flagged runs may have twins
         twins = {k for k, n in server_runs_by_local_id(emu).items() if n > 1}

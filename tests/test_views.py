@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from weco_observe import outbox
 from weco_observe import WecoObserver
 from weco_observe.journal import Journal
 
@@ -170,14 +171,14 @@ def test_run_found_by_prefix_and_by_server_id(cli, guide_run, journal_path):
     server_id = "3f2a9c1e-0000-4000-8000-00000000abcd"
     with Journal(journal_path) as journal:
         create = journal.query("SELECT id FROM events WHERE run_id = ? AND kind = 'create_run'", (guide_run,))[0]["id"]
-        journal.mark_create_delivered(create, guide_run, server_id)
+        outbox.create_delivered(journal, create, guide_run, server_id)
         step1, seq1 = journal.query(
             "SELECT e.id, e.seq FROM steps s JOIN events e ON e.id = s.event_id WHERE s.run_id = ? AND s.step = 1",
             (guide_run,),
         )[0]
-        journal.mark_step_delivered(step1, guide_run, 1, seq1)
+        outbox.steps_delivered(journal, [(step1, guide_run, 1, seq1, 1, 0)])
         step3 = journal.query("SELECT event_id FROM steps WHERE run_id = ? AND step = 3", (guide_run,))[0][0]
-        journal.mark_rejected(step3, "422: metrics rejected")
+        outbox.rejected(journal, step3, "422: metrics rejected")
     doc = json.loads(cli.ok("observe", "show", server_id[:8], "--json").stdout)
     assert doc["run"]["server_id"] == server_id
     steps = {s["step"]: s for s in doc["steps"]}

@@ -30,15 +30,44 @@ from typing import Any
 
 import httpx
 
-from . import __version__, paths
+from . import __version__
 from .errors import ApiAuthFailed, ApiRejected, ApiTransient
 
-__all__ = ["USER_AGENT", "WecoClient", "classify", "is_retryable", "is_unreachable"]
+__all__ = [
+    "CREATE_PATH",
+    "USER_AGENT",
+    "WecoClient",
+    "classify",
+    "create_path",
+    "is_retryable",
+    "is_unreachable",
+    "steps_path",
+]
 
 USER_AGENT = f"weco-observe/{__version__}"
 #: seconds to open a connection (short: an unreachable API must fail fast) and to wait for an answer
 CONNECT_TIMEOUT = 3.0
 READ_TIMEOUT = 20.0
+
+
+#: the two endpoints of the wire contract, relative to the base URL
+CREATE_PATH = "/external/runs"
+
+
+def create_path() -> str:
+    """``POST`` here creates a run."""
+    return CREATE_PATH
+
+
+def steps_path(run_id: str) -> str:
+    """``POST`` here upserts a step of run ``run_id`` (a server id, escaped as one path segment).
+
+    >>> steps_path("5b7e0c1a-2222-4333-8444-555566667777")
+    '/external/runs/5b7e0c1a-2222-4333-8444-555566667777/steps'
+    """
+    from urllib.parse import quote
+
+    return f"{CREATE_PATH}/{quote(run_id, safe='')}/steps"
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -117,8 +146,8 @@ def is_unreachable(exc: BaseException) -> bool:
 class WecoClient:
     """One keep-alive connection pool to the Weco API. ``transport`` is injectable for tests.
 
-    ``base_url`` defaults to ``$WECO_BASE_URL``, ``api_key`` to ``$WECO_API_KEY``
-    or the credentials file.
+    ``base_url`` and ``api_key`` default to the settings' (``$WECO_BASE_URL``;
+    ``$WECO_API_KEY`` or the credentials file).
     """
 
     def __init__(
@@ -131,8 +160,11 @@ class WecoClient:
         read_timeout: float = READ_TIMEOUT,
         max_connections: int = 8,
     ):
-        self.base_url = (base_url or paths.api_base_url()).rstrip("/")
-        key = api_key or paths.api_key()
+        from .settings import Settings
+
+        settings = Settings.load()
+        self.base_url = (base_url or settings.base_url).rstrip("/")
+        key = api_key or settings.api_key
         if not key:
             raise ApiAuthFailed("no API key: run `weco login` or set WECO_API_KEY")
         self._key = key  # only to blank it out of error details (see classify)
@@ -173,7 +205,7 @@ class WecoClient:
 
     def create_run(self, body: dict[str, Any]) -> str:
         """``POST /external/runs``; return the server's ``run_id``."""
-        answer = self._post("/external/runs", body)
+        answer = self._post(create_path(), body)
         run_id = answer.get("run_id")
         if not isinstance(run_id, str) or not run_id:
             raise ApiTransient("create answered without a run_id", ambiguous=True)
@@ -181,4 +213,4 @@ class WecoClient:
 
     def log_step(self, run_id: str, body: dict[str, Any]) -> dict[str, Any]:
         """``POST /external/runs/{run_id}/steps`` (an upsert by step number)."""
-        return self._post(f"/external/runs/{run_id}/steps", body)
+        return self._post(steps_path(run_id), body)

@@ -50,7 +50,6 @@ they write lands in the next bundle.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import os
@@ -61,12 +60,15 @@ import time
 import zipfile
 import zlib
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from . import codestore, ids
+from . import codestore, ids, outbox, validate
 from .errors import BundleInvalid, InvalidInput, JournalDamaged, JournalUnavailable
-from .journal import SCHEMA_VERSION, Journal, busy_timeout
+from .journal import SCHEMA_VERSION, Journal
+from .records import CREATE, EVENT_KINDS, Blob, CodeRef, Event, Run, Step, dumps
+from .settings import Settings
 
 FORMAT = "weco-observe-bundle"
 VERSION = 1
@@ -75,50 +77,17 @@ MEMBERS = ("runs.jsonl", "blobs.jsonl", "steps.jsonl", "events.jsonl")
 #: A longer line is refused before it is parsed (a decompression bomb, not a bundle).
 MAX_LINE = 256 << 20
 
-_RUN_COLUMNS = (
-    "id",
-    "server_id",
-    "remote_only",
-    "name",
-    "metric",
-    "maximize",
-    "additional_instructions",
-    "metadata",
-    "created_at",
-    "updated_at",
-)
-_STEP_COLUMNS = (
-    "run_id",
-    "step",
-    "status",
-    "description",
-    "metrics",
-    "code",
-    "parent_step",
-    "metadata",
-    "event_id",
-    "created_at",
-    "updated_at",
-)
-_STATES = ("pending", "delivered", "rejected", "superseded")
+#: the states a bundle carries (format 1); see ``outbox.bundle_state``
+_STATES = (outbox.PENDING, outbox.DELIVERED, outbox.REJECTED, outbox.SUPERSEDED)
 
 
 def _line(value: Any) -> bytes:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8") + b"\n"
-
-
-def _json(value: str | None) -> Any:
-    return None if value is None else json.loads(value)
+    return dumps(value).encode("utf-8") + b"\n"
 
 
 def _manifest_checksum(manifest: dict[str, Any]) -> str:
     rest = {k: v for k, v in manifest.items() if k != "checksum"}
     return hashlib.sha256(json.dumps(rest, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def _event_hashes(kind: str, payload: dict[str, Any]) -> list[str]:
-    code = payload.get("source_code" if kind == "create_run" else "code")
-    return list(code.values()) if isinstance(code, dict) else []
 
 
 class _Writer:
@@ -171,7 +140,7 @@ def write_bundle(
         raise InvalidInput(f"-o {out_path}: directory {out_path.parent} does not exist")
     bundle_id = ids.ulid()
     tmp = out_path.with_name(f".{out_path.name}.{bundle_id}.tmp")
-    snap = sqlite3.connect(str(journal.path), timeout=busy_timeout())
+    snap = sqlite3.connect(str(journal.path), timeout=Settings.load().busy_timeout)
     snap.row_factory = sqlite3.Row
     try:
         snap.execute("BEGIN")  # one read snapshot for the whole bundle; loggers keep writing
@@ -210,7 +179,11 @@ def write_bundle(
             raise
     finally:
         snap.close()
-    journal.record_bundle(bundle_id, str(out_path.resolve()), max_seq, manifest["counts"]["events"], run_id)
+    with journal.write() as conn:  # every event up to max_seq (of run_id, or all runs) is now in a bundle
+        conn.execute(
+            "INSERT INTO bundles (id, path, created_at, max_seq, events, run_filter) VALUES (?, ?, ?, ?, ?, ?)",
+            (bundle_id, str(out_path.resolve()), time.time(), max_seq, manifest["counts"]["events"], run_id),
+        )
     return {
         "bundle_id": bundle_id,
         "path": str(out_path),
@@ -241,21 +214,11 @@ def _write_members(
             events = _Writer(zf, "events.jsonl", opened)
 
             def put(row: sqlite3.Row) -> None:
-                payload = json.loads(row["payload"])
-                included.add(row["id"])
-                touched.setdefault(row["run_id"])
-                hashes.update(_event_hashes(row["kind"], payload))
-                events.write(
-                    {
-                        "id": row["id"],
-                        "run_id": row["run_id"],
-                        "kind": row["kind"],
-                        "step": row["step"],
-                        "payload": payload,
-                        "state": row["state"],
-                        "created_at": row["created_at"],
-                    }
-                )
+                event = Event.from_row(row)
+                included.add(event.id)
+                touched.setdefault(event.run_id)
+                hashes.update((event.code() or CodeRef(())).hashes())
+                events.write({**event.to_doc(), "state": outbox.bundle_state(event.state)})
 
             for row in snap.execute(f"SELECT e.* FROM events e WHERE {' AND '.join(where)} ORDER BY e.seq", params):
                 put(row)
@@ -272,19 +235,14 @@ def _write_members(
                 for row in snap.execute("SELECT * FROM steps WHERE run_id = ? ORDER BY step", (rid,)):
                     if row["event_id"] not in included:
                         continue
-                    step = {k: row[k] for k in _STEP_COLUMNS}
-                    for key in ("metrics", "code", "metadata"):
-                        step[key] = _json(step[key])
-                    hashes.update((step["code"] or {}).values())
-                    steps.write(step)
+                    step = Step.from_row(row)
+                    hashes.update(step.code.hashes() if step.code else [])
+                    steps.write(step.to_doc())
             members["steps.jsonl"] = steps.close()
 
             runs = _Writer(zf, "runs.jsonl", opened)
             for rid in touched:
-                row = snap.execute("SELECT * FROM runs WHERE id = ?", (rid,)).fetchone()
-                run = {k: row[k] for k in _RUN_COLUMNS}
-                run["metadata"] = _json(run["metadata"])
-                runs.write(run)
+                runs.write(Run.from_row(snap.execute("SELECT * FROM runs WHERE id = ?", (rid,)).fetchone()).to_doc())
             members["runs.jsonl"] = runs.close()
 
             closure: set[str] = set()
@@ -293,27 +251,18 @@ def _write_members(
                 digest = todo.pop()
                 if digest in closure:
                     continue
-                row = snap.execute("SELECT base FROM blobs WHERE hash = ?", (digest,)).fetchone()
-                if row is None:  # refuse here, not on the far side of the air gap
+                found = snap.execute("SELECT base FROM blobs WHERE hash = ?", (digest,)).fetchone()
+                if found is None:  # refuse here, not on the far side of the air gap
                     raise JournalDamaged(
                         f"code blob {digest} is named by a step but missing from the journal: run `weco observe doctor`"
                     )
                 closure.add(digest)
-                if row[0]:
-                    todo.append(row[0])
+                if found[0]:
+                    todo.append(found[0])
             blobs = _Writer(zf, "blobs.jsonl", opened)
             for digest in sorted(closure):
-                row = snap.execute("SELECT * FROM blobs WHERE hash = ?", (digest,)).fetchone()
                 blobs.write(
-                    {
-                        "hash": row["hash"],
-                        "size": row["size"],
-                        "base": row["base"],
-                        "depth": row["depth"],
-                        "prefix": row["prefix"],
-                        "suffix": row["suffix"],
-                        "data": base64.b64encode(row["data"]).decode("ascii"),
-                    }
+                    Blob.from_row(snap.execute("SELECT * FROM blobs WHERE hash = ?", (digest,)).fetchone()).to_doc()
                 )
             members["blobs.jsonl"] = blobs.close()
 
@@ -346,10 +295,22 @@ def _write_members(
 
 
 # -- reading and verifying ----------------------------------------------------
+# A bundle is a file this process did not write: every byte is hostile until checked.
+# Sizes are capped from the zip's own directory before a member is opened (a small
+# file can inflate to gigabytes), then enforced while streaming; every row is
+# checked by the same rules the CLI applies to a user's input before anything is
+# written; ids are checked by shape, because a server id becomes part of a URL.
+
+#: the manifest is small; a larger one is not a bundle
+MAX_MANIFEST = 1 << 20
+#: how far a member may inflate: JSON lines of base64 and text compress a few times, a bomb by thousands
+MAX_RATIO = 100
+#: below this a member is too small for its ratio to matter
+_RATIO_FLOOR = 1 << 20
 
 
 class _Reader:
-    """The members of an open bundle, each checked against the manifest as it is read."""
+    """The members of an open bundle, each checked against the zip's sizes and the manifest as it is read."""
 
     def __init__(self, path: Path, shown: Path | None = None):
         self.path = shown or path  # the name the user gave, for messages
@@ -365,16 +326,16 @@ class _Reader:
             names = self.zf.namelist()
             if MANIFEST not in names:
                 raise self.refuse("it has no manifest.json (not a weco-observe bundle)")
-            manifest = json.loads(self.zf.read(MANIFEST))
-        except (zipfile.BadZipFile, OSError, EOFError, ValueError, zlib.error) as exc:
-            self.zf.close()
-            raise self.refuse(f"its manifest is unreadable ({exc})") from None
-        except BundleInvalid:
-            self.zf.close()
-            raise
-        self.manifest = manifest
-        try:
+            self._check_sizes()
+            with self.zf.open(MANIFEST) as stream:
+                raw = stream.read(MAX_MANIFEST + 1)
+            if len(raw) > MAX_MANIFEST:
+                raise self.refuse(f"its manifest is over {MAX_MANIFEST >> 10} KiB (not a bundle)")
+            self.manifest = json.loads(raw)
             self._check_manifest(names)
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError, RecursionError, zlib.error) as exc:
+            self.zf.close()
+            raise self.refuse(f"its manifest is unreadable ({type(exc).__name__})") from None
         except BundleInvalid:
             self.zf.close()
             raise
@@ -382,11 +343,22 @@ class _Reader:
     def refuse(self, why: str) -> BundleInvalid:
         return BundleInvalid(f"bundle {self.path} refused, nothing imported: {why}")
 
+    def _check_sizes(self) -> None:
+        for info in self.zf.infolist():
+            limit = MAX_MANIFEST if info.filename == MANIFEST else None
+            if limit is not None and info.file_size > limit:
+                raise self.refuse(f"{info.filename} would inflate to {info.file_size} bytes (not a bundle)")
+            if info.file_size > _RATIO_FLOOR and info.file_size > MAX_RATIO * max(info.compress_size, 1):
+                raise self.refuse(
+                    f"{info.filename} would inflate {info.file_size // max(info.compress_size, 1)} times"
+                    " (a decompression bomb, not a bundle)"
+                )
+
     def _check_manifest(self, names: list[str]) -> None:
         m = self.manifest
         if not isinstance(m, dict) or m.get("format") != FORMAT:
             raise self.refuse(f"its manifest is not a {FORMAT} manifest (a foreign file?)")
-        if not isinstance(m.get("version"), int) or m["version"] > VERSION:
+        if not _is_int(m.get("version")) or m["version"] > VERSION:
             raise self.refuse(
                 f"format version {m.get('version')!r} is newer than this weco-observe "
                 f"reads ({VERSION}): upgrade weco-observe"
@@ -397,16 +369,18 @@ class _Reader:
             raise self.refuse(
                 f"its members {sorted(names)} are not {sorted((*MEMBERS, MANIFEST))} (files were added or removed)"
             )
-        if not isinstance(m.get("bundle_id"), str) or not m["bundle_id"]:
-            raise self.refuse("its manifest has no bundle id")
+        if not ids.is_ulid(m.get("bundle_id")):
+            raise self.refuse("its manifest has no valid bundle id")
         for name in MEMBERS:
             info = (m.get("members") or {}).get(name)
             if (
                 not isinstance(info, dict)
-                or not all(_is_int(info.get(k)) for k in ("bytes", "lines"))
+                or not all(_is_int(info.get(k)) and info[k] >= 0 for k in ("bytes", "lines"))
                 or not isinstance(info.get("sha256"), str)
             ):
                 raise self.refuse(f"its manifest does not describe {name}")
+            if info["bytes"] != self.zf.getinfo(name).file_size:
+                raise self.refuse(f"{name}'s size in the zip is not the manifest's (edited)")
 
     def rows(self, name: str) -> Iterator[dict[str, Any]]:
         """Each line of a member as a JSON object; raises BundleInvalid once the member is
@@ -425,8 +399,8 @@ class _Reader:
                     if size > expected["bytes"]:
                         raise self.refuse(f"{name} is longer than the manifest says (edited)")
                     try:
-                        row = json.loads(raw)
-                    except ValueError:
+                        row = json.loads(raw, parse_constant=_no_constant)
+                    except (ValueError, RecursionError):
                         raise self.refuse(f"{name} line {lines} is not JSON (corrupted or edited)") from None
                     if not isinstance(row, dict):
                         raise self.refuse(f"{name} line {lines} is not a JSON object")
@@ -446,29 +420,145 @@ class _Reader:
         self.close()
 
 
-def _need(ok: bool, reader: _Reader, what: str) -> None:
-    if not ok:
-        raise reader.refuse(what)
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
 
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _typed(row: dict[str, Any], kind: type | tuple[type, ...], *keys: str) -> bool:
-    """Each of ``keys`` is absent, None or of ``kind`` (SQLite must be able to store it)."""
-    return all(row.get(k) is None or isinstance(row[k], kind) for k in keys)
+def _is_time(value: Any) -> bool:
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1e11)
 
 
-def _check_manifest_hashes(code: Any, blobs: dict[str, Any], reader: _Reader, where: str) -> None:
-    _need(
-        code is None
-        or (isinstance(code, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in code.items())),
-        reader,
-        f"{where}: its code is not a {{path: hash}} manifest",
-    )
-    missing = [h for h in (code or {}).values() if h not in blobs]
-    _need(not missing, reader, f"{where}: code blob {missing[:1]} is not in the bundle")
+def _text(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and validate.is_encodable(value))
+
+
+class _Rows:
+    """Turns a bundle's JSON documents into records, checking each by the CLI's rules; raises BundleInvalid."""
+
+    def __init__(self, reader: _Reader):
+        self.reader = reader
+
+    def need(self, ok: Any, what: str) -> None:
+        if not ok:
+            raise self.reader.refuse(what)
+
+    def run(self, doc: dict[str, Any]) -> Run:
+        rid = doc.get("id")
+        where = f"runs.jsonl: run {rid!r}"
+        self.need(ids.is_local_run_id(rid), f"{where}: not a local run id")
+        server_id = doc.get("server_id")
+        self.need(server_id is None or ids.is_server_id(server_id), f"{where}: a malformed server id")
+        self.need(
+            all(_text(doc.get(k)) for k in ("name", "metric", "additional_instructions"))
+            and all(doc.get(k) in (None, 0, 1) for k in ("maximize", "remote_only"))
+            and _is_time(doc.get("created_at"))
+            and _is_time(doc.get("updated_at")),
+            f"{where}: a field of the wrong type",
+        )
+        self.valid(lambda: validate.check_metadata(doc["metadata"]) if doc.get("metadata") is not None else None, where)
+        return Run.from_doc(doc)
+
+    def valid(self, check: Any, where: str) -> None:
+        try:
+            check()
+        except InvalidInput as exc:
+            raise self.reader.refuse(f"{where}: {exc}") from None
+
+    def code(self, code: Any, blobs: set[str], where: str) -> None:
+        self.need(
+            code is None
+            or (
+                isinstance(code, dict)
+                and all(isinstance(k, str) and k and _text(k) and isinstance(v, str) for k, v in code.items())
+            ),
+            f"{where}: its code is not a {{path: hash}} manifest",
+        )
+        missing = [h for h in (code or {}).values() if h not in blobs]
+        self.need(not missing, f"{where}: code blob {missing[:1]} is not in the bundle")
+
+    def step_fields(self, doc: dict[str, Any], where: str) -> None:
+        self.need(_text(doc.get("description")), f"{where}: a description that is not text")
+        self.valid(
+            lambda: validate.check_step_args(
+                doc.get("step"),
+                doc.get("status", "completed"),
+                doc.get("description"),
+                doc.get("metrics"),
+                None,
+                doc.get("parent_step"),
+                doc.get("metadata"),
+            ),
+            where,
+        )
+
+    def step(self, doc: dict[str, Any], runs: set[str], blobs: set[str]) -> Step:
+        where = f"steps.jsonl: step {doc.get('step')!r} of run {doc.get('run_id')!r}"
+        self.need(doc.get("run_id") in runs, f"{where}: its run is not in the bundle")
+        self.need(ids.is_ulid(doc.get("event_id")), f"{where}: no valid event id")
+        self.need(_is_time(doc.get("created_at")) and _is_time(doc.get("updated_at")), f"{where}: bad times")
+        self.step_fields(doc, where)
+        self.code(doc.get("code"), blobs, where)
+        return Step.from_doc(doc)
+
+    def event(self, doc: dict[str, Any], runs: set[str], blobs: set[str]) -> Event:
+        where = f"events.jsonl: event {doc.get('id')!r}"
+        self.need(ids.is_ulid(doc.get("id")), f"{where}: no valid id")
+        self.need(doc.get("run_id") in runs, f"{where}: its run is not in the bundle")
+        self.need(doc.get("state") in _STATES, f"{where}: bad state")
+        self.need(doc.get("kind") in EVENT_KINDS, f"{where}: bad kind")
+        self.need(_is_time(doc.get("created_at")), f"{where}: bad created_at")
+        payload = doc.get("payload")
+        if not isinstance(payload, dict):
+            raise self.reader.refuse(f"{where}: payload is not an object")
+        if doc["kind"] == CREATE:
+            self.need(doc.get("step") is None, f"{where}: a create has no step")
+            self.need(
+                set(payload)
+                <= {"source_code", "metric_name", "maximize", "name", "additional_instructions", "metadata"}
+                and isinstance(payload.get("maximize", False), bool)
+                and all(_text(payload.get(k)) for k in ("name", "additional_instructions")),
+                f"{where}: malformed create",
+            )
+            self.code(payload.get("source_code") or None, blobs, where)
+            self.valid(
+                lambda: validate.check_run_args(
+                    payload.get("source_code"),
+                    payload.get("metric_name"),
+                    payload.get("name"),
+                    payload.get("additional_instructions"),
+                    payload.get("metadata"),
+                ),
+                where,
+            )
+        else:
+            self.need(_is_int(doc.get("step")) and payload.get("step") == doc["step"], f"{where}: malformed step event")
+            self.need(
+                set(payload) <= {"step", "status", "description", "metrics", "code", "parent_step", "metadata"},
+                f"{where}: malformed step event",
+            )
+            self.step_fields(payload, where)
+            self.code(payload.get("code"), blobs, where)
+        return Event.from_doc(doc)
+
+    def blob(self, doc: dict[str, Any]) -> Blob:
+        digest = doc.get("hash")
+        ok = (
+            isinstance(digest, str)
+            and len(digest) == 64
+            and all(c in "0123456789abcdef" for c in digest)
+            and all(_is_int(doc.get(k)) and doc[k] >= 0 for k in ("size", "depth", "prefix", "suffix"))
+            and (doc.get("base") is None or isinstance(doc["base"], str))
+            and isinstance(doc.get("data"), str)
+        )
+        self.need(ok, f"blobs.jsonl: blob {digest!r} is malformed")
+        try:
+            return Blob.from_doc(doc)
+        except ValueError:
+            raise self.reader.refuse(f"blobs.jsonl: blob {digest} data is not base64") from None
 
 
 def verify(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -485,115 +575,59 @@ def verify(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def _verify(reader: _Reader) -> None:
+    """Read every member once and check everything; nothing is kept but ids and blob names."""
     m = reader.manifest
+    rows = _Rows(reader)
     runs: set[str] = set()
-    for run in reader.rows("runs.jsonl"):
-        _need(isinstance(run.get("id"), str) and bool(run["id"]), reader, "runs.jsonl: a run has no id")
-        _need(
-            run.get("server_id") is None or isinstance(run["server_id"], str),
-            reader,
-            f"runs.jsonl: run {run['id']} has a bad server id",
-        )
-        _need(
-            run.get("metadata") is None or isinstance(run["metadata"], dict),
-            reader,
-            f"runs.jsonl: run {run['id']} has bad metadata",
-        )
-        _need(run["id"] not in runs, reader, f"runs.jsonl: run {run['id']} appears twice")
-        _need(
-            _typed(run, str, "server_id", "name", "metric", "additional_instructions")
-            and _typed(run, (int, float), "maximize", "remote_only", "created_at", "updated_at"),
-            reader,
-            f"runs.jsonl: run {run['id']} has a field of the wrong type",
-        )
-        runs.add(run["id"])
+    for doc in reader.rows("runs.jsonl"):
+        run = rows.run(doc)
+        rows.need(run.id not in runs, f"runs.jsonl: run {run.id} appears twice")
+        runs.add(run.id)
 
-    blobs: dict[str, dict[str, Any]] = {}
-    for blob in reader.rows("blobs.jsonl"):
-        ok = (
-            isinstance(blob.get("hash"), str)
-            and len(blob["hash"]) == 64
-            and all(_is_int(blob.get(k)) for k in ("size", "depth", "prefix", "suffix"))
-            and (blob.get("base") is None or isinstance(blob["base"], str))
-            and isinstance(blob.get("data"), str)
-        )
-        _need(ok, reader, f"blobs.jsonl: blob {blob.get('hash')!r} is malformed")
-        try:
-            blob["data"] = base64.b64decode(blob["data"], validate=True)
-        except ValueError:
-            raise reader.refuse(f"blobs.jsonl: blob {blob['hash']} data is not base64") from None
-        blobs[blob["hash"]] = blob
+    blobs: dict[str, Blob] = {}
+    for doc in reader.rows("blobs.jsonl"):
+        blob = rows.blob(doc)
+        blobs[blob.hash] = blob
     _check_blobs(blobs, reader)
+    names = set(blobs)
+    blobs.clear()
 
-    for step in reader.rows("steps.jsonl"):
-        where = f"steps.jsonl: step {step.get('step')!r} of run {step.get('run_id')!r}"
-        _need(step.get("run_id") in runs, reader, f"{where}: its run is not in the bundle")
-        _need(_is_int(step.get("step")) and step["step"] >= 0, reader, f"{where}: bad step number")
-        _need(step.get("status") in ("completed", "failed"), reader, f"{where}: bad status")
-        _need(isinstance(step.get("event_id"), str), reader, f"{where}: no event id")
-        _need(step.get("parent_step") is None or _is_int(step["parent_step"]), reader, f"{where}: bad parent")
-        for key in ("metrics", "metadata"):
-            _need(step.get(key) is None or isinstance(step[key], dict), reader, f"{where}: bad {key}")
-        _need(
-            _typed(step, str, "description") and _typed(step, (int, float), "created_at", "updated_at"),
-            reader,
-            f"{where}: a field of the wrong type",
-        )
-        _check_manifest_hashes(step.get("code"), blobs, reader, where)
+    for doc in reader.rows("steps.jsonl"):
+        rows.step(doc, runs, names)
 
     seen: set[str] = set()
-    for event in reader.rows("events.jsonl"):
-        where = f"events.jsonl: event {event.get('id')!r}"
-        _need(isinstance(event.get("id"), str) and bool(event["id"]), reader, f"{where}: no id")
-        _need(event["id"] not in seen, reader, f"{where}: appears twice")
-        seen.add(event["id"])
-        _need(event.get("run_id") in runs, reader, f"{where}: its run is not in the bundle")
-        _need(event.get("state") in _STATES, reader, f"{where}: bad state")
-        _need(_typed(event, (int, float), "created_at"), reader, f"{where}: bad created_at")
-        payload = event.get("payload")
-        if not isinstance(payload, dict):
-            raise reader.refuse(f"{where}: payload is not an object")
-        if event.get("kind") == "create_run":
-            _need(
-                event.get("step") is None
-                and isinstance(payload.get("source_code"), dict)
-                and isinstance(payload.get("metric_name"), str),
-                reader,
-                f"{where}: malformed create",
-            )
-        else:
-            _need(
-                event.get("kind") == "log_step" and _is_int(event.get("step")) and payload.get("step") == event["step"],
-                reader,
-                f"{where}: malformed step event",
-            )
-        _check_manifest_hashes(
-            payload.get("source_code" if event["kind"] == "create_run" else "code"), blobs, reader, where
-        )
+    creates: set[str] = set()
+    for doc in reader.rows("events.jsonl"):
+        event = rows.event(doc, runs, names)
+        rows.need(event.id not in seen, f"events.jsonl: event {event.id} appears twice")
+        seen.add(event.id)
+        if event.kind == CREATE:
+            rows.need(event.run_id not in creates, f"events.jsonl: run {event.run_id} has two creates")
+            creates.add(event.run_id)
 
     counts = m.get("counts") or {}
     actual = {
         "runs": len(runs),
-        "blobs": len(blobs),
+        "blobs": len(names),
         "events": len(seen),
         "steps": m["members"]["steps.jsonl"]["lines"],
     }
-    _need(
+    rows.need(
         all(counts.get(k) == v for k, v in actual.items()),
-        reader,
         f"the manifest's counts {counts} do not match the members {actual}",
     )
 
 
-def _check_blobs(blobs: dict[str, dict[str, Any]], reader: _Reader) -> None:
+def _check_blobs(blobs: dict[str, Blob], reader: _Reader) -> None:
     """Every blob must decode (through its delta chain, all in the bundle) to text hashing to its name.
 
     Walks each chain from its full copy down, depth first, so every blob is decoded once.
     """
     children: dict[str | None, list[str]] = {}
     for name, blob in blobs.items():
-        base = blob["base"] or None
-        _need(base is None or base in blobs, reader, f"blobs.jsonl: delta base {base} is not in the bundle")
+        base = blob.base or None
+        if base is not None and base not in blobs:
+            raise reader.refuse(f"blobs.jsonl: delta base {base} is not in the bundle")
         children.setdefault(base, []).append(name)
     stack: list[tuple[str, bytes | None]] = [(name, None) for name in children.get(None, [])]
     done = 0
@@ -601,17 +635,15 @@ def _check_blobs(blobs: dict[str, dict[str, Any]], reader: _Reader) -> None:
         name, base_data = stack.pop()
         blob = blobs[name]
         try:
-            data = codestore.decode(blob["data"], blob["prefix"], blob["suffix"], base_data)
-        except zlib.error:
+            data = codestore.decode(blob.data, blob.prefix, blob.suffix, base_data, limit=blob.size)
+        except (zlib.error, ValueError):
             raise reader.refuse(f"blobs.jsonl: blob {name} does not decompress (corrupted)") from None
-        _need(
-            codestore.text_hash(data) == name and len(data) == blob["size"],
-            reader,
-            f"blobs.jsonl: blob {name} does not hash to its name (corrupted or edited)",
-        )
+        if codestore.text_hash(data) != name or len(data) != blob.size:
+            raise reader.refuse(f"blobs.jsonl: blob {name} does not hash to its name (corrupted or edited)")
         done += 1
         stack.extend((child, data) for child in children.get(name, ()))
-    _need(done == len(blobs), reader, "blobs.jsonl: some delta chains loop")
+    if done != len(blobs):
+        raise reader.refuse("blobs.jsonl: some delta chains loop")
 
 
 # -- importing -----------------------------------------------------------------
@@ -622,15 +654,31 @@ def _source(manifest: dict[str, Any]) -> str | None:
     return f"{src.get('host')}:{src.get('journal')}" if isinstance(src, dict) else None
 
 
-def _remove_stale_copies(directory: Path) -> None:
+def _remove_stale_copies(journal: Journal) -> None:
     """Private copies left by an import that was killed (its pid is gone)."""
-    for stale in directory.glob(".import-*-*.weco"):
+    for stale in journal.files.import_copies():
         try:
             os.kill(int(stale.name.split("-")[1]), 0)
         except ProcessLookupError:
             stale.unlink(missing_ok=True)
         except (ValueError, PermissionError):
             pass
+
+
+def _merge_summary(bundle_id: str) -> dict[str, Any]:
+    return {
+        "bundle_id": bundle_id,
+        "already_imported": False,
+        "runs_new": 0,
+        "runs_known": 0,
+        "server_ids_adopted": 0,
+        "blobs_new": 0,
+        "steps_updated": 0,
+        "events_new": 0,
+        "events_known": 0,
+        "events_pending": 0,
+        "conflicts": [],
+    }
 
 
 def import_bundle(journal: Journal, path: str | os.PathLike[str], *, batch: int = 2000) -> dict[str, Any]:
@@ -648,34 +696,16 @@ def import_bundle(journal: Journal, path: str | os.PathLike[str], *, batch: int 
     with _Reader(Path(path)) as reader:
         m = reader.manifest
         if journal.query("SELECT 1 FROM imports WHERE bundle_id = ?", (m["bundle_id"],)):
-            counts = dict.fromkeys(
-                (
-                    "runs_new",
-                    "runs_known",
-                    "server_ids_adopted",
-                    "blobs_new",
-                    "steps_updated",
-                    "events_new",
-                    "events_known",
-                    "events_pending",
-                ),
-                0,
-            )
-            return {
-                "bundle_id": m["bundle_id"],
-                "already_imported": True,
-                **counts,
-                "conflicts": [],
-                "path": str(path),
-                "source": _source(m),
-            }
+            summary = _merge_summary(m["bundle_id"])
+            summary.update(already_imported=True, path=str(path), source=_source(m))
+            return summary
     # Verify and merge a private copy, so the file cannot change between the check and the
     # merge (which commits in batches, to keep loggers waiting briefly).
-    _remove_stale_copies(journal.path.parent)
-    copy = journal.path.with_name(f".import-{os.getpid()}-{ids.ulid()}.weco")
+    _remove_stale_copies(journal)
+    copy = journal.files.import_copy(ids.ulid())
     try:
         try:
-            fd = os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            fd = os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
             with open(path, "rb") as src, os.fdopen(fd, "wb") as dst:
                 shutil.copyfileobj(src, dst, 1 << 20)
         except OSError as exc:
@@ -684,23 +714,147 @@ def import_bundle(journal: Journal, path: str | os.PathLike[str], *, batch: int 
             _verify(reader)
             m = reader.manifest
             source = _source(m)
-
-            def blobs() -> Iterator[dict[str, Any]]:
-                for blob in reader.rows("blobs.jsonl"):
-                    blob["data"] = base64.b64decode(blob["data"])
-                    yield blob
-
-            summary = journal.merge_bundle(
-                m["bundle_id"],
-                source or "",
-                list(reader.rows("runs.jsonl")),
-                blobs(),
-                reader.rows("steps.jsonl"),
-                reader.rows("events.jsonl"),
-                batch=batch,
-            )
+            summary = _Merge(journal, reader, m["bundle_id"]).run(source or "", batch)
     finally:
         copy.unlink(missing_ok=True)
     summary["path"] = str(path)
     summary["source"] = source
     return summary
+
+
+class _Merge:
+    """Merge a verified bundle idempotently by id, on top of the journal's write API.
+
+    Runs match by local id, then by server id (two boxes that logged to the
+    same server run share it). A bundle's server id is adopted only by a run
+    that has none here. A step row replaces ours only if its event id is newer.
+    A new event arrives ``pending`` unless the bundle says the server already
+    has it on the same server run (then it keeps ``delivered`` / ``superseded``),
+    or a newer state of its step is already here (``superseded``). A create for
+    a run that already has a different create here is refused: one run id, one
+    create.
+
+    Written in transactions of ``batch`` rows, so loggers wait at most one batch
+    (not a whole 100k-event bundle) for the lock; steps before events, so a
+    step's newest state is known before its events are queued. An interrupted
+    merge is finished by importing the bundle again: the import is recorded only
+    at the end, and every row merges by id.
+    """
+
+    def __init__(self, journal: Journal, reader: _Reader, bundle_id: str):
+        self.journal = journal
+        self.reader = reader
+        self.out = _merge_summary(bundle_id)
+        #: bundle run id -> local run id
+        self.mapping: dict[str, str] = {}
+        #: local run id -> the bundle's server id for it is this journal's too
+        self.same_server: dict[str, bool] = {}
+
+    def run(self, source: str, batch: int) -> dict[str, Any]:
+        journal, out = self.journal, self.out
+        runs = [Run.from_doc(doc) for doc in self.reader.rows("runs.jsonl")]
+        self._check_creates({run.id: self._match(journal.conn, run)[0] for run in runs})
+        with journal.write() as conn:
+            self._runs(conn, runs)
+        members: tuple[tuple[str, Any], ...] = (
+            ("blobs.jsonl", self._blob),
+            ("steps.jsonl", self._step),
+            ("events.jsonl", self._event),
+        )
+        for member, merge in members:
+            chunk: list[dict[str, Any]] = []
+            for doc in self.reader.rows(member):
+                chunk.append(doc)
+                if len(chunk) >= batch:
+                    self._commit(chunk, merge)
+                    chunk = []
+            if chunk:
+                self._commit(chunk, merge)
+        with journal.write() as conn:
+            conn.execute(
+                "INSERT OR IGNORE INTO imports (bundle_id, source, imported_at, events) VALUES (?, ?, ?, ?)",
+                (out["bundle_id"], source, time.time(), out["events_new"]),
+            )
+        return out
+
+    def _commit(self, chunk: list[dict[str, Any]], merge: Any) -> None:
+        with self.journal.write() as conn:
+            for doc in chunk:
+                merge(conn, doc)
+
+    @staticmethod
+    def _match(conn: sqlite3.Connection, run: Run) -> tuple[str, str | None] | tuple[None, None]:
+        """``(local id, its server id)`` of the run here that ``run`` is: same local id, else same server id."""
+        row = conn.execute("SELECT id, server_id FROM runs WHERE id = ?", (run.id,)).fetchone()
+        if row is None and run.server_id:
+            row = conn.execute("SELECT id, server_id FROM runs WHERE server_id = ?", (run.server_id,)).fetchone()
+        return (row[0], row[1]) if row is not None else (None, None)
+
+    def _runs(self, conn: sqlite3.Connection, runs: list[Run]) -> None:
+        out = self.out
+        for run in runs:
+            local, local_sid = self._match(conn, run)
+            if local is None:
+                now = time.time()
+                self.journal.insert_run(
+                    conn, replace(run, created_at=run.created_at or now, updated_at=run.updated_at or now)
+                )
+                self.mapping[run.id], self.same_server[run.id] = run.id, bool(run.server_id)
+                out["runs_new"] += 1
+                continue
+            self.mapping[run.id] = local
+            out["runs_known"] += 1
+            sid = run.server_id
+            if sid and local_sid is None:
+                if conn.execute("SELECT 1 FROM runs WHERE server_id = ?", (sid,)).fetchone():
+                    out["conflicts"].append(f"run {run.id}: server id {sid} already belongs to another run here")
+                else:
+                    conn.execute("UPDATE runs SET server_id = ? WHERE id = ?", (sid, local))
+                    local_sid = sid
+                    out["server_ids_adopted"] += 1
+            elif sid and local_sid != sid:
+                out["conflicts"].append(
+                    f"run {run.id}: the bundle's box synced it as {sid}, this box as {local_sid}; "
+                    f"new steps go to {local_sid}"
+                )
+            self.same_server[local] = bool(sid) and local_sid == sid
+
+    def _check_creates(self, matched: dict[str, str | None]) -> None:
+        """One run id, one create: a bundle's create for a run that has another create here is forged
+        or damaged. Checked before anything is written, so a refused bundle leaves no trace."""
+        for doc in self.reader.rows("events.jsonl"):
+            local = matched.get(doc["run_id"])
+            if doc["kind"] != CREATE or local is None:
+                continue
+            other = outbox.other_create(self.journal.conn, local, doc["id"])
+            if other is not None:
+                raise self.reader.refuse(
+                    f"events.jsonl: run {doc['run_id']} already has another create here ({other}):"
+                    " a forged or damaged bundle"
+                )
+
+    def _blob(self, conn: sqlite3.Connection, doc: dict[str, Any]) -> None:
+        self.out["blobs_new"] += self.journal.put_blob(conn, Blob.from_doc(doc))
+
+    def _step(self, conn: sqlite3.Connection, doc: dict[str, Any]) -> None:
+        step = Step.from_doc(doc)
+        now = time.time()
+        step = replace(
+            step, run_id=self.mapping[step.run_id], created_at=step.created_at or now, updated_at=step.updated_at or now
+        )
+        self.out["steps_updated"] += self.journal.upsert_step(conn, step)
+
+    def _event(self, conn: sqlite3.Connection, doc: dict[str, Any]) -> None:
+        event = Event.from_doc(doc)
+        run_id = self.mapping[event.run_id]
+        event = replace(event, run_id=run_id, created_at=event.created_at or time.time())
+        newer = event.kind != CREATE and self.journal.has_newer_step(conn, run_id, event.step or 0, event.id)
+        state = outbox.import_event(conn, event, carried=self.same_server.get(run_id, False), newer_step=newer)
+        if state is None:
+            self.out["events_known"] += 1
+            return
+        if event.kind == CREATE:
+            # A bundle that carries a create but not step 0's row still gets its baseline.
+            self.journal.insert_baseline(conn, event.as_step())
+        self.out["events_new"] += 1
+        self.out["events_pending"] += state == outbox.PENDING

@@ -10,14 +10,13 @@ other command imports what it needs inside its body.
 from __future__ import annotations
 
 import json
-import os
 import sys
-from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 
-from . import errors, paths, validate
+from . import errors, validate
+from .settings import Settings
 
 app = typer.Typer(
     name="weco",
@@ -83,10 +82,24 @@ def _open_journal():
     return Journal()
 
 
-def _trigger_sync() -> None:
-    from . import autosync
+def _open_writer():
+    """The journal, with any calls spilled while it could not be written replayed into it first."""
+    from . import spill
 
-    autosync.trigger(paths.journal_path())
+    journal = _open_journal()
+    try:
+        spill.replay(journal)
+    except BaseException:
+        journal.close()
+        raise
+    return journal
+
+
+def _trigger_sync() -> None:
+    from . import background
+
+    settings = Settings.load()
+    background.trigger(settings.journal_path, settings=settings)
 
 
 @observe.command()
@@ -119,7 +132,7 @@ def init(
         "event_id": ids.ulid(),
     }
     try:
-        journal = _open_journal()
+        journal = _open_writer()
         with journal:
             run_id = journal.create_run(**kwargs)
     except errors.JournalUnavailable as exc:
@@ -172,7 +185,7 @@ def log(
         "event_id": ids.ulid(),
     }
     try:
-        journal = _open_journal()
+        journal = _open_writer()
         with journal:
             result = journal.log_step(**kwargs)
     except errors.JournalUnavailable as exc:
@@ -194,53 +207,72 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Show the journal: where it is, its size and schema, runs, steps and events by state."""
-    from . import spill
+    from . import outbox, spill
 
+    settings = Settings.load()
     journal = _open_journal()
     with journal:
-        counts = journal.counts()
-        problems = journal.problems()
+        events = outbox.counts(journal)
+        problems = outbox.problems(journal)
         rejected = problems["rejected"]
         version = journal.schema_version()
-    size = sum(
-        p.stat().st_size for p in (journal.path, Path(f"{journal.path}-wal"), Path(f"{journal.path}-shm")) if p.exists()
-    )
+        runs, steps = journal.query("SELECT (SELECT count(*) FROM runs), (SELECT count(*) FROM steps)")[0]
+    size = sum(p.stat().st_size for p in (journal.path, *journal.files.sqlite_companions()) if p.exists())
+    key_source: str | None = None
+    key_problem: str | None = None
+    try:
+        key_source = settings.api_key_source
+    except errors.InvalidInput as exc:
+        key_problem = str(exc)
     info = {
         "journal": str(journal.path),
         "size_bytes": size,
         "schema_version": version,
-        "runs": counts["runs"],
-        "steps": counts["steps"],
-        "events": {k: counts[k] for k in ("pending", "delivered", "rejected", "superseded")},
+        "runs": runs,
+        "steps": steps,
+        "events": events,
         "pending_with_errors": problems["retrying"],
         "last_error": problems["last_error"],
         "rejected": rejected,
         "possible_duplicates": problems["possible_duplicates"],
-        "spill_files": len(spill.pending()),
-        "api_key_configured": paths.api_key() is not None,
-        "api_key_source": paths.api_key_source(),
-        "base_url": paths.api_base_url(),
-        "auto_sync": os.environ.get("WECO_OBSERVE_AUTO_SYNC", "1") != "0",
+        "spill_files": len(spill.pending(journal.path)),
+        "api_key_configured": key_source is not None,
+        "api_key_source": key_source,
+        "api_key_problem": key_problem,
+        "base_url": settings.base_url,
+        "auto_sync": settings.auto_sync and key_source is not None,
+        "auto_sync_setting": settings.auto_sync,
     }
     if as_json:
         print(json.dumps(info, indent=2))
         return
     ev = info["events"]
+    unsent = ev["pending"] + ev["in_flight"] + ev["ambiguous"]
+    sent = ev["delivered"] + ev["possible_duplicate"]
+    if info["auto_sync"]:
+        auto = "on"
+    elif not settings.auto_sync:
+        auto = "off (WECO_OBSERVE_AUTO_SYNC is off)"
+    else:
+        auto = "off (no API key: run `weco login`)"
     lines = [
         f"journal:        {info['journal']} ({size / 1024:.1f} KiB)",
         f"schema version: {version}",
         f"runs:           {info['runs']}",
         f"steps:          {info['steps']}",
-        f"events:         {ev['pending']} pending, {ev['delivered']} delivered, {ev['rejected']} rejected"
-        + (f", {ev['superseded']} superseded" if ev["superseded"] else ""),
+        f"events:         {unsent} pending, {sent} delivered, {ev['rejected']} rejected"
+        + (f", {ev['superseded']} superseded" if ev["superseded"] else "")
+        + (f", {ev['discarded']} discarded" if ev["discarded"] else ""),
         "api key:        "
         + (
             f"configured ({info['api_key_source']})"
             if info["api_key_configured"]
+            else f"unusable: {key_problem}"
+            if key_problem
             else "not configured (run `weco login`)"
         ),
         f"api base url:   {info['base_url']}",
-        f"auto-sync:      {'on' if info['auto_sync'] else 'off (WECO_OBSERVE_AUTO_SYNC=0)'}",
+        f"auto-sync:      {auto}",
     ]
     if info["pending_with_errors"]:
         lines.append(
@@ -272,22 +304,23 @@ def login(
             import getpass
 
             key = getpass.getpass("Weco API key (input hidden): ")
-    key = (key or "").strip()
-    if not key:
-        raise errors.InvalidInput("no API key given: pass --api-key, pipe it on stdin, or type it at the prompt")
-    if any(c.isspace() for c in key):
-        raise errors.InvalidInput("the API key contains white space: paste the key alone")
-    path = paths.save_api_key(key)
+    from .settings import save_api_key
+
+    settings = Settings.load()
+    path = save_api_key(settings, key)
     print(f"Saved API key to {path} (mode 0600).", file=sys.stderr)
-    if os.environ.get("WECO_API_KEY"):
+    if settings.env_api_key:
         print("Note: WECO_API_KEY is set in the environment and wins over the file.", file=sys.stderr)
 
 
 @app.command()
 def logout() -> None:
     """Remove the saved API key (the credentials file)."""
-    if paths.delete_api_key():
-        print(f"Removed {paths.credentials_path()}.", file=sys.stderr)
+    from .settings import delete_api_key
+
+    settings = Settings.load()
+    if delete_api_key(settings):
+        print(f"Removed {settings.credentials_path}.", file=sys.stderr)
     else:
         print("No saved API key.", file=sys.stderr)
 

@@ -122,9 +122,10 @@ def register(observe: typer.Typer) -> None:
 
         Exits 7 when the journal is damaged (then run `weco observe doctor --repair`).
         """
-        from . import doctor, errors, paths
+        from . import doctor, errors
+        from .settings import Settings
 
-        path = paths.journal_path()
+        path = Settings.load().journal_path
         report = doctor.check(path)
         repaired = doctor.repair(path) if repair and report["damaged"] else None
         if repair:

@@ -31,7 +31,7 @@ def _progress_bar(total: int):
 
 
 def _summary_lines(result: Any) -> list[str]:
-    from . import paths
+    from .settings import Settings
 
     lines = []
     for run in result.runs:
@@ -54,7 +54,7 @@ def _summary_lines(result: Any) -> list[str]:
         lines.append(f"error: {result.last_error}; nothing was changed, {result.pending} events wait")
     elif result.unreachable:
         lines.append(
-            f"error: cannot reach the Weco API at {paths.api_base_url()}: {result.pending} events wait"
+            f"error: cannot reach the Weco API at {Settings.load().base_url}: {result.pending} events wait"
             " in the journal (run `weco observe sync` again later)"
         )
     elif result.pending:
@@ -107,14 +107,14 @@ def register(observe: typer.Typer) -> None:
         5 the API refused the key (run `weco login`); 6 some events were rejected
         (see `weco observe status`); 8 another sync is running (--no-wait).
         """
-        from . import sync
+        from . import replay
 
         if dry_run:
             if bundles:
                 from .errors import InvalidInput
 
                 raise InvalidInput("--dry-run does not import bundles: run `weco observe import FILE` first")
-            requests = sync.dry_run(run_id)
+            requests = replay.dry_run(run_id)
             if as_json:
                 print(json.dumps({"requests": requests}, indent=2))
                 return
@@ -138,7 +138,7 @@ def register(observe: typer.Typer) -> None:
             if not as_json:
                 print(f"sync: {result.delivered} delivered, {result.pending} pending", file=sys.stderr)
 
-        result = sync.command(
+        result = replay.command(
             run_ref=run_id,
             bundles=bundles,
             retry_rejected=retry_rejected,

@@ -60,9 +60,24 @@ def encode(data: bytes, base: bytes | None, base_depth: int) -> tuple[int, int, 
     return 0, 0, 0, zlib.compress(data, _LEVEL)
 
 
-def decode(payload: bytes, prefix: int, suffix: int, base: bytes | None) -> bytes:
-    """Inverse of :func:`encode`."""
-    middle = zlib.decompress(payload)
+def decode(payload: bytes, prefix: int, suffix: int, base: bytes | None, limit: int | None = None) -> bytes:
+    """Inverse of :func:`encode`.
+
+    ``limit`` (the text's size, when the blob comes from a file this process did
+    not write) bounds the work: the middle is inflated to at most what is left
+    of it, so a crafted blob cannot inflate without end. Raises ValueError (or
+    zlib.error) for a blob that does not fit its own description.
+    """
+    keep = 0 if base is None else prefix + suffix
+    if base is not None and (prefix < 0 or suffix < 0 or keep > len(base)):
+        raise ValueError("delta reaches outside its base")
+    if limit is None:
+        middle = zlib.decompress(payload)
+    else:
+        inflater = zlib.decompressobj()
+        middle = inflater.decompress(payload, max(0, limit - keep) + 1)
+        if len(middle) > limit - keep or inflater.unconsumed_tail:
+            raise ValueError("blob inflates past its size")
     if base is None:
         return middle
     return base[:prefix] + middle + base[len(base) - suffix :]

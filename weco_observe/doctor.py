@@ -6,9 +6,12 @@ changing it (the file is opened read-only, so not even a checkpoint runs):
 - ``integrity``: SQLite's ``PRAGMA integrity_check``;
 - ``schema``: its version against the one this weco-observe writes;
 - ``wal``: the size of the write-ahead log (it grows when a reader never lets go);
-- ``code``: orphaned code blobs (named by no step, no event and no other blob's
-  delta base) and code blobs that manifests name but the journal lacks;
-- ``permissions``: the directory 0700 and the files 0600, owned by you;
+- ``code``: every code blob decompresses and hashes to its name, every event's
+  payload parses (a few flipped bytes pass the integrity check but break sync);
+  orphaned code blobs (named by no step, no event and no other blob's delta
+  base) and code blobs that manifests name but the journal lacks;
+- ``permissions``: the directory 0700 and every file beside the journal 0600
+  (locks, logs, caches, spill files: ``JournalFiles`` names them), owned by you;
 - ``filesystem``: a warning when the journal sits on a network filesystem (NFS,
   Lustre, CIFS, sshfs, ...), where SQLite's locking is not safe;
 - ``spill``: spill files waiting to be imported.
@@ -27,15 +30,20 @@ file during a repair stay in the damaged copy.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import sqlite3
 import stat
 import time
-from collections.abc import Iterable, Iterator
+import zlib
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
+
+from . import codestore
+from .files import JournalFiles
+from .records import CodeRef, Event, Run, Step, loads
 
 #: Filesystem types (as in /proc/mounts) whose locking SQLite cannot rely on.
 NETWORK_FILESYSTEMS = frozenset(
@@ -127,168 +135,107 @@ def filesystem_check(path: Path, mounts: str | None = None) -> dict[str, str]:
     return _check("filesystem", "ok", f"local filesystem ({fstype} at {point})")
 
 
-def _mode(p: Path) -> int | None:
+@dataclass
+class _Context:
+    """What the checks share: the journal's files, a read-only connection, the report being built."""
+
+    path: Path
+    files: JournalFiles
+    conn: sqlite3.Connection | None
+    report: dict[str, Any]
+    damaged: bool = False
+
+
+def _integrity(ctx: _Context) -> list[dict[str, str]]:
+    assert ctx.conn is not None
     try:
-        return stat.S_IMODE(p.stat().st_mode)
-    except OSError:
-        return None
+        problems = [r[0] for r in ctx.conn.execute("PRAGMA integrity_check(20)")]
+    except sqlite3.DatabaseError as exc:
+        problems = [str(exc)]
+    if problems == ["ok"]:
+        return [_check("integrity", "ok", "integrity_check passed")]
+    ctx.damaged = True
+    shown = "; ".join(problems[:3]) + ("; ..." if len(problems) > 3 else "")
+    return [_check("integrity", "error", f"the journal is damaged ({shown}): run `weco observe doctor --repair`")]
 
 
-def _permission_problems(path: Path) -> list[tuple[Path, int, int]]:
-    """``(path, mode, wanted)`` for the directory and files that others can read or that you do not own."""
-    out = []
-    for p, wanted in ((path.parent, 0o700), (path, 0o600), (Path(f"{path}-wal"), 0o600), (Path(f"{path}-shm"), 0o600)):
-        mode = _mode(p)
-        if mode is not None and mode & 0o077:
-            out.append((p, mode, wanted))
-    return out
-
-
-def _owner_problems(path: Path) -> list[Path]:
-    uid = os.getuid()
-    out = []
-    for p in (path.parent, path, Path(f"{path}-wal")):
-        try:
-            if p.stat().st_uid != uid:
-                out.append(p)
-        except OSError:
-            pass
-    return out
-
-
-def fix_permissions(path: Path) -> list[str]:
-    """chmod the directory to 0700 and the journal files to 0600; return what changed."""
-    fixed = []
-    for p, mode, wanted in _permission_problems(path):
-        try:
-            os.chmod(p, wanted)
-            fixed.append(f"{p}: {mode:04o} -> {wanted:04o}")
-        except OSError as exc:
-            fixed.append(f"{p}: could not chmod ({exc})")
-    return fixed
-
-
-def _open_ro(path: Path) -> sqlite3.Connection:
-    return sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
-
-
-def _manifest_hashes(conn: sqlite3.Connection) -> tuple[set[str], set[str]]:
-    """(hashes named by steps and events, hashes used as delta bases)."""
-    named: set[str] = set()
-    for (code,) in conn.execute("SELECT code FROM steps WHERE code IS NOT NULL"):
-        named.update(json.loads(code).values())
-    for kind, payload in conn.execute("SELECT kind, payload FROM events"):
-        body = json.loads(payload)
-        code = body.get("source_code" if kind == "create_run" else "code")
-        if isinstance(code, dict):
-            named.update(code.values())
-    bases = {b for (b,) in conn.execute("SELECT base FROM blobs WHERE base IS NOT NULL")}
-    return named, bases
-
-
-def check(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Check the journal at ``path`` without changing it; ``damaged`` says whether to repair.
-
-    >>> check(paths.journal_path())["damaged"]  # doctest: +SKIP
-    False
-    """
-    from . import spill
+def _schema(ctx: _Context) -> list[dict[str, str]]:
     from .journal import SCHEMA_VERSION
 
-    path = Path(path)
-    checks: list[dict[str, str]] = []
-    report: dict[str, Any] = {"journal": str(path), "damaged": False, "checks": checks}
-    if not path.exists():
-        checks.append(_check("journal", "ok", f"no journal yet at {path} (the first init or log creates it)"))
-        checks.append(filesystem_check(path))
-        return report
-    damaged = False
+    assert ctx.conn is not None
     try:
-        conn = _open_ro(path)
-    except sqlite3.Error as exc:
-        checks.append(_check("integrity", "error", f"cannot open {path}: {exc}"))
-        report["damaged"] = True
-        return report
-    try:
-        try:
-            problems = [r[0] for r in conn.execute("PRAGMA integrity_check(20)")]
-        except sqlite3.DatabaseError as exc:
-            problems = [str(exc)]
-        if problems == ["ok"]:
-            checks.append(_check("integrity", "ok", "integrity_check passed"))
-        else:
-            damaged = True
-            checks.append(
-                _check(
-                    "integrity",
-                    "error",
-                    f"the journal is damaged ({'; '.join(problems[:3])}"
-                    f"{'; ...' if len(problems) > 3 else ''}): run `weco observe doctor --repair`",
-                )
+        version = ctx.conn.execute("PRAGMA user_version").fetchone()[0]
+    except sqlite3.DatabaseError as exc:
+        ctx.report["schema_version"] = None
+        return [_check("schema", "error", f"cannot read the schema version: {exc}")]
+    ctx.report["schema_version"] = version
+    if version == SCHEMA_VERSION:
+        return [_check("schema", "ok", f"schema version {version}")]
+    if version < SCHEMA_VERSION:
+        return [
+            _check(
+                "schema",
+                "ok",
+                f"schema version {version}; migrated to {SCHEMA_VERSION} the next time a command opens it",
             )
-        try:
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-        except sqlite3.DatabaseError as exc:
-            version = None
-            checks.append(_check("schema", "error", f"cannot read the schema version: {exc}"))
-        report["schema_version"] = version
-        if version is not None:
-            if version == SCHEMA_VERSION:
-                checks.append(_check("schema", "ok", f"schema version {version}"))
-            elif version < SCHEMA_VERSION:
-                checks.append(
-                    _check(
-                        "schema",
-                        "ok",
-                        f"schema version {version}; migrated to {SCHEMA_VERSION} the next time a command opens it",
-                    )
-                )
-            else:
-                checks.append(
-                    _check(
-                        "schema",
-                        "error",
-                        f"schema version {version} is newer than this "
-                        f"weco-observe ({SCHEMA_VERSION}): upgrade weco-observe",
-                    )
-                )
-        try:
-            named, bases = _manifest_hashes(conn)
-            stored = dict(conn.execute("SELECT hash, length(data) FROM blobs").fetchall())
-            orphans = set(stored) - named - bases
-            missing = (named | bases) - set(stored)
-            report["orphaned_blobs"] = len(orphans)
-            report["missing_blobs"] = len(missing)
-            if missing:
-                checks.append(
-                    _check(
-                        "code",
-                        "warn",
-                        f"{len(missing)} code blobs are named but missing: those steps cannot send their code",
-                    )
-                )
-            if orphans:
-                size = sum(stored[h] for h in orphans)
-                checks.append(
-                    _check(
-                        "code",
-                        "warn",
-                        f"{len(orphans)} orphaned code blobs ({size} bytes) that "
-                        "no step, event or delta names; harmless, kept",
-                    )
-                )
-            if not missing and not orphans:
-                checks.append(_check("code", "ok", f"{len(stored)} code blobs, none orphaned or missing"))
-        except (sqlite3.DatabaseError, ValueError, AttributeError) as exc:
-            checks.append(_check("code", "error" if damaged else "warn", f"cannot scan code blobs: {exc}"))
-    finally:
-        conn.close()
+        ]
+    return [
+        _check(
+            "schema",
+            "error",
+            f"schema version {version} is newer than this weco-observe ({SCHEMA_VERSION}): upgrade weco-observe",
+        )
+    ]
 
-    wal = Path(f"{path}-wal")
-    wal_size = wal.stat().st_size if wal.exists() else 0
-    report["wal_bytes"] = wal_size
+
+def _code(ctx: _Context) -> list[dict[str, str]]:
+    """Every blob decodes and hashes to its name; every payload parses; no blob is named but missing."""
+    assert ctx.conn is not None
+    out = []
+    try:
+        named, bases, bad_payloads = _manifest_hashes(ctx.conn)
+        stored = dict(ctx.conn.execute("SELECT hash, length(data) FROM blobs").fetchall())
+        broken = _broken_blobs(ctx.conn, named | bases)
+    except (sqlite3.DatabaseError, ValueError, AttributeError) as exc:
+        return [_check("code", "error" if ctx.damaged else "warn", f"cannot scan code blobs: {exc}")]
+    orphans = set(stored) - named - bases
+    missing = (named | bases) - set(stored)
+    ctx.report.update(orphaned_blobs=len(orphans), missing_blobs=len(missing), damaged_blobs=len(broken))
+    ctx.report["damaged_payloads"] = len(bad_payloads)
+    if broken or bad_payloads:
+        ctx.damaged = True
+        what = []
+        if broken:
+            what.append(f"{len(broken)} code blobs do not decode to the text they name")
+        if bad_payloads:
+            what.append(f"{len(bad_payloads)} events' payloads are unreadable")
+        out.append(_check("code", "error", "; ".join(what) + ": run `weco observe doctor --repair`"))
+    if missing:
+        out.append(
+            _check(
+                "code", "warn", f"{len(missing)} code blobs are named but missing: those steps cannot send their code"
+            )
+        )
+    if orphans:
+        size = sum(stored[h] for h in orphans)
+        out.append(
+            _check(
+                "code",
+                "warn",
+                f"{len(orphans)} orphaned code blobs ({size} bytes) that no step, event or delta names; harmless, kept",
+            )
+        )
+    return out or [_check("code", "ok", f"{len(stored)} code blobs, all readable, none orphaned or missing")]
+
+
+def _wal(ctx: _Context) -> list[dict[str, str]]:
+    try:
+        wal_size = ctx.files.wal.stat().st_size
+    except OSError:
+        wal_size = 0
+    ctx.report["wal_bytes"] = wal_size
     if wal_size > WAL_WARN_BYTES:
-        checks.append(
+        return [
             _check(
                 "wal",
                 "warn",
@@ -296,36 +243,211 @@ def check(path: str | os.PathLike[str]) -> dict[str, Any]:
                 "(a dashboard, an open SDK process) keeps SQLite from folding it back; "
                 "stop it and the next write shrinks it",
             )
-        )
-    else:
-        checks.append(_check("wal", "ok", f"write-ahead log {wal_size / 1024:.0f} KiB"))
+        ]
+    return [_check("wal", "ok", f"write-ahead log {wal_size / 1024:.0f} KiB")]
 
-    perms = _permission_problems(path)
-    owners = _owner_problems(path)
-    if perms or owners:
-        what = [f"{p} is {mode:04o} (want {wanted:04o})" for p, mode, wanted in perms]
-        what += [f"{p} is owned by another user" for p in owners]
-        checks.append(
-            _check(
-                "permissions",
-                "warn",
-                "; ".join(what) + ": others may read your code and "
-                "metrics; `weco observe doctor --repair` fixes the modes",
-            )
+
+def _permissions(ctx: _Context) -> list[dict[str, str]]:
+    perms = _permission_problems(ctx.files)
+    owners = _owner_problems(ctx.files)
+    if not perms and not owners:
+        return [_check("permissions", "ok", "the journal's folder and every file beside it are private and yours")]
+    what = [f"{p} is {mode:04o} (want {wanted:04o})" for p, mode, wanted in perms[:5]]
+    what += [f"{p} is owned by another user" for p in owners[:5]]
+    more = len(perms) + len(owners) - len(what)
+    return [
+        _check(
+            "permissions",
+            "warn",
+            "; ".join(what)
+            + (f"; and {more} more" if more > 0 else "")
+            + ": others may read your code and metrics; `weco observe doctor --repair` fixes the modes",
         )
-    else:
-        checks.append(_check("permissions", "ok", "directory 0700, files 0600, all yours"))
-    checks.append(filesystem_check(path))
-    waiting = spill.pending(path)
+    ]
+
+
+def _filesystem(ctx: _Context) -> list[dict[str, str]]:
+    return [filesystem_check(ctx.path)]
+
+
+def _spill(ctx: _Context) -> list[dict[str, str]]:
+    from . import spill
+
+    out = []
+    waiting = spill.pending(ctx.path)
     if waiting:
-        checks.append(
+        out.append(
             _check(
                 "spill",
                 "warn",
-                f"{len(waiting)} spill files wait to be imported (the next successful init/log/status imports them)",
+                f"{len(waiting)} spill files wait to be imported (the next successful init, log or sync imports them)",
             )
         )
-    report["damaged"] = damaged
+    refused = spill.refused(ctx.path)
+    if refused:
+        path, why = refused[0]
+        out.append(
+            _check(
+                "spill",
+                "warn",
+                f"{len(refused)} files in a spill folder will never be imported ({path}: {why}); remove them"
+                " if you did not put them there",
+            )
+        )
+    return out
+
+
+#: The checks ``doctor`` runs, in order; each returns its findings. Those in the first list need the
+#: journal to open; the second list runs whatever state the file is in.
+CHECKS_ON_FILE: list[Callable[[_Context], list[dict[str, str]]]] = [_integrity, _schema, _code]
+CHECKS_AROUND: list[Callable[[_Context], list[dict[str, str]]]] = [_wal, _permissions, _filesystem, _spill]
+
+
+def _mode(p: Path) -> int | None:
+    try:
+        return stat.S_IMODE(os.lstat(p).st_mode)
+    except OSError:
+        return None
+
+
+def _permission_problems(files: JournalFiles) -> list[tuple[Path, int, int]]:
+    """``(path, mode, wanted)`` for each of the journal's files and folders that others can read or write."""
+    out = []
+    for p, wanted in files.private_paths():
+        mode = _mode(p)
+        if mode is not None and mode & 0o077:
+            out.append((p, mode, wanted))
+    return out
+
+
+def _owner_problems(files: JournalFiles) -> list[Path]:
+    uid = os.getuid()
+    out = []
+    for p, _wanted in files.private_paths():
+        try:
+            if os.lstat(p).st_uid != uid:
+                out.append(p)
+        except OSError:
+            pass
+    return out
+
+
+def fix_permissions(path: Path) -> list[str]:
+    """chmod the journal's files to 0600 and the folders the tool made to 0700; return what changed.
+
+    The journal's own folder is left alone when it is not yours or is a shared
+    folder (sticky bit): its mode matters to others.
+    """
+    fixed = []
+    for p, mode, wanted in _permission_problems(JournalFiles(path)):
+        if p == path.parent and (mode & stat.S_ISVTX or _owner_of(p) != os.getuid()):
+            fixed.append(f"{p}: left at {mode:04o} (a shared folder; its mode is not ours to change)")
+            continue
+        try:
+            os.chmod(p, wanted, follow_symlinks=False)
+            fixed.append(f"{p}: {mode:04o} -> {wanted:04o}")
+        except (OSError, NotImplementedError) as exc:
+            fixed.append(f"{p}: could not chmod ({exc})")
+    return fixed
+
+
+def _owner_of(p: Path) -> int | None:
+    try:
+        return os.lstat(p).st_uid
+    except OSError:
+        return None
+
+
+def _open_ro(path: Path) -> sqlite3.Connection:
+    return sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+
+
+def _manifest_hashes(conn: sqlite3.Connection) -> tuple[set[str], set[str], list[str]]:
+    """(hashes named by steps and events, hashes used as delta bases, ids of events whose payload is unreadable)."""
+    named: set[str] = set()
+    for (code,) in conn.execute("SELECT code FROM steps WHERE code IS NOT NULL"):
+        try:
+            named.update(CodeRef.from_manifest(loads(code)).hashes())  # type: ignore[union-attr]
+        except (ValueError, AttributeError, TypeError):
+            pass
+    bad: list[str] = []
+    for row in _rows(conn, "SELECT * FROM events"):
+        try:
+            code = Event.from_row(dict(row)).code()
+        except (ValueError, TypeError, UnicodeDecodeError):
+            bad.append(row["id"])
+            continue
+        if code:
+            named.update(code.hashes())
+    bases = {b for (b,) in conn.execute("SELECT base FROM blobs WHERE base IS NOT NULL")}
+    return named, bases, bad
+
+
+def _rows(conn: sqlite3.Connection, sql: str) -> Iterator[sqlite3.Row]:
+    cur = conn.cursor()
+    cur.row_factory = sqlite3.Row
+    yield from cur.execute(sql)
+
+
+def _broken_blobs(conn: sqlite3.Connection, used: set[str]) -> list[str]:
+    """Blobs in use (named, or a delta base) that do not decompress, or decode to text that does not
+    hash to their name (a flipped byte). An orphan is reported as one, whatever its bytes; a blob
+    whose base is missing is reported as missing."""
+    rows = {r["hash"]: r for r in _rows(conn, "SELECT * FROM blobs") if r["hash"] in used}
+    texts: dict[str, bytes | None] = {}
+
+    def text(digest: str, depth: int = 0) -> bytes | None:
+        if digest in texts:
+            return texts[digest]
+        texts[digest] = None  # a loop or a missing base decodes to nothing
+        row = rows.get(digest)
+        if row is None or depth > 64:
+            return None
+        base = text(row["base"], depth + 1) if row["base"] else None
+        if row["base"] and base is None:
+            return None
+        try:
+            data = codestore.decode(row["data"], row["prefix"], row["suffix"], base, limit=row["size"])
+        except (zlib.error, ValueError, TypeError):
+            return None
+        texts[digest] = data if codestore.text_hash(data) == digest and len(data) == row["size"] else None
+        return texts[digest]
+
+    return [
+        digest
+        for digest in rows
+        if text(digest) is None and (rows[digest]["base"] is None or rows[digest]["base"] in rows)
+    ]
+
+
+def check(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Check the journal at ``path`` without changing it; ``damaged`` says whether to repair.
+
+    The file is opened read-only, so not even a checkpoint runs. Each check in
+    :data:`CHECKS_ON_FILE` and :data:`CHECKS_AROUND` adds its findings.
+    """
+    path = Path(path)
+    checks: list[dict[str, str]] = []
+    report: dict[str, Any] = {"journal": str(path), "damaged": False, "checks": checks}
+    ctx = _Context(path, JournalFiles(path), None, report)
+    if not path.exists():
+        checks.append(_check("journal", "ok", f"no journal yet at {path} (the first init or log creates it)"))
+        checks.extend(_filesystem(ctx))
+        return report
+    try:
+        ctx.conn = _open_ro(path)
+    except sqlite3.Error as exc:
+        checks.append(_check("integrity", "error", f"cannot open {path}: {exc}"))
+        report["damaged"] = True
+        return report
+    try:
+        for run_check in CHECKS_ON_FILE:
+            checks.extend(run_check(ctx))
+    finally:
+        ctx.conn.close()
+    for run_check in CHECKS_AROUND:
+        checks.extend(run_check(ctx))
+    report["damaged"] = ctx.damaged
     return report
 
 
@@ -432,16 +554,17 @@ def repair(path: str | os.PathLike[str], *, lock_timeout: float = 60.0) -> dict[
     """Copy every readable row of a damaged journal into a fresh one, which takes its place;
     the damaged file is kept beside it. Returns per-table counts.
 
-    >>> repair(paths.journal_path())["kept"]  # doctest: +SKIP
+    >>> repair(Settings.load().journal_path)["kept"]  # doctest: +SKIP
     '/home/me/.local/share/weco-observe/journal.db.damaged-20261125T2210Z'
     """
     from .errors import JournalDamaged
     from .journal import Journal
 
     path = Path(path)
+    files = JournalFiles(path)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    kept = path.with_name(f"{path.name}.damaged-{stamp}")
-    fresh_path = path.with_name(f".{path.name}.repair-{stamp}")
+    kept = files.damaged_copy(stamp)
+    fresh_path = files.repair_scratch(stamp)
     stats: dict[str, Any] = {"damaged_ranges": 0}
     out: dict[str, Any] = {"kept": str(kept), "journal": str(path), "tables": {}, "rebuilt": {}}
     src = _open_ro(path)
@@ -453,7 +576,7 @@ def repair(path: str | os.PathLike[str], *, lock_timeout: float = 60.0) -> dict[
             f"cannot repair {path}: not even its list of tables is readable ({exc}); nothing was changed. "
             f"Move it aside (mv {path} {kept}) to start a fresh journal"
         ) from None
-    from .sync import SyncLock
+    from .synclock import SyncLock
 
     lock = SyncLock(path)  # a syncer would write its deliveries into the file being replaced
     try:
@@ -461,7 +584,7 @@ def repair(path: str | os.PathLike[str], *, lock_timeout: float = 60.0) -> dict[
     except BaseException:
         src.close()
         raise
-    fresh = Journal(fresh_path, replay_spill=False)
+    fresh = Journal(fresh_path)
     moved = False
     try:
         rows: dict[str, list[dict[str, Any]]] = {}
@@ -502,19 +625,22 @@ def repair(path: str | os.PathLike[str], *, lock_timeout: float = 60.0) -> dict[
         fresh.close()
         moved = True  # from here on the salvaged copy is the only journal: never delete it
         os.replace(path, kept)
-        for suffix in ("-wal", "-journal"):
-            if Path(f"{path}{suffix}").exists():
-                os.replace(f"{path}{suffix}", f"{kept}{suffix}")
-        Path(f"{path}-shm").unlink(missing_ok=True)
-        for suffix in ("-wal", "-shm", ".migrate-lock"):
-            Path(f"{fresh_path}{suffix}").unlink(missing_ok=True)
+        for old, new in zip(files.sqlite_companions(), files.sqlite_companions(kept), strict=True):
+            if old == files.shm:
+                old.unlink(missing_ok=True)
+            elif old.exists():
+                os.replace(old, new)
+        scratch = JournalFiles(fresh_path)
+        for leftover in (*scratch.sqlite_companions(), scratch.migrate_lock):
+            leftover.unlink(missing_ok=True)
         os.replace(fresh_path, path)
     except BaseException:
         src.close()
         fresh.close()
         if not moved:
-            for suffix in ("", "-wal", "-shm", ".migrate-lock"):
-                Path(f"{fresh_path}{suffix}").unlink(missing_ok=True)
+            scratch = JournalFiles(fresh_path)
+            for leftover in (fresh_path, *scratch.sqlite_companions(), scratch.migrate_lock):
+                leftover.unlink(missing_ok=True)
         raise
     finally:
         lock.release()
@@ -523,58 +649,27 @@ def repair(path: str | os.PathLike[str], *, lock_timeout: float = 60.0) -> dict[
 
 def _valid_event(e: dict[str, Any]) -> bool:
     try:
-        payload = json.loads(e["payload"])
-    except (TypeError, ValueError):
+        event = Event.from_row(e)
+    except (TypeError, ValueError, KeyError):
         return False
-    return (
-        isinstance(payload, dict)
-        and e["kind"] in ("create_run", "log_step")
-        and isinstance(e["id"], str)
-        and isinstance(e["run_id"], str)
-    )
+    return isinstance(event.payload, dict) and event.kind in ("create_run", "log_step")
 
 
 def _rebuild_steps(steps: dict[tuple[str, int], dict[str, Any]], events: list[dict[str, Any]]) -> int:
     """Steps whose rows were lost, from their newest event (its payload is the step's whole state)."""
-    newest: dict[tuple[str, int], dict[str, Any]] = {}
-    for e in events:
-        if e["kind"] == "create_run":
-            newest.setdefault((e["run_id"], 0), e)  # a logged step 0 is newer than the create's baseline
-            continue
-        key = (e["run_id"], e["step"])
-        if key not in newest or newest[key]["kind"] == "create_run" or e["id"] > newest[key]["id"]:
+    newest: dict[tuple[str, int], Event] = {}
+    for row in events:
+        e = Event.from_row(row)
+        key = (e.run_id, e.step if e.kind == "log_step" and e.step is not None else 0)
+        held = newest.get(key)
+        # a logged step 0 is newer than the create's baseline
+        if held is None or (e.kind == "log_step" and (held.kind == "create_run" or e.id > held.id)):
             newest[key] = e
     rebuilt = 0
     for key, e in newest.items():
         if key in steps:
             continue
-        body = json.loads(e["payload"])
-        if e["kind"] == "create_run":
-            row = {
-                "status": "completed",
-                "description": None,
-                "metrics": None,
-                "code": _json_or_none(body.get("source_code")),
-                "parent_step": None,
-                "metadata": None,
-            }
-        else:
-            row = {
-                "status": body.get("status", "completed"),
-                "description": body.get("description"),
-                "metrics": _json_or_none(body.get("metrics")),
-                "code": _json_or_none(body.get("code")),
-                "parent_step": body.get("parent_step"),
-                "metadata": _json_or_none(body.get("metadata")),
-            }
-        steps[key] = {
-            "run_id": key[0],
-            "step": key[1],
-            **row,
-            "event_id": e["id"],
-            "created_at": e["created_at"],
-            "updated_at": e["created_at"],
-        }
+        steps[key] = dict(zip(Step.COLUMNS, e.as_step().to_row(), strict=True))
         rebuilt += 1
     return rebuilt
 
@@ -586,26 +681,18 @@ def _rebuild_runs(
     server_ids: dict[str, str],
 ) -> int:
     """Runs whose rows were lost but whose events or steps survive, from their create event."""
-    creates = {e["run_id"]: e for e in events if e["kind"] == "create_run"}
+    creates = {row["run_id"]: Event.from_row(row) for row in events if row["kind"] == "create_run"}
     needed = {e["run_id"] for e in events} | {k[0] for k in steps}
     rebuilt = 0
     now = time.time()
     for run_id in sorted(needed - set(runs)):
         create = creates.get(run_id)
-        body = json.loads(create["payload"]) if create else {}
-        meta = body.get("metadata")
-        runs[run_id] = {
-            "id": run_id,
-            "server_id": server_ids.get(run_id),
-            "remote_only": 0 if create else 1,
-            "name": body.get("name"),
-            "metric": body.get("metric_name"),
-            "maximize": int(bool(body.get("maximize"))) if create else None,
-            "additional_instructions": body.get("additional_instructions"),
-            "metadata": json.dumps(meta, separators=(",", ":")) if meta else None,
-            "created_at": create["created_at"] if create else now,
-            "updated_at": now,
-        }
+        if create is not None:
+            run = create.as_run()
+        else:  # no create survives: it was first seen by its server id, or its create is lost
+            run = Run(id=run_id, remote_only=True, created_at=now)
+        run = replace(run, server_id=server_ids.get(run_id), updated_at=now)
+        runs[run_id] = dict(zip(Run.COLUMNS, run.to_row(), strict=True))
         rebuilt += 1
     return rebuilt
 
@@ -630,7 +717,3 @@ def describe_repair(r: dict[str, Any]) -> str:
         lines.append(f"dropped {rb['bad_events']} unreadable events")
     lines.append(f"the damaged file is kept as {r['kept']}")
     return "\n".join(lines)
-
-
-def _json_or_none(value: Any) -> str | None:
-    return None if value is None else json.dumps(value, separators=(",", ":"), ensure_ascii=False)

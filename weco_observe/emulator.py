@@ -217,19 +217,26 @@ class Emulator:
                 self._rng = random.Random(changes["seed"])
 
     def create_run(
-        self, source_code: dict[str, str], metric_name: str = "score", maximize: bool = False, **extra: Any
+        self,
+        source_code: dict[str, str],
+        metric_name: str = "score",
+        maximize: bool = False,
+        *,
+        run_id: str | None = None,
+        **extra: Any,
     ) -> str:
-        """Make a run directly (as the official client would have); return its id."""
+        """Make a run directly (as the official client would have, or with a given ``run_id``, as a
+        server that already holds it); return its id."""
         body = {"source_code": source_code, "metric_name": metric_name, "maximize": maximize, **extra}
         with self._lock:
-            return self._create(body)
+            return self._create(body, run_id)
 
     def _count(self, key: str) -> None:
         self._stats[key] = self._stats.get(key, 0) + 1
 
     # -- the API (called with the lock held) -------------------------------------
 
-    def _create(self, body: dict[str, Any]) -> str:
+    def _create(self, body: dict[str, Any], run_id: str | None = None) -> str:
         _check_code(body.get("source_code"), "source_code")
         if not isinstance(body.get("metric_name"), str) or not body["metric_name"]:
             raise _Invalid(422, "metric_name is required and must be a non-empty string")
@@ -240,7 +247,7 @@ class Emulator:
                 raise _Invalid(422, f"{key} must be a string")
         if "metadata" in body:
             _check_object(body["metadata"], "metadata")
-        run_id = str(uuid.UUID(int=self._rng.getrandbits(128), version=4))
+        run_id = run_id or str(uuid.UUID(int=self._rng.getrandbits(128), version=4))
         now = time.time()
         self._runs[run_id] = {
             "id": run_id,

@@ -43,8 +43,14 @@ def new_run_id() -> str:
     return LOCAL_RUN_PREFIX + ulid()
 
 
-def is_local_run_id(value: str) -> bool:
-    return value.startswith(LOCAL_RUN_PREFIX)
+def is_ulid(value: object) -> bool:
+    """True for a ULID as :func:`ulid` makes them (26 lowercase Crockford base32 characters)."""
+    return isinstance(value, str) and len(value) == 26 and all(c in _ALPHABET for c in value) and value[0] <= "7"
+
+
+def is_local_run_id(value: object) -> bool:
+    """True for a local run id as :func:`new_run_id` makes them: ``local-`` + a ULID."""
+    return isinstance(value, str) and value.startswith(LOCAL_RUN_PREFIX) and is_ulid(value[len(LOCAL_RUN_PREFIX) :])
 
 
 def ulid_time(value: str) -> float:
@@ -54,6 +60,21 @@ def ulid_time(value: str) -> float:
     for ch in value[:10]:
         ms = ms * 32 + _ALPHABET.index(ch)
     return ms / 1000.0
+
+
+def is_server_id(value: object) -> bool:
+    """True for a string that is safe as one URL path segment and short: what a server's run id
+    may be. Ids from a bundle or a server's answer are checked with this before they reach a URL.
+
+    >>> is_server_id("5b7e0c1a-2222-4333-8444-555566667777"), is_server_id("../admin?x=/steps")
+    (True, False)
+    """
+    return (
+        isinstance(value, str)
+        and 0 < len(value) <= 128
+        and value not in (".", "..")
+        and all(c.isascii() and (c.isalnum() or c in "-._") for c in value)
+    )
 
 
 def looks_like_server_id(value: str) -> bool:

@@ -1,24 +1,31 @@
-"""The local journal: the only code that writes runs, steps, code blobs and the outbox.
+"""The local journal: the only code that writes runs, steps and code blobs, with their outbox events.
 
 Every ``init`` and ``log`` is one SQLite transaction (``BEGIN IMMEDIATE`` ...
 ``COMMIT`` with ``synchronous=FULL`` in WAL mode): when the call returns, the
 step is on disk, and a crash at any moment leaves either all of it or none.
 
-The journal is opened on the hot path of ``weco observe log``, so this module
-imports only the standard library. The schema version is read with ``PRAGMA
-user_version``; sqlite-utils and the migrations are imported only when one must
-run, under a file lock so concurrent first opens do not race.
+Opening a journal only opens it: the schema is checked with ``PRAGMA
+user_version`` and, when a migration must run, sqlite-utils and the migrations
+are imported and applied under a file lock so concurrent first opens do not
+race. Nothing else happens on open; replaying spill files (``spill.replay``) is
+an explicit step that writers take.
 
-Tree rule (resolved once, at log time, and stored): a step logged with
-``parent_step`` has that parent. Otherwise its parent is the highest-numbered
-step below it, among the run's steps in this journal, whose status is not
-``failed``; step 0 (the baseline) has none. Because the parent is stored, the
-tree never depends on the order in which events later reach a server.
+Rows become records (``records.py``) and records become rows only through the
+record types; the outbox's states and transitions are ``outbox.py``'s. The
+tree rule is ``treerule.py``'s; this module gives it its two lookups in SQL.
+
+The journal is opened on the hot path of ``weco observe log``, so this module
+imports only the standard library and the package's own light modules.
+
+    >>> j = Journal(tmp / "journal.db")
+    >>> run_id = j.create_run(source_code={"train.py": "x = 1\\n"}, metric="loss", maximize=False)
+    >>> j.log_step(run_id, 1, metrics={"loss": 0.5})["parent_step"]
+    0
+    >>> j.close()
 """
 
 from __future__ import annotations
 
-import json
 import os
 import sqlite3
 import threading
@@ -29,80 +36,45 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from . import codestore, ids, paths, validate
+from . import codestore, ids, outbox, treerule, validate
 from .errors import InvalidInput, JournalUnavailable, UnknownRun
+from .files import JournalFiles, private_dir, private_file
+from .records import Blob, CodeRef, Event, Run, Step, loads
+from .settings import Settings
 
 #: Must equal the number of migrations in ``migrations.py`` (a test checks it).
-SCHEMA_VERSION = 2
-DEFAULT_BUSY_TIMEOUT = 30.0
+SCHEMA_VERSION = 3
 
-
-#: Insert a step or replace its state (keeping when it was first logged): one statement
-#: for ``log_step`` and for bundle merges.
+#: Insert a step or replace its state (keeping when it was first logged): one statement for
+#: ``log_step`` and every merge.
 _UPSERT_STEP = (
-    "INSERT INTO steps (run_id, step, status, description, metrics, code, parent_step,"
-    " metadata, event_id, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
-    " ON CONFLICT (run_id, step) DO UPDATE SET status = excluded.status,"
-    " description = excluded.description, metrics = excluded.metrics, code = excluded.code,"
-    " parent_step = excluded.parent_step, metadata = excluded.metadata,"
-    " event_id = excluded.event_id, updated_at = excluded.updated_at"
+    f"INSERT INTO steps ({', '.join(Step.COLUMNS)}) VALUES ({', '.join('?' * len(Step.COLUMNS))})"
+    " ON CONFLICT (run_id, step) DO UPDATE SET "
+    + ", ".join(f"{c} = excluded.{c}" for c in Step.COLUMNS if c not in ("run_id", "step", "created_at"))
 )
-
-
-def busy_timeout() -> float:
-    """Seconds a writer waits for the lock: ``$WECO_OBSERVE_BUSY_TIMEOUT`` or 30."""
-    try:
-        return float(os.environ.get("WECO_OBSERVE_BUSY_TIMEOUT", DEFAULT_BUSY_TIMEOUT))
-    except ValueError:
-        return DEFAULT_BUSY_TIMEOUT
-
-
-def _dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-
-
-def _loads(value: str | None) -> Any:
-    return None if value is None else json.loads(value)
-
-
-def _private_dir(path: Path) -> None:
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    if path.stat().st_mode & 0o077:
-        try:
-            os.chmod(path, 0o700)
-        except OSError:
-            pass
-
-
-def _private_file(path: Path) -> None:
-    """Create the journal file 0600 before SQLite does (SQLite copies its mode to -wal/-shm)."""
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    except FileExistsError:
-        return
-    os.close(fd)
+_INSERT_STEP_IF_NEW = (
+    f"INSERT OR IGNORE INTO steps ({', '.join(Step.COLUMNS)}) VALUES ({', '.join('?' * len(Step.COLUMNS))})"
+)
+_INSERT_RUN = f"INSERT INTO runs ({', '.join(Run.COLUMNS)}) VALUES ({', '.join('?' * len(Run.COLUMNS))})"
+_INSERT_BLOB = f"INSERT OR IGNORE INTO blobs ({', '.join(Blob.COLUMNS)}) VALUES ({', '.join('?' * len(Blob.COLUMNS))})"
 
 
 class Journal:
-    """An open journal. Thread-safe; hold one per process for speed.
+    """An open journal. Thread-safe; hold one per process for speed."""
 
-    >>> j = Journal("/tmp/demo/journal.db")  # doctest: +SKIP
-    >>> run_id = j.create_run(source_code={"train.py": "x = 1\\n"}, metric="loss", maximize=False)
-    >>> j.log_step(run_id, 1, metrics={"loss": 0.5})["parent_step"]
-    0
-    """
-
-    def __init__(self, path: str | os.PathLike[str] | None = None, *, replay_spill: bool = True):
-        self.path = Path(path) if path is not None else paths.journal_path()
+    def __init__(self, path: str | os.PathLike[str] | None = None, *, settings: Settings | None = None):
+        settings = settings or Settings.load()
+        self.path = Path(path) if path is not None else settings.journal_path
+        self.files = JournalFiles(self.path)
         self._lock = threading.RLock()
         self._texts: OrderedDict[str, tuple[bytes, int]] = OrderedDict()
         self._known_blobs: set[str] = set()
         try:
-            _private_dir(self.path.parent)
-            _private_file(self.path)
+            private_dir(self.path.parent)
+            private_file(self.path)
             self.conn = sqlite3.connect(
                 str(self.path),
-                timeout=busy_timeout(),
+                timeout=settings.busy_timeout,
                 isolation_level=None,
                 check_same_thread=False,
             )
@@ -113,17 +85,14 @@ class Journal:
             if not wal or version < SCHEMA_VERSION:
                 self._setup()
                 version = self.conn.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise JournalUnavailable(
-                    f"journal {self.path} has schema version {version}, newer than this "
-                    f"weco-observe understands ({SCHEMA_VERSION}): upgrade weco-observe"
-                )
         except (sqlite3.Error, OSError) as exc:
             raise JournalUnavailable(f"cannot open journal {self.path}: {exc}") from None
-        if replay_spill:
-            from . import spill
-
-            spill.replay(self)
+        if version > SCHEMA_VERSION:
+            self.conn.close()
+            raise JournalUnavailable(
+                f"journal {self.path} has schema version {version}, newer than this "
+                f"weco-observe understands ({SCHEMA_VERSION}): upgrade weco-observe"
+            )
 
     # -- plumbing -------------------------------------------------------------
 
@@ -135,18 +104,17 @@ class Journal:
         """
         import fcntl
 
-        with open(self.path.with_name(self.path.name + ".migrate-lock"), "a") as lock:
-            os.chmod(lock.name, 0o600)
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                if self.conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
-                    self.conn.execute("PRAGMA journal_mode=WAL")
-                if self.conn.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
-                    from . import migrations
+        fd = os.open(self.files.migrate_lock, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if self.conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                self.conn.execute("PRAGMA journal_mode=WAL")
+            if self.conn.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
+                from . import migrations
 
-                    migrations.apply(self.conn)
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+                migrations.apply(self.conn)
+        finally:
+            os.close(fd)  # closing drops the flock
 
     def close(self) -> None:
         with self._lock:
@@ -161,7 +129,8 @@ class Journal:
     @contextmanager
     def write(self) -> Iterator[sqlite3.Connection]:
         """One write transaction. Takes the write lock up front (``BEGIN IMMEDIATE``) so
-        concurrent writers queue on the busy timeout instead of failing to upgrade."""
+        concurrent writers queue on the busy timeout instead of failing to upgrade.
+        Any SQLite failure becomes JournalUnavailable (the caller spills or reports it)."""
         with self._lock:
             try:
                 self.conn.execute("BEGIN IMMEDIATE")
@@ -169,9 +138,11 @@ class Journal:
                 raise JournalUnavailable(f"cannot write journal {self.path}: {exc}") from None
             try:
                 yield self.conn
-            except BaseException:
+            except BaseException as exc:
                 self.conn.execute("ROLLBACK")
                 self._forget_uncommitted()
+                if isinstance(exc, sqlite3.Error):
+                    raise JournalUnavailable(f"cannot write journal {self.path}: {exc}") from None
                 raise
             try:
                 self.conn.execute("COMMIT")
@@ -185,14 +156,6 @@ class Journal:
         # The blob caches may name blobs inserted by the rolled-back transaction.
         self._known_blobs.clear()
         self._texts.clear()
-
-    @contextmanager
-    def _writing(self) -> Iterator[sqlite3.Connection]:
-        try:
-            with self.write() as conn:
-                yield conn
-        except sqlite3.Error as exc:
-            raise JournalUnavailable(f"cannot write journal {self.path}: {exc}") from None
 
     def query(self, sql: str, params: Any = ()) -> list[sqlite3.Row]:
         """Read rows as ``sqlite3.Row`` (mapping-like)."""
@@ -213,6 +176,10 @@ class Journal:
             if not rows:
                 return
             yield from rows
+
+    def schema_version(self) -> int:
+        with self._lock:
+            return self.conn.execute("PRAGMA user_version").fetchone()[0]
 
     # -- code blobs -----------------------------------------------------------
 
@@ -242,14 +209,15 @@ class Journal:
         with self._lock:
             return self._blob(digest)[0].decode("utf-8")
 
-    def read_code(self, manifest: Mapping[str, str] | None) -> dict[str, str]:
-        """Turn a manifest ``{path: hash}`` back into ``{path: text}``."""
-        return {path: self.read_blob(digest) for path, digest in (manifest or {}).items()}
+    def read_code(self, code: Mapping[str, str] | CodeRef | None) -> dict[str, str]:
+        """Turn a manifest ``{path: hash}`` (or a CodeRef) back into ``{path: text}``."""
+        manifest = code.manifest() if isinstance(code, CodeRef) else (code or {})
+        return {path: self.read_blob(digest) for path, digest in manifest.items()}
 
-    def _store_code(
-        self, conn: sqlite3.Connection, code: Mapping[str, str], base: Mapping[str, str] | None
-    ) -> dict[str, str]:
+    def store_code(self, conn: sqlite3.Connection, code: Mapping[str, str], base: CodeRef | None) -> CodeRef:
+        """Store each file's text (once per content), as a delta against the same path in ``base``."""
         manifest: dict[str, str] = {}
+        base_files = base.manifest() if base else {}
         for path, text in code.items():
             data = text.encode("utf-8")
             digest = codestore.text_hash(data)
@@ -257,7 +225,7 @@ class Journal:
             if digest in self._known_blobs:
                 continue
             if conn.execute("SELECT 1 FROM blobs WHERE hash = ?", (digest,)).fetchone() is None:
-                base_hash = (base or {}).get(path)
+                base_hash = base_files.get(path)
                 base_data, base_depth = None, 0
                 if base_hash:
                     try:
@@ -265,13 +233,15 @@ class Journal:
                     except KeyError:
                         base_hash = None
                 depth, prefix, suffix, payload = codestore.encode(data, base_data, base_depth)
-                conn.execute(
-                    "INSERT INTO blobs (hash, size, base, depth, prefix, suffix, data) VALUES (?,?,?,?,?,?,?)",
-                    (digest, len(data), base_hash if depth else None, depth, prefix, suffix, payload),
-                )
+                blob = Blob(digest, len(data), base_hash if depth else None, depth, prefix, suffix, payload)
+                conn.execute(_INSERT_BLOB, blob.to_row())
                 self._remember(digest, data, depth)
             self._known_blobs.add(digest)
-        return manifest
+        return CodeRef.from_manifest(manifest) or CodeRef(())
+
+    def put_blob(self, conn: sqlite3.Connection, blob: Blob) -> bool:
+        """Insert a blob as stored elsewhere (a bundle); True if it was new here."""
+        return conn.execute(_INSERT_BLOB, blob.to_row()).rowcount > 0
 
     # -- runs -----------------------------------------------------------------
 
@@ -298,6 +268,13 @@ class Journal:
             raise UnknownRun(f"no run {ref!r} in journal {self.path}: see `weco observe runs`")
         return run
 
+    def run(self, run_id: str) -> Run:
+        """The run record for a local id (KeyError if unknown)."""
+        rows = self.query("SELECT * FROM runs WHERE id = ?", (run_id,))
+        if not rows:
+            raise KeyError(run_id)
+        return Run.from_row(rows[0])
+
     def create_run(
         self,
         *,
@@ -310,75 +287,57 @@ class Journal:
         run_id: str | None = None,
         event_id: str | None = None,
     ) -> str:
-        """Record a new run with its baseline code as step 0 and queue its create; return the local id."""
+        """Record a new run with its baseline code as step 0 and queue its create; return the local id.
+
+        ``run_id`` and ``event_id`` may be given (made before the call, by the CLI or a
+        spill file): a call whose event is already journaled changes nothing.
+        """
         code, name, additional_instructions, meta = validate.check_run_args(
             source_code, metric, name, additional_instructions, metadata
         )
         run_id = run_id or ids.new_run_id()
         event_id = event_id or ids.ulid()
         now = time.time()
-        with self._writing() as conn:
-            if conn.execute("SELECT 1 FROM events WHERE id = ?", (event_id,)).fetchone():
+        run = Run(
+            id=run_id,
+            name=name,
+            metric=metric,
+            maximize=bool(maximize),
+            additional_instructions=additional_instructions,
+            metadata=meta or None,
+            created_at=now,
+            updated_at=now,
+        )
+        with self.write() as conn:
+            if outbox.known(conn, event_id):
                 return run_id
-            manifest = self._store_code(conn, code, None)
-            conn.execute(
-                "INSERT INTO runs (id, server_id, remote_only, name, metric, maximize,"
-                " additional_instructions, metadata, created_at, updated_at)"
-                " VALUES (?, NULL, 0, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    run_id,
-                    name,
-                    metric,
-                    int(bool(maximize)),
-                    additional_instructions,
-                    _dumps(meta) if meta else None,
-                    now,
-                    now,
-                ),
-            )
-            conn.execute(
-                "INSERT INTO steps (run_id, step, status, description, metrics, code, parent_step,"
-                " metadata, event_id, created_at, updated_at)"
-                " VALUES (?, 0, 'completed', NULL, NULL, ?, NULL, NULL, ?, ?, ?)",
-                (run_id, _dumps(manifest), event_id, now, now),
-            )
-            payload: dict[str, Any] = {
-                "source_code": manifest,
-                "metric_name": metric,
-                "maximize": bool(maximize),
-            }
-            if name is not None:
-                payload["name"] = name
-            if additional_instructions is not None:
-                payload["additional_instructions"] = additional_instructions
-            if meta:
-                payload["metadata"] = meta
-            conn.execute(
-                "INSERT INTO events (id, run_id, kind, step, payload, created_at)"
-                " VALUES (?, ?, 'create_run', NULL, ?, ?)",
-                (event_id, run_id, _dumps(payload), now),
-            )
+            manifest = self.store_code(conn, code, None)
+            conn.execute(_INSERT_RUN, run.to_row())
+            conn.execute(_UPSERT_STEP, Step.baseline(run_id, manifest, event_id=event_id, at=now).to_row())
+            outbox.enqueue(conn, Event.create(run, manifest, event_id=event_id))
         return run_id
 
-    def _run_for_log(self, conn: sqlite3.Connection, ref: str, now: float) -> tuple[str, str | None, bool]:
-        row = conn.execute(
-            "SELECT id, server_id, remote_only FROM runs WHERE id = ? OR server_id = ?", (ref, ref)
-        ).fetchone()
+    def _run_for_log(self, conn: sqlite3.Connection, ref: str, now: float) -> tuple[str, bool]:
+        """``(local run id, remote_only)`` for ``--run-id ref``; an unknown server id becomes a remote-only run."""
+        row = conn.execute("SELECT id, remote_only FROM runs WHERE id = ? OR server_id = ?", (ref, ref)).fetchone()
         if row is not None:
-            return row[0], row[1], bool(row[2])
+            return row[0], bool(row[1])
         if not ids.looks_like_server_id(ref):
             raise UnknownRun(
                 f"unknown --run-id {ref!r}: use the id printed by `weco observe init` "
                 "(or a Weco server run id); `weco observe runs` lists them"
             )
-        local = ids.new_run_id()
-        conn.execute(
-            "INSERT INTO runs (id, server_id, remote_only, created_at, updated_at) VALUES (?, ?, 1, ?, ?)",
-            (local, ref, now, now),
-        )
-        return local, ref, True
+        run = Run(id=ids.new_run_id(), server_id=ref, remote_only=True, created_at=now, updated_at=now)
+        conn.execute(_INSERT_RUN, run.to_row())
+        return run.id, True
 
     # -- steps ----------------------------------------------------------------
+
+    def _step(self, conn: sqlite3.Connection, run_id: str, step: int) -> Step | None:
+        cur = conn.execute("SELECT * FROM steps WHERE run_id = ? AND step = ?", (run_id, step))
+        cur.row_factory = sqlite3.Row
+        row = cur.fetchone()
+        return Step.from_row(row) if row is not None else None
 
     def log_step(
         self,
@@ -398,514 +357,122 @@ class Journal:
         ``run`` is a local id or a server id; an unknown server id becomes a
         remote-only run. Fields left as None keep the step's previous value when
         the step is logged again (the API's upsert does the same). Returns the
-        stored state: ``run_id``, ``step``, ``status``, ``parent_step``, ``event_id``.
+        stored state: ``run_id``, ``step``, ``status``, ``parent_step``, ``event_id``
+        and ``updated`` (the step existed before).
         """
         description, metrics, code, metadata = validate.check_step_args(
             step, status, description, metrics, code, parent_step, metadata
         )
         event_id = event_id or ids.ulid()
         now = time.time()
-        with self._writing() as conn:
-            if conn.execute("SELECT 1 FROM events WHERE id = ?", (event_id,)).fetchone():
-                existing = self.query("SELECT * FROM steps WHERE event_id = ?", (event_id,))
-                return _step_result(existing[0]) if existing else {"event_id": event_id}
-            run_id, _server_id, remote_only = self._run_for_log(conn, run, now)
-            prev = conn.execute(
-                "SELECT description, metrics, code, metadata, parent_step FROM steps WHERE run_id = ? AND step = ?",
-                (run_id, step),
-            ).fetchone()
-            if parent_step is not None:
-                known = conn.execute(
-                    "SELECT 1 FROM steps WHERE run_id = ? AND step = ?", (run_id, parent_step)
-                ).fetchone()
-                if known is None and not remote_only:
-                    raise InvalidInput(
-                        f"--parent-step {parent_step}: run {run} has no step {parent_step}; "
-                        "log that step first or pick an existing one"
-                    )
-                parent = parent_step
-            elif step == 0:
-                parent = None
-            elif prev is not None:
-                parent = prev[4]  # a re-log keeps the parent, like every field it leaves out
-            else:
-                # The last successful step below; the baseline when every later one failed.
-                row = conn.execute(
-                    "SELECT step FROM steps WHERE run_id = ? AND step < ?"
-                    " AND (status != 'failed' OR step = 0) ORDER BY step DESC LIMIT 1",
-                    (run_id, step),
-                ).fetchone()
-                parent = row[0] if row else None
-            prev_code = _loads(prev[2]) if prev else None
+        with self.write() as conn:
+            if outbox.known(conn, event_id):
+                row = conn.execute("SELECT run_id, step FROM steps WHERE event_id = ?", (event_id,)).fetchone()
+                done = self._step(conn, row[0], row[1]) if row else None
+                return _result(done, updated=False) if done else {"event_id": event_id}
+            run_id, remote_only = self._run_for_log(conn, run, now)
+            prev = self._step(conn, run_id, step)
+            parent = treerule.resolve(
+                step,
+                parent_step,
+                prev,
+                run=run,
+                remote_only=remote_only,
+                exists=lambda n: self._step_exists(conn, run_id, n),
+                last_kept_below=lambda n: self._last_kept_below(conn, run_id, n),
+            )
             manifest = None
             if code is not None:
-                base = prev_code
+                base = prev.code if prev is not None and prev.code else None
                 if base is None:
-                    # The delta base: the parent's code, or the nearest code below it. Walk the
-                    # primary key backwards; an ORDER BY on an expression would sort the whole run.
-                    base_row = conn.execute(
-                        "SELECT code FROM steps WHERE run_id = ? AND code IS NOT NULL"
-                        " AND step <= ? ORDER BY step DESC LIMIT 1",
-                        (run_id, step if parent is None else parent),
-                    ).fetchone()
-                    base = _loads(base_row[0]) if base_row else None
-                manifest = self._store_code(conn, code, base)
-            if prev is not None:
-                description = description if description is not None else prev[0]
-                metrics = metrics if metrics is not None else _loads(prev[1])
-                manifest = manifest if manifest is not None else prev_code
-                metadata = metadata if metadata is not None else _loads(prev[3])
-            payload: dict[str, Any] = {"step": step, "status": status}
-            if description is not None:
-                payload["description"] = description
-            if metrics:
-                payload["metrics"] = metrics
-            if manifest:
-                payload["code"] = manifest
-            if parent is not None:
-                payload["parent_step"] = parent
-            if metadata:
-                payload["metadata"] = metadata
-            conn.execute(
-                _UPSERT_STEP,
-                (
-                    run_id,
-                    step,
-                    status,
-                    description,
-                    _dumps(metrics) if metrics is not None else None,
-                    _dumps(manifest) if manifest is not None else None,
-                    parent,
-                    _dumps(metadata) if metadata is not None else None,
-                    event_id,
-                    now,
-                    now,
-                ),
-            )
-            conn.execute(
-                "INSERT INTO events (id, run_id, kind, step, payload, created_at) VALUES (?, ?, 'log_step', ?, ?, ?)",
-                (event_id, run_id, step, _dumps(payload), now),
-            )
+                    base = self._code_at_or_below(conn, run_id, step if parent is None else parent)
+                manifest = self.store_code(conn, code, base)
+            state = Step(
+                run_id=run_id,
+                step=step,
+                status=status,
+                description=description,
+                metrics=metrics,
+                code=manifest,
+                parent_step=parent,
+                metadata=metadata,
+                event_id=event_id,
+                created_at=now,
+                updated_at=now,
+            ).merged_with(prev)
+            conn.execute(_UPSERT_STEP, state.to_row())
+            outbox.enqueue(conn, Event.log(state))
             conn.execute("UPDATE runs SET updated_at = ? WHERE id = ?", (now, run_id))
-        return {"run_id": run_id, "step": step, "status": status, "parent_step": parent, "event_id": event_id}
+        return _result(state, updated=prev is not None)
 
-    # -- outbox (used by sync) ------------------------------------------------
+    @staticmethod
+    def _step_exists(conn: sqlite3.Connection, run_id: str, step: int) -> bool:
+        return conn.execute("SELECT 1 FROM steps WHERE run_id = ? AND step = ?", (run_id, step)).fetchone() is not None
 
-    def mark_failed(self, event_id: str, error: str, attempts: int = 1) -> None:
-        """A transient failure: the event stays pending with its attempt count and last error."""
-        with self._writing() as conn:
+    @staticmethod
+    def _last_kept_below(conn: sqlite3.Connection, run_id: str, step: int) -> int | None:
+        row = conn.execute(
+            "SELECT step FROM steps WHERE run_id = ? AND step < ?"
+            " AND (status != 'failed' OR step = 0) ORDER BY step DESC LIMIT 1",
+            (run_id, step),
+        ).fetchone()
+        return row[0] if row else None
+
+    @staticmethod
+    def _code_at_or_below(conn: sqlite3.Connection, run_id: str, step: int) -> CodeRef | None:
+        """The delta base: the nearest code at or below ``step``. Walks the primary key backwards;
+        an ORDER BY on an expression would sort the whole run."""
+        row = conn.execute(
+            "SELECT code FROM steps WHERE run_id = ? AND code IS NOT NULL AND step <= ? ORDER BY step DESC LIMIT 1",
+            (run_id, step),
+        ).fetchone()
+        return CodeRef.from_manifest(loads(row[0])) if row else None
+
+    # -- merges (bundles, cluster-mode segments): rows made elsewhere, matched by id ----
+
+    def insert_run(self, conn: sqlite3.Connection, run: Run) -> None:
+        conn.execute(_INSERT_RUN, run.to_row())
+
+    def upsert_step(self, conn: sqlite3.Connection, step: Step) -> bool:
+        """Store ``step`` unless this journal already holds the same or a newer state of it
+        (newer: a higher event id; ULIDs sort by time). Moves the run's last activity forward.
+        True if stored."""
+        row = conn.execute(
+            "SELECT event_id FROM steps WHERE run_id = ? AND step = ?", (step.run_id, step.step)
+        ).fetchone()
+        if row is not None and row[0] >= step.event_id:
+            return False
+        conn.execute(_UPSERT_STEP, step.to_row())
+        conn.execute("UPDATE runs SET updated_at = max(updated_at, ?) WHERE id = ?", (step.updated_at, step.run_id))
+        return True
+
+    def insert_baseline(self, conn: sqlite3.Connection, step: Step) -> None:
+        """Step 0 from a create, unless the run already has a step 0."""
+        conn.execute(_INSERT_STEP_IF_NEW, step.to_row())
+
+    def has_newer_step(self, conn: sqlite3.Connection, run_id: str, step: int, event_id: str) -> bool:
+        """True if the step's current state was set by an event newer than ``event_id``."""
+        return (
             conn.execute(
-                "UPDATE events SET attempts = attempts + ?, last_error = ? WHERE id = ?",
-                (attempts, error[:2000], event_id),
-            )
-
-    def mark_rejected(self, event_id: str, reason: str, attempts: int = 1) -> None:
-        """The API refused the event (a 4xx other than auth): keep it, with the reason."""
-        with self._writing() as conn:
-            conn.execute(
-                "UPDATE events SET state = 'rejected', attempts = attempts + ?, last_error = ? WHERE id = ?",
-                (attempts, reason[:2000], event_id),
-            )
-
-    def requeue_rejected(self, run_id: str | None = None) -> int:
-        """Make rejected events pending again (``sync --retry-rejected``); return how many."""
-        with self._writing() as conn:
-            if run_id is None:
-                cur = conn.execute("UPDATE events SET state = 'pending' WHERE state = 'rejected'")
-            else:
-                cur = conn.execute(
-                    "UPDATE events SET state = 'pending' WHERE state = 'rejected' AND run_id = ?", (run_id,)
-                )
-            return cur.rowcount
-
-    # -- outbox (used by sync): attempts, per-step delivery ---------------------
-    # A create is not idempotent on the server, so its attempt is committed
-    # *before* the request goes out: a sync killed mid-request leaves a marker
-    # that the next sync turns into a "possible duplicate" note.
-
-    IN_FLIGHT = "in flight: sent, no answer yet"
-    AMBIGUOUS = "ambiguous: "
-    POSSIBLE_DUPLICATE = "possible duplicate: "
-
-    def begin_create_attempt(self, event_id: str) -> bool:
-        """Count one attempt of a create before sending it; True if an earlier attempt may have been applied."""
-        with self._writing() as conn:
-            row = conn.execute("SELECT last_error FROM events WHERE id = ?", (event_id,)).fetchone()
-            last = (row[0] if row else None) or ""
-            earlier = last.startswith((self.IN_FLIGHT, self.AMBIGUOUS))
-            conn.execute(
-                "UPDATE events SET attempts = attempts + 1, last_error = ? WHERE id = ?",
-                (
-                    self.AMBIGUOUS + "an earlier attempt got no answer; " + self.IN_FLIGHT
-                    if earlier
-                    else self.IN_FLIGHT,
-                    event_id,
-                ),
-            )
-        return earlier
-
-    def mark_create_delivered(
-        self, event_id: str, run_id: str, server_id: str, possible_duplicate: bool = False
-    ) -> None:
-        """Store the server id and mark the create delivered in one transaction (the attempt is already counted).
-
-        After an ambiguous earlier attempt the server may hold a second run for
-        this local id; the note stays in ``last_error`` so ``sync`` can report it.
-        """
-        note = (
-            (
-                f"{self.POSSIBLE_DUPLICATE}an earlier attempt got no answer; the server may also hold a run"
-                f" whose metadata.weco_observe_local_id is {run_id}"
-            )
-            if possible_duplicate
-            else None
+                "SELECT 1 FROM steps WHERE run_id = ? AND step = ? AND event_id > ?", (run_id, step, event_id)
+            ).fetchone()
+            is not None
         )
-        with self._writing() as conn:
-            conn.execute("UPDATE runs SET server_id = ? WHERE id = ?", (server_id, run_id))
-            conn.execute(
-                "UPDATE events SET state = 'delivered', delivered_at = ?, last_error = ? WHERE id = ?",
-                (time.time(), note, event_id),
-            )
-
-    def mark_step_delivered(
-        self, event_id: str, run_id: str, step: int, seq: int, attempts: int = 1, from_seq: int = 0
-    ) -> int:
-        """A step's latest state was answered 2xx: mark it delivered and supersede the
-        older pending events of the same (run, step), which it replaced. Returns how many.
-
-        ``from_seq`` (the oldest pending event of the step, when the caller knows it)
-        bounds the scan: the events index is by (state, run, seq), not by step."""
-        return self.mark_steps_delivered([(event_id, run_id, step, seq, attempts, from_seq)])
-
-    def mark_steps_delivered(self, items: list[tuple[str, str, int, int, int, int]]) -> int:
-        """Group commit of :meth:`mark_step_delivered` for many steps, one transaction (one fsync).
-
-        Each item is ``(event_id, run_id, step, seq, attempts, from_seq)``. Sync
-        batches these: a crash before the commit only means those steps are sent
-        again, which the server's upsert makes harmless. Returns how many older
-        events were superseded."""
-        now = time.time()
-        superseded = 0
-        with self._writing() as conn:
-            for event_id, run_id, step, seq, attempts, from_seq in items:
-                conn.execute(
-                    "UPDATE events SET state = 'delivered', attempts = attempts + ?, delivered_at = ?,"
-                    " last_error = NULL WHERE id = ?",
-                    (attempts, now, event_id),
-                )
-                superseded += conn.execute(
-                    "UPDATE events SET state = 'superseded', delivered_at = ? WHERE state = 'pending'"
-                    " AND run_id = ? AND seq >= ? AND seq < ? AND step = ? AND kind = 'log_step'",
-                    (now, run_id, from_seq, seq, step),
-                ).rowcount
-        return superseded
-
-    def mark_superseded(self, event_id: str) -> None:
-        """A pending step event older than a state of its step that is already delivered: never send it."""
-        with self._writing() as conn:
-            conn.execute(
-                "UPDATE events SET state = 'superseded', delivered_at = ? WHERE id = ? AND state = 'pending'",
-                (time.time(), event_id),
-            )
 
     # -- reads ----------------------------------------------------------------
 
     def steps(self, run_id: str) -> list[dict[str, Any]]:
-        """Every step of a run (by local id), oldest step number first, JSON columns decoded."""
-        return [_step_row(row) for row in self.query("SELECT * FROM steps WHERE run_id = ? ORDER BY step", (run_id,))]
-
-    def counts(self) -> dict[str, int]:
-        """Totals for ``status``: runs, steps and events by state."""
-        out = {"runs": 0, "steps": 0, "pending": 0, "delivered": 0, "rejected": 0, "superseded": 0}
-        with self._lock:
-            out["runs"] = self.conn.execute("SELECT count(*) FROM runs").fetchone()[0]
-            out["steps"] = self.conn.execute("SELECT count(*) FROM steps").fetchone()[0]
-            for state, n in self.conn.execute("SELECT state, count(*) FROM events GROUP BY state"):
-                out[state] = n
-        return out
-
-    def problems(self, limit: int = 20) -> dict[str, Any]:
-        """For ``status``: rejected events with their reasons, and pending events that failed before.
-
-        Returns ``{"rejected": [{id, run_id, kind, step, last_error}, ...], "retrying": n,
-        "last_error": the newest failure's message or None, "possible_duplicates": [{run_id,
-        note}, ...]}`` (creates that may have made a second server run after a lost answer).
-        """
-        rejected = [
-            dict(row)
-            for row in self.query(
-                "SELECT id, run_id, kind, step, last_error FROM events WHERE state = 'rejected' ORDER BY seq LIMIT ?",
-                (limit,),
-            )
-        ]
-        with self._lock:
-            retrying = self.conn.execute(
-                "SELECT count(*) FROM events WHERE state = 'pending' AND attempts > 0"
-            ).fetchone()[0]
-            last = self.conn.execute(
-                "SELECT last_error FROM events WHERE state = 'pending' AND last_error IS NOT NULL"
-                " ORDER BY seq DESC LIMIT 1"
-            ).fetchone()
-            duplicates = [
-                {"run_id": run_id, "note": note}
-                for run_id, note in self.conn.execute(
-                    "SELECT run_id, last_error FROM events WHERE kind = 'create_run' AND state = 'delivered'"
-                    " AND last_error LIKE ? ORDER BY seq LIMIT ?",
-                    (self.POSSIBLE_DUPLICATE + "%", limit),
-                )
-            ]
-        return {
-            "rejected": rejected,
-            "retrying": retrying,
-            "last_error": last[0] if last else None,
-            "possible_duplicates": duplicates,
-        }
-
-    def schema_version(self) -> int:
-        with self._lock:
-            return self.conn.execute("PRAGMA user_version").fetchone()[0]
-
-    # -- bundles (issue 5: air-gapped transfer by file; see bundle.py) ---------
-
-    def record_bundle(self, bundle_id: str, path: str, max_seq: int, events: int, run_filter: str | None) -> None:
-        """Remember that every event up to ``max_seq`` (of ``run_filter``, or all runs) is in a bundle."""
-        with self._writing() as conn:
-            conn.execute(
-                "INSERT OR REPLACE INTO bundles (id, path, created_at, max_seq, events, run_filter)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                (bundle_id, path, time.time(), max_seq, events, run_filter),
-            )
-
-    def merge_bundle(
-        self,
-        bundle_id: str,
-        source: str,
-        runs: list[dict[str, Any]],
-        blobs: Iterator[dict[str, Any]],
-        steps: Iterator[dict[str, Any]],
-        events: Iterator[dict[str, Any]],
-        batch: int = 2000,
-    ) -> dict[str, Any]:
-        """Merge a verified bundle idempotently by id; return what changed.
-
-        Runs match by local id, then by server id (two boxes that logged to the
-        same server run share it). A bundle's server id is adopted only by a run
-        that has none here. A step row replaces ours only if its event id is
-        newer. A new event arrives ``pending`` unless the bundle says the server
-        already has it on the same server run (then it keeps ``delivered`` /
-        ``superseded``), or a newer state of its step is already here
-        (``superseded``).
-
-        Written in transactions of ``batch`` rows, so loggers wait at most one
-        batch (not a whole 100k-event bundle) for the lock; steps before events,
-        so a step's newest state is known before its events are queued. An
-        interrupted merge is finished by importing the bundle again: the import
-        is recorded only at the end, and every row merges by id.
-        """
-        out: dict[str, Any] = {
-            "bundle_id": bundle_id,
-            "already_imported": False,
-            "runs_new": 0,
-            "runs_known": 0,
-            "server_ids_adopted": 0,
-            "blobs_new": 0,
-            "steps_updated": 0,
-            "events_new": 0,
-            "events_known": 0,
-            "events_pending": 0,
-            "conflicts": [],
-        }
-        with self._writing() as conn:
-            if conn.execute("SELECT 1 FROM imports WHERE bundle_id = ?", (bundle_id,)).fetchone():
-                out["already_imported"] = True
-                return out
-            mapping, same_server = self._merge_runs(conn, runs, out)
-        for rows, merge in ((blobs, self._merge_blobs), (steps, self._merge_steps), (events, self._merge_events)):
-            chunk: list[dict[str, Any]] = []
-            for row in rows:
-                chunk.append(row)
-                if len(chunk) >= batch:
-                    with self._writing() as conn:
-                        merge(conn, chunk, mapping, same_server, out)
-                    chunk = []
-            if chunk:
-                with self._writing() as conn:
-                    merge(conn, chunk, mapping, same_server, out)
-        with self._writing() as conn:
-            conn.execute(
-                "INSERT OR IGNORE INTO imports (bundle_id, source, imported_at, events) VALUES (?, ?, ?, ?)",
-                (bundle_id, source, time.time(), out["events_new"]),
-            )
-        return out
-
-    def _merge_runs(
-        self, conn: sqlite3.Connection, runs: list[dict[str, Any]], out: dict[str, Any]
-    ) -> tuple[dict[str, str], dict[str, bool]]:
-        """Insert or match each run; return (bundle run id -> local run id, local id -> same server run)."""
-        now = time.time()
-        mapping: dict[str, str] = {}
-        same_server: dict[str, bool] = {}
-        for run in runs:
-            rid, sid = run["id"], run.get("server_id")
-            row = conn.execute("SELECT id, server_id FROM runs WHERE id = ?", (rid,)).fetchone()
-            if row is None and sid:
-                row = conn.execute("SELECT id, server_id FROM runs WHERE server_id = ?", (sid,)).fetchone()
-            if row is None:
-                conn.execute(
-                    "INSERT INTO runs (id, server_id, remote_only, name, metric, maximize,"
-                    " additional_instructions, metadata, created_at, updated_at)"
-                    " VALUES (?,?,?,?,?,?,?,?,?,?)",
-                    (
-                        rid,
-                        sid,
-                        int(bool(run.get("remote_only"))),
-                        run.get("name"),
-                        run.get("metric"),
-                        run.get("maximize"),
-                        run.get("additional_instructions"),
-                        _dumps(run["metadata"]) if run.get("metadata") is not None else None,
-                        run.get("created_at") or now,
-                        run.get("updated_at") or now,
-                    ),
-                )
-                mapping[rid], same_server[rid] = rid, bool(sid)
-                out["runs_new"] += 1
-                continue
-            local, local_sid = row
-            mapping[rid] = local
-            out["runs_known"] += 1
-            if sid and local_sid is None:
-                if conn.execute("SELECT 1 FROM runs WHERE server_id = ?", (sid,)).fetchone():
-                    out["conflicts"].append(f"run {rid}: server id {sid} already belongs to another run here")
-                else:
-                    conn.execute("UPDATE runs SET server_id = ? WHERE id = ?", (sid, local))
-                    local_sid = sid
-                    out["server_ids_adopted"] += 1
-            elif sid and local_sid != sid:
-                out["conflicts"].append(
-                    f"run {rid}: the bundle's box synced it as {sid}, this box as {local_sid}; "
-                    f"new steps go to {local_sid}"
-                )
-            same_server[local] = bool(sid) and local_sid == sid
-        return mapping, same_server
-
-    def _merge_blobs(
-        self,
-        conn: sqlite3.Connection,
-        blobs: list[dict[str, Any]],
-        mapping: dict[str, str],
-        same_server: dict[str, bool],
-        out: dict[str, Any],
-    ) -> None:
-        for blob in blobs:
-            cur = conn.execute(
-                "INSERT OR IGNORE INTO blobs (hash, size, base, depth, prefix, suffix, data) VALUES (?,?,?,?,?,?,?)",
-                (blob["hash"], blob["size"], blob["base"], blob["depth"], blob["prefix"], blob["suffix"], blob["data"]),
-            )
-            out["blobs_new"] += cur.rowcount
-
-    def _merge_steps(
-        self,
-        conn: sqlite3.Connection,
-        steps: list[dict[str, Any]],
-        mapping: dict[str, str],
-        same_server: dict[str, bool],
-        out: dict[str, Any],
-    ) -> None:
-        now = time.time()
-        for step in steps:
-            run_id = mapping[step["run_id"]]
-            row = conn.execute(
-                "SELECT event_id FROM steps WHERE run_id = ? AND step = ?", (run_id, step["step"])
-            ).fetchone()
-            if row is not None and row[0] >= step["event_id"]:
-                continue
-            conn.execute(
-                _UPSERT_STEP,
-                (
-                    run_id,
-                    step["step"],
-                    step["status"],
-                    step.get("description"),
-                    *(_dumps(step[k]) if step.get(k) is not None else None for k in ("metrics", "code")),
-                    step.get("parent_step"),
-                    _dumps(step["metadata"]) if step.get("metadata") is not None else None,
-                    step["event_id"],
-                    step.get("created_at") or now,
-                    step.get("updated_at") or now,
-                ),
-            )
-            # The run's last activity is its newest step's, wherever that step was logged.
-            conn.execute(
-                "UPDATE runs SET updated_at = max(updated_at, ?) WHERE id = ?",
-                (step.get("updated_at") or now, run_id),
-            )
-            out["steps_updated"] += 1
-
-    def _merge_events(
-        self,
-        conn: sqlite3.Connection,
-        events: list[dict[str, Any]],
-        mapping: dict[str, str],
-        same_server: dict[str, bool],
-        out: dict[str, Any],
-    ) -> None:
-        now = time.time()
-        for event in events:
-            run_id = mapping[event["run_id"]]
-            carried = event["state"] in ("delivered", "superseded") and same_server.get(run_id, False)
-            row = conn.execute("SELECT state FROM events WHERE id = ?", (event["id"],)).fetchone()
-            if row is not None:
-                if carried and row[0] == "pending":
-                    conn.execute(
-                        "UPDATE events SET state = ?, delivered_at = ? WHERE id = ?", (event["state"], now, event["id"])
-                    )
-                out["events_known"] += 1
-                continue
-            state = event["state"] if carried else "pending"
-            if state == "pending" and event["kind"] == "log_step":
-                newer = conn.execute(
-                    "SELECT 1 FROM steps WHERE run_id = ? AND step = ? AND event_id > ?",
-                    (run_id, event["step"], event["id"]),
-                ).fetchone()
-                state = "superseded" if newer else state
-            conn.execute(
-                "INSERT INTO events (id, run_id, kind, step, payload, state, created_at, delivered_at)"
-                " VALUES (?,?,?,?,?,?,?,?)",
-                (
-                    event["id"],
-                    run_id,
-                    event["kind"],
-                    event["step"],
-                    _dumps(event["payload"]),
-                    state,
-                    event.get("created_at") or now,
-                    None if state == "pending" else now,
-                ),
-            )
-            if event["kind"] == "create_run":
-                # A bundle that carries a create but not step 0's row still gets its baseline.
-                conn.execute(
-                    "INSERT OR IGNORE INTO steps (run_id, step, status, code, event_id, created_at, updated_at)"
-                    " VALUES (?, 0, 'completed', ?, ?, ?, ?)",
-                    (run_id, _dumps(event["payload"]["source_code"]), event["id"], now, now),
-                )
-            out["events_new"] += 1
-            out["events_pending"] += state == "pending"
+        """Every step of a run (by local id) as documents (``Step.to_doc``), oldest step number first."""
+        rows = self.query("SELECT * FROM steps WHERE run_id = ? ORDER BY step", (run_id,))
+        return [Step.from_row(row).to_doc() for row in rows]
 
 
-def _step_row(row: sqlite3.Row) -> dict[str, Any]:
-    out = dict(row)
-    for key in ("metrics", "code", "metadata"):
-        out[key] = _loads(out[key])
-    return out
-
-
-def _step_result(row: sqlite3.Row) -> dict[str, Any]:
+def _result(step: Step, *, updated: bool) -> dict[str, Any]:
     return {
-        "run_id": row["run_id"],
-        "step": row["step"],
-        "status": row["status"],
-        "parent_step": row["parent_step"],
-        "event_id": row["event_id"],
+        "run_id": step.run_id,
+        "step": step.step,
+        "status": step.status,
+        "parent_step": step.parent_step,
+        "event_id": step.event_id,
+        "updated": updated,
     }

@@ -19,7 +19,8 @@ The model (see README "Where data lives"):
   previous version of that file, chains capped in depth.
 - ``events``: the outbox. One row per ``init`` (``create_run``) and per ``log``
   (``log_step``), holding the request body as it will be sent (code as blob
-  hashes), its delivery state and attempts. Nothing is ever deleted.
+  hashes), its delivery state and attempts (``outbox.py`` owns the states and
+  every transition). Nothing is ever deleted.
 - ``bundles``: what was written to which bundle file, for incremental bundles.
 """
 
@@ -112,6 +113,81 @@ def m002_bundles(db: Database) -> None:
         );
         """
     )
+
+
+@migrations()
+def m003_outbox_states(db: Database) -> None:
+    """The outbox's delivery states become real column values (they were free text in ``last_error``).
+
+    0.1.0 kept three states as prefixes of ``last_error``: a create sent with no
+    answer yet ("in flight: ..."), a create whose attempt got no answer and that
+    waits to be sent again ("ambiguous: ..."), and a create delivered after such an
+    attempt ("possible duplicate: ..."). They become the states ``in_flight``,
+    ``ambiguous`` and ``possible_duplicate``, with ``unanswered`` counting the
+    attempts that may have been applied without an answer; ``discarded`` is new
+    (rejected events the user gave up on, kept). SQLite cannot change a CHECK
+    constraint in place, so the table is rebuilt; every row keeps its ``seq``.
+    """
+    db.execute(
+        """
+        CREATE TABLE events_m003 (
+            seq INTEGER PRIMARY KEY,
+            id TEXT NOT NULL UNIQUE,
+            run_id TEXT NOT NULL REFERENCES runs(id),
+            kind TEXT NOT NULL CHECK (kind IN ('create_run', 'log_step')),
+            step INTEGER,
+            payload TEXT NOT NULL,
+            state TEXT NOT NULL DEFAULT 'pending' CHECK (state IN ('pending', 'in_flight', 'ambiguous',
+                'delivered', 'possible_duplicate', 'rejected', 'superseded', 'discarded')),
+            attempts INTEGER NOT NULL DEFAULT 0,
+            unanswered INTEGER NOT NULL DEFAULT 0,
+            last_error TEXT,
+            created_at REAL NOT NULL,
+            delivered_at REAL
+        )
+        """
+    )
+    in_flight = "in flight: sent, no answer yet"
+    ambiguous = "ambiguous: "
+    duplicate = "possible duplicate: "
+    db.execute(
+        """
+        INSERT INTO events_m003 (seq, id, run_id, kind, step, payload, state, attempts, unanswered,
+                                 last_error, created_at, delivered_at)
+        SELECT seq, id, run_id, kind, step, payload,
+            CASE
+                WHEN state = 'pending' AND last_error = :in_flight THEN 'in_flight'
+                WHEN state = 'pending' AND substr(last_error, 1, length(:ambiguous)) = :ambiguous
+                     AND substr(last_error, -length(:in_flight)) = :in_flight THEN 'in_flight'
+                WHEN state = 'pending' AND substr(last_error, 1, length(:ambiguous)) = :ambiguous THEN 'ambiguous'
+                WHEN state = 'delivered' AND substr(last_error, 1, length(:duplicate)) = :duplicate
+                     THEN 'possible_duplicate'
+                ELSE state
+            END,
+            attempts,
+            CASE
+                WHEN substr(last_error, 1, length(:ambiguous)) = :ambiguous THEN 1
+                WHEN state = 'delivered' AND substr(last_error, 1, length(:duplicate)) = :duplicate THEN 1
+                ELSE 0
+            END,
+            CASE
+                WHEN last_error = :in_flight THEN NULL
+                WHEN substr(last_error, 1, length(:ambiguous)) = :ambiguous
+                     AND substr(last_error, -length(:in_flight)) = :in_flight THEN NULL
+                WHEN substr(last_error, 1, length(:ambiguous)) = :ambiguous
+                     THEN substr(last_error, length(:ambiguous) + 1)
+                WHEN state = 'delivered' AND substr(last_error, 1, length(:duplicate)) = :duplicate THEN NULL
+                ELSE last_error
+            END,
+            created_at, delivered_at
+        FROM events ORDER BY seq
+        """,
+        {"in_flight": in_flight, "ambiguous": ambiguous, "duplicate": duplicate},
+    )
+    db.execute("DROP TABLE events")
+    db.execute("ALTER TABLE events_m003 RENAME TO events")
+    db.execute("CREATE INDEX events_by_state ON events (state, run_id, seq)")
+    db.execute("CREATE INDEX events_by_run ON events (run_id, seq)")
 
 
 SCHEMA_VERSION = len(migrations._migrations)

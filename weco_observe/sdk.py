@@ -21,7 +21,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from . import autosync, ids, paths, spill
+from . import background, ids, spill
+from .settings import Settings
 from .errors import InvalidInput, JournalUnavailable
 from .journal import Journal
 
@@ -47,7 +48,7 @@ class WecoObserver:
         strict: bool = False,
     ):
         self._api_key = api_key
-        self._path = Path(journal_path) if journal_path is not None else paths.journal_path()
+        self._path = Path(journal_path) if journal_path is not None else Settings.load().journal_path
         self.strict = strict
         self._journal: Journal | None = None
         self._lock = threading.Lock()
@@ -59,9 +60,16 @@ class WecoObserver:
         return self._path
 
     def _open(self) -> Journal:
+        """The journal, opened once; the first open replays calls spilled while it could not be written."""
         with self._lock:
             if self._journal is None:
-                self._journal = Journal(self._path)
+                journal = Journal(self._path)
+                try:
+                    spill.replay(journal)
+                except BaseException:
+                    journal.close()
+                    raise
+                self._journal = journal
             return self._journal
 
     def _warn(self, message: str, stacklevel: int = 4) -> None:
@@ -70,7 +78,8 @@ class WecoObserver:
     def _record(self, op: str, kwargs: dict[str, Any]) -> Any:
         """Run one journal write; on bad input warn (or raise), on an unavailable journal spill."""
         try:
-            result = getattr(self._open(), op)(**kwargs)
+            journal = self._open()
+            result = journal.create_run(**kwargs) if op == "create_run" else journal.log_step(**kwargs)
         except InvalidInput as exc:
             if self.strict:
                 raise
@@ -95,7 +104,7 @@ class WecoObserver:
                 raise JournalUnavailable(message) from None
             self._warn(message)
             return kwargs
-        autosync.trigger(self._path, self._api_key)
+        background.trigger(self._path, self._api_key)
         return result
 
     # -- API ------------------------------------------------------------------
@@ -155,9 +164,9 @@ class WecoObserver:
 
     def flush(self, timeout: float | None = 30.0) -> bool:
         """Wait until every pending event is delivered (or ``timeout`` passes); True if none remain."""
-        from . import sync
+        from . import replay
 
-        return sync.flush(self._path, timeout=timeout, api_key=self._api_key)
+        return replay.flush(self._path, timeout=timeout, api_key=self._api_key)
 
     def close(self) -> None:
         with self._lock:

@@ -146,7 +146,7 @@ class UIServer(ThreadingHTTPServer):
 
 def make_server(host: str = "127.0.0.1", port: int = DEFAULT_PORT, journal_path: str | Path | None = None) -> UIServer:
     """Open the journal (read-only use, no spill replay) and bind the server; call ``serve_forever()``."""
-    journal = Journal(journal_path, replay_spill=False)
+    journal = Journal(journal_path)
     try:
         server = UIServer(journal, host, port)
     except OSError as exc:

@@ -133,6 +133,15 @@ def check_code(code: Any, flag: str = "code") -> dict[str, str]:
     return dict(code)
 
 
+def is_encodable(text: str) -> bool:
+    """False for text that cannot be stored as UTF-8 (lone surrogates, from a bad terminal or file name)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def check_text(value: Any, name: str) -> str | None:
     if value is None:
         return None

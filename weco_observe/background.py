@@ -1,0 +1,185 @@
+"""The background syncer: started after a write, it drains the outbox and exits.
+
+**The trigger** (:func:`trigger`, after every successful ``init``/``log``/``log_step``):
+when auto-sync is on and a key is configured, it starts a detached syncer
+(``python -m weco_observe.background JOURNAL``) unless one already holds the
+journal's sync lock or a cooldown is set. The caller never waits for it: the
+check is a ``stat`` and a non-blocking ``flock`` (tens of microseconds), and the
+start is one ``posix_spawn`` (about 0.3 ms) into a new session, with stdin from
+/dev/null and all output appended to ``autosync.log``, never to the user's
+terminal. An SDK-given ``api_key`` reaches the child through its environment
+(``WECO_API_KEY``), never through a file or its command line.
+
+**The process** (:func:`run`): it takes the sync lock without waiting (another
+syncer running means there is nothing to do), drains with
+``DrainPolicy.background`` (linger briefly for new events; back off 1, 2, 4 ...
+s while the API fails and give up after ``sync_give_up`` seconds), then exits.
+Giving up sets a cooldown; a refused key sets a longer one. It gives way at
+once when a foreground ``sync``/``flush`` asks. No lost wake-ups: after
+releasing the lock it looks once more for events newer than the last it saw;
+one journaled after that look finds the lock free, and its write starts a new
+syncer.
+
+Only the standard library is imported at module level: the trigger runs on the ``log`` hot path.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from . import synclock
+from .files import JournalFiles
+from .settings import Settings
+
+__all__ = ["run", "spawn", "trigger"]
+
+#: how long no new syncer is started after giving up (unreachable) or after a refused key
+COOLDOWN_UNREACHABLE = 30.0
+COOLDOWN_AUTH = 300.0
+
+#: Children started by this process, reaped without blocking on the next trigger.
+_children: list[int] = []
+
+
+def _reap() -> None:
+    for pid in list(_children):
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            done = pid
+        if done:
+            _children.remove(pid)
+
+
+def spawn(journal_path: Path, api_key: str | None = None) -> int:
+    """Start a detached background syncer for ``journal_path``; return its pid."""
+    journal_path = Path(journal_path)
+    env = dict(os.environ)
+    if api_key:
+        env["WECO_API_KEY"] = api_key
+    log = str(JournalFiles(journal_path).autosync_log)
+    actions = [
+        (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+        (os.POSIX_SPAWN_OPEN, 1, log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600),
+        (os.POSIX_SPAWN_DUP2, 1, 2),
+    ]
+    argv = [sys.executable, "-m", "weco_observe.background", str(journal_path)]
+    pid = os.posix_spawn(sys.executable, argv, env, file_actions=actions, setsid=True)
+    _children.append(pid)
+    return pid
+
+
+def trigger(journal_path: Path, api_key: str | None = None, settings: Settings | None = None) -> None:
+    """Start a background syncer for ``journal_path`` if one is needed. Never raises."""
+    try:
+        if _children:
+            _reap()
+        settings = settings or Settings.load()
+        if not settings.auto_sync_active(api_key):
+            return
+        if synclock.in_cooldown(journal_path) or synclock.running(journal_path):
+            return
+        spawn(Path(journal_path), api_key)
+    except Exception:  # auto-sync is best effort: the step is journaled, `sync` will send it
+        return
+
+
+# -- the process ---------------------------------------------------------------------
+
+
+def _log(message: str) -> None:
+    print(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} pid {os.getpid()} {message}", flush=True)
+
+
+def run(journal_path: Path, settings: Settings | None = None) -> int:
+    """Drain, linger, exit. Returns 0, or the exit code of the last pass when it gave up."""
+    from . import outbox
+    from .api import WecoClient
+    from .errors import ApiError, WecoObserveError
+    from .journal import Journal
+    from .replay import DrainPolicy, PassResult, drain
+
+    settings = settings or Settings.load()
+    stopping = False
+
+    def stop(signum: int, frame: Any) -> None:  # SIGTERM: finish the request in flight, then exit
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    lock = synclock.SyncLock(journal_path)
+    if not lock.try_acquire("background"):
+        return 0
+    try:
+        client = WecoClient()
+    except (ApiError, WecoObserveError) as exc:
+        _log(f"not syncing: {exc}")
+        lock.release()
+        return exc.exit_code
+    journal = Journal(journal_path, settings=settings)
+
+    def should_stop() -> bool:
+        return stopping or lock.yield_requested()
+
+    def on_pass(result: PassResult) -> None:
+        _log(
+            f"delivered {result.delivered}, rejected {result.rejected}, "
+            f"pending {result.pending} in {result.elapsed:.2f}s"
+            + (f"; last error: {result.last_error}" if result.pending and result.last_error else "")
+        )
+
+    policy = DrainPolicy.background(settings.sync_linger, settings.sync_give_up)
+    code = 0
+    try:
+        while True:
+            done = drain(journal, client, policy, should_stop=should_stop, on_pass=on_pass)
+            code = done.total.exit_code
+            if done.reason == "auth":
+                _log(f"stopping: {done.total.last_error}")
+                synclock.set_cooldown(journal_path, COOLDOWN_AUTH)
+                return code
+            if done.reason == "gave_up":
+                _log(f"giving up for now with {done.total.pending} pending: {done.total.last_error}")
+                synclock.set_cooldown(journal_path, COOLDOWN_UNREACHABLE)
+                return code
+            if done.reason == "stopped":
+                _log("gave way to a foreground sync" if lock.yield_requested() else "stopped by a signal")
+                return code
+            if done.total.delivered or not done.total.pending:
+                synclock.set_cooldown(journal_path, 0)
+            lock.release()
+            if outbox.count_unsent(journal, after_seq=done.seen) == 0:
+                return code
+            if not lock.try_acquire("background"):
+                return code  # whoever holds it now sends them
+    finally:
+        lock.release()
+        client.close()
+        journal.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m weco_observe.background JOURNAL_PATH", file=sys.stderr)
+        return 2
+    try:
+        if os.fstat(1).st_size > 5_000_000:  # keep autosync.log bounded
+            os.ftruncate(1, 0)
+    except OSError:
+        pass
+    try:
+        return run(Path(args[0]))
+    except Exception as exc:  # the log file is the only place anyone will look
+        _log(f"crashed: {type(exc).__name__}: {exc}")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,851 @@
+"""The replay engine: unsent outbox events -> the Weco API -> delivered, rejected or still unsent.
+
+One *pass* (:meth:`Replayer.run_pass`) works like this:
+
+- Runs go in parallel (``workers`` threads, one keep-alive pool); the events of
+  one run go in order, oldest first.
+- A run's create goes first. Its server id is stored in the same transaction
+  that marks the create delivered. A create is not idempotent on the server, so
+  its attempt is committed *before* the request is sent (``outbox.begin_create``):
+  if the answer never comes (timeout, dropped connection, a kill -9), the next
+  attempt knows, and a delivered create is then flagged as a possible duplicate.
+  The local run id travels in the create's metadata (``weco_observe_local_id``)
+  so a duplicate can be traced on the server.
+- Then its steps, addressed by the server id. Every event of a step carries
+  the step's full state, so when a step was logged several times only its
+  latest event is sent and the older ones become ``superseded``. The parent
+  resolved at log time is always sent as ``parent_step``, so the server's tree
+  equals the local tree whatever the order of arrival; several steps of a run
+  are in flight at once (``step_window``).
+- Retries (tenacity): exponential backoff with jitter, ``Retry-After`` honoured
+  up to ``max_retry_after``, at most ``attempts`` tries per event per pass. An
+  event that still fails stays unsent with its attempt count and last error,
+  and the rest of its run waits for the next pass (order is kept). When no
+  connection can be opened at all the whole pass stops after a few quick tries,
+  so an offline ``sync`` fails in seconds.
+- A 401/403 stops the pass and changes nothing. Any other 4xx marks the event
+  ``rejected`` with the server's ``detail``: a rejected create blocks only its
+  own run, a rejected step blocks nothing. An event whose code or payload is
+  damaged in this journal is rejected too ("damaged locally"), and the rest
+  is delivered. Nothing is ever deleted.
+
+Every state change goes through ``outbox.py``; this module holds no SQL.
+
+:func:`drain` is the one loop around passes ("send, then wait for new events,
+backing off while the API fails") that serves ``sync``, ``sync --watch``, the
+background syncer and ``WecoObserver.flush()``, each with its own
+:class:`DrainPolicy`.
+
+Events are streamed page by page (never all loaded): a 100,000-event outbox
+syncs in bounded memory.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+import zlib
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import outbox
+from .errors import ApiAuthFailed, ApiError, ApiRejected
+from .journal import Journal
+from .records import Event, wire_body
+from .settings import Settings
+
+__all__ = ["DrainPolicy", "PassResult", "Replayer", "RunSummary", "drain", "plan", "sync"]
+
+PAGE = 500
+#: the error an event gets when this journal cannot build its request (a damaged blob or payload)
+DAMAGED = "damaged locally: run `weco observe doctor --repair`"
+_DAMAGE = (KeyError, ValueError, UnicodeDecodeError, zlib.error, TypeError)
+
+
+@dataclass
+class RunSummary:
+    """One run after a pass (counts are over all of its events, not only this pass)."""
+
+    run_id: str
+    name: str | None
+    server_id: str | None
+    delivered: int = 0
+    pending: int = 0
+    rejected: int = 0
+    superseded: int = 0
+    discarded: int = 0
+    possible_duplicate: bool = False
+    dashboard: str | None = None
+    blocked: str | None = None
+
+
+@dataclass
+class PassResult:
+    """What a pass (or a whole ``sync``) did, and what is left."""
+
+    sent: int = 0
+    delivered: int = 0
+    superseded: int = 0
+    rejected: int = 0
+    failed: int = 0
+    pending: int = 0
+    rejected_total: int = 0
+    possible_duplicates: int = 0
+    auth_failed: bool = False
+    unreachable: bool = False
+    last_error: str | None = None
+    elapsed: float = 0.0
+    runs: list[RunSummary] = field(default_factory=list)
+    #: what each ``sync --bundle FILE`` import merged before sending
+    imports: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        from .errors import EXIT_AUTH, EXIT_OK, EXIT_PENDING, EXIT_REJECTED
+
+        if self.auth_failed:
+            return EXIT_AUTH
+        if self.pending:
+            return EXIT_PENDING
+        if self.rejected_total:
+            return EXIT_REJECTED
+        return EXIT_OK
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["exit_code"] = self.exit_code
+        return out
+
+    def add(self, one: PassResult) -> None:
+        """Fold a later pass into this running total (its leftovers are the latest word)."""
+        for key in ("sent", "delivered", "superseded", "rejected", "failed"):
+            setattr(self, key, getattr(self, key) + getattr(one, key))
+        self.pending = one.pending
+        self.rejected_total = one.rejected_total
+        self.auth_failed = self.auth_failed or one.auth_failed
+        self.unreachable = one.unreachable
+        self.last_error = one.last_error or self.last_error
+        known = {r.run_id: r for r in self.runs}
+        for r in one.runs:
+            known[r.run_id] = r
+        self.runs = list(known.values())
+        self.possible_duplicates = sum(1 for r in self.runs if r.possible_duplicate)
+
+
+class _Halt(Exception):
+    """The pass was told to stop (auth failure, unreachable API, deadline, signal)."""
+
+
+class Replayer:
+    """Replays one journal's outbox through one API client.
+
+    ``sleep`` is injectable so tests can record the waits; by default it is an
+    interruptible wait on the halt flag, so a stop request is honoured at once.
+    """
+
+    def __init__(
+        self,
+        journal: Journal,
+        client: Any,
+        *,
+        workers: int = 8,
+        attempts: int = 5,
+        unreachable_attempts: int = 3,
+        initial_wait: float = 0.25,
+        max_wait: float = 8.0,
+        max_retry_after: float = 30.0,
+        sleep: Callable[[float], Any] | None = None,
+        deadline: float | None = None,
+        progress: Callable[[int], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+        batch_size: int = 200,
+        batch_age: float = 0.2,
+        step_window: int | None = None,
+        dashboard_url: str | None = None,
+    ):
+        self.journal = journal
+        self.client = client
+        self.workers = max(1, workers)
+        #: steps of one run in flight at once (they carry explicit parents); default: ``workers``
+        self.step_window = max(1, step_window if step_window is not None else workers)
+        self._step_pool: ThreadPoolExecutor | None = None
+        self.attempts = max(1, attempts)
+        self.unreachable_attempts = max(1, unreachable_attempts)
+        self.initial_wait = initial_wait
+        self.max_wait = max_wait
+        self.max_retry_after = max_retry_after
+        self.deadline = deadline
+        self.progress = progress
+        self.should_stop = should_stop
+        self.dashboard_url = dashboard_url
+        self._halt = threading.Event()
+        self.batch_size = batch_size
+        self.batch_age = batch_age
+        self._marks: list[tuple[str, str, int, int, int, int]] = []
+        self._marks_lock = threading.Lock()
+        self._marks_since = 0.0
+        self._sleep = sleep or self._interruptible_sleep
+        self._lock = threading.Lock()
+        self._result = PassResult()
+
+    # -- retry policy -----------------------------------------------------------
+
+    def _interruptible_sleep(self, seconds: float) -> None:
+        self._halt.wait(seconds)
+
+    def _wait(self, state: Any) -> float:
+        # exponential backoff with full jitter on top: initial * 2^(n-1), capped, + U(0, initial)
+        base = min(self.max_wait, self.initial_wait * 2 ** (state.attempt_number - 1))
+        base += random.uniform(0, self.initial_wait)
+        exc = state.outcome.exception()
+        retry_after = getattr(exc, "retry_after", None)
+        if retry_after:
+            return min(max(base, retry_after), self.max_retry_after)
+        return base
+
+    def _stop(self, state: Any) -> bool:
+        from . import api
+
+        if self._halted():
+            return True
+        if state.attempt_number >= self.attempts:
+            return True
+        exc = state.outcome.exception()
+        if api.is_unreachable(exc) and state.attempt_number >= self.unreachable_attempts:
+            return True
+        if self.deadline is not None and time.monotonic() + self._wait(state) > self.deadline:
+            return True
+        return False
+
+    def _halted(self) -> bool:
+        if not self._halt.is_set() and self.should_stop is not None and self.should_stop():
+            self._halt.set()
+        return self._halt.is_set()
+
+    def call(self, fn: Callable[[], Any]) -> tuple[Any, int]:
+        """Call ``fn`` with the retry policy; return ``(result, attempts)`` or raise the last error
+        (with ``attempts`` set on it)."""
+        import tenacity
+
+        from . import api
+
+        attempts = 0
+
+        def attempt() -> Any:
+            nonlocal attempts
+            if self._halted():
+                raise _Halt()
+            attempts += 1
+            return fn()
+
+        retrying = tenacity.Retrying(
+            stop=self._stop,
+            wait=self._wait,
+            sleep=self._sleep,
+            reraise=True,
+            retry=tenacity.retry_if_exception(api.is_retryable),
+        )
+        try:
+            return retrying(attempt), attempts
+        except ApiError as exc:
+            exc.attempts = attempts  # type: ignore[attr-defined]  # read back by the callers of call()
+            raise
+
+    # -- one pass -----------------------------------------------------------------
+
+    def run_pass(self, run_id: str | None = None) -> PassResult:
+        """Send everything unsent (for one run, or all) once; return what happened."""
+        start = time.monotonic()
+        self._result = result = PassResult()
+        run_ids = outbox.runs_to_send(self.journal, run_id)
+        step_pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="weco-sync-step")
+        self._step_pool = step_pool if self.step_window > 1 else None
+        try:
+            if run_ids:
+                with ThreadPoolExecutor(
+                    max_workers=min(self.workers, len(run_ids)), thread_name_prefix="weco-sync"
+                ) as pool:
+                    try:
+                        for _ in pool.map(self._sync_run_safely, run_ids):
+                            pass
+                    except BaseException:  # Ctrl-C: stop the workers after their request in flight
+                        self._halt.set()
+                        raise
+        finally:
+            step_pool.shutdown(wait=True)
+            self._step_pool = None
+            self.flush_marks()
+        result.pending = outbox.count_unsent(self.journal, run_id)
+        result.rejected_total = outbox.count_rejected(self.journal, run_id)
+        result.elapsed = time.monotonic() - start
+        result.runs = run_summaries(self.journal, run_ids, self.dashboard_url)
+        result.possible_duplicates = sum(1 for r in result.runs if r.possible_duplicate)
+        return result
+
+    def _tick(self, **counts: int) -> None:
+        with self._lock:
+            for key, n in counts.items():
+                setattr(self._result, key, getattr(self._result, key) + n)
+            done = self._result.delivered + self._result.superseded + self._result.rejected + self._result.failed
+        if self.progress is not None:
+            self.progress(done)
+
+    def _failed(self, exc: ApiError) -> None:
+        with self._lock:
+            self._result.last_error = str(exc)
+        if isinstance(exc, ApiAuthFailed):
+            self._result.auth_failed = True
+            self._halt.set()
+        else:
+            from . import api
+
+            if api.is_unreachable(exc):
+                self._result.unreachable = True
+                self._halt.set()
+
+    def _sync_run_safely(self, run_id: str) -> None:
+        try:
+            self._sync_run(run_id)
+        except _Halt:
+            pass
+
+    def _sync_run(self, run_id: str) -> None:
+        journal = self.journal
+        if self._halted():
+            return
+        run = journal.run(run_id)
+        server_id = run.server_id
+        if server_id is None:
+            create = outbox.create_of(journal, run_id)
+            if create is None or create.state not in outbox.UNSENT:
+                return  # rejected (or missing): the run waits; its steps stay unsent
+            server_id = self._send_create(run_id, create)
+            if server_id is None:
+                return
+        done_upto: dict[int, int] = {}
+        cursor = 0
+        while True:
+            page = outbox.steps_to_send(journal, run_id, cursor, PAGE)
+            if not page:
+                return
+            cursor = page[-1]["seq"]
+            batch, steps = [], set()
+            for ev in page:
+                if ev["seq"] <= done_upto.get(ev["step"], -1) or ev["step"] in steps:
+                    continue  # superseded by the latest state already sent (or about to be)
+                steps.add(ev["step"])
+                batch.append(ev)
+            if not self._send_steps(run_id, server_id, batch, done_upto):
+                return
+
+    def _send_steps(self, run_id: str, server_id: str, batch: list[Any], done_upto: dict[int, int]) -> bool:
+        """Send a page of steps in order, up to ``step_window`` at a time; False if the run must wait.
+
+        Steps carry their parent explicitly, so their order of arrival cannot change
+        the server's tree and several may be in flight at once. A step sent without
+        a parent (left to the server's auto-chaining: a remote-only run's step whose
+        parent this journal never knew) waits for every earlier one and goes alone.
+        """
+        inflight: set[Future[bool]] = set()
+        ok = True
+
+        def drain_inflight(all_: bool) -> None:
+            nonlocal inflight, ok
+            while inflight and (all_ or len(inflight) >= self.step_window):
+                done, inflight = wait(inflight, return_when=FIRST_COMPLETED)
+                for future in done:
+                    ok = future.result() and ok
+
+        try:
+            for ev in batch:
+                if not ok or self._halted():
+                    break
+                if self._step_pool is None or self.step_window <= 1 or (ev["chained"] and ev["step"] != 0):
+                    drain_inflight(all_=True)
+                    if not ok:
+                        break
+                    ok = self._send_step(run_id, server_id, ev, done_upto)
+                    continue
+                drain_inflight(all_=False)
+                inflight.add(self._step_pool.submit(self._send_step, run_id, server_id, ev, done_upto))
+        finally:
+            drain_inflight(all_=True)
+        if self._halted():
+            raise _Halt()
+        return ok
+
+    def _send_create(self, run_id: str, event: Event) -> str | None:
+        journal = self.journal
+        try:
+            body = wire_body(event, journal.read_blob, local_id=run_id)
+        except _DAMAGE as exc:
+            outbox.rejected(journal, event.id, f"{DAMAGED} ({type(exc).__name__} reading its code)", attempts=0)
+            self._tick(rejected=1)
+            return None
+
+        def send() -> str:
+            outbox.begin_create(journal, event.id)
+            try:
+                return self.client.create_run(body)
+            except ApiError as exc:
+                if not exc.ambiguous:  # answered, so not applied: back to waiting
+                    outbox.create_failed(journal, event.id, str(exc), answered=True)
+                raise
+
+        try:
+            server_id, _attempts = self.call(send)
+        except ApiRejected as exc:
+            outbox.rejected(journal, event.id, exc.detail or str(exc), attempts=0)
+            self._tick(rejected=1, sent=1)
+            return None
+        except ApiError as exc:
+            outbox.create_failed(journal, event.id, str(exc), answered=not exc.ambiguous)
+            self._tick(failed=1, sent=1)
+            self._failed(exc)
+            return None
+        outbox.create_delivered(journal, event.id, run_id, server_id)
+        self._tick(delivered=1, sent=1)
+        return server_id
+
+    def _send_step(self, run_id: str, server_id: str, ev: Any, done_upto: dict[int, int]) -> bool:
+        """Send the latest state of ``ev``'s step; False if the rest of the run must wait."""
+        journal = self.journal
+        try:
+            target = outbox.current_state_event(journal, run_id, ev["step"], ev["seq"])
+        except _DAMAGE as exc:
+            outbox.rejected(journal, ev["id"], f"{DAMAGED} ({type(exc).__name__} reading its payload)", attempts=0)
+            self._tick(rejected=1)
+            return True
+        if target.id != ev["id"] and target.state not in outbox.UNSENT:
+            outbox.superseded(journal, ev["id"])  # the current state of this step is already settled
+            done_upto[ev["step"]] = max(done_upto.get(ev["step"], -1), ev["seq"])
+            self._tick(superseded=1)
+            return True
+        assert target.seq is not None
+        try:
+            body = wire_body(target, journal.read_blob)
+        except _DAMAGE as exc:
+            outbox.rejected(journal, target.id, f"{DAMAGED} ({type(exc).__name__} reading its code)", attempts=0)
+            self._tick(rejected=1)
+            return True
+        try:
+            _answer, attempts = self.call(lambda: self.client.log_step(server_id, body))
+        except ApiRejected as exc:
+            outbox.rejected(journal, target.id, exc.detail or str(exc), attempts=getattr(exc, "attempts", 1))
+            self._tick(rejected=1, sent=1)
+            return True
+        except ApiError as exc:
+            outbox.failed(journal, target.id, str(exc), attempts=getattr(exc, "attempts", 1))
+            self._tick(failed=1, sent=1)
+            self._failed(exc)
+            return False
+        self._mark_delivered((target.id, run_id, ev["step"], target.seq, attempts, min(ev["seq"], target.seq)))
+        if ev["seq"] > target.seq:
+            outbox.superseded(journal, ev["id"])
+            self._tick(superseded=1)
+        done_upto[ev["step"]] = max(target.seq, ev["seq"])
+        self._tick(delivered=1, sent=1)
+        return True
+
+    # -- group commit of delivered steps ------------------------------------------
+    # Each commit of the journal is an fsync (synchronous=FULL); one per step
+    # would cap sync at a few hundred steps/s. Delivered steps are committed in
+    # batches: a crash before the batch commits means those steps are sent
+    # again, which the server's upsert makes harmless. Creates are never
+    # batched (their server id must be durable before any step uses it).
+
+    def _mark_delivered(self, item: tuple[str, str, int, int, int, int]) -> None:
+        with self._marks_lock:
+            if not self._marks:
+                self._marks_since = time.monotonic()
+            self._marks.append(item)
+            due = len(self._marks) >= self.batch_size or time.monotonic() - self._marks_since > self.batch_age
+        if due:
+            self.flush_marks()
+
+    def flush_marks(self) -> None:
+        with self._marks_lock:
+            batch, self._marks = self._marks, []
+        if batch:
+            superseded = outbox.steps_delivered(self.journal, batch)
+            if superseded:
+                self._tick(superseded=superseded)
+
+
+def run_summaries(journal: Journal, run_ids: list[str], dashboard_url: str | None = None) -> list[RunSummary]:
+    """Per-run counts and dashboard links, for the final summary."""
+    out: list[RunSummary] = []
+    dashboard = dashboard_url or Settings.load().dashboard_url
+    for run_id in run_ids:
+        try:
+            run = journal.run(run_id)
+        except KeyError:
+            continue
+        summary = RunSummary(run_id=run_id, name=run.name, server_id=run.server_id)
+        for state, n in outbox.run_states(journal, run_id).items():
+            if state in outbox.UNSENT:
+                summary.pending += n
+            elif state in outbox.SENT:
+                summary.delivered += n
+            else:
+                setattr(summary, state, n)
+        create = outbox.create_of(journal, run_id)
+        if create is not None:
+            summary.possible_duplicate = create.state == outbox.POSSIBLE_DUPLICATE
+            if create.state == outbox.REJECTED:
+                summary.blocked = f"create rejected: {create.last_error}"
+        if run.server_id:
+            summary.dashboard = f"{dashboard}/runs/{run.server_id}"
+        out.append(summary)
+    return out
+
+
+# -- passes and the drain loop ---------------------------------------------------------
+
+
+def sync(
+    journal: Journal,
+    client: Any,
+    *,
+    run_id: str | None = None,
+    workers: int = 8,
+    attempts: int = 5,
+    passes: int = 3,
+    deadline: float | None = None,
+    progress: Callable[[int], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    **replayer_options: Any,
+) -> PassResult:
+    """Up to ``passes`` passes while a pass makes progress (a later pass picks up events logged
+    meanwhile and runs whose create was delivered late). The caller holds the sync lock."""
+    total = PassResult()
+    start = time.monotonic()
+    for _ in range(max(1, passes)):
+        replayer = Replayer(
+            journal,
+            client,
+            workers=workers,
+            attempts=attempts,
+            deadline=deadline,
+            progress=progress,
+            should_stop=should_stop,
+            **replayer_options,
+        )
+        one = replayer.run_pass(run_id)
+        total.add(one)
+        if not one.pending or one.auth_failed or one.unreachable or one.sent == 0:
+            break
+        if should_stop is not None and should_stop():
+            break
+        if deadline is not None and time.monotonic() > deadline:
+            break
+    total.elapsed = time.monotonic() - start
+    return total
+
+
+@dataclass(frozen=True)
+class DrainPolicy:
+    """How :func:`drain` waits. The four users differ only here.
+
+    - ``sync``: :meth:`once` (one round of passes, then return);
+    - ``sync --watch``: :meth:`forever` (until stopped; back off while the API fails);
+    - the background syncer: :meth:`background` (linger briefly for new events, give up after a while);
+    - ``flush(timeout)``: :meth:`until` (until nothing is unsent or the deadline).
+    """
+
+    #: return once no new event arrived for this long (None: never)
+    idle_exit: float | None = None
+    #: return once the API has been failing for this long (None: never)
+    give_up: float | None = None
+    #: a monotonic time after which to return
+    deadline: float | None = None
+    backoff: float = 1.0
+    max_backoff: float = 30.0
+    poll: float = 0.5
+    passes: int = 3
+
+    @classmethod
+    def once(cls) -> DrainPolicy:
+        return cls(idle_exit=0.0, give_up=0.0)
+
+    @classmethod
+    def forever(cls, poll: float = 0.5) -> DrainPolicy:
+        return cls(poll=poll)
+
+    @classmethod
+    def background(cls, linger: float, give_up: float) -> DrainPolicy:
+        return cls(idle_exit=linger, give_up=give_up, poll=0.05, passes=1)
+
+    @classmethod
+    def until(cls, deadline: float | None) -> DrainPolicy:
+        return cls(idle_exit=0.0, deadline=deadline, backoff=0.2, max_backoff=5.0)
+
+
+@dataclass
+class DrainResult:
+    """A drain's running total and why it returned: ``idle``, ``stopped``, ``auth``, ``gave_up`` or ``deadline``."""
+
+    total: PassResult
+    reason: str
+    #: the newest event seq the drain had seen when it returned (no lost wake-ups)
+    seen: int = 0
+
+
+def drain(
+    journal: Journal,
+    client: Any,
+    policy: DrainPolicy,
+    *,
+    run_id: str | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
+    on_pass: Callable[[PassResult], None] | None = None,
+    progress_factory: Callable[[int], Callable[[int], None] | None] | None = None,
+    **sync_options: Any,
+) -> DrainResult:
+    """Send what is unsent, then keep sending new events as they are journaled, until the policy says stop.
+
+    While the API fails (unreachable, or events still failing after their
+    retries) it waits ``backoff`` seconds, doubling up to ``max_backoff``; an
+    idle drain polls the outbox's newest seq every ``poll`` seconds. Every wait
+    ends early when ``should_stop`` turns true. ``on_pass`` gets each pass that
+    sent something.
+    """
+    total = PassResult()
+    start = time.monotonic()
+    seen = outbox.newest_seq(journal)
+    backoff = policy.backoff
+    failing_since: float | None = None
+    idle_since = time.monotonic()
+    need_pass = True
+    reason = "idle"
+
+    def sleep(seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while not should_stop() and (left := end - time.monotonic()) > 0:
+            time.sleep(min(left, 0.05))
+
+    while True:
+        if should_stop():
+            reason = "stopped"
+            break
+        if need_pass:
+            pending = outbox.count_unsent(journal, run_id)
+            progress = progress_factory(pending) if progress_factory and pending else None
+            one = sync(
+                journal,
+                client,
+                run_id=run_id,
+                passes=policy.passes,
+                deadline=policy.deadline,
+                progress=progress,
+                should_stop=should_stop,
+                **sync_options,
+            )
+            total.add(one)
+            if one.sent and on_pass is not None:
+                on_pass(one)
+            if one.auth_failed:
+                reason = "auth"
+                break
+            if one.pending and (one.unreachable or one.failed):
+                now = time.monotonic()
+                failing_since = failing_since or now
+                if policy.give_up is not None and now - failing_since >= policy.give_up:
+                    reason = "gave_up"
+                    break
+                if policy.deadline is not None and now + backoff > policy.deadline:
+                    reason = "deadline"
+                    break
+                sleep(backoff)
+                backoff = min(backoff * 2, policy.max_backoff)
+                continue
+            failing_since, backoff, need_pass = None, policy.backoff, False
+            idle_since = time.monotonic()
+        if policy.idle_exit is not None and time.monotonic() - idle_since >= policy.idle_exit:
+            break
+        if policy.deadline is not None and time.monotonic() >= policy.deadline:
+            reason = "deadline"
+            break
+        sleep(policy.poll)
+        newest = outbox.newest_seq(journal)
+        if newest > seen:
+            seen, need_pass = newest, True
+            idle_since = time.monotonic()
+    total.elapsed = time.monotonic() - start
+    return DrainResult(total, reason, seen)
+
+
+def plan(journal: Journal, run_id: str | None = None, limit: int = 10_000) -> list[dict[str, Any]]:
+    """What a sync would send, in the order it would (``sync --dry-run``): one dict per request.
+
+    Runs in order of their oldest unsent event; within a run the create, then each
+    step once, at the place of its oldest unsent event, with its latest state.
+    """
+    from .api import create_path, steps_path
+
+    out: list[dict[str, Any]] = []
+    for rid in [run_id] if run_id is not None else outbox.runs_to_send(journal):
+        run = journal.run(rid)
+        listed: set[int] = set()
+        for event, latest in outbox.plan_events(journal, rid):
+            if len(out) >= limit:
+                return out
+            if event.kind == "create_run":
+                code = event.code()
+                out.append(
+                    {
+                        "method": "POST",
+                        "path": create_path(),
+                        "run_id": rid,
+                        "name": run.name,
+                        "event": event.id,
+                        "files": sorted(code.manifest()) if code else [],
+                    }
+                )
+                continue
+            assert event.step is not None
+            if event.step in listed:
+                continue
+            listed.add(event.step)
+            state = (latest or event).as_step()
+            out.append(
+                {
+                    "method": "POST",
+                    "path": steps_path(run.server_id)
+                    if run.server_id
+                    else f"/external/runs/<server id of {rid}>/steps",
+                    "run_id": rid,
+                    "event": (latest or event).id,
+                    "step": event.step,
+                    "status": state.status,
+                    "parent_step": state.parent_step,
+                    "files": sorted(state.code.manifest()) if state.code else [],
+                }
+            )
+    return out
+
+
+# -- entry points: `weco observe sync` and WecoObserver.flush() ---------------------------
+
+
+def flush(journal_path: str | Path, timeout: float | None = 30.0, api_key: str | None = None) -> bool:
+    """Deliver everything unsent now, waiting at most ``timeout`` seconds; True if nothing is left.
+
+    Used by ``WecoObserver.flush()``. Without an API key nothing can be sent
+    (False if events are unsent). A background syncer holding the journal is
+    asked to give way.
+    """
+    from .api import WecoClient
+    from .errors import SyncBusy
+    from .synclock import SyncLock
+
+    settings = Settings.load()
+    deadline = None if timeout is None else time.monotonic() + timeout
+    with Journal(journal_path, settings=settings) as journal:
+        if outbox.count_unsent(journal) == 0:
+            return True
+        key = api_key or settings.api_key
+        if not key:
+            return False
+        lock = SyncLock(journal.path)
+        try:
+            lock.acquire("flush", timeout=timeout)
+        except SyncBusy:
+            return outbox.count_unsent(journal) == 0
+        try:
+            with WecoClient(api_key=key) as client:
+                done = drain(journal, client, DrainPolicy.until(deadline))
+            return done.total.pending == 0 and outbox.count_unsent(journal) == 0
+        finally:
+            lock.release()
+
+
+def command(
+    *,
+    run_ref: str | None = None,
+    bundles: list[str] | None = None,
+    retry_rejected: bool = False,
+    watch: bool = False,
+    wait: bool = True,
+    workers: int = 8,
+    api_key: str | None = None,
+    on_wait: Callable[[dict[str, Any]], None] | None = None,
+    progress_factory: Callable[[int], Callable[[int], None] | None] | None = None,
+    on_pass: Callable[[PassResult], None] | None = None,
+    poll: float = 0.5,
+) -> PassResult:
+    """Everything ``weco observe sync`` does, minus the formatting.
+
+    Replays spill files, imports ``bundles`` (``sync --bundle FILE``), takes the
+    sync lock (waiting for another syncer unless ``wait`` is False), sends what
+    is unsent and returns the result. With ``watch`` it keeps sending new events
+    as they are journaled until SIGINT/SIGTERM, calling ``on_pass`` after each
+    pass that sent something, and returns the last state.
+    """
+    import signal
+
+    from . import spill, synclock
+    from .api import WecoClient
+    from .errors import ApiAuthFailed
+
+    settings = Settings.load()
+    stopping = threading.Event()
+    previous: dict[Any, Any] = {}
+    if watch and threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            previous[signum] = signal.signal(signum, lambda *_: stopping.set())
+    try:
+        with Journal(settings=settings) as journal:
+            spill.replay(journal)
+            imports = []
+            if bundles:
+                from . import bundle
+
+                imports = [bundle.import_bundle(journal, path) for path in bundles]
+            run_id = journal.require_run(run_ref)["id"] if run_ref else None
+            key = api_key or settings.api_key
+            if not key and not watch and not retry_rejected and outbox.count_unsent(journal, run_id) == 0:
+                return PassResult(imports=imports)  # nothing to send: no key needed
+            if not key:
+                raise ApiAuthFailed(
+                    f"no API key: {outbox.count_unsent(journal, run_id)} events wait in the journal;"
+                    " run `weco login` (or set WECO_API_KEY), then `weco observe sync`"
+                )
+            lock = synclock.SyncLock(journal.path)
+            lock.acquire("sync", wait=wait, on_wait=on_wait, should_stop=stopping.is_set)
+            try:
+                if retry_rejected:
+                    outbox.requeue_rejected(journal, run_id)
+                policy = DrainPolicy.forever(poll) if watch else DrainPolicy.once()
+                with WecoClient(api_key=key, max_connections=workers) as client:
+                    done = drain(
+                        journal,
+                        client,
+                        policy,
+                        run_id=run_id,
+                        should_stop=stopping.is_set,
+                        on_pass=on_pass if watch else None,
+                        progress_factory=progress_factory,
+                        workers=workers,
+                        dashboard_url=settings.dashboard_url,
+                    )
+                if not done.total.pending:
+                    synclock.set_cooldown(journal.path, 0)
+                done.total.imports = imports
+                return done.total
+            finally:
+                lock.release()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def dry_run(run_ref: str | None = None) -> list[dict[str, Any]]:
+    """What ``sync`` would send now, without sending (``sync --dry-run``)."""
+    with Journal() as journal:
+        run_id = journal.require_run(run_ref)["id"] if run_ref else None
+        return plan(journal, run_id)

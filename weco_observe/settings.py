@@ -1,0 +1,222 @@
+"""Settings: every environment variable, credential and default, read at call time in one place.
+
+``Settings.load()`` reads the environment when it is called, never at import, so a
+test (or a long-lived SDK process) that changes ``WECO_OBSERVE_DIR`` sees the new
+value on the next call. Nothing else in the package reads ``os.environ`` for
+configuration; modules take a ``Settings`` (or call ``Settings.load()``).
+
+The API key is looked up lazily (``settings.api_key``): ``$WECO_API_KEY`` wins over
+the official client's credentials file ``~/.config/weco/credentials.json``, which
+``weco login`` writes (0600) so one login serves both tools. Surrounding white
+space is stripped wherever a key is read (env files and Kubernetes secrets often
+end in a newline); a key with inner white space or non-ASCII characters is refused
+with a one-line :class:`~weco_observe.errors.InvalidInput`, because it cannot go
+into an HTTP header and would otherwise surface as a traceback.
+
+Only the standard library is imported: this runs on the ``weco observe log`` hot path.
+
+    >>> s = Settings.load({"WECO_OBSERVE_DIR": "/tmp/j", "WECO_OBSERVE_AUTO_SYNC": "off"})
+    >>> s.journal_path, s.auto_sync
+    (PosixPath('/tmp/j/journal.db'), False)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+from .errors import InvalidInput
+
+__all__ = ["DEFAULT_BASE_URL", "DEFAULT_DASHBOARD_URL", "Settings", "check_api_key", "save_api_key", "delete_api_key"]
+
+DEFAULT_BASE_URL = "https://api.weco.ai/v1"
+DEFAULT_DASHBOARD_URL = "https://dashboard.weco.ai"
+DEFAULT_BUSY_TIMEOUT = 30.0
+DEFAULT_SYNC_LINGER = 2.0
+DEFAULT_SYNC_GIVE_UP = 60.0
+
+_FALSE = ("0", "false", "no", "off")
+_TRUE = ("1", "true", "yes", "on")
+
+
+def _flag(value: str | None, default: bool) -> bool:
+    if value is None or not value.strip():
+        return default
+    return value.strip().lower() not in _FALSE
+
+
+def _tristate(value: str | None) -> bool | None:
+    """``1/true/yes/on`` -> True, ``0/false/no/off`` -> False, unset or anything else -> None."""
+    if value is None:
+        return None
+    text = value.strip().lower()
+    return True if text in _TRUE else False if text in _FALSE else None
+
+
+def _seconds(value: str | None, default: float) -> float:
+    try:
+        return float(value) if value is not None and value.strip() else default
+    except ValueError:
+        return default
+
+
+def check_api_key(key: str | None, where: str) -> str | None:
+    """A key as it may be sent: surrounding white space stripped, None when empty.
+
+    Raises InvalidInput (naming ``where``, never the key) for inner white space or
+    non-ASCII characters.
+
+    >>> check_api_key("wk-abc\\n", "WECO_API_KEY")
+    'wk-abc'
+    """
+    if key is None:
+        return None
+    key = key.strip()
+    if not key:
+        return None
+    if any(c.isspace() for c in key):
+        raise InvalidInput(f"the API key from {where} contains white space: give the key alone")
+    if not key.isascii() or not key.isprintable():
+        raise InvalidInput(f"the API key from {where} contains non-ASCII or control characters: give the key alone")
+    return key
+
+
+@dataclass(frozen=True)
+class Settings:
+    """One reading of the environment. Build it with :meth:`load`; it never changes afterwards."""
+
+    #: ``$WECO_OBSERVE_DIR``, else the platform's user data dir (resolved lazily: platformdirs costs ~15 ms)
+    dir_override: Path | None
+    base_url: str
+    dashboard_url: str
+    #: ``$WECO_OBSERVE_AUTO_SYNC`` (default on); the background syncer also needs a key, see :meth:`auto_sync_active`
+    auto_sync: bool
+    #: seconds a writer waits for the journal's lock (``$WECO_OBSERVE_BUSY_TIMEOUT``)
+    busy_timeout: float
+    #: the background syncer lingers this long for new events before it exits
+    sync_linger: float
+    #: ... and gives up this long after the API started failing (then a cooldown)
+    sync_give_up: float
+    #: ``$WECO_OBSERVE_SHARED_FS``: True/False forces the cluster mode on or off; None detects it
+    shared_fs: bool | None
+    #: the raw ``$WECO_OBSERVE_SHARED_FS`` value when it was not understood (``status``/``doctor`` say so)
+    shared_fs_invalid: str | None
+    #: ``$TMPDIR`` (or ``$TEMP``/``$TMP``), else /tmp: where the spill fallback lives
+    temp_dir: Path
+    home: Path
+    env_api_key: str | None = field(repr=False)
+
+    @classmethod
+    def load(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Read the environment now (``environ`` defaults to ``os.environ``)."""
+        env = os.environ if environ is None else environ
+        override = env.get("WECO_OBSERVE_DIR")
+        temp = next((env[n] for n in ("TMPDIR", "TEMP", "TMP") if env.get(n)), "/tmp")
+        shared_raw = env.get("WECO_OBSERVE_SHARED_FS")
+        shared = _tristate(shared_raw)
+        return cls(
+            dir_override=Path(override).expanduser() if override else None,
+            base_url=(env.get("WECO_BASE_URL") or DEFAULT_BASE_URL).strip().rstrip("/"),
+            dashboard_url=(env.get("WECO_DASHBOARD_URL") or DEFAULT_DASHBOARD_URL).strip().rstrip("/"),
+            auto_sync=_flag(env.get("WECO_OBSERVE_AUTO_SYNC"), True),
+            busy_timeout=_seconds(env.get("WECO_OBSERVE_BUSY_TIMEOUT"), DEFAULT_BUSY_TIMEOUT),
+            sync_linger=_seconds(env.get("WECO_OBSERVE_SYNC_LINGER"), DEFAULT_SYNC_LINGER),
+            sync_give_up=_seconds(env.get("WECO_OBSERVE_SYNC_GIVE_UP"), DEFAULT_SYNC_GIVE_UP),
+            shared_fs=shared,
+            shared_fs_invalid=shared_raw if shared is None and shared_raw and shared_raw.strip() else None,
+            temp_dir=Path(temp),
+            home=Path(env.get("HOME") or os.path.expanduser("~")),
+            env_api_key=env.get("WECO_API_KEY"),
+        )
+
+    # -- where things live ---------------------------------------------------------
+
+    @cached_property
+    def data_dir(self) -> Path:
+        """The directory holding ``journal.db``: ``$WECO_OBSERVE_DIR`` or the user data dir.
+
+        >>> Settings.load({"WECO_OBSERVE_DIR": "~/j", "HOME": "/h"}).data_dir  # doctest: +SKIP
+        PosixPath('/h/j')
+        """
+        if self.dir_override is not None:
+            return self.dir_override
+        import platformdirs
+
+        return Path(platformdirs.user_data_dir("weco-observe", appauthor=False))
+
+    @property
+    def journal_path(self) -> Path:
+        return self.data_dir / "journal.db"
+
+    @property
+    def credentials_path(self) -> Path:
+        """The official client's credentials file, shared so one login serves both tools."""
+        return self.home / ".config" / "weco" / "credentials.json"
+
+    # -- the API key -------------------------------------------------------------------
+
+    @cached_property
+    def _key(self) -> tuple[str | None, str | None]:
+        """``(key, where it came from)``; raises InvalidInput for a malformed key."""
+        key = check_api_key(self.env_api_key, "WECO_API_KEY")
+        if key:
+            return key, "environment (WECO_API_KEY)"
+        try:
+            data = json.loads(self.credentials_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None, None
+        raw = data.get("api_key") if isinstance(data, dict) else None
+        key = check_api_key(raw, str(self.credentials_path)) if isinstance(raw, str) else None
+        return (key, str(self.credentials_path)) if key else (None, None)
+
+    @property
+    def api_key(self) -> str | None:
+        """The API key (env wins over the credentials file), None when neither has one."""
+        return self._key[0]
+
+    @property
+    def api_key_source(self) -> str | None:
+        """Where the key comes from, for ``status``."""
+        return self._key[1]
+
+    def key_configured(self, api_key: str | None = None) -> bool:
+        """Cheap check for the ``log`` hot path: a key was given, is in the env, or the file exists."""
+        if api_key or (self.env_api_key and self.env_api_key.strip()):
+            return True
+        return self.credentials_path.exists()
+
+    def auto_sync_active(self, api_key: str | None = None) -> bool:
+        """Whether a background syncer runs after a write: auto-sync on and some key configured."""
+        return self.auto_sync and self.key_configured(api_key)
+
+
+def save_api_key(settings: Settings, key: str) -> Path:
+    """Write the credentials file with mode 0600 (its directory 0700); return its path."""
+    key = check_api_key(key, "the prompt, stdin or --api-key") or ""
+    if not key:
+        raise InvalidInput("no API key given: pass --api-key, pipe it on stdin, or type it at the prompt")
+    path = settings.credentials_path
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, json.dumps({"api_key": key}).encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+    return path
+
+
+def delete_api_key(settings: Settings) -> bool:
+    """Remove the credentials file; True if there was one."""
+    try:
+        settings.credentials_path.unlink()
+        return True
+    except FileNotFoundError:
+        return False
