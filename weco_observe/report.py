@@ -36,7 +36,7 @@ UI_CSP = "default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inli
 @cache
 def asset(name: str) -> str:
     """The text of a file in ``weco_observe/assets/``."""
-    return resources.files("weco_observe").joinpath("assets", name).read_text(encoding="utf-8")
+    return resources.files("weco_observe").joinpath("assets").joinpath(name).read_text(encoding="utf-8")
 
 
 def _json_island(data: Any) -> str:
