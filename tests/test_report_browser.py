@@ -4,6 +4,11 @@ Needs Debian's ``chromium`` and ``chromium-driver`` (``/usr/bin/chromium``,
 ``/usr/bin/chromedriver``). Without them these tests skip, unless
 ``WECO_OBSERVE_REQUIRE_BROWSER=1`` (set by ``.ci/run``) makes that a failure.
 Screenshots land in each test's tmp dir.
+
+One Chromium serves the whole module (starting it costs seconds); each test
+takes it through the ``browser`` fixture, which starts from a blank page with
+an empty console log: a UI page left open by an earlier test would otherwise
+keep polling its stopped server and log errors into the next test's check.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ def _browser_paths() -> tuple[str, str] | None:
 
 
 @pytest.fixture(scope="module")
-def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+def chromium(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     paths = _browser_paths()
     if paths is None:
         message = "chromium and chromedriver are not installed (apt-get install chromium chromium-driver)"
@@ -64,6 +69,20 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
         yield driver
     finally:
         driver.quit()
+
+
+def _blank(driver) -> None:
+    """Leave whatever page is open (stopping its timers and fetches) and drop the console log so far."""
+    driver.get("about:blank")
+    driver.get_log("browser")  # reading the log empties it
+
+
+@pytest.fixture
+def browser(chromium) -> Iterator[object]:
+    """The module's Chromium on a blank page, its console log empty; left blank again afterwards."""
+    _blank(chromium)
+    yield chromium
+    _blank(chromium)
 
 
 def _wait(predicate, timeout: float = 10.0, what: str = "condition"):
@@ -267,6 +286,7 @@ def test_ui_lists_runs_and_updates_live(browser, cli, tmp_path):
         browser.save_screenshot(str(tmp_path / "ui-live.png"))
         assert _severe_logs(browser) == []
     finally:
+        _blank(browser)  # leave the page before its server goes, or it polls a closed port
         server.stop()
 
 
@@ -280,4 +300,19 @@ def test_report_of_a_remote_only_run_without_metrics(browser, cli, tmp_path):
     _wait(lambda: _count(browser, "#tree-svg circle.node") == 2, what="the tree")
     assert _text(browser, "#chart-svg text.nodata") == "No metrics logged yet"
     assert _text(browser, "#best-card").endswith("no kept step has a value yet")
+    assert _severe_logs(browser) == []
+
+
+def test_a_ui_page_outliving_its_server_leaks_no_error_into_the_next_test(browser, cli, tmp_path):
+    """How this module used to flake: the UI page kept polling its stopped server, and the refused
+    connections were logged as errors that the next test's log check found. The fixture's reset
+    (``_blank``) is what every test now starts with."""
+    server = UI(tmp_path)
+    browser.get(server.url)
+    _wait(lambda: "No runs" in _text(browser, "#main"), what="the UI")
+    server.stop()
+    _wait(lambda: _count(browser, "#live.off") == 1, what="a refused poll")
+    assert any("ERR_CONNECTION_REFUSED" in e["message"] for e in _severe_logs(browser))
+    time.sleep(3.2)  # two more polls (every 1.5 s) are refused and logged, unread
+    _blank(browser)
     assert _severe_logs(browser) == []
