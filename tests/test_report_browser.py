@@ -316,3 +316,50 @@ def test_a_ui_page_outliving_its_server_leaks_no_error_into_the_next_test(browse
     time.sleep(3.2)  # two more polls (every 1.5 s) are refused and logged, unread
     _blank(browser)
     assert _severe_logs(browser) == []
+
+
+def _log(cli, run_id: str, step: int, metrics: dict, *extra: str) -> None:
+    cli.ok("observe", "log", "--run-id", run_id, "--step", str(step), "--metrics", json.dumps(metrics), *extra)
+
+
+def _select(driver, step: int) -> None:
+    driver.find_element("css selector", f'.row[data-step="{step}"]').click()
+    _wait(lambda: _text(driver, "#detail-title").startswith(f"Step {step} "), what=f"step {step}'s details")
+
+
+def _metric_rows(driver) -> list[list[str]]:
+    return driver.execute_script(
+        "return Array.from(document.querySelectorAll('#detail-body table.metrics tr'))"
+        ".map(function (tr) { return Array.from(tr.cells).map(function (td) { return td.textContent; }); })"
+    )
+
+
+def test_a_step_is_compared_with_its_nearest_ancestor_that_has_a_value(browser, cli, tmp_path):
+    """A failed parent's placeholder (0.0) is no reference: each metric is compared with the nearest
+    ancestor that is not failed and reports it, and the page says which step that is."""
+    (tmp_path / "train.py").write_text("lr = 0.1\n")
+    run_id = cli.ok("observe", "init", "--metric", "val_bpb", "--source", "train.py").stdout.strip()
+    _log(cli, run_id, 0, {"val_bpb": 2.366, "memory_gb": 10.0})
+    _log(cli, run_id, 1, {"val_bpb": 2.261, "memory_gb": 12.0})
+    _log(cli, run_id, 2, {"val_bpb": 0.0, "memory_gb": 0.0}, "--status", "failed")
+    _log(cli, run_id, 3, {"val_bpb": 2.2, "memory_gb": 12.5}, "--parent-step", "2")  # fixes the failed step
+    _log(cli, run_id, 4, {"memory_gb": 13.0})  # parent 3; no val_bpb
+    _log(cli, run_id, 5, {"val_bpb": 2.15, "memory_gb": 13.5})  # parent 4
+    out = tmp_path / "report.html"
+    cli.ok("observe", "report", run_id, "-o", str(out))
+    browser.get(out.as_uri())
+    _wait(lambda: _count(browser, "#tree-svg circle.node") == 6, what="the tree")
+
+    _select(browser, 3)
+    assert _metric_rows(browser) == [
+        ["val_bpb ★", "2.2", "-0.061 vs step 1"],
+        ["memory_gb", "12.5", "+0.5 vs step 1"],
+    ]
+    _select(browser, 5)
+    assert _metric_rows(browser) == [
+        ["val_bpb ★", "2.15", "-0.05 vs step 3"],
+        ["memory_gb", "13.5", "+0.5 vs step 4"],
+    ]
+    _select(browser, 1)  # an ordinary step: its parent is the reference, named as such
+    assert _metric_rows(browser)[0] == ["val_bpb ★", "2.261", "-0.105 vs step 0"]
+    assert _severe_logs(browser) == []

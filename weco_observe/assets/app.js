@@ -246,6 +246,18 @@
     }).catch(function () { cb(null); });
   }
 
+  // The step a metric of step s is compared with: its nearest ancestor that did not fail and reports
+  // the metric. A failed step's value is often a placeholder (0.0), and a step may not report every metric.
+  function reference(v, s, metric) {
+    var byStep = {}, seen = {};
+    v.steps.forEach(function (x) { byStep[x.step] = x; });
+    for (var p = byStep[s.parent_step]; p && !seen[p.step]; p = byStep[p.parent_step]) {
+      seen[p.step] = true;
+      if (p.status !== "failed" && typeof p.metrics[metric] === "number") return p;
+    }
+    return null;
+  }
+
   function renderDetail() {
     var v = state.view, s = null;
     if (!v) return;
@@ -258,15 +270,13 @@
     if (s.parent_step != null) bits.push("parent " + s.parent_step);
     title.textContent = (s.step === 0 ? "Baseline (step 0)" : "Step " + s.step) + " · " + bits.join(" · ");
     body.appendChild(s.description ? el("p", { cls: "desc", text: s.description }) : el("p", { cls: "desc meta", text: "No description." }));
-    var parent = null;
-    v.steps.forEach(function (x) { if (x.step === s.parent_step) parent = x; });
     var names = Object.keys(s.metrics);
     if (names.length) {
       body.appendChild(el("h4", { text: "Metrics" }));
       body.appendChild(el("table", { cls: "metrics" }, names.map(function (n) {
-        var pv = parent && typeof parent.metrics[n] === "number" ? parent.metrics[n] : null, dv = pv == null ? "" : (s.metrics[n] - pv);
+        var ref = typeof s.metrics[n] === "number" ? reference(v, s, n) : null, dv = ref ? s.metrics[n] - ref.metrics[n] : null;
         return el("tr", {}, [el("td", { text: n + (n === v.run.metric ? " ★" : "") }), el("td", { cls: "num", text: fmt(s.metrics[n]) }),
-          el("td", { cls: "num meta", text: dv === "" ? "" : (dv >= 0 ? "+" : "") + fmt(dv) + " vs parent" })]);
+          el("td", { cls: "num meta", text: ref ? (dv >= 0 ? "+" : "") + fmt(dv) + " vs step " + ref.step : "" })]);
       })));
     }
     var sync = s.sync === "delivered" ? "synced" : s.sync;
