@@ -363,3 +363,62 @@ def test_a_step_is_compared_with_its_nearest_ancestor_that_has_a_value(browser, 
     _select(browser, 1)  # an ordinary step: its parent is the reference, named as such
     assert _metric_rows(browser)[0] == ["val_bpb ★", "2.261", "-0.105 vs step 0"]
     assert _severe_logs(browser) == []
+
+
+_AXIS_JS = """
+var svg = document.getElementById('chart-svg');
+function all(sel) { return Array.from(svg.querySelectorAll(sel)); }
+function marks(sel) {
+  return all(sel).map(function (n) {
+    var b = n.getBBox(), t = n.querySelector('title');
+    return {step: +n.getAttribute('data-step'), y: b.y + b.height / 2, top: b.y, bottom: b.y + b.height,
+            off: n.classList.contains('off'), title: t ? t.textContent : ''};
+  });
+}
+return {
+  ticks: all('.axis line.grid').map(function (l) { return +l.getAttribute('y1'); }),
+  labels: all('.axis text[text-anchor="end"]').map(function (t) { return +t.textContent; }),
+  kept: marks('circle.pt'),
+  failed: marks('path.fail'),
+  edges: all('line.offedge').map(function (l) { return +l.getAttribute('y1'); })
+};
+"""
+
+
+def test_failed_steps_are_drawn_at_their_value_or_marked_off_the_scale(browser, cli, tmp_path):
+    """The y-range follows the kept steps (a failed step's 0.0 placeholder must not flatten them), so a
+    failed value outside it cannot be drawn at its value: it is marked off the scale, beyond a dashed edge,
+    never pinned to the edge as if it were the edge's value. Positions are read back through the axis."""
+    (tmp_path / "train.py").write_text("lr = 0.1\n")
+    run_id = cli.ok("observe", "init", "--metric", "val_bpb", "--source", "train.py").stdout.strip()
+    values = {0: 2.366, 1: 2.261, 2: 2.2, 3: 2.25, 4: 2.1, 5: 2.5, 6: 0.0}
+    failed = {3, 5, 6}
+    for step, value in values.items():
+        _log(cli, run_id, step, {"val_bpb": value}, *(["--status", "failed"] if step in failed else []))
+    out = tmp_path / "report.html"
+    cli.ok("observe", "report", run_id, "-o", str(out))
+    browser.get(out.as_uri())
+    _wait(lambda: _count(browser, "#chart-svg path.fail") == 3, what="the chart")
+    chart = browser.execute_script(_AXIS_JS)
+    ticks, labels = chart["ticks"], chart["labels"]
+    assert len(ticks) == len(labels) >= 2
+
+    def value_at(y: float) -> float:  # the axis is linear: read it through its first and last tick
+        return labels[0] + (y - ticks[0]) * (labels[-1] - labels[0]) / (ticks[-1] - ticks[0])
+
+    for mark in chart["kept"]:
+        assert value_at(mark["y"]) == pytest.approx(values[mark["step"]], abs=0.002), mark
+    top, bottom = min(ticks), max(ticks)
+    for mark in chart["failed"]:
+        value = values[mark["step"]]
+        if not mark["off"]:
+            assert value_at(mark["y"]) == pytest.approx(value, abs=0.002), mark
+            continue
+        assert "off the scale" in mark["title"] and f"val_bpb {value:g}" in mark["title"], mark
+        if value > max(labels):  # above the scale: past its dashed edge, above the top tick (SVG y grows down)
+            assert mark["bottom"] < min(chart["edges"]) < top, mark
+        else:
+            assert value < min(labels) and mark["top"] > max(chart["edges"]) > bottom, mark
+    assert sorted(m["step"] for m in chart["failed"] if m["off"]) == [5, 6]
+    browser.save_screenshot(str(tmp_path / "off-scale.png"))
+    assert _severe_logs(browser) == []

@@ -96,7 +96,7 @@
     var legend = el("span", { cls: "legend" }, [
       el("span", {}, [el("i", { style: "background:var(--kept)" }), "value"]),
       el("span", { id: "legend-best" }, [el("i", { style: "background:var(--best)" }), "best so far"]),
-      el("span", {}, [el("i", { style: "background:var(--failed);height:3px" }), "failed (✕)"]),
+      el("span", {}, [el("i", { style: "background:var(--failed);height:3px" }), "failed (✕; ▲▼ off the scale)"]),
     ]);
     var box = el("div", { cls: "chart", id: "chart" });
     var panel = el("section", { cls: "panel" }, [el("h3", {}, [el("span", { text: "Metric over steps" }), legend, el("span", { cls: "grow" }), select]), box]);
@@ -107,7 +107,7 @@
     var v = state.view, box = document.getElementById("chart");
     if (!v || !box) return;
     box.textContent = "";
-    var m = state.metric, primary = m === v.run.metric, max = v.run.maximize;
+    var m = state.metric, primary = m === v.run.metric;
     var W = Math.max(box.clientWidth - 16, 300), H = 270, L = 58, R = 16, T = 14, B = 30;
     var root = svg("svg", { viewBox: "0 0 " + W + " " + H, role: "img", "aria-label": "chart of " + m, id: "chart-svg" });
     box.appendChild(root);
@@ -128,8 +128,13 @@
     var vmin = Math.min.apply(null, vals), vmax = Math.max.apply(null, vals), pad = (vmax - vmin) * 0.06;
     var y = niceTicks(vmin - pad, vmax + pad, 5);  // a margin keeps the extreme points off the frame
     var lo = Math.min(y.lo, y.ticks[0]), hi = Math.max(y.hi, y.ticks[y.ticks.length - 1]);
+    // A failed value outside that range is drawn in a band beyond a dashed edge, never at the edge, where
+    // it would read as the edge's value.
+    function off(s) { var val = s.metrics[m]; return s.status === "failed" ? (val > hi ? "above" : val < lo ? "below" : null) : null; }
+    var above = pts.some(function (s) { return off(s) === "above"; }), below = pts.some(function (s) { return off(s) === "below"; });
+    var BAND = 18, top = T + (above ? BAND : 0), bottom = H - B - (below ? BAND : 0);
     function X(step) { return L + (step - first) / xs * (W - L - R); }
-    function Y(val) { var c = Math.min(Math.max(val, lo), hi); return T + (1 - (c - lo) / (hi - lo || 1)) * (H - T - B); }
+    function Y(val) { return top + (1 - (val - lo) / (hi - lo || 1)) * (bottom - top); }
     var axis = svg("g", { "class": "axis" });
     y.ticks.forEach(function (t) {
       axis.appendChild(svg("line", { x1: L, x2: W - R, y1: Y(t), y2: Y(t), "class": "grid" }));
@@ -139,6 +144,13 @@
       var tx = svg("text", { x: X(t), y: H - 10, "text-anchor": "middle" }); tx.textContent = String(t); axis.appendChild(tx);
     });
     root.appendChild(axis);
+    var bands = svg("g", { "class": "offscale" });
+    [[above, top, T + BAND / 2], [below, bottom, H - B - BAND / 2]].forEach(function (band) {
+      if (!band[0]) return;
+      bands.appendChild(svg("line", { x1: L, x2: W - R, y1: band[1], y2: band[1], "class": "offedge" }));
+      var tx = svg("text", { x: L - 8, y: band[2] + 4, "text-anchor": "end" }); tx.textContent = "off scale"; bands.appendChild(tx);
+    });
+    root.appendChild(bands);
     var kept = pts.filter(function (s) { return s.status !== "failed"; });
     if (kept.length > 1) root.appendChild(svg("path", { "class": "series", d: kept.map(function (s, i) { return (i ? "L" : "M") + X(s.step) + "," + Y(s.metrics[m]); }).join("") }));
     if (primary) {
@@ -156,7 +168,12 @@
     pts.forEach(function (s) {
       var val = s.metrics[m], g, title = svg("title");
       title.textContent = "step " + s.step + " (" + label(s) + "): " + m + " " + fmt(val) + (s.description ? " — " + s.description : "");
-      if (s.status === "failed") {
+      var side = off(s);
+      if (side) {
+        var ox = X(s.step), oy = side === "above" ? T + BAND / 2 : H - B - BAND / 2, h = r + 1.5, tip = side === "above" ? -h : h;
+        title.textContent += " (off the scale)";
+        g = svg("path", { d: "M" + ox + "," + (oy + tip) + "L" + (ox + h) + "," + (oy - tip) + "L" + (ox - h) + "," + (oy - tip) + "Z", "class": "fail off", "data-step": s.step });
+      } else if (s.status === "failed") {
         var cx = X(s.step), cy = Y(val), k = r + 1.2;
         g = svg("path", { d: "M" + (cx - k) + "," + (cy - k) + "L" + (cx + k) + "," + (cy + k) + "M" + (cx - k) + "," + (cy + k) + "L" + (cx + k) + "," + (cy - k), "class": "fail", "data-step": s.step });
       } else {
