@@ -299,7 +299,7 @@ def test_report_of_a_remote_only_run_without_metrics(browser, cli, tmp_path):
     browser.get(out.as_uri())
     _wait(lambda: _count(browser, "#tree-svg circle.node") == 2, what="the tree")
     assert _text(browser, "#chart-svg text.nodata") == "No metrics logged yet"
-    assert _text(browser, "#best-card").endswith("no kept step has a value yet")
+    assert _text(browser, "#best-card .k") == "Best ? (?)" and _text(browser, "#best-card .s") == "goal unknown"
     assert _severe_logs(browser) == []
 
 
@@ -422,3 +422,31 @@ def test_failed_steps_are_drawn_at_their_value_or_marked_off_the_scale(browser, 
     assert sorted(m["step"] for m in chart["failed"] if m["off"]) == [5, 6]
     browser.save_screenshot(str(tmp_path / "off-scale.png"))
     assert _severe_logs(browser) == []
+
+
+def test_the_ui_shows_a_runs_metric_and_goal_as_the_cli_does(browser, cli, tmp_path):
+    """A run first seen by its server id has no known metric or goal: "?" in `runs`, so "?" in the UI
+    too, never a guessed "min"."""
+    known = _guide_run(cli, tmp_path)
+    remote = "5b7e0c1a-2222-4333-8444-555566667777"
+    _log(cli, remote, 3, {"loss": 1.5})
+    _log(cli, remote, 4, {"loss": 1.2})
+    table = cli.ok("observe", "runs").stdout.splitlines()
+    metric_column = table[0].index("METRIC")
+    cli_goal = {line.split()[0]: line[metric_column:].split(")")[0] + ")" for line in table[1:]}
+    runs = {r["id"]: r for r in json.loads(cli.ok("observe", "runs", "--json").stdout)}
+    remote_id = next(i for i, r in runs.items() if r["server_id"] == remote)
+    assert cli_goal == {known: "val_bpb (min)", remote_id: "? (?)"}
+
+    server = UI(tmp_path)
+    try:
+        for run_id in (known, remote_id):
+            browser.get(f"{server.url}#run={run_id}")
+            _wait(lambda run_id=run_id: _count(browser, f'.runlink.active[data-run="{run_id}"]') == 1, what=run_id)
+            _wait(lambda: _count(browser, "#best-card") == 1, what="the summary cards")
+            assert _text(browser, "#best-card .k") == f"Best {cli_goal[run_id]}"
+        assert _text(browser, "#best-card .s") == "goal unknown"
+        assert _severe_logs(browser) == []
+    finally:
+        _blank(browser)
+        server.stop()

@@ -320,6 +320,7 @@ def test_remote_only_run_without_baseline(cli):
     cli.ok("observe", "log", "--run-id", server_id, "--step", "4", "--metrics", '{"loss": 1.2}')
     doc = json.loads(cli.ok("observe", "show", server_id, "--json").stdout)
     assert doc["run"]["remote_only"] and doc["run"]["metric"] is None
+    assert doc["run"]["goal"] is None and doc["run"]["maximize"] is None  # not False: nobody said "minimize"
     assert [(s["step"], s["parent_step"]) for s in doc["steps"]] == [(3, None), (4, 3)]
     assert doc["best"] is None  # no primary metric known locally
     text = cli.ok("observe", "show", server_id).stdout

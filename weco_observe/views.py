@@ -129,7 +129,7 @@ def _run_sync(row: Mapping[str, Any]) -> str:
 
 
 def _summary(row: Mapping[str, Any]) -> dict[str, Any]:
-    maximize = bool(row["maximize"]) if row["maximize"] is not None else False
+    maximize = bool(row["maximize"]) if row["maximize"] is not None else None
     best_value = row["value"]
     baseline = row["baseline_value"]
     if isinstance(baseline, bool) or not isinstance(baseline, (int, float)):
@@ -147,7 +147,7 @@ def _summary(row: Mapping[str, Any]) -> dict[str, Any]:
         "best_step": row["best_step"] if best_value is not None else None,
         "best_value": best_value,
         "baseline_value": baseline,
-        "improvement": _improvement(best_value, baseline, maximize),
+        "improvement": _improvement(best_value, baseline, bool(maximize)),
         "pending": row["pending"],
         "rejected": row["rejected"],
         "sync": _run_sync(row),

@@ -55,10 +55,12 @@
         el("span", { cls: "badge " + (r.rejected ? "rejected" : r.pending ? "pending" : r.sync === "synced" ? "synced" : ""), text: sync }),
       ]),
     ]);
+    // As `weco observe runs` writes it: a run first seen by its server id has "?" for both.
+    var goal = { maximize: "max", minimize: "min" }[r.goal] || "?";
     var bestCard = el("div", { cls: "card", id: "best-card" }, [
-      el("div", { cls: "k", text: "Best " + (r.metric || "") + " (" + (r.maximize ? "max" : "min") + ")" }),
+      el("div", { cls: "k", text: "Best " + (r.metric || "?") + " (" + goal + ")" }),
       el("div", { cls: "v good", text: v.best ? fmt(v.best.value) : "–" }),
-      el("div", { cls: "s", text: v.best ? "step " + v.best.step : "no kept step has a value yet" }),
+      el("div", { cls: "s", text: v.best ? "step " + v.best.step : r.goal ? "no kept step has a value yet" : "goal unknown" }),
     ]);
     var impText = "–", impCls = "v", impSub = "needs a baseline value (step 0)";
     if (imp) {
