@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 from test_ui import UI
+from test_views import import_run_without_goal
 
 from weco_observe import WecoObserver
 
@@ -450,3 +451,15 @@ def test_the_ui_shows_a_runs_metric_and_goal_as_the_cli_does(browser, cli, tmp_p
     finally:
         _blank(browser)
         server.stop()
+
+
+def test_a_run_without_a_goal_has_no_best_in_the_report(browser, cli, tmp_path):
+    run_id = import_run_without_goal(cli, tmp_path)
+    out = tmp_path / "report.html"
+    cli.ok("observe", "report", run_id, "-o", str(out))
+    browser.get(out.as_uri())
+    _wait(lambda: _count(browser, "#chart-svg circle.pt") == 3, what="the chart")
+    assert _text(browser, "#best-card .k") == "Best loss (?)" and _text(browser, "#best-card .s") == "goal unknown"
+    assert _count(browser, "#best-line") == 0 and _count(browser, "#tree-svg circle.node.best") == 0
+    assert browser.execute_script("return getComputedStyle(document.getElementById('legend-best')).display") == "none"
+    assert _severe_logs(browser) == []

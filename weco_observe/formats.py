@@ -111,13 +111,11 @@ def format_show(view: Mapping[str, Any], colour: bool = False) -> str:
 
     title = run["name"] or "(unnamed run)"
     server = run["server_id"] or "not synced yet"
+    goal = run["goal"] or ("goal unknown: a run first seen by its server id" if run["remote_only"] else "goal unknown")
     lines = [
         paint(title, "1"),
         f"run {run['id']}  server {server}  sync: " + _sync_text(run),
-        (
-            f"metric {metric} ({run['goal'] or 'goal unknown: a run first seen by its server id'})"
-            f"  steps {run['steps']} ({run['failed']} failed)"
-        ),
+        f"metric {metric} ({goal})  steps {run['steps']} ({run['failed']} failed)",
         "",
     ]
     for s in view["steps"]:
@@ -146,7 +144,9 @@ def format_show(view: Mapping[str, Any], colour: bool = False) -> str:
         lines.append(text)
     lines.append("")
     best = view["best"]
-    if best is None:
+    if run["goal"] is None:
+        lines.append("best: none (goal unknown)")
+    elif best is None:
         lines.append(f"best: none yet (no kept step reports {metric})")
     else:
         imp = _improvement_text(best["improvement"])

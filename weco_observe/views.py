@@ -22,8 +22,9 @@ Definitions, used by every view:
   metric in its ``metrics`` when it is a number, else none.
 - The **best step** is the step with the best value by the run's goal (lowest
   for minimize, highest for maximize) among steps that are not ``failed``; a
-  tie goes to the earliest step. A failed step is never best. It is computed by
-  one SQL aggregate (:func:`run_summaries`) so ``runs`` never decodes a step.
+  tie goes to the earliest step. A failed step is never best, and a run whose
+  goal is unknown (``maximize`` NULL) has no best. It is computed by one SQL
+  aggregate (:func:`run_summaries`) so ``runs`` never decodes a step.
 - The **improvement** is the best value against the baseline's (step 0), as a
   difference and a percentage of the baseline, positive when better by the goal.
 - A step's **code** is its own manifest, or, when it was logged without code,
@@ -162,7 +163,8 @@ def _query(journal: Journal, sql: str, params: Any = ()) -> list[dict[str, Any]]
 
 
 #: Bumped when the cached fields or their meaning change; an old cache is then ignored.
-_CACHE_VERSION = 2
+#: 3: a run without a goal has no best step (version 2 scored it as if minimizing).
+_CACHE_VERSION = 3
 
 
 def _cache_path(journal: Journal) -> Path:
@@ -198,7 +200,9 @@ def _compute_scores(journal: Journal, runs: Sequence[Mapping[str, Any]]) -> dict
     """Score ``runs`` (rows with ``id``, ``metric``, ``maximize``), one query per metric and goal."""
     groups: dict[tuple[str | None, bool], list[str]] = {}
     for run in runs:
-        groups.setdefault((run["metric"], bool(run["maximize"])), []).append(run["id"])
+        # Without a goal no value is better than another: such a run is scored for its counts only.
+        metric = run["metric"] if run["maximize"] is not None else None
+        groups.setdefault((metric, bool(run["maximize"])), []).append(run["id"])
     out: dict[str, dict[str, Any]] = {}
     for (metric, maximize), ids in groups.items():
         path = f'$."{metric.replace(chr(34), "")}"' if metric else None  # no metric: counts only
@@ -349,6 +353,7 @@ def run_view(journal: Journal, ref: str) -> dict[str, Any]:
         if (
             s["status"] != "failed"
             and value is not None
+            and maximize is not None  # no goal, no "best so far"
             and (best_so_far is None or (value > best_so_far if maximize else value < best_so_far))
         ):
             best_so_far = value

@@ -114,7 +114,7 @@
     var root = svg("svg", { viewBox: "0 0 " + W + " " + H, role: "img", "aria-label": "chart of " + m, id: "chart-svg" });
     box.appendChild(root);
     var pts = v.steps.filter(function (s) { return typeof s.metrics[m] === "number"; });
-    document.getElementById("legend-best").style.display = primary ? "" : "none";
+    document.getElementById("legend-best").style.display = "none";
     if (!pts.length) {
       var t = svg("text", { x: W / 2, y: H / 2, "text-anchor": "middle", "class": "nodata" });
       t.textContent = m ? "No step reports " + m + " yet" : "No metrics logged yet";
@@ -165,6 +165,7 @@
       });
       if (prev != null) d += "L" + X(last) + "," + Y(prev);
       if (d) root.appendChild(svg("path", { "class": "bestline", d: d, id: "best-line" }));
+      if (d) document.getElementById("legend-best").style.display = "";  // no goal, no line
     }
     var r = pts.length > 300 ? 2.2 : 3.6;
     pts.forEach(function (s) {
