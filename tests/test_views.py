@@ -312,7 +312,7 @@ def test_runs_cache_is_used_and_invalidated_by_new_steps(cli, tmp_path, journal_
     # A corrupt cache is ignored and rewritten.
     cache.write_text("{not json")
     assert json.loads(cli.ok("observe", "runs", "--json").stdout)[0]["best_value"] == 0.7
-    assert json.loads(cache.read_text())["version"] == 2
+    assert json.loads(cache.read_text())["version"] == 3
 
 
 def test_remote_only_run_without_baseline(cli):
@@ -321,8 +321,47 @@ def test_remote_only_run_without_baseline(cli):
     cli.ok("observe", "log", "--run-id", server_id, "--step", "4", "--metrics", '{"loss": 1.2}')
     doc = json.loads(cli.ok("observe", "show", server_id, "--json").stdout)
     assert doc["run"]["remote_only"] and doc["run"]["metric"] is None
+    assert doc["run"]["goal"] is None and doc["run"]["maximize"] is None  # not False: nobody said "minimize"
     assert [(s["step"], s["parent_step"]) for s in doc["steps"]] == [(3, None), (4, 3)]
     assert doc["best"] is None  # no primary metric known locally
     text = cli.ok("observe", "show", server_id).stdout
-    assert "+-- Step 3 (kept, no parent)" in text and "best: none yet" in text
+    assert "+-- Step 3 (kept, no parent)" in text and "best: none (goal unknown)" in text
     assert "no code changes" in cli.ok("observe", "diff", server_id, "4").stdout
+
+
+def import_run_without_goal(cli, tmp_path: Path) -> str:
+    """Import a run whose bundle does not carry its goal (the format allows that); return its id.
+
+    Its steps report loss 2.0, 1.5 and 3.0: which is best depends on a goal nobody gave.
+    """
+    from test_bundle import reforge
+
+    from weco_observe import bundle
+
+    with Journal(tmp_path / "elsewhere" / "journal.db") as other:
+        run = other.create_run(source_code={"a.py": "x\n"}, metric="loss", maximize=False, name="imported")
+        for step, loss in enumerate([2.0, 1.5, 3.0]):
+            other.log_step(run, step, metrics={"loss": loss})
+        bundle.write_bundle(other, tmp_path / "full.weco")
+    reforge(tmp_path / "full.weco", tmp_path / "no-goal.weco", lambda m: m["runs.jsonl"][0].pop("maximize"))
+    cli.ok("observe", "import", str(tmp_path / "no-goal.weco"))
+    return run
+
+
+def test_a_run_whose_goal_is_unknown_has_no_best_step(cli, tmp_path):
+    """Without a goal no value is better than another: no view may pick a best step, a best-so-far
+    or an improvement."""
+    run = import_run_without_goal(cli, tmp_path)
+    [summary] = json.loads(cli.ok("observe", "runs", "--json").stdout)
+    assert (summary["id"], summary["metric"], summary["maximize"], summary["goal"]) == (run, "loss", None, None)
+    assert (summary["best_step"], summary["best_value"], summary["improvement"]) == (None, None, None)
+    assert summary["baseline_value"] == 2.0  # the values are all there; only "better" is unknown
+    doc = json.loads(cli.ok("observe", "show", run, "--json").stdout)
+    assert [s["value"] for s in doc["steps"]] == [2.0, 1.5, 3.0]
+    assert doc["best"] is None
+    assert [(s["is_best"], s["best_so_far"]) for s in doc["steps"]] == [(False, None)] * 3
+    text = cli.ok("observe", "show", run).stdout
+    assert "metric loss (goal unknown)" in text  # not "first seen by its server id": it was imported
+    assert "best: none (goal unknown)" in text and "<- best" not in text
+    row = next(line for line in cli.ok("observe", "runs").stdout.splitlines() if line.startswith(run))
+    assert row.split()[3:7] == ["loss", "(?)", "3", "-"]  # metric (goal), steps, best

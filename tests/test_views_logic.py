@@ -7,7 +7,8 @@ import difflib
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from weco_observe.views import tree_layout, unified_diff
+from weco_observe.diffs import unified_diff
+from weco_observe.tree import tree_layout
 
 lines = st.lists(st.sampled_from(["a", "b", "c", "d", "", "x = 1", "y = 2"]), max_size=40)
 

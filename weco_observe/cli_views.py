@@ -2,8 +2,9 @@
 
 Registered on the ``observe`` group by ``cli.py``. Only typer is imported at
 load time (this module loads on the ``log`` hot path); each command imports
-``views`` (and the report, UI or skill module) inside its body, makes one
-library call and prints the result.
+the view modules it needs (``views``, ``formats``, ``diffs``, ``export``,
+``report``, ``ui`` or ``skill``) inside its body, makes one library call and
+prints the result.
 """
 
 from __future__ import annotations
@@ -34,14 +35,14 @@ def _journal():
 
 def runs(as_json: JsonOpt = False) -> None:
     """List every run: ids, name, metric and goal, steps, best value, sync state, last activity."""
-    from . import views
+    from . import formats, views
 
     with _journal() as journal:
         rows = views.list_runs(journal)
     if as_json:
         print(json.dumps([{k: v for k, v in r.items() if k != "last_activity_ts"} for r in rows], indent=2))
     else:
-        sys.stdout.write(views.format_runs(rows))
+        sys.stdout.write(formats.format_runs(rows))
 
 
 def show(
@@ -50,7 +51,7 @@ def show(
     color: ColorOpt = "auto",
 ) -> None:
     """Show a run's step tree, each step's metric and description, and the best step."""
-    from . import views
+    from . import formats, views
 
     colour = _colour(color)
     with _journal() as journal:
@@ -58,7 +59,7 @@ def show(
     if as_json:
         print(json.dumps(views.show_json(view), indent=2, ensure_ascii=False))
     else:
-        sys.stdout.write(views.format_show(view, colour=colour))
+        sys.stdout.write(formats.format_show(view, colour=colour))
 
 
 def diff(
@@ -74,12 +75,12 @@ def diff(
 
     A step logged without code is compared using its nearest ancestor's code.
     """
-    from . import views
+    from . import diffs
 
     colour = _colour(color)
     with _journal() as journal:
-        result = views.step_diff(journal, run, step, against, context=context)
-        text = views.format_diff(result, colour=colour)
+        result = diffs.step_diff(journal, run, step, against, context=context)
+        text = diffs.format_diff(result, colour=colour)
     sys.stdout.write(text)
 
 
@@ -90,14 +91,14 @@ def export(
     output: Annotated[str | None, typer.Option("--output", "-o", help="Write to this file, not stdout.")] = None,
 ) -> None:
     """Export a run's steps, metrics and parents (and code with --code) as JSON, JSON Lines or CSV."""
-    from . import views
+    from . import export as export_mod
 
     with _journal() as journal:
         if output is None:
-            views.export_run(journal, run, fmt, sys.stdout, code=code)
+            export_mod.export_run(journal, run, fmt, sys.stdout, code=code)
             return
         with open(output, "w", encoding="utf-8", newline="") as out:
-            n = views.export_run(journal, run, fmt, out, code=code)
+            n = export_mod.export_run(journal, run, fmt, out, code=code)
     print(f"wrote {n} steps to {output}", file=sys.stderr)
 
 

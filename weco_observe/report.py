@@ -23,7 +23,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from . import views
+from . import diffs, views
 from .errors import InvalidInput
 from .journal import Journal
 
@@ -36,7 +36,7 @@ UI_CSP = "default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inli
 @cache
 def asset(name: str) -> str:
     """The text of a file in ``weco_observe/assets/``."""
-    return resources.files("weco_observe").joinpath("assets", name).read_text(encoding="utf-8")
+    return resources.files("weco_observe").joinpath("assets").joinpath(name).read_text(encoding="utf-8")
 
 
 def _json_island(data: Any) -> str:
@@ -78,25 +78,26 @@ def page_data(view: dict[str, Any]) -> dict[str, Any]:
 def report_html(journal: Journal, ref: str) -> str:
     """The report of run ``ref`` as one HTML string, every step's diff against its parent included."""
     view = views.run_view(journal, ref)
-    diffs: dict[str, list[dict[str, Any]]] = {}
+    parent_diffs: dict[str, list[dict[str, Any]]] = {}
     by_step = {s["step"]: s for s in view["steps"]}
     for s in view["steps"]:
         parent = by_step.get(s["parent_step"]) if s["parent_step"] is not None else None
         if parent is None:
             continue
-        diffs[str(s["step"])] = views.file_diffs(
+        parent_diffs[str(s["step"])] = diffs.file_diffs(
             journal, parent["manifest"], s["manifest"], f"step{parent['step']}", f"step{s['step']}"
         )
     run = view["run"]
     title = f"{run['name'] or run['id']} · weco-observe report"
-    return page("report", title, {"view": page_data(view), "diffs": diffs})
+    return page("report", title, {"view": page_data(view), "diffs": parent_diffs})
 
 
 def write_report(journal: Journal, ref: str, output: str | os.PathLike[str]) -> tuple[Path, int]:
     """Write the report of run ``ref`` to ``output`` (atomically); return ``(path, bytes)``.
 
-    >>> write_report(journal, "local-01j", "report.html")  # doctest: +SKIP
-    (PosixPath('report.html'), 183204)
+    >>> path, size = write_report(journal, run_id, "report.html")
+    >>> path.name, path.read_text(encoding="utf-8").startswith("<!doctype html>"), size == path.stat().st_size
+    ('report.html', True, True)
     """
     text = report_html(journal, ref).encode("utf-8")
     path = Path(output)

@@ -2,8 +2,8 @@
 
 A standard-library ``ThreadingHTTPServer`` bound to 127.0.0.1 by default. It
 serves the report's page in ``ui`` mode (``report.page``) and a small JSON API
-that the page polls; all data comes from ``views``, exactly as ``show`` and the
-report see it:
+that the page polls; all data comes from ``views`` (and ``diffs``), exactly as
+``show`` and the report see it:
 
 - ``GET /api/state``: ``{"version": n}``; ``n`` changes whenever another process
   commits to the journal (SQLite's ``PRAGMA data_version``), which is when the
@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from . import report, views
+from . import diffs, report, views
 from .errors import InvalidInput, UnknownRun
 from .journal import Journal
 
@@ -83,7 +83,7 @@ class _Handler(BaseHTTPRequestHandler):
                 step = _int(query, "step")
                 if step is None:
                     raise InvalidInput("give ?step=N")
-                self._json(views.step_diff(self.server.journal, parts[2], step, _int(query, "against")))
+                self._json(diffs.step_diff(self.server.journal, parts[2], step, _int(query, "against")))
             else:
                 self._json({"detail": "not found"}, 404)
         except UnknownRun as exc:
@@ -139,8 +139,8 @@ class UIServer(ThreadingHTTPServer):
 
     @property
     def url(self) -> str:
-        host, port = self.server_address[:2]
-        shown = f"[{host}]" if ":" in str(host) else host
+        host, port = str(self.server_address[0]), self.server_address[1]
+        shown = f"[{host}]" if ":" in host else host
         return f"http://{shown}:{port}/"
 
 

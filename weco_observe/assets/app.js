@@ -55,10 +55,12 @@
         el("span", { cls: "badge " + (r.rejected ? "rejected" : r.pending ? "pending" : r.sync === "synced" ? "synced" : ""), text: sync }),
       ]),
     ]);
+    // As `weco observe runs` writes it: a run first seen by its server id has "?" for both.
+    var goal = { maximize: "max", minimize: "min" }[r.goal] || "?";
     var bestCard = el("div", { cls: "card", id: "best-card" }, [
-      el("div", { cls: "k", text: "Best " + (r.metric || "") + " (" + (r.maximize ? "max" : "min") + ")" }),
+      el("div", { cls: "k", text: "Best " + (r.metric || "?") + " (" + goal + ")" }),
       el("div", { cls: "v good", text: v.best ? fmt(v.best.value) : "–" }),
-      el("div", { cls: "s", text: v.best ? "step " + v.best.step : "no kept step has a value yet" }),
+      el("div", { cls: "s", text: v.best ? "step " + v.best.step : r.goal ? "no kept step has a value yet" : "goal unknown" }),
     ]);
     var impText = "–", impCls = "v", impSub = "needs a baseline value (step 0)";
     if (imp) {
@@ -96,7 +98,7 @@
     var legend = el("span", { cls: "legend" }, [
       el("span", {}, [el("i", { style: "background:var(--kept)" }), "value"]),
       el("span", { id: "legend-best" }, [el("i", { style: "background:var(--best)" }), "best so far"]),
-      el("span", {}, [el("i", { style: "background:var(--failed);height:3px" }), "failed (✕)"]),
+      el("span", {}, [el("i", { style: "background:var(--failed);height:3px" }), "failed (✕; ▲▼ off the scale)"]),
     ]);
     var box = el("div", { cls: "chart", id: "chart" });
     var panel = el("section", { cls: "panel" }, [el("h3", {}, [el("span", { text: "Metric over steps" }), legend, el("span", { cls: "grow" }), select]), box]);
@@ -107,12 +109,12 @@
     var v = state.view, box = document.getElementById("chart");
     if (!v || !box) return;
     box.textContent = "";
-    var m = state.metric, primary = m === v.run.metric, max = v.run.maximize;
+    var m = state.metric, primary = m === v.run.metric;
     var W = Math.max(box.clientWidth - 16, 300), H = 270, L = 58, R = 16, T = 14, B = 30;
     var root = svg("svg", { viewBox: "0 0 " + W + " " + H, role: "img", "aria-label": "chart of " + m, id: "chart-svg" });
     box.appendChild(root);
     var pts = v.steps.filter(function (s) { return typeof s.metrics[m] === "number"; });
-    document.getElementById("legend-best").style.display = primary ? "" : "none";
+    document.getElementById("legend-best").style.display = "none";
     if (!pts.length) {
       var t = svg("text", { x: W / 2, y: H / 2, "text-anchor": "middle", "class": "nodata" });
       t.textContent = m ? "No step reports " + m + " yet" : "No metrics logged yet";
@@ -128,8 +130,13 @@
     var vmin = Math.min.apply(null, vals), vmax = Math.max.apply(null, vals), pad = (vmax - vmin) * 0.06;
     var y = niceTicks(vmin - pad, vmax + pad, 5);  // a margin keeps the extreme points off the frame
     var lo = Math.min(y.lo, y.ticks[0]), hi = Math.max(y.hi, y.ticks[y.ticks.length - 1]);
+    // A failed value outside that range is drawn in a band beyond a dashed edge, never at the edge, where
+    // it would read as the edge's value.
+    function off(s) { var val = s.metrics[m]; return s.status === "failed" ? (val > hi ? "above" : val < lo ? "below" : null) : null; }
+    var above = pts.some(function (s) { return off(s) === "above"; }), below = pts.some(function (s) { return off(s) === "below"; });
+    var BAND = 18, top = T + (above ? BAND : 0), bottom = H - B - (below ? BAND : 0);
     function X(step) { return L + (step - first) / xs * (W - L - R); }
-    function Y(val) { var c = Math.min(Math.max(val, lo), hi); return T + (1 - (c - lo) / (hi - lo || 1)) * (H - T - B); }
+    function Y(val) { return top + (1 - (val - lo) / (hi - lo || 1)) * (bottom - top); }
     var axis = svg("g", { "class": "axis" });
     y.ticks.forEach(function (t) {
       axis.appendChild(svg("line", { x1: L, x2: W - R, y1: Y(t), y2: Y(t), "class": "grid" }));
@@ -139,6 +146,13 @@
       var tx = svg("text", { x: X(t), y: H - 10, "text-anchor": "middle" }); tx.textContent = String(t); axis.appendChild(tx);
     });
     root.appendChild(axis);
+    var bands = svg("g", { "class": "offscale" });
+    [[above, top, T + BAND / 2], [below, bottom, H - B - BAND / 2]].forEach(function (band) {
+      if (!band[0]) return;
+      bands.appendChild(svg("line", { x1: L, x2: W - R, y1: band[1], y2: band[1], "class": "offedge" }));
+      var tx = svg("text", { x: L - 8, y: band[2] + 4, "text-anchor": "end" }); tx.textContent = "off scale"; bands.appendChild(tx);
+    });
+    root.appendChild(bands);
     var kept = pts.filter(function (s) { return s.status !== "failed"; });
     if (kept.length > 1) root.appendChild(svg("path", { "class": "series", d: kept.map(function (s, i) { return (i ? "L" : "M") + X(s.step) + "," + Y(s.metrics[m]); }).join("") }));
     if (primary) {
@@ -151,12 +165,18 @@
       });
       if (prev != null) d += "L" + X(last) + "," + Y(prev);
       if (d) root.appendChild(svg("path", { "class": "bestline", d: d, id: "best-line" }));
+      if (d) document.getElementById("legend-best").style.display = "";  // no goal, no line
     }
     var r = pts.length > 300 ? 2.2 : 3.6;
     pts.forEach(function (s) {
       var val = s.metrics[m], g, title = svg("title");
       title.textContent = "step " + s.step + " (" + label(s) + "): " + m + " " + fmt(val) + (s.description ? " — " + s.description : "");
-      if (s.status === "failed") {
+      var side = off(s);
+      if (side) {
+        var ox = X(s.step), oy = side === "above" ? T + BAND / 2 : H - B - BAND / 2, h = r + 1.5, tip = side === "above" ? -h : h;
+        title.textContent += " (off the scale)";
+        g = svg("path", { d: "M" + ox + "," + (oy + tip) + "L" + (ox + h) + "," + (oy - tip) + "L" + (ox - h) + "," + (oy - tip) + "Z", "class": "fail off", "data-step": s.step });
+      } else if (s.status === "failed") {
         var cx = X(s.step), cy = Y(val), k = r + 1.2;
         g = svg("path", { d: "M" + (cx - k) + "," + (cy - k) + "L" + (cx + k) + "," + (cy + k) + "M" + (cx - k) + "," + (cy + k) + "L" + (cx + k) + "," + (cy - k), "class": "fail", "data-step": s.step });
       } else {
@@ -246,6 +266,18 @@
     }).catch(function () { cb(null); });
   }
 
+  // The step a metric of step s is compared with: its nearest ancestor that did not fail and reports
+  // the metric. A failed step's value is often a placeholder (0.0), and a step may not report every metric.
+  function reference(v, s, metric) {
+    var byStep = {}, seen = {};
+    v.steps.forEach(function (x) { byStep[x.step] = x; });
+    for (var p = byStep[s.parent_step]; p && !seen[p.step]; p = byStep[p.parent_step]) {
+      seen[p.step] = true;
+      if (p.status !== "failed" && typeof p.metrics[metric] === "number") return p;
+    }
+    return null;
+  }
+
   function renderDetail() {
     var v = state.view, s = null;
     if (!v) return;
@@ -258,15 +290,13 @@
     if (s.parent_step != null) bits.push("parent " + s.parent_step);
     title.textContent = (s.step === 0 ? "Baseline (step 0)" : "Step " + s.step) + " · " + bits.join(" · ");
     body.appendChild(s.description ? el("p", { cls: "desc", text: s.description }) : el("p", { cls: "desc meta", text: "No description." }));
-    var parent = null;
-    v.steps.forEach(function (x) { if (x.step === s.parent_step) parent = x; });
     var names = Object.keys(s.metrics);
     if (names.length) {
       body.appendChild(el("h4", { text: "Metrics" }));
       body.appendChild(el("table", { cls: "metrics" }, names.map(function (n) {
-        var pv = parent && typeof parent.metrics[n] === "number" ? parent.metrics[n] : null, dv = pv == null ? "" : (s.metrics[n] - pv);
+        var ref = typeof s.metrics[n] === "number" ? reference(v, s, n) : null, dv = ref ? s.metrics[n] - ref.metrics[n] : null;
         return el("tr", {}, [el("td", { text: n + (n === v.run.metric ? " ★" : "") }), el("td", { cls: "num", text: fmt(s.metrics[n]) }),
-          el("td", { cls: "num meta", text: dv === "" ? "" : (dv >= 0 ? "+" : "") + fmt(dv) + " vs parent" })]);
+          el("td", { cls: "num meta", text: ref ? (dv >= 0 ? "+" : "") + fmt(dv) + " vs step " + ref.step : "" })]);
       })));
     }
     var sync = s.sync === "delivered" ? "synced" : s.sync;
