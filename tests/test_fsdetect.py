@@ -2,7 +2,8 @@
 
 Most tests feed sample ``/proc/self/mountinfo`` texts, as clusters write them, to
 ``filesystem_of``; the ``shared_mode`` tests point ``fsdetect.MOUNTINFO`` at such
-a file and the node-local cache at the test's own folder.
+a file and the node-local cache at the test's own folder; the last test reads
+this machine's real mountinfo while an sshfs mount is up.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import os
 from pathlib import Path
 
 import pytest
+from cluster_fixtures import two_hosts  # noqa: F401
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -260,7 +262,7 @@ def test_the_fast_scan_agrees_with_the_rule_read_line_by_line(table):
     assert fsdetect.filesystem_of(path, text) == _reference(path, text)
 
 
-# --- shared_mode: the override, the caches ---------------------------------------
+# --- shared_mode: the override, the caches, a real sshfs mount ---------------------------------------
 
 
 @pytest.fixture
@@ -360,3 +362,17 @@ def test_a_cache_folder_others_can_write_is_never_trusted(detect, tmp_path, monk
     detect.write_text(_nfs_at(tmp_path))
     assert fsdetect.shared_mode(tmp_path).shared
     assert Path(fsdetect._cache_file()).parent == tmp_path / "tmp" / f"weco-observe-{os.getuid()}"
+
+
+def test_a_real_sshfs_mount_is_shared_and_its_backing_folder_is_not(two_hosts, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    monkeypatch.delenv(fsdetect.ENV_VAR, raising=False)
+    fsdetect.clear_cache()
+    try:
+        journal_dir = two_hosts.mount_a / "weco-data"  # not made yet, as on a first `init`
+        assert fsdetect.shared_mode(journal_dir) == fsdetect.Mode(
+            True, "mountinfo", "fuse.sshfs", str(two_hosts.mount_a)
+        )
+        assert not fsdetect.shared_mode(two_hosts.backing).shared
+    finally:
+        fsdetect.clear_cache()
