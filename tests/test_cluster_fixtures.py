@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 from cluster_fixtures import REQUIRE_ENV, second_user, two_hosts, unavailable  # noqa: F401
-from sshfs_hosts import Hosts, _is_mounted
+from sshfs_hosts import SSHFS_DEFAULTS, Hosts, _is_mounted
 
 from weco_observe import fsdetect
 
@@ -46,6 +46,28 @@ def test_a_file_closed_on_one_host_is_read_by_an_open_on_the_others(two_hosts):
     reader = two_hosts.extra_mount()
     assert (reader / "from-b.bin").read_bytes() == b"x" * 100_000
     assert sorted(os.listdir(reader)) == ["from-a.txt", "from-b.bin"]
+
+
+def test_a_reader_sees_new_names_and_new_data_at_its_next_look(two_hosts):
+    a, b = two_hosts.mount_a, two_hosts.mount_b
+    (a / "g").write_bytes(b"a" * 4096)
+    assert (b / "g").read_bytes() == b"a" * 4096 and os.listdir(b) == ["g"]  # B has it cached now
+    with open(a / "g", "r+b") as f:  # same size, same mtime second: only a fresh read can tell
+        f.write(b"b" * 4096)
+    (a / "h").write_bytes(b"new")
+    assert (b / "g").read_bytes() == b"b" * 4096  # B's page cache was dropped at open
+    assert sorted(os.listdir(b)) == ["g", "h"]  # no sshfs listing cache with NO_DIR_CACHE
+
+
+def test_with_sshfs_defaults_a_listing_lags_as_on_nfs(two_hosts):
+    hosts = Hosts(two_hosts.server, Path(tempfile.mkdtemp(prefix="weco-observe-hosts-")), SSHFS_DEFAULTS)
+    try:
+        assert os.listdir(hosts.mount_b) == []
+        (hosts.mount_a / "segment").write_text("x")
+        assert os.listdir(hosts.mount_b) == []  # the cached listing, for ~20 s
+        assert (hosts.mount_b / "segment").read_text() == "x"  # opening it by name works at once
+    finally:
+        hosts.close()
 
 
 LOCK_PROBE = textwrap.dedent(
