@@ -31,7 +31,6 @@ file during a repair stay in the damaged copy.
 from __future__ import annotations
 
 import os
-import re
 import sqlite3
 import stat
 import time
@@ -43,74 +42,16 @@ from typing import Any
 
 from . import codestore
 from .files import JournalFiles
+from .fsdetect import NETWORK_FILESYSTEMS, is_shared  # noqa: F401 (kept: a public name of doctor)
+from .fsdetect import filesystem_of as mount_of
 from .records import CodeRef, Event, Run, Step, loads
 
-#: Filesystem types (as in /proc/mounts) whose locking SQLite cannot rely on.
-NETWORK_FILESYSTEMS = frozenset(
-    {
-        "nfs",
-        "nfs4",
-        "lustre",
-        "cifs",
-        "smb",
-        "smb3",
-        "smbfs",
-        "fuse.sshfs",
-        "sshfs",
-        "9p",
-        "afs",
-        "ceph",
-        "fuse.ceph",
-        "cephfs",
-        "glusterfs",
-        "fuse.glusterfs",
-        "gpfs",
-        "beegfs",
-        "panfs",
-        "wekafs",
-        "fuse.s3fs",
-        "fuse.gcsfuse",
-        "fuse.juicefs",
-        "fuse.rclone",
-        "davfs",
-        "fuse.davfs2",
-        "ncpfs",
-        "coda",
-        "orangefs",
-        "pvfs2",
-        "virtiofs",
-    }
-)
 WAL_WARN_BYTES = 64 * 1024 * 1024
 _PROBE_LIMIT = 100_000  # rowids probed past a damaged page when the table's end is unknown
 
 
 def _check(name: str, level: str, message: str) -> dict[str, str]:
     return {"name": name, "level": level, "message": message}
-
-
-def _unescape_mount(field: str) -> str:
-    # /proc/mounts escapes space, tab, newline and backslash as \040 \011 \012 \134.
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
-
-
-def mount_of(path: str | os.PathLike[str], mounts: str) -> tuple[str, str] | None:
-    """The ``(mount point, filesystem type)`` holding ``path``, from /proc/mounts text.
-
-    >>> mount_of("/scratch/me/j.db", "server:/x /scratch nfs4 rw 0 0\\n/dev/sda1 / ext4 rw 0 0\\n")
-    ('/scratch', 'nfs4')
-    """
-    target = os.path.realpath(path)
-    best: tuple[str, str] | None = None
-    for line in mounts.splitlines():
-        fields = line.split()
-        if len(fields) < 3:
-            continue
-        point, fstype = _unescape_mount(fields[1]), fields[2]
-        inside = target == point or target.startswith(point.rstrip("/") + "/")
-        if inside and (best is None or len(point) >= len(best[0])):
-            best = (point, fstype)  # a later mount over the same point wins
-    return best
 
 
 def filesystem_check(path: Path, mounts: str | None = None) -> dict[str, str]:
@@ -123,7 +64,7 @@ def filesystem_check(path: Path, mounts: str | None = None) -> dict[str, str]:
     if found is None:
         return _check("filesystem", "ok", "filesystem type unknown")
     point, fstype = found
-    if fstype in NETWORK_FILESYSTEMS or fstype.startswith(("nfs", "fuse.sshfs")):
+    if is_shared(fstype):
         return _check(
             "filesystem",
             "warn",
