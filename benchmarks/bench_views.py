@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from weco_observe import report, views
+from weco_observe import export, formats, report, views
 from weco_observe.journal import Journal
 
 
@@ -117,7 +117,7 @@ def main() -> None:
         rows.append(
             (
                 "runs (in-process, no cache)",
-                timed(lambda: views.format_runs(views.list_runs(journal, cache=False)), args.repeat),
+                timed(lambda: formats.format_runs(views.list_runs(journal, cache=False)), args.repeat),
                 300,
                 "<= 300 ms",
             )
@@ -149,7 +149,7 @@ def main() -> None:
         rows.append(
             (
                 "show (in-process)",
-                timed(lambda: views.format_show(views.run_view(journal, target)), args.repeat),
+                timed(lambda: formats.format_show(views.run_view(journal, target)), args.repeat),
                 300,
                 "<= 300 ms",
             )
@@ -162,7 +162,7 @@ def main() -> None:
         rows.append(
             (
                 "export csv (in-process)",
-                timed(lambda: views.export_run(journal, target, "csv", io.StringIO()), args.repeat),
+                timed(lambda: export.export_run(journal, target, "csv", io.StringIO()), args.repeat),
                 None,
                 "-",
             )

@@ -247,8 +247,8 @@ def status(
         print(json.dumps(info, indent=2))
         return
     ev = info["events"]
-    unsent = ev["pending"] + ev["in_flight"] + ev["ambiguous"]
-    sent = ev["delivered"] + ev["possible_duplicate"]
+    unsent = sum(ev[state] for state in outbox.UNSENT)
+    sent = sum(ev[state] for state in outbox.SENT)
     if info["auto_sync"]:
         auto = "on"
     elif not settings.auto_sync:

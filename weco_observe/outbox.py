@@ -83,6 +83,7 @@ __all__ = [
     "steps_delivered",
     "steps_to_send",
     "superseded",
+    "sync_word",
     "unsent_and_rejected_by_run",
 ]
 
@@ -275,6 +276,14 @@ def unsent_and_rejected_by_run(journal: Journal, run_id: str | None = None) -> d
         key = (rid, REJECTED if state == REJECTED else PENDING)
         out[key] = out.get(key, 0) + n
     return out
+
+
+def sync_word(state: str | None) -> str:
+    """One word for a step's sync state in the views: unsent states read ``pending``, a possible
+    duplicate ``delivered``; no event at all (never journaled here) ``local``."""
+    if state is None:
+        return "local"
+    return PENDING if state in UNSENT else DELIVERED if state in SENT else state
 
 
 def fingerprints(journal: Journal) -> dict[str, str | None]:

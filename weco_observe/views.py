@@ -32,9 +32,10 @@ Definitions, used by every view:
   step the code came from. Diffs compare these effective snapshots.
 - The **tree** is drawn as the guide draws it, and laid out in lanes like a git
   graph for the report (``tree.tree_layout``).
-- A step's **sync state** is the state of the outbox event that last set it
-  (``pending``, ``delivered``, ``rejected``); a run's is its server id plus its
-  pending and rejected counts.
+- A step's **sync state** is the state of the outbox event that last set it, in
+  one word (``outbox.sync_word``: ``pending``, ``delivered``, ``rejected``,
+  ``superseded``, ``discarded``, or ``local`` with no event); a run's is its
+  server id plus its pending and rejected counts.
 
 The examples run as tests (``tests/test_view_doctests.py``) against a journal
 ``journal`` holding the guide's example run ``run_id``.
@@ -42,7 +43,6 @@ The examples run as tests (``tests/test_view_doctests.py``) against a journal
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import time
@@ -50,7 +50,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import tree
+from . import outbox, tree
 from .journal import Journal
 
 __all__ = [
@@ -89,12 +89,6 @@ SELECT r.id, r.server_id, r.remote_only, r.name, r.metric, r.maximize, r.created
        (SELECT json_extract(b.metrics, '$."' || replace(r.metric, '"', '') || '"') FROM steps b
         WHERE b.run_id = r.id AND b.step = 0 AND b.status != 'failed') AS baseline_value
 FROM runs r {where}
-"""
-
-_OUTBOX_SQL = """
-SELECT state, run_id, count(*) AS n FROM events
-WHERE state IN ('pending', 'rejected') {where}
-GROUP BY state, run_id
 """
 
 
@@ -229,13 +223,7 @@ def _scores(journal: Journal, runs: Sequence[Mapping[str, Any]], use_cache: bool
     """
     if not use_cache:
         return _compute_scores(journal, runs)
-    prints = {
-        r["id"]: r["fp"]
-        for r in journal.query(
-            "SELECT r.id, (SELECT e.seq || ':' || e.id FROM events e WHERE e.run_id = r.id"
-            " ORDER BY e.seq DESC LIMIT 1) AS fp FROM runs r"
-        )
-    }
+    prints = outbox.fingerprints(journal)
     cache = _load_cache(journal)
     out = {}
     stale = []
@@ -264,13 +252,11 @@ def run_summaries(journal: Journal, run_id: str | None = None, *, cache: bool = 
     """
     if run_id is None:
         runs = _query(journal, _RUNS_SQL.format(where=""))
-        outbox = _query(journal, _OUTBOX_SQL.format(where=""))
         scores = _scores(journal, runs, cache)
     else:
         runs = _query(journal, _RUNS_SQL.format(where="WHERE r.id = ?"), (run_id,))
-        outbox = _query(journal, _OUTBOX_SQL.format(where="AND run_id = ?"), (run_id,))
         scores = _scores(journal, runs, use_cache=False)
-    counts: dict[tuple[str, str], int] = {(o["run_id"], o["state"]): o["n"] for o in outbox}
+    counts = outbox.unsent_and_rejected_by_run(journal, run_id)
     out = []
     for run in runs:
         score = scores[run["id"]]
@@ -337,8 +323,8 @@ def run_view(journal: Journal, ref: str) -> dict[str, Any]:
                 "metrics": metrics,
                 "code": json.loads(r["code"]) if r["code"] else None,
                 "metadata": json.loads(r["metadata"]) if r["metadata"] else None,
-                "sync": r["sync"] or "local",
-                "sync_error": r["sync_error"] if r["sync"] == "rejected" else None,
+                "sync": outbox.sync_word(r["sync"]),
+                "sync_error": r["sync_error"] if r["sync"] == outbox.REJECTED else None,
                 "created_at": iso_time(r["created_at"]),
                 "updated_at": iso_time(r["updated_at"]),
             }
@@ -390,15 +376,3 @@ def show_json(view: Mapping[str, Any]) -> dict[str, Any]:
         "metrics": view["metrics"],
         "steps": [public_step(s) for s in view["steps"]],
     }
-
-
-# benchmarks/bench_views.py still calls these through ``views`` (it is outside
-# this change); resolved lazily because ``export`` imports this module. Remove
-# once the benchmark imports ``formats`` and ``export`` directly.
-_MOVED = {"format_runs": "formats", "format_show": "formats", "export_run": "export"}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED:
-        return getattr(importlib.import_module(f".{_MOVED[name]}", __package__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
