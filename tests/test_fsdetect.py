@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from weco_observe import doctor, fsdetect
+from weco_observe.settings import Settings
 
 ROOT = "22 1 254:1 / / rw,relatime shared:1 - ext4 /dev/nvme0n1p2 rw,errors=remount-ro\n"
 SAMPLES = {
@@ -321,13 +322,13 @@ def test_a_folder_not_made_yet_is_judged_by_its_nearest_existing_ancestor(detect
     detect.write_text(_nfs_at(home))
     mode = fsdetect.shared_mode(home / "alice" / ".local" / "share" / "weco-observe")
     assert (mode.shared, mode.mount_point) == (True, str(home))
-    assert list(fsdetect._read_cache(fsdetect._cache_file())) == [str(home)]  # the cache is keyed by the ancestor
+    assert list(fsdetect._read_cache(fsdetect._cache_file(Settings.load()))) == [str(home)]  # the cache is keyed by the ancestor
 
 
 def test_a_new_process_reads_the_node_local_cache_not_mountinfo(detect, tmp_path):
     detect.write_text(_nfs_at(tmp_path))
     first = fsdetect.shared_mode(tmp_path)
-    cache = Path(fsdetect._cache_file())
+    cache = Path(fsdetect._cache_file(Settings.load()))
     assert cache.parent == tmp_path / "run" and (cache.stat().st_mode & 0o777) == 0o600
     detect.unlink()  # a process that read mountinfo now would find nothing
     assert fsdetect.shared_mode(tmp_path) == first  # this process: its own dict
@@ -361,7 +362,7 @@ def test_a_cache_folder_others_can_write_is_never_trusted(detect, tmp_path, monk
     )
     detect.write_text(_nfs_at(tmp_path))
     assert fsdetect.shared_mode(tmp_path).shared
-    assert Path(fsdetect._cache_file()).parent == tmp_path / "tmp" / f"weco-observe-{os.getuid()}"
+    assert Path(fsdetect._cache_file(Settings.load())).parent == tmp_path / "tmp" / f"weco-observe-{os.getuid()}"
 
 
 def test_a_real_sshfs_mount_is_shared_and_its_backing_folder_is_not(two_hosts, tmp_path, monkeypatch):

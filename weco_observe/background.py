@@ -74,19 +74,32 @@ def spawn(journal_path: Path, api_key: str | None = None) -> int:
     return pid
 
 
-def trigger(journal_path: Path, api_key: str | None = None, settings: Settings | None = None) -> None:
-    """Start a background syncer for ``journal_path`` if one is needed. Never raises."""
+def trigger(
+    journal_path: Path, api_key: str | None = None, settings: Settings | None = None, *, merge: bool = False
+) -> None:
+    """Start a background syncer for ``journal_path`` if one is needed. Never raises.
+
+    ``merge``: a cluster-mode writer saw many unmerged segments for its run, so a
+    background process is worth starting to merge them even when nothing can be synced.
+    """
     try:
         if _children:
             _reap()
         settings = settings or Settings.load()
-        if not settings.auto_sync_active(api_key):
+        if not settings.auto_sync_active(api_key) and not merge:
             return
-        if synclock.in_cooldown(journal_path) or synclock.running(journal_path):
+        if synclock.in_cooldown(journal_path) and not merge:
+            return
+        if _held(Path(journal_path)):
             return
         spawn(Path(journal_path), api_key)
     except Exception:  # auto-sync is best effort: the step is journaled, `sync` will send it
         return
+
+
+def _held(journal_path: Path) -> bool:
+    """Some process holds the journal as its syncer: the flock (local mode) or the owner folder (cluster)."""
+    return synclock.running(journal_path) or JournalFiles(journal_path).owner_lock.exists()
 
 
 # -- the process ---------------------------------------------------------------------
@@ -98,34 +111,13 @@ def _log(message: str) -> None:
 
 def run(journal_path: Path, settings: Settings | None = None) -> int:
     """Drain, linger, exit. Returns 0, or the exit code of the last pass when it gave up."""
-    from . import outbox
+    from . import outbox, store
     from .api import WecoClient
-    from .errors import ApiError, WecoObserveError
-    from .journal import Journal
+    from .errors import ApiError, SyncBusy, WecoObserveError
     from .replay import DrainPolicy, PassResult, drain
 
     settings = settings or Settings.load()
     stopping = False
-
-    def stop(signum: int, frame: Any) -> None:  # SIGTERM: finish the request in flight, then exit
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    lock = synclock.SyncLock(journal_path)
-    if not lock.try_acquire("background"):
-        return 0
-    try:
-        client = WecoClient()
-    except (ApiError, WecoObserveError) as exc:
-        _log(f"not syncing: {exc}")
-        lock.release()
-        return exc.exit_code
-    journal = Journal(journal_path, settings=settings)
-
-    def should_stop() -> bool:
-        return stopping or lock.yield_requested()
 
     def on_pass(result: PassResult) -> None:
         _log(
@@ -134,34 +126,70 @@ def run(journal_path: Path, settings: Settings | None = None) -> int:
             + (f"; last error: {result.last_error}" if result.pending and result.last_error else "")
         )
 
-    policy = DrainPolicy.background(settings.sync_linger, settings.sync_give_up)
+    def stop(signum: int, frame: Any) -> None:  # SIGTERM: finish the request in flight, then exit
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    shared = store.is_shared(settings, journal_path)
+    # Cluster mode: a node with no route out must neither hammer the API nor keep the owner
+    # lock from the login node's sync, so it tries once and gives up at once (the cooldown
+    # file is in the shared folder: every node then waits).
+    policy = DrainPolicy.background(settings.sync_linger, 0.0 if shared else settings.sync_give_up)
     code = 0
-    try:
-        while True:
-            done = drain(journal, client, policy, should_stop=should_stop, on_pass=on_pass)
-            code = done.total.exit_code
-            if done.reason == "auth":
-                _log(f"stopping: {done.total.last_error}")
-                synclock.set_cooldown(journal_path, COOLDOWN_AUTH)
+    while True:
+        try:
+            with store.exclusive(settings, "background", journal_path=journal_path, wait=False) as held:
+                lock, journal = held.lock, held.journal
+
+                def should_stop(lock: Any = lock) -> bool:
+                    return stopping or bool(lock.yield_requested())
+
+                key = settings.api_key
+                if not key or not settings.auto_sync:
+                    return 0  # started only to merge (cluster mode): done
+                with WecoClient(api_key=key) as client:
+                    done = drain(
+                        journal,
+                        client,
+                        policy,
+                        should_stop=should_stop,
+                        on_pass=on_pass,
+                        refresh=held.merge,
+                    )
+                code = done.total.exit_code
+                if done.reason == "auth":
+                    _log(f"stopping: {done.total.last_error}")
+                    synclock.set_cooldown(journal_path, COOLDOWN_AUTH)
+                    return code
+                if done.reason == "gave_up":
+                    _log(f"giving up for now with {done.total.pending} pending: {done.total.last_error}")
+                    synclock.set_cooldown(journal_path, COOLDOWN_UNREACHABLE)
+                    return code
+                if done.reason == "stopped":
+                    _log("gave way to a foreground sync" if lock.yield_requested() else "stopped by a signal")
+                    return code
+                if done.total.delivered or not done.total.pending:
+                    synclock.set_cooldown(journal_path, 0)
+        except (SyncBusy, ApiError, WecoObserveError) as exc:
+            if not isinstance(exc, SyncBusy):
+                _log(f"not syncing: {exc}")
+                return exc.exit_code
+            return code  # another syncer holds the journal: it sends what is there
+        # the lock is released: anything journaled after the drain's last look starts its own syncer,
+        # anything before it is ours to send
+        with store.reader(settings, journal_path, wait=0) as journal:
+            if outbox.count_unsent(journal, after_seq=done.seen) == 0 and not _backlog(journal_path, shared):
                 return code
-            if done.reason == "gave_up":
-                _log(f"giving up for now with {done.total.pending} pending: {done.total.last_error}")
-                synclock.set_cooldown(journal_path, COOLDOWN_UNREACHABLE)
-                return code
-            if done.reason == "stopped":
-                _log("gave way to a foreground sync" if lock.yield_requested() else "stopped by a signal")
-                return code
-            if done.total.delivered or not done.total.pending:
-                synclock.set_cooldown(journal_path, 0)
-            lock.release()
-            if outbox.count_unsent(journal, after_seq=done.seen) == 0:
-                return code
-            if not lock.try_acquire("background"):
-                return code  # whoever holds it now sends them
-    finally:
-        lock.release()
-        client.close()
-        journal.close()
+
+
+def _backlog(journal_path: Path, shared: bool) -> bool:
+    if not shared:
+        return False
+    from . import segments
+
+    return segments.backlog(JournalFiles(journal_path))["files"] > 0
 
 
 def main(argv: list[str] | None = None) -> int:

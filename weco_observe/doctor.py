@@ -208,7 +208,63 @@ def _permissions(ctx: _Context) -> list[dict[str, str]]:
 
 
 def _filesystem(ctx: _Context) -> list[dict[str, str]]:
-    return [filesystem_check(ctx.path)]
+    from . import store
+    from .settings import Settings
+
+    mode = store.mode(Settings.load(), ctx.path)
+    ctx.report["mode"] = {
+        "shared": mode.shared,
+        "source": mode.source,
+        "fstype": mode.fstype,
+        "mount_point": mode.mount_point,
+    }
+    where = f"{mode.fstype} at {mode.mount_point}" if mode.fstype else "filesystem type unknown"
+    why = "set by WECO_OBSERVE_SHARED_FS" if mode.source == "WECO_OBSERVE_SHARED_FS" else "detected"
+    if mode.shared:
+        return [
+            _check(
+                "filesystem",
+                "ok",
+                f"cluster mode ({why}; {where}): writers append to segment files, one owner merges them"
+                " into the journal (docs/cluster.md)",
+            )
+        ]
+    found = filesystem_check(ctx.path)
+    if found["level"] != "ok":
+        return [found]
+    return [_check("filesystem", "ok", f"local mode ({why}; {where})")]
+
+
+def _segments(ctx: _Context) -> list[dict[str, str]]:
+    """Cluster mode: every segment read and checked (CRC, torn tails, abandoned writers)."""
+    from . import segments
+
+    found = segments.check_files(ctx.files)
+    ctx.report["segments"] = {k: v if isinstance(v, int) else len(v) for k, v in found.items()}
+    if not found["files"]:
+        return []
+    out = []
+    size = f"{found['records']} records, {found['bytes'] / 1024:.0f} KiB"
+    summary = f"{found['files']} segment files ({size}) wait to be merged"
+    out.append(_check("segments", "ok", summary + " (the next sync, view or `weco observe merge` merges them)"))
+    if found["torn"]:
+        out.append(
+            _check(
+                "segments",
+                "warn",
+                f"{len(found['torn'])} torn or damaged records will be skipped when merged ({found['torn'][0]})",
+            )
+        )
+    if found["abandoned"]:
+        out.append(
+            _check(
+                "segments",
+                "warn",
+                f"{len(found['abandoned'])} segments were left open by writers that are gone"
+                f" ({found['abandoned'][0]}); the next merge takes what they hold",
+            )
+        )
+    return out
 
 
 def _spill(ctx: _Context) -> list[dict[str, str]]:
@@ -241,7 +297,13 @@ def _spill(ctx: _Context) -> list[dict[str, str]]:
 #: The checks ``doctor`` runs, in order; each returns its findings. Those in the first list need the
 #: journal to open; the second list runs whatever state the file is in.
 CHECKS_ON_FILE: list[Callable[[_Context], list[dict[str, str]]]] = [_integrity, _schema, _code]
-CHECKS_AROUND: list[Callable[[_Context], list[dict[str, str]]]] = [_wal, _permissions, _filesystem, _spill]
+CHECKS_AROUND: list[Callable[[_Context], list[dict[str, str]]]] = [
+    _wal,
+    _permissions,
+    _filesystem,
+    _segments,
+    _spill,
+]
 
 
 def _mode(p: Path) -> int | None:
@@ -499,7 +561,7 @@ def repair(path: str | os.PathLike[str], *, lock_timeout: float = 60.0) -> dict[
     '/home/me/.local/share/weco-observe/journal.db.damaged-20261125T2210Z'
     """
     from .errors import JournalDamaged
-    from .journal import Journal
+    from .journal import Journal, read_seq, write_seq
 
     path = Path(path)
     files = JournalFiles(path)
@@ -517,15 +579,17 @@ def repair(path: str | os.PathLike[str], *, lock_timeout: float = 60.0) -> dict[
             f"cannot repair {path}: not even its list of tables is readable ({exc}); nothing was changed. "
             f"Move it aside (mv {path} {kept}) to start a fresh journal"
         ) from None
-    from .synclock import SyncLock
+    from . import store
+    from .ownerlock import OwnerLock
+    from .settings import Settings
 
-    lock = SyncLock(path)  # a syncer would write its deliveries into the file being replaced
+    lock = store.sync_lock(Settings.load(), path)  # a syncer would write its deliveries into the file being replaced
     try:
         lock.acquire("repair", wait=True, timeout=lock_timeout)
     except BaseException:
         src.close()
         raise
-    fresh = Journal(fresh_path)
+    fresh = Journal(fresh_path, owner=lock if isinstance(lock, OwnerLock) else None)
     moved = False
     try:
         rows: dict[str, list[dict[str, Any]]] = {}
@@ -565,6 +629,10 @@ def repair(path: str | os.PathLike[str], *, lock_timeout: float = 60.0) -> dict[
         src.close()
         fresh.close()
         moved = True  # from here on the salvaged copy is the only journal: never delete it
+        shared = isinstance(lock, OwnerLock)
+        if shared:  # readers on other hosts retry while the file is swapped
+            seq = read_seq(files.commit_seq)
+            write_seq(files.commit_seq, seq | 1)
         os.replace(path, kept)
         for old, new in zip(files.sqlite_companions(), files.sqlite_companions(kept), strict=True):
             if old == files.shm:
@@ -572,15 +640,17 @@ def repair(path: str | os.PathLike[str], *, lock_timeout: float = 60.0) -> dict[
             elif old.exists():
                 os.replace(old, new)
         scratch = JournalFiles(fresh_path)
-        for leftover in (*scratch.sqlite_companions(), scratch.migrate_lock):
+        for leftover in (*scratch.sqlite_companions(), scratch.migrate_lock, scratch.commit_seq):
             leftover.unlink(missing_ok=True)
         os.replace(fresh_path, path)
+        if shared:
+            write_seq(files.commit_seq, (seq | 1) + 1)
     except BaseException:
         src.close()
         fresh.close()
         if not moved:
             scratch = JournalFiles(fresh_path)
-            for leftover in (fresh_path, *scratch.sqlite_companions(), scratch.migrate_lock):
+            for leftover in (fresh_path, *scratch.sqlite_companions(), scratch.migrate_lock, scratch.commit_seq):
                 leftover.unlink(missing_ok=True)
         raise
     finally:

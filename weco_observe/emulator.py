@@ -135,7 +135,7 @@ class Emulator:
         self._rng = random.Random(self.faults.seed)
         self._runs: dict[str, dict[str, Any]] = {}
         self._stats: dict[str, int] = {}
-        self._server: ThreadingHTTPServer | None = None
+        self._server: _Server | None = None
         self._thread: threading.Thread | None = None
         #: optional hook ``(path, body) -> detail or None``: a detail rejects the request with 422
         self.reject: Callable[[str, dict[str, Any]], str | None] | None = None

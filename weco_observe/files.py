@@ -108,6 +108,11 @@ class JournalFiles:
         return self._beside(".sync-cooldown")
 
     @property
+    def commit_seq(self) -> Path:
+        """Cluster mode: the owner's commit counter, a seqlock for readers on other hosts."""
+        return self._beside(".seq")
+
+    @property
     def owner_lock(self) -> Path:
         """Cluster mode: the lock *directory* of the one process that may write ``db``."""
         return self._beside(".owner")
@@ -170,6 +175,7 @@ class JournalFiles:
             self.sync_lock,
             self.sync_yield,
             self.sync_cooldown,
+            self.commit_seq,
             self.autosync_log,
             self.views_cache,
         ]

@@ -38,6 +38,8 @@ import stat
 import sys
 import time
 
+from .settings import Settings
+
 __all__ = ["ENV_VAR", "NETWORK_FILESYSTEMS", "Mode", "clear_cache", "filesystem_of", "is_shared", "shared_mode"]
 
 ENV_VAR = "WECO_OBSERVE_SHARED_FS"
@@ -263,8 +265,7 @@ def _scan_mounts(target: str, text: str) -> tuple[str, str] | None:
     return best
 
 
-def _override() -> bool | None:
-    raw = os.environ.get(ENV_VAR)
+def _override(raw: str | None) -> bool | None:
     if raw is None or not raw.strip():
         return None
     value = raw.strip().lower()
@@ -285,24 +286,26 @@ _warned: set[str] = set()
 CACHE_SECONDS = 600
 
 
-def shared_mode(journal_dir: str | os.PathLike[str]) -> Mode:
+def shared_mode(journal_dir: str | os.PathLike[str], settings: Settings | None = None) -> Mode:
     """The mode ``journal_dir`` needs: shared when it sits on a filesystem other hosts mount.
 
-    The override is read at every call, so a test or a user can change it at any
-    time. Detection is remembered per directory for the life of the process, and
-    in a small node-local cache file for the next processes.
+    The override (``$WECO_OBSERVE_SHARED_FS``, through ``settings``, loaded now when
+    not given) is read at every call, so a test or a user can change it at any time.
+    Detection is remembered per directory for the life of the process, and in a
+    small node-local cache file for the next processes.
 
     >>> mode = shared_mode(".")
     >>> mode.source in ("mountinfo", ENV_VAR, "unknown") and isinstance(mode.shared, bool)
     True
     """
+    settings = settings or Settings.load()
     key = os.fspath(journal_dir)
     try:
         found = _detected[key]
     except KeyError:
-        found = _detected[key] = _detect(key)
+        found = _detected[key] = _detect(key, settings)
     point, fstype = found if found is not None else (None, None)
-    forced = _override()
+    forced = _override(settings.shared_fs_raw)
     if forced is not None:
         return Mode(forced, ENV_VAR, fstype, point)
     if fstype is None:
@@ -316,7 +319,7 @@ def clear_cache() -> None:
     _warned.clear()
 
 
-def _detect(journal_dir: str) -> tuple[str, str] | None:
+def _detect(journal_dir: str, settings: Settings) -> tuple[str, str] | None:
     # The kernel writes mountinfo at ~3 us a mount: 6.5 ms for a node with 2,000 mounts,
     # paid by every `weco observe log` process. Hence the cache file, checked against
     # the st_dev of the directory's nearest existing ancestor.
@@ -330,7 +333,7 @@ def _detect(journal_dir: str) -> tuple[str, str] | None:
             if parent == anchor:
                 return filesystem_of(anchor)
             anchor = parent
-    cache = _cache_file()
+    cache = _cache_file(settings)
     entries = _read_cache(cache) if cache else {}
     now = int(time.time())
     hit = entries.get(_escape(anchor))
@@ -353,7 +356,7 @@ def _cacheable(dev: int, fstype: str) -> bool:
     return is_shared(fstype) or os.major(dev) != 0
 
 
-def _cache_file() -> str | None:
+def _cache_file(settings: Settings) -> str | None:
     """This user's node-local cache, one per mount namespace (containers see other mounts), or None.
 
     Under ``$XDG_RUNTIME_DIR`` or else ``$TMPDIR``, in a folder only this user can
@@ -364,9 +367,8 @@ def _cache_file() -> str | None:
     except OSError:
         return None
     uid = os.getuid()
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    folders = [runtime] if runtime else []
-    folders.append(os.path.join(os.environ.get("TMPDIR") or "/tmp", f"weco-observe-{uid}"))
+    folders = [str(settings.runtime_dir)] if settings.runtime_dir else []
+    folders.append(os.path.join(settings.temp_dir, f"weco-observe-{uid}"))
     for folder in folders:
         try:
             st = os.lstat(folder)

@@ -14,6 +14,15 @@ Rows become records (``records.py``) and records become rows only through the
 record types; the outbox's states and transitions are ``outbox.py``'s. The
 tree rule is ``treerule.py``'s; this module gives it its two lookups in SQL.
 
+**Cluster mode** (a journal on a filesystem several hosts share, see
+docs/cluster.md): writers never open the journal for writing; only the holder of
+the owner lock does (``Journal(path, owner=lock)``), in rollback-journal mode
+through SQLite's ``unix-none`` VFS (no WAL, no mmap, no ``fcntl``), bumping the
+commit counter ``journal.db.seq`` to an odd value before each write transaction
+and to the next even one after it. :class:`SharedReader` reads it from any host
+with that counter as a seqlock: a fresh read-only connection per query, retried
+when the counter moved or was odd, so a reader never acts on a torn state.
+
 The journal is opened on the hot path of ``weco observe log``, so this module
 imports only the standard library and the package's own light modules.
 
@@ -34,7 +43,7 @@ from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import codestore, ids, outbox, treerule, validate
 from .errors import InvalidInput, JournalUnavailable, UnknownRun
@@ -42,8 +51,11 @@ from .files import JournalFiles, private_dir, private_file
 from .records import Blob, CodeRef, Event, Run, Step, loads
 from .settings import Settings
 
+if TYPE_CHECKING:
+    from .ownerlock import OwnerLock
+
 #: Must equal the number of migrations in ``migrations.py`` (a test checks it).
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 #: Insert a step or replace its state (keeping when it was first logged): one statement for
 #: ``log_step`` and every merge.
@@ -62,29 +74,42 @@ _INSERT_BLOB = f"INSERT OR IGNORE INTO blobs ({', '.join(Blob.COLUMNS)}) VALUES 
 class Journal:
     """An open journal. Thread-safe; hold one per process for speed."""
 
-    def __init__(self, path: str | os.PathLike[str] | None = None, *, settings: Settings | None = None):
+    def __init__(
+        self,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        settings: Settings | None = None,
+        owner: OwnerLock | None = None,
+    ):
         settings = settings or Settings.load()
         self.path = Path(path) if path is not None else settings.journal_path
         self.files = JournalFiles(self.path)
+        #: cluster mode: the owner lock this process holds (every commit is fenced by it)
+        self.owner = owner
         self._lock = threading.RLock()
         self._texts: OrderedDict[str, tuple[bytes, int]] = OrderedDict()
         self._known_blobs: set[str] = set()
         try:
             private_dir(self.path.parent)
             private_file(self.path)
-            self.conn = sqlite3.connect(
-                str(self.path),
-                timeout=settings.busy_timeout,
-                isolation_level=None,
-                check_same_thread=False,
-            )
+            if owner is not None:
+                self.conn = self._open_shared(settings)
+            else:
+                self.conn = sqlite3.connect(
+                    str(self.path),
+                    timeout=settings.busy_timeout,
+                    isolation_level=None,
+                    check_same_thread=False,
+                )
             self.conn.execute("PRAGMA synchronous=FULL")
             self.conn.execute("PRAGMA foreign_keys=ON")
-            wal = self.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
             version = self.conn.execute("PRAGMA user_version").fetchone()[0]
-            if not wal or version < SCHEMA_VERSION:
+            if owner is not None:
+                if version < SCHEMA_VERSION:
+                    self._migrate()
+            elif self.conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal" or version < SCHEMA_VERSION:
                 self._setup()
-                version = self.conn.execute("PRAGMA user_version").fetchone()[0]
+            version = self.conn.execute("PRAGMA user_version").fetchone()[0]
         except (sqlite3.Error, OSError) as exc:
             raise JournalUnavailable(f"cannot open journal {self.path}: {exc}") from None
         if version > SCHEMA_VERSION:
@@ -93,6 +118,30 @@ class Journal:
                 f"journal {self.path} has schema version {version}, newer than this "
                 f"weco-observe understands ({SCHEMA_VERSION}): upgrade weco-observe"
             )
+
+    def _open_shared(self, settings: Settings) -> sqlite3.Connection:
+        """Cluster mode, as the owner: rollback journal, no locks of SQLite's own (the owner lock
+        excludes other writers). A journal still in WAL mode (made in local mode, or by 0.1.0) is
+        switched once, with the ordinary VFS, since ``unix-none`` cannot open a WAL database."""
+        probe = sqlite3.connect(str(self.path), timeout=settings.busy_timeout, isolation_level=None)
+        try:
+            if probe.execute("PRAGMA journal_mode").fetchone()[0] == "wal":
+                probe.execute("PRAGMA journal_mode=DELETE")
+        finally:
+            probe.close()
+        for companion in (self.files.wal, self.files.shm):
+            companion.unlink(missing_ok=True)
+        conn = sqlite3.connect(
+            f"file:{self.path}?vfs=unix-none", uri=True, isolation_level=None, check_same_thread=False
+        )
+        conn.execute("PRAGMA journal_mode=DELETE")
+        return conn
+
+    def _migrate(self) -> None:
+        from . import migrations
+
+        with self._sequenced():
+            migrations.apply(self.conn)
 
     # -- plumbing -------------------------------------------------------------
 
@@ -127,11 +176,26 @@ class Journal:
         self.close()
 
     @contextmanager
+    def _sequenced(self) -> Iterator[None]:
+        """Cluster mode: fence the write by the owner lock and make the commit counter odd
+        while it runs, so readers on other hosts retry instead of reading a torn state."""
+        if self.owner is None:
+            yield
+            return
+        self.owner.check()
+        seq = read_seq(self.files.commit_seq)
+        write_seq(self.files.commit_seq, seq + 1 if seq % 2 == 0 else seq)
+        try:
+            yield
+        finally:
+            write_seq(self.files.commit_seq, (seq | 1) + 1)
+
+    @contextmanager
     def write(self) -> Iterator[sqlite3.Connection]:
         """One write transaction. Takes the write lock up front (``BEGIN IMMEDIATE``) so
         concurrent writers queue on the busy timeout instead of failing to upgrade.
         Any SQLite failure becomes JournalUnavailable (the caller spills or reports it)."""
-        with self._lock:
+        with self._lock, self._sequenced():
             try:
                 self.conn.execute("BEGIN IMMEDIATE")
             except sqlite3.Error as exc:
@@ -193,11 +257,10 @@ class Journal:
         cached = self._texts.get(digest)
         if cached is not None:
             return cached
-        row = self.conn.execute(
-            "SELECT base, depth, prefix, suffix, data FROM blobs WHERE hash = ?", (digest,)
-        ).fetchone()
-        if row is None:
+        rows = self.query("SELECT base, depth, prefix, suffix, data FROM blobs WHERE hash = ?", (digest,))
+        if not rows:
             raise KeyError(digest)
+        row = tuple(rows[0])
         base_hash, depth, prefix, suffix, payload = row
         base = self._blob(base_hash)[0] if base_hash else None
         data = codestore.decode(payload, prefix, suffix, base)
@@ -476,3 +539,96 @@ def _result(step: Step, *, updated: bool) -> dict[str, Any]:
         "event_id": step.event_id,
         "updated": updated,
     }
+
+
+# -- cluster mode: the commit counter and readers on any host ---------------------------
+
+
+def read_seq(path: Path) -> int:
+    """The owner's commit counter (0 when there is none yet); odd while a write runs.
+
+    Opened afresh each time: under NFS close-to-open, the open revalidates the
+    file, so a reader never sees a stale counter."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return 0
+    try:
+        text = os.read(fd, 64).decode("ascii", "replace").strip()
+    finally:
+        os.close(fd)
+    return int(text) if text.isdigit() else 1  # unreadable: treat as a write in progress
+
+
+def write_seq(path: Path, value: int) -> None:
+    """Rewrite the counter in place (one inode, so readers' opens see the new value) and fsync it."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        os.pwrite(fd, f"{value:020d}\n".encode(), 0)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class SharedReader(Journal):
+    """A cluster-mode journal read from any host, without the owner lock.
+
+    Each query opens a fresh read-only connection (``unix-none``: no locks taken,
+    no journal ever rolled back) and runs between two reads of the commit counter;
+    it is retried while the counter is odd or moved. Writing raises.
+    """
+
+    RETRIES = 200
+
+    def __init__(self, path: str | os.PathLike[str] | None = None, *, settings: Settings | None = None):
+        settings = settings or Settings.load()
+        self.path = Path(path) if path is not None else settings.journal_path
+        self.files = JournalFiles(self.path)
+        self.owner = None
+        self._lock = threading.RLock()
+        self._texts = OrderedDict()
+        self._known_blobs = set()
+        self._timeout = settings.busy_timeout
+        if not self.path.exists():
+            raise JournalUnavailable(f"no journal yet at {self.path}")
+
+    def _connect(self) -> sqlite3.Connection:
+        return sqlite3.connect(f"file:{self.path}?vfs=unix-none&mode=ro", uri=True, check_same_thread=False)
+
+    def query(self, sql: str, params: Any = ()) -> list[sqlite3.Row]:
+        deadline = time.monotonic() + self._timeout
+        delay = 0.002
+        last: Exception | None = None
+        while True:
+            before = read_seq(self.files.commit_seq)
+            if before % 2 == 0:
+                try:
+                    conn = self._connect()
+                    try:
+                        cur = conn.execute(sql, params)
+                        cur.row_factory = sqlite3.Row
+                        rows = cur.fetchall()
+                    finally:
+                        conn.close()
+                    if read_seq(self.files.commit_seq) == before:
+                        return rows
+                except sqlite3.DatabaseError as exc:  # a torn page read mid-commit, or a hot journal
+                    last = exc
+            if time.monotonic() > deadline:
+                raise JournalUnavailable(f"cannot read journal {self.path}: it kept changing ({last or 'busy'})")
+            time.sleep(delay)
+            delay = min(delay * 2, 0.1)
+
+    def iter_query(self, sql: str, params: Any = (), batch: int = 500) -> Iterator[sqlite3.Row]:
+        yield from self.query(sql, params)
+
+    def schema_version(self) -> int:
+        return self.query("PRAGMA user_version")[0][0]
+
+    @contextmanager
+    def write(self) -> Iterator[sqlite3.Connection]:
+        raise JournalUnavailable(f"journal {self.path} is read here without the owner lock: nothing may be written")
+        yield  # pragma: no cover
+
+    def close(self) -> None:
+        pass

@@ -190,6 +190,18 @@ def m003_outbox_states(db: Database) -> None:
     db.execute("CREATE INDEX events_by_run ON events (run_id, seq)")
 
 
+@migrations()
+def m004_segment_progress(db: Database) -> None:
+    """Cluster mode: how far the owner has merged each segment file.
+
+    A live SDK writer keeps appending to its ``.open`` segment; remembering the
+    offset lets each merge read only what is new. A row goes when its file does.
+    """
+    db.execute(
+        "CREATE TABLE segment_progress (name TEXT PRIMARY KEY, offset INTEGER NOT NULL, updated_at REAL NOT NULL)"
+    )
+
+
 SCHEMA_VERSION = len(migrations._migrations)
 
 

@@ -604,6 +604,7 @@ def drain(
     should_stop: Callable[[], bool] = lambda: False,
     on_pass: Callable[[PassResult], None] | None = None,
     progress_factory: Callable[[int], Callable[[int], None] | None] | None = None,
+    refresh: Callable[[], Any] | None = None,
     **sync_options: Any,
 ) -> DrainResult:
     """Send what is unsent, then keep sending new events as they are journaled, until the policy says stop.
@@ -612,7 +613,8 @@ def drain(
     retries) it waits ``backoff`` seconds, doubling up to ``max_backoff``; an
     idle drain polls the outbox's newest seq every ``poll`` seconds. Every wait
     ends early when ``should_stop`` turns true. ``on_pass`` gets each pass that
-    sent something.
+    sent something. ``refresh`` runs before each look for new events (cluster mode: it
+    merges what writers appended to their segments, which is where new events arrive).
     """
     total = PassResult()
     start = time.monotonic()
@@ -671,6 +673,8 @@ def drain(
             reason = "deadline"
             break
         sleep(policy.poll)
+        if refresh is not None:
+            refresh()
         newest = outbox.newest_seq(journal)
         if newest > seen:
             seen, need_pass = newest, True
@@ -739,29 +743,26 @@ def flush(journal_path: str | Path, timeout: float | None = 30.0, api_key: str |
     (False if events are unsent). A background syncer holding the journal is
     asked to give way.
     """
+    from . import store
     from .api import WecoClient
     from .errors import SyncBusy
-    from .synclock import SyncLock
 
     settings = Settings.load()
     deadline = None if timeout is None else time.monotonic() + timeout
-    with Journal(journal_path, settings=settings) as journal:
-        if outbox.count_unsent(journal) == 0:
-            return True
-        key = api_key or settings.api_key
-        if not key:
-            return False
-        lock = SyncLock(journal.path)
-        try:
-            lock.acquire("flush", timeout=timeout)
-        except SyncBusy:
-            return outbox.count_unsent(journal) == 0
-        try:
+    key = api_key or settings.api_key
+    try:
+        with store.exclusive(settings, "flush", journal_path=Path(journal_path), timeout=timeout) as held:
+            journal = held.journal
+            if outbox.count_unsent(journal) == 0:
+                return True
+            if not key:
+                return False
             with WecoClient(api_key=key) as client:
-                done = drain(journal, client, DrainPolicy.until(deadline))
+                done = drain(journal, client, DrainPolicy.until(deadline), refresh=held.merge)
             return done.total.pending == 0 and outbox.count_unsent(journal) == 0
-        finally:
-            lock.release()
+    except SyncBusy:
+        with store.reader(settings, Path(journal_path), wait=0) as journal:
+            return outbox.count_unsent(journal) == 0
 
 
 def command(
@@ -788,7 +789,7 @@ def command(
     """
     import signal
 
-    from . import spill, synclock
+    from . import spill, store, synclock
     from .api import WecoClient
     from .errors import ApiAuthFailed
 
@@ -799,7 +800,9 @@ def command(
         for signum in (signal.SIGINT, signal.SIGTERM):
             previous[signum] = signal.signal(signum, lambda *_: stopping.set())
     try:
-        with Journal(settings=settings) as journal:
+        key = api_key or settings.api_key
+        with store.exclusive(settings, "sync", wait=wait, on_wait=on_wait, should_stop=stopping.is_set) as held:
+            journal = held.journal
             spill.replay(journal)
             imports = []
             if bundles:
@@ -807,7 +810,6 @@ def command(
 
                 imports = [bundle.import_bundle(journal, path) for path in bundles]
             run_id = journal.require_run(run_ref)["id"] if run_ref else None
-            key = api_key or settings.api_key
             if not key and not watch and not retry_rejected and outbox.count_unsent(journal, run_id) == 0:
                 return PassResult(imports=imports)  # nothing to send: no key needed
             if not key:
@@ -815,30 +817,26 @@ def command(
                     f"no API key: {outbox.count_unsent(journal, run_id)} events wait in the journal;"
                     " run `weco login` (or set WECO_API_KEY), then `weco observe sync`"
                 )
-            lock = synclock.SyncLock(journal.path)
-            lock.acquire("sync", wait=wait, on_wait=on_wait, should_stop=stopping.is_set)
-            try:
-                if retry_rejected:
-                    outbox.requeue_rejected(journal, run_id)
-                policy = DrainPolicy.forever(poll) if watch else DrainPolicy.once()
-                with WecoClient(api_key=key, max_connections=workers) as client:
-                    done = drain(
-                        journal,
-                        client,
-                        policy,
-                        run_id=run_id,
-                        should_stop=stopping.is_set,
-                        on_pass=on_pass if watch else None,
-                        progress_factory=progress_factory,
-                        workers=workers,
-                        dashboard_url=settings.dashboard_url,
-                    )
-                if not done.total.pending:
-                    synclock.set_cooldown(journal.path, 0)
-                done.total.imports = imports
-                return done.total
-            finally:
-                lock.release()
+            if retry_rejected:
+                outbox.requeue_rejected(journal, run_id)
+            policy = DrainPolicy.forever(poll) if watch else DrainPolicy.once()
+            with WecoClient(api_key=key, max_connections=workers) as client:
+                done = drain(
+                    journal,
+                    client,
+                    policy,
+                    run_id=run_id,
+                    should_stop=stopping.is_set,
+                    on_pass=on_pass if watch else None,
+                    progress_factory=progress_factory,
+                    refresh=held.merge,
+                    workers=workers,
+                    dashboard_url=settings.dashboard_url,
+                )
+            if not done.total.pending:
+                synclock.set_cooldown(journal.path, 0)
+            done.total.imports = imports
+            return done.total
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
@@ -846,6 +844,8 @@ def command(
 
 def dry_run(run_ref: str | None = None) -> list[dict[str, Any]]:
     """What ``sync`` would send now, without sending (``sync --dry-run``)."""
-    with Journal() as journal:
+    from . import store
+
+    with store.reader(Settings.load()) as journal:
         run_id = journal.require_run(run_ref)["id"] if run_ref else None
         return plan(journal, run_id)

@@ -24,7 +24,6 @@ from typing import Any
 from . import background, ids, spill
 from .settings import Settings
 from .errors import InvalidInput, JournalUnavailable
-from .journal import Journal
 
 __all__ = ["ObserveRun", "WecoObserveWarning", "WecoObserver"]
 
@@ -50,7 +49,7 @@ class WecoObserver:
         self._api_key = api_key
         self._path = Path(journal_path) if journal_path is not None else Settings.load().journal_path
         self.strict = strict
-        self._journal: Journal | None = None
+        self._journal: Any = None
         self._lock = threading.Lock()
 
     # -- plumbing -------------------------------------------------------------
@@ -59,17 +58,14 @@ class WecoObserver:
     def journal_path(self) -> Path:
         return self._path
 
-    def _open(self) -> Journal:
-        """The journal, opened once; the first open replays calls spilled while it could not be written."""
+    def _open(self) -> Any:
+        """The journal writer, opened once (the journal, or in cluster mode a segment writer); the
+        first open replays calls spilled while the journal could not be written."""
         with self._lock:
             if self._journal is None:
-                journal = Journal(self._path)
-                try:
-                    spill.replay(journal)
-                except BaseException:
-                    journal.close()
-                    raise
-                self._journal = journal
+                from . import store
+
+                self._journal = store.writer(Settings.load(), self._path, append=True)
             return self._journal
 
     def _warn(self, message: str, stacklevel: int = 4) -> None:
@@ -125,6 +121,7 @@ class WecoObserver:
         falsy run with ``run_id`` None whose ``log_step`` warns and records nothing, so a
         loop written like the guide's keeps running instead of failing on ``None.log_step``.
         """
+        run_id = ids.new_run_id()
         kwargs = {
             "source_code": source_code,
             "metric": primary_metric,
@@ -132,12 +129,12 @@ class WecoObserver:
             "name": name,
             "additional_instructions": additional_instructions,
             "metadata": metadata,
-            "run_id": ids.new_run_id(),
+            "run_id": run_id,
             "event_id": ids.ulid(),
         }
         if self._record("create_run", kwargs) is None:
             return ObserveRun(self, None, primary_metric=primary_metric, maximize=bool(maximize))
-        return ObserveRun(self, kwargs["run_id"], primary_metric=primary_metric, maximize=bool(maximize))
+        return ObserveRun(self, run_id, primary_metric=primary_metric, maximize=bool(maximize))
 
     def run(self, run_id: str) -> ObserveRun:
         """Open an existing run (local id, server id, or a unique prefix) to keep logging to it.

@@ -40,21 +40,12 @@ DEFAULT_SYNC_LINGER = 2.0
 DEFAULT_SYNC_GIVE_UP = 60.0
 
 _FALSE = ("0", "false", "no", "off")
-_TRUE = ("1", "true", "yes", "on")
 
 
 def _flag(value: str | None, default: bool) -> bool:
     if value is None or not value.strip():
         return default
     return value.strip().lower() not in _FALSE
-
-
-def _tristate(value: str | None) -> bool | None:
-    """``1/true/yes/on`` -> True, ``0/false/no/off`` -> False, unset or anything else -> None."""
-    if value is None:
-        return None
-    text = value.strip().lower()
-    return True if text in _TRUE else False if text in _FALSE else None
 
 
 def _seconds(value: str | None, default: float) -> float:
@@ -101,12 +92,13 @@ class Settings:
     sync_linger: float
     #: ... and gives up this long after the API started failing (then a cooldown)
     sync_give_up: float
-    #: ``$WECO_OBSERVE_SHARED_FS``: True/False forces the cluster mode on or off; None detects it
-    shared_fs: bool | None
-    #: the raw ``$WECO_OBSERVE_SHARED_FS`` value when it was not understood (``status``/``doctor`` say so)
-    shared_fs_invalid: str | None
+    #: ``$WECO_OBSERVE_SHARED_FS``: 1/0 forces the cluster mode on or off; unset detects it
+    #: (``fsdetect.shared_mode`` parses it, and warns once about a value it does not understand)
+    shared_fs_raw: str | None
     #: ``$TMPDIR`` (or ``$TEMP``/``$TMP``), else /tmp: where the spill fallback lives
     temp_dir: Path
+    #: ``$XDG_RUNTIME_DIR``: a private, node-local folder for small caches, when the system has one
+    runtime_dir: Path | None
     home: Path
     env_api_key: str | None = field(repr=False)
 
@@ -116,8 +108,6 @@ class Settings:
         env = os.environ if environ is None else environ
         override = env.get("WECO_OBSERVE_DIR")
         temp = next((env[n] for n in ("TMPDIR", "TEMP", "TMP") if env.get(n)), "/tmp")
-        shared_raw = env.get("WECO_OBSERVE_SHARED_FS")
-        shared = _tristate(shared_raw)
         return cls(
             dir_override=Path(override).expanduser() if override else None,
             base_url=(env.get("WECO_BASE_URL") or DEFAULT_BASE_URL).strip().rstrip("/"),
@@ -126,9 +116,9 @@ class Settings:
             busy_timeout=_seconds(env.get("WECO_OBSERVE_BUSY_TIMEOUT"), DEFAULT_BUSY_TIMEOUT),
             sync_linger=_seconds(env.get("WECO_OBSERVE_SYNC_LINGER"), DEFAULT_SYNC_LINGER),
             sync_give_up=_seconds(env.get("WECO_OBSERVE_SYNC_GIVE_UP"), DEFAULT_SYNC_GIVE_UP),
-            shared_fs=shared,
-            shared_fs_invalid=shared_raw if shared is None and shared_raw and shared_raw.strip() else None,
+            shared_fs_raw=env.get("WECO_OBSERVE_SHARED_FS"),
             temp_dir=Path(temp),
+            runtime_dir=Path(env["XDG_RUNTIME_DIR"]) if env.get("XDG_RUNTIME_DIR") else None,
             home=Path(env.get("HOME") or os.path.expanduser("~")),
             env_api_key=env.get("WECO_API_KEY"),
         )

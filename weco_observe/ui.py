@@ -6,8 +6,10 @@ that the page polls; all data comes from ``views`` (and ``diffs``), exactly as
 ``show`` and the report see it:
 
 - ``GET /api/state``: ``{"version": n}``; ``n`` changes whenever another process
-  commits to the journal (SQLite's ``PRAGMA data_version``), which is when the
-  page refetches. Polling one cheap pragma keeps the server stateless.
+  commits to the journal (SQLite's ``PRAGMA data_version``; in cluster mode the
+  owner's commit counter, after merging what writers appended if no other owner
+  is busy), which is when the page refetches. Polling one cheap value keeps the
+  server stateless.
 - ``GET /api/runs``: the run summaries (``runs --json``).
 - ``GET /api/runs/<run>``: one run (``show --json`` plus lane count).
 - ``GET /api/runs/<run>/diff?step=N[&against=M]``: one step's diff.
@@ -30,8 +32,11 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from . import diffs, report, views
-from .errors import InvalidInput, UnknownRun
-from .journal import Journal
+from . import store
+from .errors import InvalidInput, JournalUnavailable, SyncBusy, UnknownRun
+from .files import JournalFiles
+from .journal import Journal, SharedReader, read_seq
+from .settings import Settings
 
 DEFAULT_PORT = 8421
 _LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
@@ -135,6 +140,8 @@ class UIServer(ThreadingHTTPServer):
 
     def version(self) -> int:
         with self._version_lock:
+            if isinstance(self.journal, SharedReader):
+                return _merged_seq(self.journal)
             return self.journal.query("PRAGMA data_version")[0][0]
 
     @property
@@ -145,14 +152,34 @@ class UIServer(ThreadingHTTPServer):
 
 
 def make_server(host: str = "127.0.0.1", port: int = DEFAULT_PORT, journal_path: str | Path | None = None) -> UIServer:
-    """Open the journal (read-only use, no spill replay) and bind the server; call ``serve_forever()``."""
-    journal = Journal(journal_path)
+    """Open the journal (read-only use, no spill replay) and bind the server; call ``serve_forever()``.
+
+    In cluster mode the journal is read through the seqlock from any host (``SharedReader``)."""
+    settings = Settings.load()
+    path = Path(journal_path) if journal_path is not None else settings.journal_path
+    if store.is_shared(settings, path):
+        _merged_seq(None, settings, path)  # merge what waits, so the first page shows it
+        journal: Journal = SharedReader(path, settings=settings)
+    else:
+        journal = Journal(path, settings=settings)
     try:
         server = UIServer(journal, host, port)
     except OSError as exc:
         journal.close()
         raise InvalidInput(f"cannot listen on {host}:{port}: {exc.strerror or exc}; try --port 0") from None
     return server
+
+
+def _merged_seq(journal: SharedReader | None, settings: Settings | None = None, path: Path | None = None) -> int:
+    """Cluster mode: merge what writers appended when no other owner is busy, then the commit counter."""
+    settings = settings or Settings.load()
+    path = path or journal.path  # type: ignore[union-attr]
+    try:
+        with store.exclusive(settings, "view", journal_path=path, wait=False):
+            pass  # taking the journal merges it
+    except (SyncBusy, JournalUnavailable):
+        pass  # an owner is at work: it merges, and the counter moves when it commits
+    return read_seq(JournalFiles(path).commit_seq)
 
 
 def serve(host: str = "127.0.0.1", port: int = DEFAULT_PORT) -> None:

@@ -1,0 +1,305 @@
+"""The owner lock of a journal on a shared filesystem: a directory, not an ``fcntl`` lock.
+
+In cluster mode one process at a time may write ``journal.db`` (merge segments,
+sync, serve views). ``fcntl`` and ``flock`` locks are local to each client on
+``nolock`` NFS, Lustre ``localflock`` and sshfs, so the lock is a directory,
+``journal.db.owner/``, made with ``mkdir`` (atomic on every filesystem here). It
+holds ``owner.json``: host, pid, a random token, the owner's mode and a heartbeat
+counter that a thread rewrites in place every :data:`HEARTBEAT` seconds (in
+place, so a reader's ``open`` revalidates it under NFS close-to-open).
+
+- **Stale owners.** On the same host an owner whose pid is gone is stale at once.
+  From another host a waiter watches the heartbeat with its own clock, and
+  declares the owner stale after :data:`STALE` seconds without a change: no
+  clocks are compared across hosts.
+- **Takeover.** The waiter first makes ``journal.db.owner.break-<token>`` with
+  ``mkdir``, so only one waiter breaks a given owner; it moves the stale folder
+  aside, checks that what it moved carries the token it judged stale (putting it
+  back otherwise), removes it, and competes for the lock like anyone else.
+- **Fencing.** :meth:`OwnerLock.check` re-reads the token; an owner calls it before
+  each commit and stops when the lock is no longer its own.
+- **Giving way.** A waiter asks a background owner to yield by creating
+  ``yield`` inside the folder.
+
+See docs/cluster.md for the whole design.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .errors import SyncBusy
+
+__all__ = ["HEARTBEAT", "STALE", "LockLost", "OwnerLock"]
+
+#: seconds between heartbeats of a live owner
+HEARTBEAT = 2.0
+#: seconds without a heartbeat after which an owner on another host is presumed dead
+STALE = 30.0
+_INFO = "owner.json"
+_YIELD = "yield"
+
+
+class LockLost(SyncBusy):
+    """The owner lock was taken over (this process was presumed dead): it must stop writing."""
+
+
+def _host() -> str:
+    return socket.gethostname()
+
+
+def _read_info(directory: Path) -> dict[str, Any] | None:
+    try:
+        with open(directory / _INFO, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _pid_alive(pid: Any) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class OwnerLock:
+    """The owner lock directory of one journal (``<journal>.owner``).
+
+    >>> lock = OwnerLock(Path("/data/journal.db"))  # doctest: +SKIP
+    >>> lock.acquire("merge", timeout=30)            # doctest: +SKIP
+    >>> lock.check(); ...; lock.release()           # doctest: +SKIP
+    """
+
+    def __init__(self, journal_path: str | os.PathLike[str], *, stale: float = STALE, heartbeat: float = HEARTBEAT):
+        db = Path(journal_path)
+        self.path = db.with_name(db.name + ".owner")
+        self.stale = stale
+        self.heartbeat = heartbeat
+        self.token: str | None = None
+        self.mode = ""
+        self._beat = 0
+        self._since = 0.0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    # -- holding it ----------------------------------------------------------------
+
+    def _write_info(self) -> None:
+        """Rewrite owner.json in place (same inode) and fsync it."""
+        data = {
+            "host": _host(),
+            "pid": os.getpid(),
+            "token": self.token,
+            "mode": self.mode,
+            "since": self._since,
+            "beat": self._beat,
+        }
+        blob = (json.dumps(data) + "\n").encode()
+        fd = os.open(self.path / _INFO, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        try:
+            os.pwrite(fd, blob.ljust(256), 0)  # fixed size: a reader never sees a shorter file with old bytes
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def try_acquire(self, mode: str = "owner") -> bool:
+        """Take the lock if it is free (or its owner is dead on this host); never waits."""
+        for _ in range(3):
+            try:
+                os.mkdir(self.path, 0o700)
+                break
+            except FileExistsError:
+                info = _read_info(self.path)
+                if info is None or info.get("host") != _host() or _pid_alive(info.get("pid")):
+                    return False
+                self._break(info.get("token"))  # its owner died on this host: no need to wait
+            except FileNotFoundError:
+                self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        else:
+            return False
+        self.token = secrets.token_hex(12)
+        self.mode = mode
+        self._since = time.time()
+        self._beat = 0
+        try:
+            self._write_info()
+        except OSError:
+            shutil.rmtree(self.path, ignore_errors=True)
+            self.token = None
+            raise
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._heartbeat, name="weco-owner-heartbeat", daemon=True)
+        self._thread.start()
+        return True
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(self.heartbeat):
+            with self._lock:
+                if self.token is None:
+                    return
+                info = _read_info(self.path)
+                if info is None or info.get("token") != self.token:
+                    return  # taken over: check() will say so
+                self._beat += 1
+                try:
+                    self._write_info()
+                except OSError:
+                    pass
+
+    def check(self) -> None:
+        """Raise LockLost unless this process still holds the lock (fencing, before each commit)."""
+        if self.token is None:
+            raise LockLost("this process does not hold the journal's owner lock")
+        info = _read_info(self.path)
+        if info is None or info.get("token") != self.token:
+            raise LockLost(
+                "the journal's owner lock was taken over (this process was presumed dead): stopping without writing"
+            )
+
+    @property
+    def held(self) -> bool:
+        return self.token is not None
+
+    def yield_requested(self) -> bool:
+        return self.token is not None and (self.path / _YIELD).exists()
+
+    def release(self) -> None:
+        with self._lock:
+            token, self.token = self.token, None
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self.heartbeat + 1)
+            self._thread = None
+        if token is None:
+            return
+        info = _read_info(self.path)
+        if info is not None and info.get("token") == token:
+            aside = self.path.with_name(f"{self.path.name}.released-{token}")
+            try:
+                os.rename(self.path, aside)  # atomic: a waiter's mkdir succeeds only once we are out
+            except OSError:
+                return
+            shutil.rmtree(aside, ignore_errors=True)
+
+    def __enter__(self) -> OwnerLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    # -- waiting for it ----------------------------------------------------------------
+
+    def holder(self) -> dict[str, Any]:
+        return _read_info(self.path) or {}
+
+    def acquire(
+        self,
+        mode: str = "owner",
+        *,
+        wait: bool = True,
+        timeout: float | None = None,
+        on_wait: Callable[[dict[str, Any]], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+        poll: float = 0.1,
+    ) -> None:
+        """Take the lock; with ``wait``, poll until it is free, asking a background owner to yield
+        and breaking an owner that stopped beating. Raises SyncBusy when ``wait`` is False or
+        ``timeout`` passes."""
+        if self.try_acquire(mode):
+            return
+        holder = self.holder()
+        if not wait:
+            raise SyncBusy(_busy(holder))
+        if on_wait is not None:
+            on_wait(holder)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        seen = (holder.get("token"), holder.get("beat"))
+        seen_at = time.monotonic()
+        asked = False
+        try:
+            while True:
+                time.sleep(poll)
+                if self.try_acquire(mode):
+                    return
+                holder = self.holder()
+                if holder.get("mode") == "background" and not asked:
+                    asked = _touch(self.path / _YIELD)
+                now = (holder.get("token"), holder.get("beat"))
+                if now != seen:
+                    seen, seen_at, asked = now, time.monotonic(), False
+                elif time.monotonic() - seen_at > self.stale:  # no beat (or no owner.json) for too long
+                    self._break(holder.get("token"))
+                    seen_at = time.monotonic()
+                if should_stop is not None and should_stop():
+                    raise SyncBusy("stopped while waiting for the journal's owner")
+                if deadline is not None and time.monotonic() > deadline:
+                    raise SyncBusy(_busy(holder))
+        finally:
+            if asked and not self.held:
+                (self.path / _YIELD).unlink(missing_ok=True)
+
+    def _break(self, token: Any) -> None:
+        """Remove a stale owner's folder, once, whoever else tries at the same moment."""
+        if not isinstance(token, str) or not token.isalnum():
+            token = "unknown"
+        marker = self.path.with_name(f"{self.path.name}.break-{token}")
+        try:
+            os.mkdir(marker, 0o700)
+        except FileExistsError:
+            try:  # a breaker that died mid-break leaves its marker: clear it when it is old
+                if time.time() - marker.stat().st_mtime > 5 * self.stale:
+                    os.rmdir(marker)
+            except OSError:
+                pass
+            return  # another waiter is breaking it
+        except OSError:
+            return
+        try:
+            aside = self.path.with_name(f"{self.path.name}.stale-{token}-{secrets.token_hex(4)}")
+            try:
+                os.rename(self.path, aside)
+            except OSError:
+                return
+            moved = _read_info(aside)
+            if moved is not None and moved.get("token") not in (token, None) and token != "unknown":
+                try:  # a fresh owner took the lock meanwhile: that was not ours to break
+                    os.rename(aside, self.path)
+                except OSError:
+                    pass
+                return
+            shutil.rmtree(aside, ignore_errors=True)
+        finally:
+            try:
+                os.rmdir(marker)
+            except OSError:
+                pass
+
+
+def _touch(path: Path) -> bool:
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600))
+        return True
+    except OSError:
+        return False
+
+
+def _busy(holder: dict[str, Any]) -> str:
+    who = f"{holder.get('mode', 'owner')} on {holder.get('host', '?')}, pid {holder.get('pid', '?')}"
+    return f"another process ({who}) holds this journal: wait for it, or run the command again later"
