@@ -322,7 +322,9 @@ def test_a_folder_not_made_yet_is_judged_by_its_nearest_existing_ancestor(detect
     detect.write_text(_nfs_at(home))
     mode = fsdetect.shared_mode(home / "alice" / ".local" / "share" / "weco-observe")
     assert (mode.shared, mode.mount_point) == (True, str(home))
-    assert list(fsdetect._read_cache(fsdetect._cache_file(Settings.load()))) == [str(home)]  # the cache is keyed by the ancestor
+    assert list(fsdetect._read_cache(fsdetect._cache_file(Settings.load()))) == [
+        str(home)
+    ]  # the cache is keyed by the ancestor
 
 
 def test_a_new_process_reads_the_node_local_cache_not_mountinfo(detect, tmp_path):

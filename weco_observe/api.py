@@ -16,9 +16,10 @@ place, :func:`classify`, and every failure is one of three ``errors`` classes:
 No telemetry: this client talks to the two endpoints and nothing else. The key
 goes in one header and never into an exception message.
 
-    >>> with WecoClient("http://127.0.0.1:8765/v1", "key") as api:  # doctest: +SKIP
+    >>> with WecoClient(emulator.base_url, emulator.api_key) as api:
     ...     run_id = api.create_run({"source_code": {"a.py": "x=1"}, "metric_name": "loss", "maximize": False})
-    ...     api.log_step(run_id, {"step": 1, "status": "completed"})
+    ...     api.log_step(run_id, {"step": 1, "status": "completed"})["step"]
+    1
 """
 
 from __future__ import annotations

@@ -129,8 +129,9 @@ def write_bundle(
 
     With nothing new, writes no file and returns ``events == 0``.
 
-    >>> write_bundle(Journal(), "box-a.weco")  # doctest: +SKIP
-    {'bundle_id': '01j...', 'path': 'box-a.weco', 'runs': 2, 'steps': 14, 'events': 16, ...}
+    >>> summary = write_bundle(journal, tmp / "all.weco", everything=True)  # --all
+    >>> summary["runs"], summary["steps"], summary["events"]
+    (1, 5, 6)
     """
     run_id = journal.require_run(run_ref)["id"] if run_ref else None
     out_path = Path(out_path)
@@ -690,8 +691,11 @@ def import_bundle(journal: Journal, path: str | os.PathLike[str], *, batch: int 
     and then syncs. The merge commits every ``batch`` rows; an interrupted
     import is completed by importing the same file again.
 
-    >>> import_bundle(Journal(), "box-a.weco")["events_pending"]  # doctest: +SKIP
-    16
+    >>> write_bundle(journal, tmp / "box-a.weco", everything=True)["events"]
+    6
+    >>> with Journal(tmp / "other-box" / "journal.db") as other:
+    ...     import_bundle(other, tmp / "box-a.weco")["events_pending"]
+    6
     """
     with _Reader(Path(path)) as reader:
         m = reader.manifest

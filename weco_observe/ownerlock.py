@@ -81,9 +81,12 @@ def _pid_alive(pid: Any) -> bool:
 class OwnerLock:
     """The owner lock directory of one journal (``<journal>.owner``).
 
-    >>> lock = OwnerLock(Path("/data/journal.db"))  # doctest: +SKIP
-    >>> lock.acquire("merge", timeout=30)            # doctest: +SKIP
-    >>> lock.check(); ...; lock.release()           # doctest: +SKIP
+    >>> lock = OwnerLock(tmp / "journal.db")
+    >>> lock.acquire("merge", timeout=30)
+    >>> lock.holder()["mode"]
+    'merge'
+    >>> lock.check()  # before each commit: raises LockLost once another process took it over
+    >>> lock.release()
     """
 
     def __init__(self, journal_path: str | os.PathLike[str], *, stale: float = STALE, heartbeat: float = HEARTBEAT):

@@ -35,8 +35,11 @@ class WecoObserveWarning(UserWarning):
 class WecoObserver:
     """Entry point of the SDK. ``api_key`` is used only by the background syncer and is never stored.
 
-    >>> obs = WecoObserver()  # doctest: +SKIP
-    >>> run = obs.create_run(source_code={"a.py": "x=1"}, primary_metric="loss")  # doctest: +SKIP
+    >>> obs = WecoObserver(journal_path=tmp / "sdk" / "journal.db")
+    >>> run = obs.create_run(source_code={"a.py": "x=1"}, primary_metric="loss")
+    >>> run.log_step(1, metrics={"loss": 0.5})["parent_step"]
+    0
+    >>> obs.close()
     """
 
     def __init__(

@@ -66,7 +66,7 @@ def encode(doc: Mapping[str, Any]) -> bytes:
     """One record as a line: CRC-32 of the JSON, a space, the JSON.
 
     >>> encode({"v": 1})
-    b'7a5eca6d {"v":1}\\n'
+    b'84dbe73d {"v":1}\\n'
     """
     body = dumps(doc).encode("utf-8")
     return b"%08x %s\n" % (zlib.crc32(body), body)

@@ -129,8 +129,8 @@ class Settings:
     def data_dir(self) -> Path:
         """The directory holding ``journal.db``: ``$WECO_OBSERVE_DIR`` or the user data dir.
 
-        >>> Settings.load({"WECO_OBSERVE_DIR": "~/j", "HOME": "/h"}).data_dir  # doctest: +SKIP
-        PosixPath('/h/j')
+        >>> Settings.load({"WECO_OBSERVE_DIR": "/data/weco"}).data_dir
+        PosixPath('/data/weco')
         """
         if self.dir_override is not None:
             return self.dir_override

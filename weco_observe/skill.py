@@ -145,8 +145,11 @@ def skill_path(agent: str, project: bool = False, base: Path | None = None) -> P
 def install(agent: str, project: bool = False, force: bool = False, base: Path | None = None) -> tuple[Path, str]:
     """Write the skill; return ``(path, outcome)``, outcome one of ``installed``, ``updated``, ``unchanged``.
 
-    >>> install("claude-code")  # doctest: +SKIP
-    (PosixPath('/home/me/.claude/skills/weco-observe/SKILL.md'), 'installed')
+    >>> path, outcome = install("claude-code", project=True, base=tmp)
+    >>> path.relative_to(tmp).as_posix(), outcome
+    ('.claude/skills/weco-observe/SKILL.md', 'installed')
+    >>> install("claude-code", project=True, base=tmp)[1]
+    'unchanged'
     """
     text = skill_text(agent)
     path = skill_path(agent, project, base)

@@ -1,26 +1,34 @@
-"""The examples in the view modules' docstrings run, against a real journal.
+"""Every example in the package's docstrings runs, against real parts.
 
-Doctests are collected for these modules only (not ``--doctest-modules`` for
-the whole package, whose other modules keep illustrative, skipped examples).
-Examples that need data use two names given here: ``journal``, an open
-:class:`Journal` holding the guide's example run written through the SDK, and
-``run_id``, that run's id. An example marked ``+SKIP`` would prove nothing, so
-none may be.
+Every module of ``weco_observe`` is searched for examples. Examples that need
+data or a server use names given here: ``journal``, an open :class:`Journal`
+holding the guide's example run written through the SDK; ``run_id``, that run's
+id; ``tmp``, an empty folder of the test's own; ``emulator``, a Weco API emulator
+on loopback. An example marked ``+SKIP`` would prove nothing, so none may be.
 """
 
 from __future__ import annotations
 
 import doctest
+import importlib
+import pkgutil
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
-from weco_observe import WecoObserver, diffs, export, formats, report, tree, views
+import weco_observe
+from emulator_fixtures import emulator  # noqa: F401
+from weco_observe import WecoObserver
 from weco_observe.journal import Journal
 
-MODULES = [views, tree, diffs, formats, export, report]
+MODULES = [
+    importlib.import_module(f"weco_observe.{m.name}")
+    for m in pkgutil.iter_modules(weco_observe.__path__)
+    if m.name != "__main__"
+]
+WITH_EXAMPLES = [m for m in MODULES if any(t.examples for t in doctest.DocTestFinder().find(m))]
 
 
 @pytest.fixture
@@ -55,11 +63,18 @@ def guide(journal_path: Path) -> Iterator[tuple[Journal, str]]:
         yield journal, run_id
 
 
-@pytest.mark.parametrize("module", MODULES, ids=lambda m: m.__name__.rsplit(".", 1)[-1])
-def test_docstring_examples_run(module: ModuleType, guide, tmp_path, monkeypatch):
+def test_the_library_modules_have_examples():
+    assert len(WITH_EXAMPLES) >= 15, [m.__name__ for m in WITH_EXAMPLES]
+
+
+@pytest.mark.parametrize("module", WITH_EXAMPLES, ids=lambda m: m.__name__.rsplit(".", 1)[-1])
+def test_docstring_examples_run(module: ModuleType, guide, tmp_path, monkeypatch, emulator):
     journal, run_id = guide
-    monkeypatch.chdir(tmp_path)  # an example that writes a file writes it here
-    tests = doctest.DocTestFinder().find(module, extraglobs={"journal": journal, "run_id": run_id})
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)  # an example that writes a file writes it here
+    names = {"journal": journal, "run_id": run_id, "tmp": work, "emulator": emulator}
+    tests = doctest.DocTestFinder().find(module, extraglobs=names)
     skipped = [t.name for t in tests for e in t.examples if e.options.get(doctest.SKIP)]
     assert skipped == [], "an example marked +SKIP is never checked"
     out: list[str] = []
