@@ -89,6 +89,11 @@ class Journal:
         self._lock = threading.RLock()
         self._texts: OrderedDict[str, tuple[bytes, int]] = OrderedDict()
         self._known_blobs: set[str] = set()
+        if owner is None and _shared(self.path, settings):
+            raise JournalUnavailable(
+                f"journal {self.path} is in cluster mode (a folder other hosts share): only the holder of its"
+                " owner lock writes it; open it through weco_observe.store"
+            )
         try:
             private_dir(self.path.parent)
             private_file(self.path)
@@ -542,6 +547,12 @@ def _result(step: Step, *, updated: bool) -> dict[str, Any]:
 
 
 # -- cluster mode: the commit counter and readers on any host ---------------------------
+
+
+def _shared(path: Path, settings: Settings) -> bool:
+    from .fsdetect import shared_mode
+
+    return shared_mode(path.parent, settings).shared
 
 
 def read_seq(path: Path) -> int:

@@ -1,0 +1,180 @@
+"""The cluster-mode owner lock: a directory, a heartbeat, takeover of a dead owner, fencing.
+
+Other hosts are played by rewriting ``owner.json`` as another host would have
+written it (a host name that is not this one); the real two-host behaviour over
+sshfs is in test_cluster.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from weco_observe.errors import SyncBusy
+from weco_observe.ownerlock import LockLost, OwnerLock
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "journal.db"
+
+
+def test_one_owner_at_a_time_and_release_frees_it(db):
+    a, b = OwnerLock(db), OwnerLock(db)
+    assert a.try_acquire("sync")
+    assert not b.try_acquire("view")
+    assert b.holder()["mode"] == "sync" and b.holder()["pid"] == os.getpid()
+    with pytest.raises(SyncBusy, match="sync on"):
+        b.acquire("view", wait=False)
+    a.release()
+    assert not a.path.exists()
+    assert b.try_acquire("view")
+    b.release()
+
+
+def test_owner_json_is_private_and_beats(db):
+    lock = OwnerLock(db, heartbeat=0.05)
+    lock.acquire("merge")
+    try:
+        assert (os.stat(lock.path).st_mode & 0o777) == 0o700
+        assert (os.stat(lock.path / "owner.json").st_mode & 0o777) == 0o600
+        first = lock.holder()["beat"]
+        deadline = time.monotonic() + 5
+        while lock.holder()["beat"] == first and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert lock.holder()["beat"] > first
+    finally:
+        lock.release()
+
+
+def test_a_dead_owner_on_this_host_is_replaced_at_once(db):
+    child = subprocess.run(
+        [sys.executable, "-c", f"from weco_observe.ownerlock import OwnerLock; OwnerLock({str(db)!r}).try_acquire()"],
+        timeout=60,
+    )
+    assert child.returncode == 0
+    assert (db.with_name("journal.db.owner") / "owner.json").exists()  # the process died holding it
+    lock = OwnerLock(db)
+    started = time.monotonic()
+    assert lock.try_acquire("sync")
+    assert time.monotonic() - started < 1
+    lock.release()
+
+
+def _as_other_host(lock_dir: Path, token: str = "abc123", beat: int = 0) -> None:
+    info = {"host": "another-node", "pid": 1, "token": token, "mode": "background", "since": 0, "beat": beat}
+    (lock_dir / "owner.json").write_text(json.dumps(info))
+
+
+def test_an_owner_on_another_host_that_stops_beating_is_taken_over(db):
+    lock_dir = db.with_name("journal.db.owner")
+    lock_dir.mkdir()
+    _as_other_host(lock_dir)
+    lock = OwnerLock(db, stale=0.6)
+    assert not lock.try_acquire("sync")  # pid 1 is alive here, and it is not our host anyway
+    started = time.monotonic()
+    lock.acquire("sync", timeout=10, poll=0.05)
+    waited = time.monotonic() - started
+    assert 0.6 <= waited < 5
+    assert lock.holder()["host"] != "another-node"
+    lock.release()
+    assert not list(db.parent.glob("journal.db.owner*"))  # no stale or break folders left behind
+
+
+def test_an_owner_that_keeps_beating_is_never_taken_over(db):
+    lock_dir = db.with_name("journal.db.owner")
+    lock_dir.mkdir()
+    _as_other_host(lock_dir)
+    stop = threading.Event()
+
+    def beat() -> None:
+        n = 0
+        while not stop.wait(0.1):
+            n += 1
+            _as_other_host(lock_dir, beat=n)
+
+    beater = threading.Thread(target=beat)
+    beater.start()
+    try:
+        with pytest.raises(SyncBusy, match="another-node"):
+            OwnerLock(db, stale=0.5).acquire("sync", timeout=1.5, poll=0.05)
+    finally:
+        stop.set()
+        beater.join()
+    assert json.loads((lock_dir / "owner.json").read_text())["host"] == "another-node"
+
+
+def test_fencing_an_owner_that_was_taken_over_stops(db):
+    slow = OwnerLock(db, heartbeat=3600)  # paused: it will not beat
+    slow.acquire("merge")
+    slow.check()
+    assert slow._thread is not None
+    other = OwnerLock(db, stale=0.3)
+    # the slow owner looks like another host's, so only its silence can make it stale
+    info = json.loads((slow.path / "owner.json").read_text())
+    info["host"] = "another-node"
+    (slow.path / "owner.json").write_text(json.dumps(info))
+    other.acquire("sync", timeout=10, poll=0.05)
+    with pytest.raises(LockLost):
+        slow.check()
+    other.release()
+    slow.release()  # releasing a lost lock removes nothing of the new owner's
+
+
+def test_waiting_asks_a_background_owner_to_yield(db):
+    bg = OwnerLock(db)
+    bg.acquire("background")
+    seen = threading.Event()
+
+    def background_work() -> None:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if bg.yield_requested():
+                seen.set()
+                bg.release()
+                return
+            time.sleep(0.02)
+
+    worker = threading.Thread(target=background_work)
+    worker.start()
+    fg = OwnerLock(db)
+    fg.acquire("sync", timeout=10, poll=0.02)
+    worker.join()
+    assert seen.is_set()
+    assert not (fg.path / "yield").exists()
+    fg.release()
+
+
+def test_concurrent_contenders_for_a_stale_lock_end_with_one_owner(db):
+    lock_dir = db.with_name("journal.db.owner")
+    lock_dir.mkdir()
+    _as_other_host(lock_dir)
+    winners: list[OwnerLock] = []
+    guard = threading.Lock()
+    held_at_once = []
+
+    def contend() -> None:
+        lock = OwnerLock(db, stale=0.3)
+        lock.acquire("sync", timeout=30, poll=0.02)
+        with guard:
+            winners.append(lock)
+            held_at_once.append(sum(1 for w in winners if w.held))
+        time.sleep(0.05)
+        lock.check()
+        with guard:
+            lock.release()
+
+    threads = [threading.Thread(target=contend) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(winners) == 6
+    assert max(held_at_once) == 1

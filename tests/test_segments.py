@@ -1,0 +1,239 @@
+"""Cluster mode on one disk: segment records, the writers' tree rule, the owner's merge.
+
+``WECO_OBSERVE_SHARED_FS=1`` puts a journal on a local disk in cluster mode, and
+two ``SegmentWriter`` objects with their own caches play two hosts. What only a
+real network filesystem can show (two page caches, two lock domains, kill -9
+across mounts) is in test_cluster.py.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from weco_observe import outbox, segments, store
+from weco_observe.errors import InvalidInput, JournalUnavailable, UnknownRun
+from weco_observe.journal import Journal, SharedReader, read_seq, write_seq
+from weco_observe.segments import SegmentWriter, decode, encode
+from weco_observe.settings import Settings
+
+
+@pytest.fixture(autouse=True)
+def cluster_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WECO_OBSERVE_SHARED_FS", "1")
+
+
+@pytest.fixture
+def settings(journal_path: Path) -> Settings:
+    return Settings.load()
+
+
+def merged(settings: Settings) -> segments.MergeResult:
+    with store.exclusive(settings, "merge") as held:
+        return held.merged
+
+
+def steps_of(settings: Settings, run_id: str) -> dict[int, dict]:
+    with store.reader(settings) as journal:
+        return {s["step"]: s for s in journal.steps(journal.require_run(run_id)["id"])}
+
+
+CODE = {"train.py": "".join(f"line {i}\n" for i in range(300))}
+
+
+# -- the record format -----------------------------------------------------------------------
+
+
+def test_records_are_checksummed_lines_and_a_torn_tail_is_not_read():
+    a, b = encode({"v": 1, "op": "step", "n": 1}), encode({"v": 1, "op": "run", "n": 2})
+    parsed = decode(a + b + b[:10])
+    assert [d["n"] for d in parsed.records] == [1, 2]
+    assert parsed.end == len(a) + len(b) and parsed.tail == 10 and parsed.torn == []
+
+
+def test_a_damaged_record_is_skipped_and_reported_and_the_rest_is_read():
+    good, bad, last = (encode({"v": 1, "op": "step", "n": n}) for n in (1, 2, 3))
+    flipped = bad[:20] + bytes([bad[20] ^ 0x01]) + bad[21:]
+    parsed = decode(good + flipped + b"\x00" * 40 + b"\n" + last)
+    assert [d["n"] for d in parsed.records] == [1, 3]
+    assert len(parsed.torn) == 2 and "checksum" in parsed.torn[0]
+
+
+# -- writers ------------------------------------------------------------------------------------
+
+
+def test_each_cli_call_publishes_one_private_sealed_file(settings, journal_path):
+    writer = SegmentWriter(settings=settings)
+    run = writer.create_run(source_code=CODE, metric="loss")
+    writer.log_step(run, 1, metrics={"loss": 0.5})
+    folder = journal_path.parent / "segments" / run
+    files = sorted(folder.iterdir())
+    assert [p.suffix for p in files] == [".seg", ".seg"]
+    assert all((p.stat().st_mode & 0o777) == 0o600 for p in files)
+    assert not journal_path.exists()  # writers never write the journal
+
+
+def test_two_hosts_see_each_others_unmerged_steps_for_the_tree_rule(settings):
+    a, b = SegmentWriter(settings=settings), SegmentWriter(settings=settings, append=True)
+    run = a.create_run(source_code=CODE, metric="loss")
+    assert b.log_step(run, 1, metrics={"loss": 0.9})["parent_step"] == 0
+    assert a.log_step(run, 2, status="failed", metrics={"loss": 9.0})["parent_step"] == 1
+    assert b.log_step(run, 3, metrics={"loss": 0.5})["parent_step"] == 1  # step 2 failed, on the other host
+    with pytest.raises(InvalidInput, match="no step 7"):
+        a.log_step(run, 8, parent_step=7)
+    b.close()
+    result = merged(settings)
+    assert result.applied == 4 and result.problems == []
+    assert {n: s["parent_step"] for n, s in steps_of(settings, run).items()} == {0: None, 1: 0, 2: 1, 3: 1}
+    # once merged, the writers find the steps in the journal instead
+    assert a.log_step(run, 4)["parent_step"] == 3
+
+
+def test_merging_is_idempotent_and_files_go_only_after_their_commit(settings, journal_path):
+    w = SegmentWriter(settings=settings)
+    run = w.create_run(source_code=CODE, metric="loss")
+    for n in range(1, 6):
+        w.log_step(run, n, metrics={"loss": 1 / n}, code={"train.py": CODE["train.py"] + f"x = {n}\n"})
+    folder = journal_path.parent / "segments" / run
+    kept = {p.name: p.read_bytes() for p in folder.iterdir()}
+    first = merged(settings)
+    assert first.applied == 6 and first.files_removed == 6 and not folder.exists()
+    for name, data in kept.items():  # as if the owner died after its commit, before removing them
+        folder.mkdir(exist_ok=True)
+        (folder / name).write_bytes(data)
+        os.chmod(folder / name, 0o600)
+    again = merged(settings)
+    assert again.applied == 0 and again.known == 6 and again.files_removed == 6
+    with store.reader(settings) as j:
+        assert outbox.counts(j)["pending"] == 6
+        assert j.read_code(j.steps(run)[5]["code"])["train.py"].endswith("x = 5\n")
+
+
+def test_a_relog_from_two_hosts_keeps_the_latest_event(settings):
+    a, b = SegmentWriter(settings=settings), SegmentWriter(settings=settings)
+    run = a.create_run(source_code=CODE, metric="loss")
+    a.log_step(run, 1, description="first, host a", metrics={"loss": 1.0})
+    b.log_step(run, 1, description="then host b")
+    a.log_step(run, 2)
+    merged(settings)
+    steps = steps_of(settings, run)
+    assert steps[1]["description"] == "then host b" and steps[1]["metrics"] == {"loss": 1.0}  # a re-log keeps fields
+
+
+def test_a_server_run_first_seen_on_two_hosts_is_one_remote_only_run(settings):
+    server = "5b7e0c1a-2222-4333-8444-555566667777"
+    a, b = SegmentWriter(settings=settings), SegmentWriter(settings=settings)
+    a.log_step(server, 3)
+    b.log_step(server, 4)
+    merged(settings)
+    with store.reader(settings) as j:
+        runs = j.query("SELECT id, server_id, remote_only FROM runs")
+        assert [(r["server_id"], r["remote_only"]) for r in runs] == [(server, 1)]
+        assert [s["step"] for s in j.steps(runs[0]["id"])] == [3, 4]
+    a.log_step(server, 5)  # now found in the journal by its server id
+    merged(settings)
+    assert sorted(steps_of(settings, server)) == [3, 4, 5]
+
+
+def test_an_unknown_local_run_is_refused_and_nothing_is_written(settings, journal_path):
+    with pytest.raises(UnknownRun):
+        SegmentWriter(settings=settings).log_step("local-01m8aaaaaaaaaaaaaaaaaaaaaa", 1)
+    assert not any((journal_path.parent / "segments").iterdir())
+
+
+def test_a_live_open_segment_is_merged_as_it_grows_and_removed_once_sealed(settings, journal_path):
+    sdk = SegmentWriter(settings=settings, append=True)
+    run = sdk.create_run(source_code=CODE, metric="loss")
+    sdk.log_step(run, 1)
+    assert merged(settings).applied == 2
+    (live,) = (journal_path.parent / "segments" / run).iterdir()
+    assert live.suffix == ".open"  # its writer is alive: kept, read from where the merge stopped
+    sdk.log_step(run, 2)
+    second = merged(settings)
+    assert (second.applied, second.known) == (1, 0)
+    sdk.close()
+    third = merged(settings)
+    assert third.applied == 0 and third.files_removed == 1
+    assert sorted(steps_of(settings, run)) == [0, 1, 2]
+
+
+def test_an_abandoned_open_segment_with_a_torn_tail_loses_only_the_unacknowledged_record(settings, journal_path):
+    sdk = SegmentWriter(settings=settings, append=True)
+    run = sdk.create_run(source_code=CODE, metric="loss")
+    sdk.log_step(run, 1)
+    fd, path = sdk._open[run]
+    os.write(fd, encode({"v": 1, "op": "step"})[:25])  # a write cut short by kill -9: never acknowledged
+    os.close(fd)
+    sdk._open.clear()
+    dead = path.with_name(path.name.rsplit("-", 1)[0] + "-999999999.open")  # a pid that is not running
+    path.rename(dead)
+    result = merged(settings)
+    assert result.applied == 2 and result.files_removed == 1
+    assert any("torn last record" in p for p in result.problems)
+    assert sorted(steps_of(settings, run)) == [0, 1]
+
+
+def test_a_step_whose_run_is_not_merged_keeps_its_file(settings, journal_path):
+    w = SegmentWriter(settings=settings)
+    run = w.create_run(source_code=CODE, metric="loss")
+    w.log_step(run, 1)
+    folder = journal_path.parent / "segments" / run
+    create = min(folder.iterdir())  # the create's ULID sorts first
+    create.rename(journal_path.parent / "lost.seg")
+    result = merged(settings)
+    assert result.applied == 0 and len(result.kept) == 1 and len(list(folder.iterdir())) == 1
+    (journal_path.parent / "lost.seg").rename(create)
+    assert merged(settings).applied == 2 and not folder.exists()
+
+
+def test_a_0_1_0_journal_on_a_shared_folder_becomes_a_cluster_journal(settings, journal_path):
+    journal_path.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(Path(__file__).parent / "fixtures" / "journal-v0.1.0.db", journal_path)
+    conn = sqlite3.connect(journal_path)
+    before = conn.execute("SELECT count(*) FROM steps").fetchone()[0]
+    conn.close()
+    merged(settings)
+    conn = sqlite3.connect(journal_path)
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+    assert conn.execute("SELECT count(*) FROM steps").fetchone()[0] == before
+    conn.close()
+    assert not journal_path.with_name("journal.db-wal").exists()
+
+
+def test_a_reader_waits_while_the_owner_writes(settings, journal_path):
+    w = SegmentWriter(settings=settings)
+    run = w.create_run(source_code=CODE, metric="loss")
+    merged(settings)
+    seq = journal_path.with_name("journal.db.seq")
+    value = read_seq(seq)
+    assert value > 0 and value % 2 == 0
+    write_seq(seq, value + 1)  # an owner mid-commit on another host
+    reader = SharedReader(journal_path, settings=settings)
+    found: list[object] = []
+    worker = threading.Thread(target=lambda: found.append(reader.find_run(run)))
+    worker.start()
+    time.sleep(0.3)
+    assert found == []  # still waiting: the counter is odd
+    write_seq(seq, value + 2)
+    worker.join(10)
+    assert found and found[0]["id"] == run  # type: ignore[index]
+
+
+def test_a_cluster_journal_is_never_opened_for_writing_without_the_owner_lock(settings):
+    w = SegmentWriter(settings=settings)
+    w.create_run(source_code=CODE, metric="loss")
+    merged(settings)
+    reader = SharedReader(settings.journal_path, settings=settings)
+    with pytest.raises(JournalUnavailable, match="owner lock"), reader.write():
+        pass
+    with pytest.raises(JournalUnavailable, match="cluster mode"):  # opened as a local journal, it would turn WAL
+        Journal(settings.journal_path)
+    conn = sqlite3.connect(settings.journal_path)
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+    conn.close()
