@@ -2,13 +2,27 @@
 
 Each command parses its flags, makes one library call and formats the result;
 no SQL or HTTP here. Library errors become a one-line ``error: ...`` on stderr
-with the exit code of the error class (see ``errors.py``). ``log`` is the hot
-path: this module imports only typer and the journal at load time, and every
-other command imports what it needs inside its body.
+with the exit code of the error class (see ``errors.py``).
+
+``log`` is the hot path, run once per experiment by agents in a loop, so the CLI
+builds only the command it runs. Typer turns a function into a click command by
+inspecting its signature, which costs more than the rest of ``log``; the groups
+below are click's documented lazy groups ("Lazily Loading Subcommands"): they
+know their commands by name and import and build one only when it is run, or
+listed by ``--help`` and shell completion. This module imports only typer and
+the small validation modules at load time; each command imports what it needs
+inside its body.
+
+Adding a command: write a plain function in a ``cli_*.py`` module (typer
+``Annotated`` options, a docstring for the help), then add one line
+``"name": "module:function"`` to ``OBSERVE_COMMANDS`` (``weco observe NAME``) or
+``TOP_COMMANDS`` (``weco NAME``). Help lists commands in table order. Then run
+``python tests/cli_reference.py --write`` to refresh the README's reference.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import sys
@@ -16,8 +30,73 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
+from typer.core import TyperGroup
 
 from . import errors, paths, validate
+
+#: ``weco observe NAME`` (and ``weco-observe NAME``) -> "module:function" in this package.
+OBSERVE_COMMANDS = {
+    "init": "cli:init",
+    "log": "cli:log",
+    "status": "cli:status",
+    "sync": "cli_sync:sync_command",
+    "emulator": "cli_sync:emulator_command",
+    "runs": "cli_views:runs",
+    "show": "cli_views:show",
+    "diff": "cli_views:diff",
+    "export": "cli_views:export",
+    "report": "cli_views:report",
+    "ui": "cli_views:ui",
+    "setup": "cli_views:setup",
+    "bundle": "cli_bundle:bundle_cmd",
+    "import": "cli_bundle:import_cmd",
+    "doctor": "cli_bundle:doctor_cmd",
+}
+
+#: ``weco NAME`` -> "module:function"; the ``observe`` group is listed after these.
+TOP_COMMANDS = {
+    "login": "cli:login",
+    "logout": "cli:logout",
+}
+
+
+class LazyGroup(TyperGroup):
+    """A typer group whose commands are built from ``table`` on first use, one at a time."""
+
+    table: dict[str, str] = {}
+
+    def list_commands(self, ctx: Any) -> list[str]:
+        return [*self.table, *(name for name in self.commands if name not in self.table)]
+
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        command = self.commands.get(cmd_name)
+        if command is None and cmd_name in self.table:
+            module, _, function = self.table[cmd_name].partition(":")
+            callback = getattr(importlib.import_module(f".{module}", __package__), function)
+            command = typer.main.get_command_from_info(
+                typer.models.CommandInfo(name=cmd_name, callback=callback),
+                pretty_exceptions_short=True,
+                rich_markup_mode=self.rich_markup_mode,
+            )
+            self.commands[cmd_name] = command
+        return command
+
+    def resolve_command(self, ctx: Any, args: list[str]) -> Any:
+        if args and args[0] not in self.commands and args[0] not in self.table:
+            # Not a command: build them all, since "Did you mean ...?" is chosen from those built.
+            for name in self.table:
+                self.get_command(ctx, name)
+        return super().resolve_command(ctx, args)
+
+
+def _lazy_group(table: dict[str, str]) -> type[LazyGroup]:
+    # typer takes the group's class, not an instance, so each table gets its own subclass.
+    return type("LazyGroup", (LazyGroup,), {"table": table})
+
+
+def _group_callback() -> None:
+    """weco-observe."""
+
 
 app = typer.Typer(
     name="weco",
@@ -25,11 +104,15 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=_lazy_group(TOP_COMMANDS),
 )
 observe = typer.Typer(
     help="Track experiments: journal runs and steps locally, sync them to Weco when the network allows.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    cls=_lazy_group(OBSERVE_COMMANDS),
+    # With no command registered on the Typer itself, only a callback makes typer build a group.
+    callback=_group_callback,
 )
 app.add_typer(observe, name="observe")
 
@@ -89,7 +172,6 @@ def _trigger_sync() -> None:
     autosync.trigger(paths.journal_path())
 
 
-@observe.command()
 def init(
     metric: Annotated[str, typer.Option("--metric", help="Primary metric name (e.g. val_bpb).")],
     source: SourceOpt = None,
@@ -134,7 +216,6 @@ def init(
     _trigger_sync()
 
 
-@observe.command()
 def log(
     run_id: Annotated[str, typer.Option("--run-id", help="Run ID from weco observe init (or a Weco server run id).")],
     step: Annotated[str, typer.Option("--step", help="Step number (0 = baseline, then 1, 2, 3, ...).")],
@@ -189,7 +270,6 @@ def log(
     _trigger_sync()
 
 
-@observe.command()
 def status(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
@@ -257,7 +337,6 @@ def status(
     print("\n".join(lines))
 
 
-@app.command()
 def login(
     api_key: Annotated[
         Optional[str], typer.Option("--api-key", help="The key; otherwise read from stdin or a hidden prompt.")
@@ -283,24 +362,12 @@ def login(
         print("Note: WECO_API_KEY is set in the environment and wins over the file.", file=sys.stderr)
 
 
-@app.command()
 def logout() -> None:
     """Remove the saved API key (the credentials file)."""
     if paths.delete_api_key():
         print(f"Removed {paths.credentials_path()}.", file=sys.stderr)
     else:
         print("No saved API key.", file=sys.stderr)
-
-
-def _register_extensions() -> None:
-    # Each responsibility registers its own commands; their modules import only typer at load time.
-    from . import cli_bundle, cli_sync, cli_views
-
-    for module in (cli_sync, cli_views, cli_bundle):
-        module.register(observe)
-
-
-_register_extensions()
 
 
 def _expand_sources(args: list[str]) -> list[str]:
@@ -322,43 +389,10 @@ def _expand_sources(args: list[str]) -> list[str]:
     return out
 
 
-def _command_name(info: Any) -> str:
-    return info.name or info.callback.__name__.replace("_", "-")
-
-
-def _narrow(group: typer.Typer, args: list[str]) -> typer.Typer:
-    """A copy of ``group`` holding only the (sub)command that ``args`` names.
-
-    Typer inspects every command's signature when it builds the click group, a
-    cost that grows with each command; ``weco observe log`` runs in a loop, so it
-    builds only itself. Help and unknown names get the full group.
-    """
-    if not args or args[0].startswith("-"):
-        return group
-    name = args[0]
-    narrow = typer.Typer(
-        **{k: getattr(group.info, k) for k in ("name", "help", "no_args_is_help")},
-        add_completion=False,
-        pretty_exceptions_enable=False,
-    )
-    # A callback keeps a one-command Typer a group, so the command name is still expected.
-    narrow.callback()(_group_callback)
-    for info in group.registered_groups:
-        if info.name == name:
-            narrow.add_typer(_narrow(info.typer_instance, args[1:]), name=name)
-            return narrow
-    narrow.registered_commands = [c for c in group.registered_commands if _command_name(c) == name]
-    return narrow if narrow.registered_commands else group
-
-
-def _group_callback() -> None:
-    """weco-observe."""
-
-
 def run(group: typer.Typer, args: list[str] | None = None, prog_name: str | None = None) -> int:
     """Run the CLI with one-line errors; return the exit code."""
     args = _expand_sources(list(sys.argv[1:] if args is None else args))
-    command = typer.main.get_command(_narrow(group, args))
+    command = typer.main.get_command(group)
     try:
         result = command.main(args=args, prog_name=prog_name, standalone_mode=False)
     except errors.WecoObserveError as exc:

@@ -1,9 +1,8 @@
 """CLI commands for the local views: runs, show, diff, export, report, ui, setup.
 
-Registered on the ``observe`` group by ``cli.py``. Only typer is imported at
-load time (this module loads on the ``log`` hot path); each command imports
-``views`` (and the report, UI or skill module) inside its body, makes one
-library call and prints the result.
+Listed in ``cli.OBSERVE_COMMANDS``; the CLI imports this module only to run
+or list these commands. Each imports ``views`` (and the report, UI or skill
+module) inside its body, makes one library call and prints the result.
 """
 
 from __future__ import annotations
@@ -139,9 +138,3 @@ def setup(
         return
     path, outcome = skill.install(agent, project=project, force=force)
     print(f"{outcome} {path}", file=sys.stderr)
-
-
-def register(observe: typer.Typer) -> None:
-    """Add this module's commands to `observe`."""
-    for command in (runs, show, diff, export, report, ui, setup):
-        observe.command()(command)
