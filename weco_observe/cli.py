@@ -20,8 +20,9 @@ Adding a command: write a plain function in a ``cli_*.py`` module (typer
 ``python tests/cli_reference.py --write`` to refresh the README's reference.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: typer reads each option from its annotation, and evaluates
+# string annotations four times while it builds a command (4.8 ms for `log`, against 0.7 ms from objects);
+# evaluating every command's annotations once at import costs 0.3 ms.
 import importlib
 import json
 import os
