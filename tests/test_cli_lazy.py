@@ -117,7 +117,7 @@ def test_a_mistyped_command_still_gets_a_suggestion(cli):
 
 
 def test_shell_completion_still_offers_every_command(tmp_path):
-    from weco_observe.cli import OBSERVE_COMMANDS
+    from weco_observe.cli import ACCOUNT_COMMANDS, OBSERVE_COMMANDS
 
     env = {**os.environ, "_WECO_OBSERVE_COMPLETE": "complete_bash", "COMP_WORDS": "weco-observe ", "COMP_CWORD": "1"}
     done = subprocess.run(
@@ -129,7 +129,7 @@ def test_shell_completion_still_offers_every_command(tmp_path):
         timeout=60,
     )
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == list(OBSERVE_COMMANDS)
+    assert done.stdout.split() == [*OBSERVE_COMMANDS, *ACCOUNT_COMMANDS]  # the weco-observe script has both
 
 
 def test_every_listed_command_builds():

@@ -1,4 +1,4 @@
-"""The command line: ``weco observe ...`` (and ``weco-observe ...``), plus ``weco login``/``logout``.
+"""The command line: ``weco observe ...`` (and ``weco-observe ...``), plus ``weco login``/``logout``/``setup``.
 
 Each command parses its flags, makes one library call and formats the result;
 no SQL or HTTP here. Library errors become a one-line ``error: ...`` on stderr
@@ -15,9 +15,10 @@ inside its body.
 
 Adding a command: write a plain function in a ``cli_*.py`` module (typer
 ``Annotated`` options, a docstring for the help), then add one line
-``"name": "module:function"`` to ``OBSERVE_COMMANDS`` (``weco observe NAME``) or
-``TOP_COMMANDS`` (``weco NAME``). Help lists commands in table order. Then run
-``python tests/cli_reference.py --write`` to refresh the README's reference.
+``"name": "module:function"`` to ``OBSERVE_COMMANDS`` (``weco observe NAME`` and
+``weco-observe NAME``) or ``TOP_COMMANDS`` (``weco NAME``). Help lists commands
+in table order. Then run ``python tests/cli_reference.py --write`` to refresh
+the README's reference.
 """
 
 # No `from __future__ import annotations` here: typer reads each option from its annotation, and evaluates
@@ -54,10 +55,17 @@ OBSERVE_COMMANDS = {
     "doctor": "cli_bundle:doctor_cmd",
 }
 
-#: ``weco NAME`` -> "module:function"; the ``observe`` group is listed after these.
-TOP_COMMANDS = {
+#: Commands of the official client's top level that ``weco-observe``, which has no top level, also takes.
+ACCOUNT_COMMANDS = {
     "login": "cli:login",
     "logout": "cli:logout",
+}
+
+#: ``weco NAME`` -> "module:function"; the ``observe`` group is listed after these.
+TOP_COMMANDS = {
+    **ACCOUNT_COMMANDS,
+    # The official guide says `weco setup claude-code`; `weco observe setup` is the same command.
+    "setup": "cli_views:setup",
 }
 
 
@@ -116,6 +124,14 @@ observe = typer.Typer(
     callback=_group_callback,
 )
 app.add_typer(observe, name="observe")
+#: The ``weco-observe`` script: the ``observe`` group plus ``login``/``logout``, since it has no top level.
+observe_script = typer.Typer(
+    help=observe.info.help,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    cls=_lazy_group({**OBSERVE_COMMANDS, **ACCOUNT_COMMANDS}),
+    callback=_group_callback,
+)
 
 SourceOpt = Annotated[Optional[str], typer.Option("--source", "-s", help="Single source code file to track.")]
 SourcesOpt = Annotated[
@@ -417,5 +433,5 @@ def main_weco() -> None:
 
 
 def main_observe() -> None:
-    """Entry point of the ``weco-observe`` script (the ``weco observe`` group)."""
-    sys.exit(run(observe, prog_name="weco-observe"))
+    """Entry point of the ``weco-observe`` script (the ``weco observe`` group, plus ``login``/``logout``)."""
+    sys.exit(run(observe_script, prog_name="weco-observe"))
