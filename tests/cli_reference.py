@@ -64,30 +64,27 @@ def _option_row(param) -> str:
 def render() -> str:
     out = [START, ""]
     for path, command in commands():
-        if len(path) == 1:
-            continue
         name = " ".join(path)
-        is_group = _is_group(command)
         out.append(f"### `{name}`")
         out.append("")
         doc = (command.help or "").strip()
         if doc:
             out.append(doc.replace("\n\n", "\n\n").strip())
             out.append("")
-        if is_group:
+        params = [p for p in command.params if p.name != "help"]
+        if _is_group(command):
             subs = ", ".join(f"`{name} {s}`" for s in sorted(_subcommands(command)))
             out.append(f"Commands: {subs}.")
             out.append("")
-            continue
-        params = [p for p in command.params if p.name != "help"]
-        args = [p for p in params if p.param_type_name == "argument"]
-        usage = (
-            name
-            + "".join(f" {a.human_readable_name}" for a in args)
-            + (" [OPTIONS]" if len(params) > len(args) else "")
-        )
-        out.append(f"Usage: `{usage}`")
-        out.append("")
+        else:
+            args = [p for p in params if p.param_type_name == "argument"]
+            usage = (
+                name
+                + "".join(f" {a.human_readable_name}" for a in args)
+                + (" [OPTIONS]" if len(params) > len(args) else "")
+            )
+            out.append(f"Usage: `{usage}`")
+            out.append("")
         if params:
             out.append("| option | description |")
             out.append("|---|---|")

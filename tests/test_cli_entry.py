@@ -11,10 +11,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
 
+import weco_observe
+from weco_observe import cli as cli_module
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,6 +63,67 @@ def test_weco_setup_installs_the_skill_like_weco_observe_setup(cli, tmp_path):
     assert cli.ok("setup", "cursor", "--print").stdout == cli.ok("observe", "setup", "cursor", "--print").stdout
     cli.ok("setup", "codex", "--project")
     assert (tmp_path / ".agents" / "skills" / "weco-observe" / "SKILL.md").is_file()
+
+
+# -- 2. a bare group prints its help and succeeds -------------------------------
+
+
+@pytest.mark.parametrize("group", [[], ["observe"]])
+def test_bare_weco_and_weco_observe_print_help_and_exit_0(cli, group):
+    bare = cli(*group)
+    assert bare.returncode == 0, bare.stderr
+    assert bare.stderr == ""  # no "error:  (see ...)" with an empty message
+    assert "Usage:" in bare.stdout and "Commands" in bare.stdout
+    assert bare.stdout == cli.ok(*group, "--help").stdout
+
+
+def test_bare_weco_observe_script_prints_help_and_exits_0(tmp_path):
+    bare = weco_observe_script(cwd=tmp_path)
+    assert bare.returncode == 0, bare.stderr
+    assert bare.stderr == ""
+    assert bare.stdout.lstrip().startswith("Usage: weco-observe ")
+    assert bare.stdout == weco_observe_script("--help", cwd=tmp_path).stdout
+
+
+def test_bare_group_in_process(capsys):
+    assert cli_module.run(cli_module.app, ["observe"], prog_name="weco") == 0
+    out, err = capsys.readouterr()
+    assert "Usage: weco observe" in out and "log" in out and err == ""
+
+
+# -- 3. --version ---------------------------------------------------------------
+
+
+def test_version_matches_the_package_metadata():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert weco_observe.__version__ == project["version"]
+
+
+@pytest.mark.parametrize("args", [["--version"], ["observe", "--version"]])
+def test_weco_version(cli, args):
+    result = cli.ok(*args)
+    assert result.stdout == f"weco-observe {weco_observe.__version__}\n"
+    assert result.stderr == ""
+
+
+def test_weco_observe_script_version(tmp_path):
+    result = weco_observe_script("--version", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"weco-observe {weco_observe.__version__}\n"
+
+
+def test_version_builds_no_command_and_opens_no_journal(tmp_path):
+    code = (
+        "import sys\n"
+        "from weco_observe import cli\n"
+        "rc = cli.run(cli.app, ['observe', '--version'], prog_name='weco')\n"
+        "print(rc, sorted(m for m in sys.modules if m.startswith('weco_observe.') and m != 'weco_observe.cli'))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    version, report = done.stdout.splitlines()
+    assert version == f"weco-observe {weco_observe.__version__}"
+    assert report == "0 ['weco_observe.errors', 'weco_observe.paths', 'weco_observe.validate']"
 
 
 # -- 4. weco-observe login / logout ----------------------------------------------

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperGroup, TyperOption
 
 from . import errors, paths, validate
 
@@ -69,10 +69,45 @@ TOP_COMMANDS = {
 }
 
 
+def _print_version(ctx: Any, param: Any, value: bool) -> None:
+    if value and not ctx.resilient_parsing:
+        from . import __version__
+
+        print(f"weco-observe {__version__}")
+        ctx.exit()
+
+
 class LazyGroup(TyperGroup):
-    """A typer group whose commands are built from ``table`` on first use, one at a time."""
+    """A typer group whose commands are built from ``table`` on first use, one at a time.
+
+    Every group also takes ``--version``, and run bare it prints its help.
+    """
 
     table: dict[str, str] = {}
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        # A click option, not a typer callback parameter: typer would inspect the callback of every group
+        # on every run, `log` included, for a flag that is rarely given.
+        self.params.append(
+            TyperOption(
+                param_decls=["--version"],
+                is_flag=True,
+                default=False,
+                is_eager=True,
+                expose_value=False,
+                callback=_print_version,
+                help="Print the version and exit.",
+            )
+        )
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        if not args and self.no_args_is_help and not ctx.resilient_parsing:
+            # A bare `weco` asks what it can do: print the help and succeed, as docker, kubectl, cargo and
+            # pip do. (Click 8.2+ raises a usage error here, exit 2, with the help as its message.)
+            typer.echo(ctx.get_help(), color=ctx.color)
+            ctx.exit()
+        return super().parse_args(ctx, args)
 
     def list_commands(self, ctx: Any) -> list[str]:
         return [*self.table, *(name for name in self.commands if name not in self.table)]
