@@ -153,3 +153,15 @@ def test_weco_observe_login_reads_the_key_from_stdin(tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert json.loads(credentials.read_text()) == {"api_key": "wk-from-stdin"}
+
+
+# -- 5. `python -m weco_observe` names itself ------------------------------------
+
+
+def test_python_m_names_what_the_user_typed(cli, tmp_path):
+    assert cli.ok("--help").stdout.lstrip().startswith("Usage: python -m weco_observe [OPTIONS] COMMAND")
+    typo = cli("observe", "stat")
+    assert typo.returncode == 2
+    assert typo.stderr.strip().endswith("(see `python -m weco_observe observe --help`)")
+    # the `weco` script still calls itself weco
+    assert weco_script("--help", cwd=tmp_path).stdout.lstrip().startswith("Usage: weco [OPTIONS] COMMAND")

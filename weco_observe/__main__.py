@@ -1,3 +1,6 @@
-from .cli import main_weco
+import sys
 
-main_weco()
+from .cli import app, run
+
+# Help and error hints name the command as typed (`python -m weco_observe observe log ...`).
+sys.exit(run(app, prog_name="python -m weco_observe"))
