@@ -165,3 +165,23 @@ def test_python_m_names_what_the_user_typed(cli, tmp_path):
     assert typo.stderr.strip().endswith("(see `python -m weco_observe observe --help`)")
     # the `weco` script still calls itself weco
     assert weco_script("--help", cwd=tmp_path).stdout.lstrip().startswith("Usage: weco [OPTIONS] COMMAND")
+
+
+# -- 6. step options look like integers, and still parse as text -----------------
+
+
+def test_step_options_show_an_integer_metavar():
+    from typer.testing import CliRunner
+
+    result = CliRunner().invoke(cli_module.app, ["observe", "log", "--help"], prog_name="weco")
+    assert result.exit_code == 0, result.output
+    for flag in ("--step ", "--parent-step "):
+        (line,) = [row for row in result.output.splitlines() if flag in row]
+        assert "<int>" in line and "<str>" not in line and "TEXT" not in line, line
+
+
+def test_step_is_still_checked_by_weco_observe_with_a_one_line_error(capsys):
+    rc = cli_module.run(cli_module.app, ["observe", "log", "--run-id", "local-x", "--step", "two"], prog_name="weco")
+    assert rc == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == "error: --step must be a whole number, got 'two'\n"

@@ -270,7 +270,10 @@ def init(
 
 def log(
     run_id: Annotated[str, typer.Option("--run-id", help="Run ID from weco observe init (or a Weco server run id).")],
-    step: Annotated[str, typer.Option("--step", help="Step number (0 = baseline, then 1, 2, 3, ...).")],
+    # Parsed as text so that a bad value gets validate.parse_step's one-line error; shown as an integer.
+    step: Annotated[
+        str, typer.Option("--step", metavar="<int>", help="Step number (0 = baseline, then 1, 2, 3, ...).")
+    ],
     status: Annotated[str, typer.Option("--status", help="completed or failed.")] = "completed",
     description: Annotated[
         Optional[str], typer.Option("--description", help="What was tried in this experiment.")
@@ -284,7 +287,9 @@ def log(
     ] = None,
     parent_step: Annotated[
         Optional[str],
-        typer.Option("--parent-step", help="Parent step for tree branching (default: last successful step)."),
+        typer.Option(
+            "--parent-step", metavar="<int>", help="Parent step for tree branching (default: last successful step)."
+        ),
     ] = None,
     metadata: MetadataOpt = None,
     strict: StrictOpt = False,
