@@ -8,6 +8,7 @@ journal, or the formatting functions with real library results.
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import pytest
 
 import weco_observe
 from weco_observe import cli as cli_module
+from weco_observe.journal import Journal
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -185,3 +187,77 @@ def test_step_is_still_checked_by_weco_observe_with_a_one_line_error(capsys):
     assert rc == 2
     out, err = capsys.readouterr()
     assert out == "" and err == "error: --step must be a whole number, got 'two'\n"
+
+
+# -- 7. plurals ------------------------------------------------------------------
+
+
+def test_export_of_one_step_says_step(cli, run_id, tmp_path):
+    assert cli.ok("observe", "export", run_id, "-o", "out.json").stderr.strip() == "wrote 1 step to out.json"
+    assert len(json.loads((tmp_path / "out.json").read_text())["steps"]) == 1
+
+
+def test_dry_run_of_one_request_says_request(cli, run_id):
+    assert cli.ok("observe", "sync", "--dry-run").stderr.strip().splitlines()[-1] == "1 request would be sent"
+
+
+def test_offline_sync_of_one_event_says_event_waits(cli, run_id):
+    env = {"WECO_API_KEY": "k", "WECO_BASE_URL": "http://127.0.0.1:9/v1"}
+    result = cli("observe", "sync", env=env)
+    assert result.returncode == 4
+    assert "http://127.0.0.1:9/v1: 1 event waits in the journal" in result.stderr
+
+
+def test_status_with_one_failed_attempt_says_event_has(run_id, journal_path, capsys):
+    with Journal(journal_path) as j:
+        (event,) = j.query("SELECT id FROM events")
+        j.mark_failed(event["id"], "HTTP 503")
+    assert cli_module.run(cli_module.app, ["observe", "status"], prog_name="weco") == 0
+    out = capsys.readouterr().out
+    assert "retrying:       1 pending event has failed before; last error: HTTP 503" in out
+
+
+def test_sync_summary_and_import_lines_count_one_in_the_singular():
+    from weco_observe import cli_bundle, cli_sync
+    from weco_observe.sync import PassResult
+
+    lines = cli_sync._summary_lines(PassResult(pending=1, possible_duplicates=1, last_error="HTTP 500"))
+    assert "warning: 1 event still pending after retries; last error: HTTP 500" in lines
+    assert any(line.startswith("warning: 1 run may have a duplicate on the server") for line in lines)
+    summary = {
+        "already_imported": False,
+        "path": "b.weco",
+        "bundle_id": "B",
+        "source": "box",
+        "runs_new": 1,
+        "runs_known": 0,
+        "events_new": 1,
+        "events_pending": 1,
+        "events_known": 0,
+        "steps_updated": 1,
+        "blobs_new": 1,
+        "server_ids_adopted": 1,
+        "conflicts": [],
+    }
+    first, adopted = cli_bundle.import_lines(summary)
+    assert first.endswith(
+        ": 1 new run, 0 already known, 1 new event (1 to sync), 0 already here, 1 step updated, 1 new code blob"
+    )
+    assert adopted == "1 run was already synced from the other box: its new steps go to the same server run"
+    many = cli_bundle.import_lines({**summary, "runs_new": 2, "server_ids_adopted": 2})
+    assert "2 new runs" in many[0] and many[1].startswith("2 runs were already synced")
+
+
+def test_progress_bar_counts_one_event(monkeypatch):
+    from weco_observe import cli_sync
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    screen = Terminal()
+    monkeypatch.setattr(sys, "stderr", screen)
+    update = cli_sync._progress_bar(1)
+    assert update is not None
+    update(1)
+    assert screen.getvalue().endswith("] 1/1 event\n")

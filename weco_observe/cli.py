@@ -69,6 +69,11 @@ TOP_COMMANDS = {
 }
 
 
+def plural(n: int, noun: str) -> str:
+    """``plural(1, "step")`` is "1 step", ``plural(2, "step")`` is "2 steps"."""
+    return f"{n} {noun if n == 1 else noun + 's'}"
+
+
 def _print_version(ctx: Any, param: Any, value: bool) -> None:
     if value and not ctx.resilient_parsing:
         from . import __version__
@@ -381,7 +386,8 @@ def status(
     ]
     if info["pending_with_errors"]:
         lines.append(
-            f"retrying:       {info['pending_with_errors']} pending events have failed before;"
+            f"retrying:       {plural(info['pending_with_errors'], 'pending event')}"
+            f" {'has' if info['pending_with_errors'] == 1 else 'have'} failed before;"
             f" last error: {info['last_error']}"
         )
     if info["spill_files"]:

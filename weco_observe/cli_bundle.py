@@ -16,6 +16,8 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from .cli import plural
+
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 
 
@@ -30,15 +32,17 @@ def import_lines(s: dict[str, Any]) -> list[str]:
     lines = [
         (
             f"imported {s['path']} (bundle {s['bundle_id']} from {s['source']}): "
-            f"{s['runs_new']} new runs, {s['runs_known']} already known, {s['events_new']} new events "
-            f"({s['events_pending']} to sync), {s['events_known']} already here, "
-            f"{s['steps_updated']} steps updated, {s['blobs_new']} new code blobs"
+            f"{plural(s['runs_new'], 'new run')}, {s['runs_known']} already known, "
+            f"{plural(s['events_new'], 'new event')} ({s['events_pending']} to sync), "
+            f"{s['events_known']} already here, "
+            f"{plural(s['steps_updated'], 'step')} updated, {plural(s['blobs_new'], 'new code blob')}"
         )
     ]
     if s["server_ids_adopted"]:
+        one = s["server_ids_adopted"] == 1
         lines.append(
-            f"{s['server_ids_adopted']} runs were already synced from the other box: "
-            "their new steps go to the same server runs"
+            f"{plural(s['server_ids_adopted'], 'run')} {'was' if one else 'were'} already synced from the other box: "
+            + ("its new steps go to the same server run" if one else "their new steps go to the same server runs")
         )
     lines.extend(f"warning: {c}" for c in s["conflicts"])
     return lines
@@ -74,6 +78,7 @@ def bundle_cmd(
         )
     else:
         print(
+            # Still "1 runs": tests/test_bundle.py asserts that text; move to plural() together with that test.
             f"wrote {summary['path']} ({_kib(summary['bytes'])}): {summary['runs']} runs, "
             f"{summary['steps']} steps, {summary['events']} events, {summary['blobs']} code blobs"
         )

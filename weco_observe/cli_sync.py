@@ -13,6 +13,8 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from .cli import plural
+
 
 def _progress_bar(total: int):
     """A one-line progress bar on stderr, only when stderr is a terminal."""
@@ -22,7 +24,7 @@ def _progress_bar(total: int):
 
     def update(done: int) -> None:
         filled = min(width, int(width * done / max(total, 1)))
-        sys.stderr.write(f"\rsyncing [{'#' * filled}{'.' * (width - filled)}] {done}/{total} events")
+        sys.stderr.write(f"\rsyncing [{'#' * filled}{'.' * (width - filled)}] {done}/{plural(total, 'event')}")
         if done >= total:
             sys.stderr.write("\n")
         sys.stderr.flush()
@@ -33,6 +35,7 @@ def _progress_bar(total: int):
 def _summary_lines(result: Any) -> list[str]:
     from . import paths
 
+    waiting = f"{plural(result.pending, 'event')} {'waits' if result.pending == 1 else 'wait'}"
     lines = []
     for run in result.runs:
         label = f"{run.run_id}" + (f" ({run.name})" if run.name else "")
@@ -51,14 +54,16 @@ def _summary_lines(result: Any) -> list[str]:
     )
     lines.insert(0, head)
     if result.auth_failed:
-        lines.append(f"error: {result.last_error}; nothing was changed, {result.pending} events wait")
+        lines.append(f"error: {result.last_error}; nothing was changed, {waiting}")
     elif result.unreachable:
         lines.append(
-            f"error: cannot reach the Weco API at {paths.api_base_url()}: {result.pending} events wait"
+            f"error: cannot reach the Weco API at {paths.api_base_url()}: {waiting}"
             " in the journal (run `weco observe sync` again later)"
         )
     elif result.pending:
-        lines.append(f"warning: {result.pending} events still pending after retries; last error: {result.last_error}")
+        lines.append(
+            f"warning: {plural(result.pending, 'event')} still pending after retries; last error: {result.last_error}"
+        )
     if result.rejected_total:
         lines.append(
             "rejected events are kept: see `weco observe status`; after fixing the cause run "
@@ -66,7 +71,7 @@ def _summary_lines(result: Any) -> list[str]:
         )
     if result.possible_duplicates:
         lines.append(
-            f"warning: {result.possible_duplicates} run(s) may have a duplicate on the server "
+            f"warning: {plural(result.possible_duplicates, 'run')} may have a duplicate on the server "
             "(a create got no answer and was sent again)"
         )
     return lines
@@ -118,7 +123,7 @@ def sync_command(
             what = "create run" if "step" not in r else f"step {r['step']} ({r['status']}, parent {r['parent_step']})"
             files = f" files: {', '.join(r['files'])}" if r["files"] else ""
             print(f"{r['method']} {r['path']}  {r['run_id']} {what}{files}")
-        print(f"{len(requests)} requests would be sent", file=sys.stderr)
+        print(f"{plural(len(requests), 'request')} would be sent", file=sys.stderr)
         return
 
     def on_wait(holder: dict[str, Any]) -> None:

@@ -13,6 +13,8 @@ from typing import Annotated
 
 import typer
 
+from .cli import plural
+
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output (for agents and scripts).")]
 ColorOpt = Annotated[str, typer.Option("--color", help="Colour the output: auto (on a terminal), always or never.")]
 
@@ -97,7 +99,7 @@ def export(
             return
         with open(output, "w", encoding="utf-8", newline="") as out:
             n = views.export_run(journal, run, fmt, out, code=code)
-    print(f"wrote {n} steps to {output}", file=sys.stderr)
+    print(f"wrote {plural(n, 'step')} to {output}", file=sys.stderr)
 
 
 def report(
