@@ -261,3 +261,24 @@ def test_progress_bar_counts_one_event(monkeypatch):
     assert update is not None
     update(1)
     assert screen.getvalue().endswith("] 1/1 event\n")
+
+
+# -- 8. a re-log says "updated" ----------------------------------------------------
+
+
+def test_relog_says_updated(cli, run_id):
+    first = cli.ok("observe", "log", "--run-id", run_id, "--step", "1", "--metrics", '{"loss": 0.5}')
+    assert first.stderr.strip() == "weco-observe: step 1 journaled (parent 0)"
+    again = cli.ok("observe", "log", "--run-id", run_id, "--step", "1", "--metrics", '{"loss": 0.4}')
+    assert again.stderr.strip() == "weco-observe: step 1 updated (parent 0)"
+    # init journaled step 0, so logging the baseline's metrics updates it
+    baseline = cli.ok("observe", "log", "--run-id", run_id, "--step", "0", "--metrics", '{"loss": 0.9}')
+    assert baseline.stderr.strip() == "weco-observe: step 0 updated (baseline)"
+
+
+def test_log_step_reports_whether_the_step_existed(journal_path):
+    with Journal(journal_path) as j:
+        run = j.create_run(source_code={"train.py": "x = 1\n"}, metric="loss")
+        assert "updated" not in j.log_step(run, 1)
+        assert j.log_step(run, 1, status="failed")["updated"] is True
+        assert j.log_step(run, 0)["updated"] is True

@@ -328,7 +328,8 @@ def log(
             if result["step"] == 0
             else (f"parent {parent}" if parent is not None else "parent chosen by the server")
         )
-        print(f"weco-observe: step {result['step']} journaled ({where})", file=sys.stderr)
+        done = "updated" if result.get("updated") else "journaled"
+        print(f"weco-observe: step {result['step']} {done} ({where})", file=sys.stderr)
     _trigger_sync()
 
 

@@ -487,7 +487,16 @@ class Journal:
                 (event_id, run_id, step, _dumps(payload), now),
             )
             conn.execute("UPDATE runs SET updated_at = ? WHERE id = ?", (now, run_id))
-        return {"run_id": run_id, "step": step, "status": status, "parent_step": parent, "event_id": event_id}
+        return {
+            "run_id": run_id,
+            "step": step,
+            "status": status,
+            "parent_step": parent,
+            "event_id": event_id,
+            # Only when the step existed, so replaying a first log's event_id (answered by _step_result above)
+            # returns the same dict.
+            **({"updated": True} if prev is not None else {}),
+        }
 
     # -- outbox (used by sync) ------------------------------------------------
 
