@@ -145,3 +145,59 @@ def test_every_listed_command_builds():
         for name in table:
             built = command.get_command(ctx, name)
             assert built is not None and built.name == name and built.help, name
+
+
+# `init` and `log` end with os._exit when nothing needs the interpreter's teardown (cli._exit).
+EXIT_PROBE = """
+import atexit, os, sys
+
+class Probe:
+    def __del__(self, write=os.write):
+        write(2, b"teardown ran\\n")
+
+probe = Probe()  # collected by the interpreter's teardown, if it runs
+atexit._clear()  # whatever the environment's .pth files registered at start-up (any one keeps the teardown)
+if sys.argv[1] == "with-atexit":
+    atexit.register(lambda: os.write(2, b"atexit ran\\n"))
+from weco_observe.cli import main_weco
+sys.argv = ["weco", *sys.argv[2:]]
+main_weco()
+"""
+
+
+def probe(tmp_path: Path, mode: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", EXIT_PROBE, mode, *args], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+
+
+def test_init_and_log_skip_the_teardown_and_lose_no_output(tmp_path):
+    (tmp_path / "train.py").write_text("lr = 0.1\n")
+    init = probe(tmp_path, "plain", "observe", "init", "--metric", "loss", "-s", "train.py")
+    assert init.returncode == 0, init.stderr
+    assert "teardown ran" not in init.stderr
+    run = init.stdout.strip()  # printed to a pipe (block-buffered), so flushed before os._exit
+    assert run.startswith("local-") and init.stdout == run + "\n"
+    log = probe(tmp_path, "plain", "observe", "log", "--run-id", run, "--step", "1", "-s", "train.py")
+    assert log.returncode == 0, log.stderr
+    assert log.stderr == "weco-observe: step 1 journaled (parent 0)\n"
+    from weco_observe.journal import Journal
+
+    with Journal() as journal:
+        assert [s["step"] for s in journal.steps(journal.require_run(run)["id"])] == [0, 1]
+
+
+def test_other_commands_and_failures_keep_the_teardown(tmp_path):
+    status = probe(tmp_path, "plain", "observe", "status", "--json")
+    assert status.returncode == 0 and "teardown ran" in status.stderr
+    bad = probe(tmp_path, "plain", "observe", "log", "--run-id", "local-x", "--step", "-1")
+    assert bad.returncode == 2
+    error, teardown = bad.stderr.splitlines()
+    assert error.startswith("error: --step ") and teardown == "teardown ran"
+
+
+def test_an_atexit_callback_keeps_the_teardown(tmp_path):
+    (tmp_path / "train.py").write_text("lr = 0.1\n")
+    init = probe(tmp_path, "with-atexit", "observe", "init", "--metric", "loss", "-s", "train.py")
+    assert init.returncode == 0, init.stderr
+    assert "atexit ran" in init.stderr and "teardown ran" in init.stderr

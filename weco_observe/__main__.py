@@ -1,6 +1,4 @@
-import sys
-
-from .cli import app, run
+from .cli import main_weco
 
 # Help and error hints name the command as typed (`python -m weco_observe observe log ...`).
-sys.exit(run(app, prog_name="python -m weco_observe"))
+main_weco(prog_name="python -m weco_observe")
