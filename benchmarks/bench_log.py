@@ -2,7 +2,9 @@
 
 (a) `weco observe log` with a 13 KB source (one line changed per step), median
     wall time, against `python -c "import typer"` in the same venv, the two
-    commands interleaved. Target: <= 1.5x.
+    commands interleaved. Target: <= 1.1x (issue 9; it was 1.5x). Also the
+    median CPU time (user + sys) of each process, which other jobs on a shared
+    machine disturb less than wall time.
 (d) Flat cost: the same `log` into a journal that already holds 100,000 steps
     (in the run being logged to, the worst case for tree and delta lookups),
     interleaved with `log` into an empty journal. Target: <= 1.2x. Also measured
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import tempfile
 from pathlib import Path
 
@@ -67,6 +70,15 @@ print(json.dumps(times))
 """
 
 
+def timed(argv: list[str], env: dict[str, str], cpu: list[float], cwd: Path | None = None) -> float:
+    """``wall()``, also appending the process's CPU time (user + sys) to ``cpu``."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    elapsed = wall(argv, env, cwd=cwd)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu.append((after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime))
+    return elapsed
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--venv", help="reuse (or create) a venv here with a non-editable install")
@@ -102,12 +114,14 @@ def main() -> None:
 
     step = {"empty": 1, "big": args.big + 1}
 
+    cpu: dict[str, list[float]] = {"typer": [], "pass": [], "empty": [], "big": [], "init": []}
+
     def log(name: str, env: dict[str, str], run: str) -> float:
         n = step[name]
         step[name] += 1
         lines[n % len(lines)] = f"param = {n}\n"
         src.write_text("".join(lines))
-        return wall(
+        return timed(
             [
                 weco,
                 "observe",
@@ -123,6 +137,7 @@ def main() -> None:
                 "-q",
             ],
             env,
+            cpu[name],
             cwd=work,
         )
 
@@ -131,20 +146,27 @@ def main() -> None:
         wall(baseline, empty_env)
         log("empty", empty_env, run_empty)
         log("big", big_env, run_big)
+    for times in cpu.values():
+        times.clear()
     t = {"typer": [], "pass": [], "empty": [], "big": [], "init": []}
     init_argv = [weco, "observe", "init", "--metric", "loss", "-s", "train.py", "--name", "bench"]
     for _ in range(args.reps):
-        t["typer"].append(wall(baseline, empty_env))
+        t["typer"].append(timed(baseline, empty_env, cpu["typer"]))
         t["empty"].append(log("empty", empty_env, run_empty))
-        t["pass"].append(wall([python, "-c", "pass"], empty_env))
+        t["pass"].append(timed([python, "-c", "pass"], empty_env, cpu["pass"]))
         t["big"].append(log("big", big_env, run_big))
-        t["init"].append(wall(init_argv, empty_env, cwd=work))
+        t["init"].append(timed(init_argv, empty_env, cpu["init"], cwd=work))
 
     typer_med = median(t["typer"])
     ratio = median(t["empty"]) / typer_med
+    typer_cpu = median(cpu["typer"])
+
+    def cpu_cell(name: str) -> str:
+        return f"{ms(median(cpu[name]))} ({median(cpu[name]) / typer_cpu:.2f}x)"
+
     table(
         f"(a) `weco observe log`, {size / 1024:.1f} KB source, {args.reps} interleaved runs each",
-        ["command", "median", "p90", "min", "median vs `import typer`", "min vs min"],
+        ["command", "median", "p90", "min", "median vs `import typer`", "min vs min", "CPU median (vs typer)"],
         [
             [
                 "`python -c pass`",
@@ -153,6 +175,7 @@ def main() -> None:
                 ms(min(t["pass"])),
                 f"{median(t['pass']) / typer_med:.2f}x",
                 f"{min(t['pass']) / min(t['typer']):.2f}x",
+                cpu_cell("pass"),
             ],
             [
                 '`python -c "import typer"` (baseline)',
@@ -161,14 +184,16 @@ def main() -> None:
                 ms(min(t["typer"])),
                 "1.00x",
                 "1.00x",
+                cpu_cell("typer"),
             ],
             [
                 "`weco observe log` (empty journal)",
                 ms(median(t["empty"])),
                 ms(pct(t["empty"], 90)),
                 ms(min(t["empty"])),
-                f"**{ratio:.2f}x** (target <= 1.5x: {verdict(ratio <= 1.5)})",
+                f"**{ratio:.2f}x** (target <= 1.1x: {verdict(ratio <= 1.1)})",
                 f"{min(t['empty']) / min(t['typer']):.2f}x",
+                cpu_cell("empty"),
             ],
             [
                 "`weco observe init` (for the README)",
@@ -177,6 +202,7 @@ def main() -> None:
                 ms(min(t["init"])),
                 f"{median(t['init']) / typer_med:.2f}x",
                 f"{min(t['init']) / min(t['typer']):.2f}x",
+                cpu_cell("init"),
             ],
         ],
     )

@@ -18,10 +18,22 @@ END = "<!-- cli-reference:end -->"
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 
+def _is_group(command) -> bool:
+    return hasattr(command, "list_commands")
+
+
+def _subcommands(command) -> dict:
+    """A group's commands by name, asked for as click does (the CLI's groups build them on demand)."""
+    ctx = typer.Context(command)
+    return {name: command.get_command(ctx, name) for name in command.list_commands(ctx)}
+
+
 def _walk(command, path):
     yield path, command
-    for name in sorted(getattr(command, "commands", {}) or {}):
-        yield from _walk(command.commands[name], [*path, name])
+    if _is_group(command):
+        subs = _subcommands(command)
+        for name in sorted(subs):
+            yield from _walk(subs[name], [*path, name])
 
 
 def commands():
@@ -52,30 +64,27 @@ def _option_row(param) -> str:
 def render() -> str:
     out = [START, ""]
     for path, command in commands():
-        if len(path) == 1:
-            continue
         name = " ".join(path)
-        is_group = bool(getattr(command, "commands", None))
         out.append(f"### `{name}`")
         out.append("")
         doc = (command.help or "").strip()
         if doc:
             out.append(doc.replace("\n\n", "\n\n").strip())
             out.append("")
-        if is_group:
-            subs = ", ".join(f"`{name} {s}`" for s in sorted(command.commands))
+        params = [p for p in command.params if p.name != "help"]
+        if _is_group(command):
+            subs = ", ".join(f"`{name} {s}`" for s in sorted(_subcommands(command)))
             out.append(f"Commands: {subs}.")
             out.append("")
-            continue
-        params = [p for p in command.params if p.name != "help"]
-        args = [p for p in params if p.param_type_name == "argument"]
-        usage = (
-            name
-            + "".join(f" {a.human_readable_name}" for a in args)
-            + (" [OPTIONS]" if len(params) > len(args) else "")
-        )
-        out.append(f"Usage: `{usage}`")
-        out.append("")
+        else:
+            args = [p for p in params if p.param_type_name == "argument"]
+            usage = (
+                name
+                + "".join(f" {a.human_readable_name}" for a in args)
+                + (" [OPTIONS]" if len(params) > len(args) else "")
+            )
+            out.append(f"Usage: `{usage}`")
+            out.append("")
         if params:
             out.append("| option | description |")
             out.append("|---|---|")

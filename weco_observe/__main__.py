@@ -1,3 +1,4 @@
 from .cli import main_weco
 
-main_weco()
+# Help and error hints name the command as typed (`python -m weco_observe observe log ...`).
+main_weco(prog_name="python -m weco_observe")

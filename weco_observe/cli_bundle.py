@@ -1,10 +1,10 @@
-"""CLI commands for the bundle work; registered on the `observe` group by `cli.py`.
+"""CLI commands for the bundle work; listed in ``cli.OBSERVE_COMMANDS``.
 
 ``bundle`` / ``import`` move runs between journals by file (see ``bundle.py``);
 ``doctor`` checks and repairs the journal (see ``doctor.py``). ``sync --bundle``
 belongs to the sync command and calls ``bundle.import_bundle``.
 
-Only typer is imported at load time (this module loads on the `log` hot path).
+The CLI imports this module only to run or list these commands.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
+
+from .cli import plural
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 
@@ -30,117 +32,114 @@ def import_lines(s: dict[str, Any]) -> list[str]:
     lines = [
         (
             f"imported {s['path']} (bundle {s['bundle_id']} from {s['source']}): "
-            f"{s['runs_new']} new runs, {s['runs_known']} already known, {s['events_new']} new events "
-            f"({s['events_pending']} to sync), {s['events_known']} already here, "
-            f"{s['steps_updated']} steps updated, {s['blobs_new']} new code blobs"
+            f"{plural(s['runs_new'], 'new run')}, {s['runs_known']} already known, "
+            f"{plural(s['events_new'], 'new event')} ({s['events_pending']} to sync), "
+            f"{s['events_known']} already here, "
+            f"{plural(s['steps_updated'], 'step')} updated, {plural(s['blobs_new'], 'new code blob')}"
         )
     ]
     if s["server_ids_adopted"]:
+        one = s["server_ids_adopted"] == 1
         lines.append(
-            f"{s['server_ids_adopted']} runs were already synced from the other box: "
-            "their new steps go to the same server runs"
+            f"{plural(s['server_ids_adopted'], 'run')} {'was' if one else 'were'} already synced from the other box: "
+            + ("its new steps go to the same server run" if one else "their new steps go to the same server runs")
         )
     lines.extend(f"warning: {c}" for c in s["conflicts"])
     return lines
 
 
-def register(observe: typer.Typer) -> None:
-    """Add this module's commands to `observe`."""
+def bundle_cmd(
+    output: Annotated[Path, typer.Option("--output", "-o", help="The bundle file to write.")],
+    run_id: Annotated[
+        Optional[str], typer.Option("--run-id", help="Only this run (local id, server id or prefix).")
+    ] = None,
+    everything: Annotated[
+        bool, typer.Option("--all", help="Everything, not only what no earlier bundle holds.")
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Write runs, steps, code and events not yet bundled to one file, for a box with no network.
 
-    @observe.command("bundle")
-    def bundle_cmd(
-        output: Annotated[Path, typer.Option("--output", "-o", help="The bundle file to write.")],
-        run_id: Annotated[
-            Optional[str], typer.Option("--run-id", help="Only this run (local id, server id or prefix).")
-        ] = None,
-        everything: Annotated[
-            bool, typer.Option("--all", help="Everything, not only what no earlier bundle holds.")
-        ] = False,
-        as_json: JsonOpt = False,
-    ) -> None:
-        """Write runs, steps, code and events not yet bundled to one file, for a box with no network.
+    Carry the file to a machine that reaches the API and run
+    `weco observe sync --bundle FILE` (or `weco observe import FILE`) there.
+    The next bundle holds only what was logged since this one (--all: everything).
+    """
+    from . import bundle, store
+    from .settings import Settings
 
-        Carry the file to a machine that reaches the API and run
-        `weco observe sync --bundle FILE` (or `weco observe import FILE`) there.
-        The next bundle holds only what was logged since this one (--all: everything).
-        """
-        from . import bundle
-        from .journal import Journal
+    with store.reader(Settings.load()) as journal:
+        summary = bundle.write_bundle(journal, output, run_ref=run_id, everything=everything)
+    if as_json:
+        print(json.dumps(summary, indent=2))
+    elif summary["events"] == 0:
+        print(
+            "nothing new to bundle since the last bundle (use --all for everything); no file written",
+            file=sys.stderr,
+        )
+    else:
+        print(
+            # Still "1 runs": tests/test_bundle.py asserts that text; move to plural() together with that test.
+            f"wrote {summary['path']} ({_kib(summary['bytes'])}): {summary['runs']} runs, "
+            f"{summary['steps']} steps, {summary['events']} events, {summary['blobs']} code blobs"
+        )
+        print(
+            f"on a machine that reaches the API: weco observe sync --bundle {Path(summary['path']).name}",
+            file=sys.stderr,
+        )
 
-        with Journal() as journal:
-            summary = bundle.write_bundle(journal, output, run_ref=run_id, everything=everything)
-        if as_json:
-            print(json.dumps(summary, indent=2))
-        elif summary["events"] == 0:
-            print(
-                "nothing new to bundle since the last bundle (use --all for everything); no file written",
-                file=sys.stderr,
-            )
-        else:
-            print(
-                f"wrote {summary['path']} ({_kib(summary['bytes'])}): {summary['runs']} runs, "
-                f"{summary['steps']} steps, {summary['events']} events, {summary['blobs']} code blobs"
-            )
-            print(
-                f"on a machine that reaches the API: weco observe sync --bundle {Path(summary['path']).name}",
-                file=sys.stderr,
-            )
 
-    @observe.command("import")
-    def import_cmd(
-        file: Annotated[Path, typer.Argument(help="A bundle written by `weco observe bundle`.")],
-        as_json: JsonOpt = False,
-    ) -> None:
-        """Verify a bundle and merge it into this journal (queued for the next sync).
+def import_cmd(
+    file: Annotated[Path, typer.Argument(help="A bundle written by `weco observe bundle`.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Verify a bundle and merge it into this journal (queued for the next sync).
 
-        A truncated, corrupted, edited or foreign file is refused and nothing is
-        imported. Importing the same or an overlapping bundle again changes nothing.
-        """
-        from . import bundle
-        from .journal import Journal
+    A truncated, corrupted, edited or foreign file is refused and nothing is
+    imported. Importing the same or an overlapping bundle again changes nothing.
+    """
+    from . import bundle, store
+    from .settings import Settings
 
-        with Journal() as journal:
-            summary = bundle.import_bundle(journal, file)
-        if as_json:
-            print(json.dumps(summary, indent=2))
-        else:
-            print("\n".join(import_lines(summary)))
+    with store.reader(Settings.load(), wait=None) as journal:
+        summary = bundle.import_bundle(journal, file)
+    if as_json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print("\n".join(import_lines(summary)))
 
-    @observe.command("doctor")
-    def doctor_cmd(
-        repair: Annotated[
-            bool,
-            typer.Option(
-                "--repair",
-                help="Copy everything readable into a fresh journal; keep the damaged file beside it; fix permissions.",
-            ),
-        ] = False,
-        as_json: JsonOpt = False,
-    ) -> None:
-        """Check the journal: integrity, schema version, WAL size, orphaned code blobs,
-        permissions, and whether it sits on a network filesystem.
 
-        Exits 7 when the journal is damaged (then run `weco observe doctor --repair`).
-        """
-        from . import doctor, errors
-        from .settings import Settings
+def doctor_cmd(
+    repair: Annotated[
+        bool,
+        typer.Option(
+            "--repair",
+            help="Copy everything readable into a fresh journal; keep the damaged file beside it; fix permissions.",
+        ),
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Check the journal: integrity, schema version, WAL size, orphaned code blobs,
+    permissions, and whether it sits on a network filesystem.
 
-        path = Settings.load().journal_path
-        report = doctor.check(path)
-        repaired = doctor.repair(path) if repair and report["damaged"] else None
+    Exits 7 when the journal is damaged (then run `weco observe doctor --repair`).
+    """
+    from . import doctor, errors
+    from .settings import Settings
+
+    path = Settings.load().journal_path
+    report = doctor.check(path)
+    repaired = doctor.repair(path) if repair and report["damaged"] else None
+    if repair:
+        fixed = doctor.fix_permissions(path)
+    if as_json:
+        print(json.dumps({**report, "repair": repaired, **({"permissions_fixed": fixed} if repair else {})}, indent=2))
+    else:
+        for item in report["checks"]:
+            print(f"{item['level']:<5} {item['name']:<12} {item['message']}")
         if repair:
-            fixed = doctor.fix_permissions(path)
-        if as_json:
-            print(
-                json.dumps({**report, "repair": repaired, **({"permissions_fixed": fixed} if repair else {})}, indent=2)
-            )
-        else:
-            for item in report["checks"]:
-                print(f"{item['level']:<5} {item['name']:<12} {item['message']}")
-            if repair:
-                for line in fixed:
-                    print(f"fixed permissions: {line}")
-            if repaired is not None:
-                print(doctor.describe_repair(repaired))
-        if report["damaged"] and repaired is None:
-            raise typer.Exit(errors.EXIT_DAMAGED)
+            for line in fixed:
+                print(f"fixed permissions: {line}")
+        if repaired is not None:
+            print(doctor.describe_repair(repaired))
+    if report["damaged"] and repaired is None:
+        raise typer.Exit(errors.EXIT_DAMAGED)

@@ -1,10 +1,10 @@
 """CLI commands for the local views: runs, show, diff, export, report, ui, setup.
 
-Registered on the ``observe`` group by ``cli.py``. Only typer is imported at
-load time (this module loads on the ``log`` hot path); each command imports
-the view modules it needs (``views``, ``formats``, ``diffs``, ``export``,
-``report``, ``ui`` or ``skill``) inside its body, makes one library call and
-prints the result.
+Listed in ``cli.OBSERVE_COMMANDS``; the CLI imports this module only to run
+or list these commands. Each imports the view modules it needs (``views``,
+``formats``, ``diffs``, ``export``, ``report``, ``ui`` or ``skill``) inside its
+body, makes one library call and prints the result. The journal is opened
+through ``store.reader``: in cluster mode that merges what writers appended first.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ import sys
 from typing import Annotated
 
 import typer
+
+from .cli import plural
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output (for agents and scripts).")]
 ColorOpt = Annotated[str, typer.Option("--color", help="Colour the output: auto (on a terminal), always or never.")]
@@ -28,9 +30,10 @@ def _colour(mode: str) -> bool:
 
 
 def _journal():
-    from .journal import Journal
+    from . import store
+    from .settings import Settings
 
-    return Journal()
+    return store.reader(Settings.load())
 
 
 def runs(as_json: JsonOpt = False) -> None:
@@ -99,7 +102,7 @@ def export(
             return
         with open(output, "w", encoding="utf-8", newline="") as out:
             n = export_mod.export_run(journal, run, fmt, out, code=code)
-    print(f"wrote {n} steps to {output}", file=sys.stderr)
+    print(f"wrote {plural(n, 'step')} to {output}", file=sys.stderr)
 
 
 def report(
@@ -140,9 +143,3 @@ def setup(
         return
     path, outcome = skill.install(agent, project=project, force=force)
     print(f"{outcome} {path}", file=sys.stderr)
-
-
-def register(observe: typer.Typer) -> None:
-    """Add this module's commands to `observe`."""
-    for command in (runs, show, diff, export, report, ui, setup):
-        observe.command()(command)

@@ -306,13 +306,15 @@ def counts(journal: Journal) -> dict[str, int]:
     return out
 
 
-def problems(journal: Journal, limit: int = 20) -> dict[str, Any]:
+def problems(journal: Journal | None, limit: int = 20) -> dict[str, Any]:
     """For ``status``: rejected events with their reasons, unsent events that failed before, and
-    creates that may have made a second server run.
+    creates that may have made a second server run (all empty for no journal yet).
 
     Returns ``{"rejected": [{id, run_id, kind, step, last_error}], "retrying": n, "last_error":
     the newest failure's message or None, "possible_duplicates": [{run_id, note}]}``.
     """
+    if journal is None:
+        return {"rejected": [], "retrying": 0, "last_error": None, "possible_duplicates": []}
     rejected = [
         dict(row)
         for row in _rows(

@@ -286,6 +286,8 @@ class SegmentWriter:
 
             atexit.register(self.close)  # seal this process's .open files when it exits normally
         self._open: dict[str, tuple[int, Path]] = {}
+        #: how many segment files the last ``log_step`` found unmerged for its run (a merge is due when many)
+        self.backlog = 0
         #: what each segment file held when last read, so a long-lived writer reads each record once
         self._files: dict[Path, _FileRecords] = {}
         try:
@@ -332,7 +334,9 @@ class SegmentWriter:
         Each file is read once, an ``.open`` one from where the last read stopped:
         a long-lived writer (the SDK) pays only for what is new."""
         created = False
-        for path in _segment_files(partition):
+        found = _segment_files(partition)
+        self.backlog += len(found)
+        for path in found:
             held = self._files.get(path)
             if held is None or not path.name.endswith(".seg"):
                 held = held or _FileRecords()
@@ -358,6 +362,7 @@ class SegmentWriter:
             )
         partition = self.files.segments_dir / ref
         probe = _RunView(None, ref, False, False)
+        self.backlog = 0
         created = self._partition_steps(partition, probe) if partition.is_dir() else False
         reader = self._reader()
         row = self._journal_run(reader, ref)
