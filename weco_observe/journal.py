@@ -377,13 +377,19 @@ class Journal:
             updated_at=now,
         )
         with self.write() as conn:
-            if outbox.known(conn, event_id):
-                return run_id
-            manifest = self.store_code(conn, code, None)
-            conn.execute(_INSERT_RUN, run.to_row())
-            conn.execute(_UPSERT_STEP, Step.baseline(run_id, manifest, event_id=event_id, at=now).to_row())
-            outbox.enqueue(conn, Event.create(run, manifest, event_id=event_id))
+            self.create_run_in(conn, run, code, event_id)
         return run_id
+
+    def create_run_in(self, conn: sqlite3.Connection, run: Run, code: Mapping[str, str], event_id: str) -> bool:
+        """``create_run`` in the caller's write transaction, its arguments already checked
+        (the relay batches many calls in one commit). False if the event is already journaled."""
+        if outbox.known(conn, event_id):
+            return False
+        manifest = self.store_code(conn, code, None)
+        conn.execute(_INSERT_RUN, run.to_row())
+        conn.execute(_UPSERT_STEP, Step.baseline(run.id, manifest, event_id=event_id, at=run.created_at).to_row())
+        outbox.enqueue(conn, Event.create(run, manifest, event_id=event_id))
+        return True
 
     def _run_for_log(self, conn: sqlite3.Connection, ref: str, now: float) -> tuple[str, bool]:
         """``(local run id, remote_only)`` for ``--run-id ref``; an unknown server id becomes a remote-only run."""
@@ -432,45 +438,68 @@ class Journal:
             step, status, description, metrics, code, parent_step, metadata
         )
         event_id = event_id or ids.ulid()
-        now = time.time()
         with self.write() as conn:
-            if outbox.known(conn, event_id):
-                row = conn.execute("SELECT run_id, step FROM steps WHERE event_id = ?", (event_id,)).fetchone()
-                done = self._step(conn, row[0], row[1]) if row else None
-                return _result(done, updated=False) if done else {"event_id": event_id}
-            run_id, remote_only = self._run_for_log(conn, run, now)
-            prev = self._step(conn, run_id, step)
-            parent = treerule.resolve(
-                step,
-                parent_step,
-                prev,
-                run=run,
-                remote_only=remote_only,
-                exists=lambda n: self._step_exists(conn, run_id, n),
-                last_kept_below=lambda n: self._last_kept_below(conn, run_id, n),
+            return self.log_step_in(
+                conn, run, step, status, description, metrics, code, parent_step, metadata, event_id
             )
-            manifest = None
-            if code is not None:
-                base = prev.code if prev is not None and prev.code else None
-                if base is None:
-                    base = self._code_at_or_below(conn, run_id, step if parent is None else parent)
-                manifest = self.store_code(conn, code, base)
-            state = Step(
-                run_id=run_id,
-                step=step,
-                status=status,
-                description=description,
-                metrics=metrics,
-                code=manifest,
-                parent_step=parent,
-                metadata=metadata,
-                event_id=event_id,
-                created_at=now,
-                updated_at=now,
-            ).merged_with(prev)
-            conn.execute(_UPSERT_STEP, state.to_row())
-            outbox.enqueue(conn, Event.log(state))
-            conn.execute("UPDATE runs SET updated_at = ? WHERE id = ?", (now, run_id))
+
+    def log_step_in(
+        self,
+        conn: sqlite3.Connection,
+        run: str,
+        step: int,
+        status: str,
+        description: str | None,
+        metrics: Mapping[str, float] | None,
+        code: Mapping[str, str] | None,
+        parent_step: int | None,
+        metadata: Mapping[str, Any] | None,
+        event_id: str,
+        *,
+        check_parent: bool = True,
+    ) -> dict[str, Any]:
+        """``log_step`` in the caller's write transaction, its arguments already checked.
+
+        ``check_parent=False`` accepts a parent the run does not have yet, as the API
+        does (a relay receives a box's steps several at a time, in any order)."""
+        now = time.time()
+        if outbox.known(conn, event_id):
+            row = conn.execute("SELECT run_id, step FROM steps WHERE event_id = ?", (event_id,)).fetchone()
+            done = self._step(conn, row[0], row[1]) if row else None
+            return _result(done, updated=False) if done else {"event_id": event_id}
+        run_id, remote_only = self._run_for_log(conn, run, now)
+        prev = self._step(conn, run_id, step)
+        parent = treerule.resolve(
+            step,
+            parent_step,
+            prev,
+            run=run,
+            remote_only=remote_only or not check_parent,
+            exists=lambda n: self._step_exists(conn, run_id, n),
+            last_kept_below=lambda n: self._last_kept_below(conn, run_id, n),
+        )
+        manifest = None
+        if code is not None:
+            base = prev.code if prev is not None and prev.code else None
+            if base is None:
+                base = self._code_at_or_below(conn, run_id, step if parent is None else parent)
+            manifest = self.store_code(conn, code, base)
+        state = Step(
+            run_id=run_id,
+            step=step,
+            status=status,
+            description=description,
+            metrics=dict(metrics) if metrics is not None else None,
+            code=manifest,
+            parent_step=parent,
+            metadata=dict(metadata) if metadata is not None else None,
+            event_id=event_id,
+            created_at=now,
+            updated_at=now,
+        ).merged_with(prev)
+        conn.execute(_UPSERT_STEP, state.to_row())
+        outbox.enqueue(conn, Event.log(state))
+        conn.execute("UPDATE runs SET updated_at = ? WHERE id = ?", (now, run_id))
         return _result(state, updated=prev is not None)
 
     @staticmethod
