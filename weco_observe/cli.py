@@ -55,6 +55,7 @@ OBSERVE_COMMANDS = {
     "bundle": "cli_bundle:bundle_cmd",
     "import": "cli_bundle:import_cmd",
     "doctor": "cli_bundle:doctor_cmd",
+    "serve": "cli_relay:serve",
 }
 
 #: Commands of the official client's top level that ``weco-observe``, which has no top level, also takes.
@@ -123,12 +124,16 @@ class LazyGroup(TyperGroup):
         command = self.commands.get(cmd_name)
         if command is None and cmd_name in self.table:
             module, _, function = self.table[cmd_name].partition(":")
-            callback = getattr(importlib.import_module(f".{module}", __package__), function)
-            command = typer.main.get_command_from_info(
-                typer.models.CommandInfo(name=cmd_name, callback=callback),
-                pretty_exceptions_short=True,
-                rich_markup_mode=self.rich_markup_mode,
-            )
+            target = getattr(importlib.import_module(f".{module}", __package__), function)
+            if isinstance(target, typer.Typer):  # a command with subcommands of its own (`serve keys ...`)
+                command = typer.main.get_group(target)
+                command.name = cmd_name
+            else:
+                command = typer.main.get_command_from_info(
+                    typer.models.CommandInfo(name=cmd_name, callback=target),
+                    pretty_exceptions_short=True,
+                    rich_markup_mode=self.rich_markup_mode,
+                )
             self.commands[cmd_name] = command
         return command
 

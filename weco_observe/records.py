@@ -549,7 +549,8 @@ class Blob:
 def wire_body(event: Event, read_text: Callable[[str], str], local_id: str | None = None) -> dict[str, Any]:
     """The request body to send for ``event``: its payload with code hashes turned into file text.
 
-    A create also carries the local run id in ``metadata[LOCAL_ID_KEY]``. Raises
+    A create also carries the local run id in ``metadata[LOCAL_ID_KEY]`` (unless it has
+    one already, from the box a relay received it from). Raises
     KeyError when a blob is missing from the journal.
     """
     body = dict(event.payload)
@@ -557,7 +558,9 @@ def wire_body(event: Event, read_text: Callable[[str], str], local_id: str | Non
     if isinstance(body.get(key), dict):
         body[key] = {path: read_text(digest) for path, digest in body[key].items()}
     if event.kind == CREATE and local_id is not None:
-        body["metadata"] = {**(body.get("metadata") or {}), LOCAL_ID_KEY: local_id}
+        # A run that came through a relay already carries the id of the box that made it: that one
+        # traces a duplicate best, so it is kept.
+        body["metadata"] = {LOCAL_ID_KEY: local_id, **(body.get("metadata") or {})}
     return body
 
 

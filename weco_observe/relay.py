@@ -1,0 +1,834 @@
+"""``weco observe serve``: a Weco-compatible relay and team dashboard for a site with no route out.
+
+Boxes ``sync`` to the relay as if it were Weco (``WECO_BASE_URL=https://relay:8420/v1``);
+so can the official ``weco`` client and SDK. The relay keeps everything in a
+weco-observe journal of its own (``show``, ``report``, ``ui``, ``bundle`` and
+``doctor`` work on it unchanged, with ``WECO_OBSERVE_DIR`` pointing at its data
+folder), shows every run of the site in one dashboard, and forwards its journal
+upstream with the ordinary replay engine when a gateway opens.
+
+- **The API** is the wire contract's (``shared/reference/weco-api.md``), as the
+  emulator serves it: ``POST /v1/external/runs`` answers ``{"run_id": <uuid>}``;
+  ``POST /v1/external/runs/{id}/steps`` upserts by (run, step) and answers
+  ``{"run_id", "step", "parent_step"}``; 401 for a wrong or revoked key, 404 for
+  an unknown run or path, 422 with ``{"detail"}`` for a bad body.
+- **Durable before it answers.** Requests go to one writer thread that commits
+  them in groups (one transaction, one fsync, for everything queued meanwhile),
+  each request in its own savepoint so a bad one fails alone; a request is
+  answered only after its group committed. ``kill -9`` at any moment loses no
+  answered request.
+- **Exactly once from a box.** A create carrying ``metadata.weco_observe_local_id``
+  gets the same relay run back when it is sent again (after a lost answer), so box
+  to relay never makes a duplicate; steps upsert.
+- **Keys** (``relay_keys``): stored as SHA-256 hashes; each run records the key that
+  made it (``relay_runs``), which the dashboard shows as the box or user.
+- **Upstream**: a thread drains the journal to ``--upstream`` with ``replay.drain``,
+  backing off quietly while the route is down.
+
+The relay's own tables live in a migration set of their own, so a box's journal
+never has them. This module needs the ``server`` extra (uvicorn); nothing on a
+training box imports it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import hashlib
+import hmac
+import json
+import queue
+import secrets
+import sqlite3
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, unquote
+
+from . import ids, outbox, validate
+from .errors import InvalidInput, UnknownRun, WecoObserveError
+from .journal import Journal
+from .records import LOCAL_ID_KEY, Run, run_args_from_wire, step_args_from_wire
+from .settings import Settings
+
+__all__ = ["Relay", "RelayKeys", "RelayStore", "keys_add", "keys_list", "keys_revoke"]
+
+#: a request body larger than this is refused (413): a step with its code is far smaller
+MAX_BODY = 64 << 20
+#: requests committed together at most, and how long the writer waits for more once it has one
+GROUP = 512
+KEY_PREFIX = "wor_"
+SESSION_COOKIE = "weco_relay"
+
+
+# -- the relay's own tables ----------------------------------------------------------------
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """The relay's tables, a migration set of their own (a box's journal never has them)."""
+    from sqlite_utils import Database
+    from sqlite_utils.migrations import Migrations
+
+    relay_migrations = Migrations("weco_observe_relay")
+
+    @relay_migrations()
+    def r001_keys_and_runs(db: Database) -> None:
+        """Keys (only their hash) and which key made each run, under which id boxes know it."""
+        db.execute(
+            "CREATE TABLE relay_keys (name TEXT PRIMARY KEY, hash TEXT NOT NULL UNIQUE,"
+            " read_only INTEGER NOT NULL DEFAULT 0, created_at REAL NOT NULL, revoked_at REAL)"
+        )
+        db.execute(
+            "CREATE TABLE relay_runs (run_id TEXT PRIMARY KEY REFERENCES runs(id), relay_id TEXT NOT NULL UNIQUE,"
+            " key_name TEXT, origin_local_id TEXT UNIQUE, created_at REAL NOT NULL)"
+        )
+
+    relay_migrations.apply(Database(conn))
+
+
+def _hash(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+class RelayKeys:
+    """The keys a relay accepts: add (printed once, only its hash kept), list, revoke, check."""
+
+    def __init__(self, journal: Journal):
+        self.journal = journal
+
+    def add(self, name: str, *, read_only: bool = False) -> str:
+        if not name or not all(c.isalnum() or c in "-_." for c in name) or len(name) > 64:
+            raise InvalidInput(f"key name {name!r}: use letters, digits, '-', '_' or '.' (at most 64)")
+        key = KEY_PREFIX + secrets.token_urlsafe(32)
+        with self.journal.write() as conn:
+            if conn.execute("SELECT 1 FROM relay_keys WHERE name = ?", (name,)).fetchone():
+                raise InvalidInput(f"a key named {name!r} exists already: revoke it or pick another name")
+            conn.execute(
+                "INSERT INTO relay_keys (name, hash, read_only, created_at) VALUES (?, ?, ?, ?)",
+                (name, _hash(key), int(read_only), time.time()),
+            )
+        return key
+
+    def list(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "name": r["name"],
+                "read_only": bool(r["read_only"]),
+                "created_at": r["created_at"],
+                "revoked_at": r["revoked_at"],
+            }
+            for r in self.journal.query("SELECT * FROM relay_keys ORDER BY created_at")
+        ]
+
+    def revoke(self, name: str) -> None:
+        with self.journal.write() as conn:
+            done = conn.execute(
+                "UPDATE relay_keys SET revoked_at = ? WHERE name = ? AND revoked_at IS NULL", (time.time(), name)
+            ).rowcount
+        if not done:
+            raise InvalidInput(f"no active key named {name!r}: see `weco observe serve keys list`")
+
+    def count_active(self) -> int:
+        return self.journal.query("SELECT count(*) FROM relay_keys WHERE revoked_at IS NULL")[0][0]
+
+
+def _check_key(conn: sqlite3.Connection, token: str) -> tuple[str, bool] | None:
+    """``(name, read_only)`` of an active key, None for a wrong or revoked one."""
+    if not token.startswith(KEY_PREFIX) or len(token) > 200:
+        return None
+    row = conn.execute(
+        "SELECT name, read_only, hash FROM relay_keys WHERE hash = ? AND revoked_at IS NULL", (_hash(token),)
+    ).fetchone()
+    if row is None or not hmac.compare_digest(row[2], _hash(token)):
+        return None
+    return row[0], bool(row[1])
+
+
+def open_journal(data_dir: Path, settings: Settings | None = None) -> Journal:
+    """The relay's journal, with its tables. Refused on a shared filesystem: the relay writes its
+    journal directly, many times a second, which only a local disk allows (docs/cluster.md)."""
+    from . import store
+
+    settings = settings or Settings.load()
+    path = Path(data_dir) / "journal.db"
+    if store.is_shared(settings, path):
+        raise InvalidInput(
+            f"--data {data_dir} is on a filesystem other hosts share: give the relay a folder on a local disk"
+        )
+    journal = Journal(path, settings=settings)
+    with journal._lock:  # the relay's tables, once; the migrations lock their own transaction
+        have = {r[0] for r in journal.conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if "relay_runs" not in have:
+            _migrate(journal.conn)
+    return journal
+
+
+def keys_add(data_dir: Path, name: str, read_only: bool = False) -> str:
+    with open_journal(data_dir) as journal:
+        return RelayKeys(journal).add(name, read_only=read_only)
+
+
+def keys_list(data_dir: Path) -> list[dict[str, Any]]:
+    with open_journal(data_dir) as journal:
+        return RelayKeys(journal).list()
+
+
+def keys_revoke(data_dir: Path, name: str) -> None:
+    with open_journal(data_dir) as journal:
+        RelayKeys(journal).revoke(name)
+
+
+# -- the store: group commit ---------------------------------------------------------------------
+
+
+@dataclass
+class _Op:
+    """One request for the writer thread: ``apply(conn)`` runs in the group's transaction."""
+
+    apply: Callable[[sqlite3.Connection], Any]
+    future: concurrent.futures.Future[Any] = field(default_factory=concurrent.futures.Future)
+
+
+class RelayStore:
+    """The relay's journal behind one writer thread that commits requests in groups."""
+
+    def __init__(self, data_dir: Path, settings: Settings | None = None):
+        self.settings = settings or Settings.load()
+        self.data_dir = Path(data_dir)
+        self.journal = open_journal(self.data_dir, self.settings)
+        self._queue: queue.Queue[_Op | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._writer, name="weco-relay-writer", daemon=True)
+        self._thread.start()
+        self.commits = 0
+        self.committed_ops = 0
+
+    # -- the writer ------------------------------------------------------------------
+
+    def _writer(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch = [first]
+            while len(batch) < GROUP:
+                try:
+                    op = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if op is None:
+                    self._queue.put(None)  # stop after this group
+                    break
+                batch.append(op)
+            self._commit(batch)
+
+    def _commit(self, batch: list[_Op]) -> None:
+        results: list[tuple[_Op, Any, BaseException | None]] = []
+        journal = self.journal
+        try:
+            with journal.write() as conn:
+                for op in batch:
+                    conn.execute("SAVEPOINT op")
+                    try:
+                        value = op.apply(conn)
+                    except (WecoObserveError, ValueError, TypeError, KeyError) as exc:
+                        conn.execute("ROLLBACK TO op")
+                        conn.execute("RELEASE op")
+                        journal._forget_uncommitted()  # blobs of the rolled-back request are gone
+                        results.append((op, None, exc))
+                        continue
+                    conn.execute("RELEASE op")
+                    results.append((op, value, None))
+        except BaseException as exc:  # the commit itself failed: nothing of the group is durable
+            for op in batch:
+                op.future.set_exception(exc)
+            return
+        self.commits += 1
+        self.committed_ops += len(batch)
+        for op, value, error in results:  # answered only now: everything above is on disk
+            if error is not None:
+                op.future.set_exception(error)
+            else:
+                op.future.set_result(value)
+
+    def submit(self, apply: Callable[[sqlite3.Connection], Any]) -> concurrent.futures.Future[Any]:
+        op = _Op(apply)
+        self._queue.put(op)
+        return op.future
+
+    def close(self) -> None:
+        """Commit what is queued, then stop."""
+        self._queue.put(None)
+        self._thread.join()
+        self.journal.close()
+
+    # -- the two requests -------------------------------------------------------------
+
+    def create(self, body: dict[str, Any], key_name: str) -> concurrent.futures.Future[Any]:
+        """Validate a create now; commit it in the next group; the future gives its relay id."""
+        args = run_args_from_wire(body)
+        code, name, instructions, meta = validate.check_run_args(
+            args["source_code"], args["metric"], args["name"], args["additional_instructions"], args["metadata"]
+        )
+        if not isinstance(args["maximize"], bool):
+            raise InvalidInput("maximize is required and must be a boolean")
+        origin = meta.get(LOCAL_ID_KEY) if meta else None
+        origin = origin if isinstance(origin, str) and origin else None
+        journal = self.journal
+
+        def apply(conn: sqlite3.Connection) -> str:
+            if origin is not None:
+                row = conn.execute("SELECT relay_id FROM relay_runs WHERE origin_local_id = ?", (origin,)).fetchone()
+                if row is not None:
+                    return str(row[0])  # the same box's create again, after a lost answer
+            now = time.time()
+            run = Run(
+                id=ids.new_run_id(),
+                name=name,
+                metric=args["metric"],
+                maximize=args["maximize"],
+                additional_instructions=instructions,
+                metadata=meta or None,
+                created_at=now,
+                updated_at=now,
+            )
+            journal.create_run_in(conn, run, code, ids.ulid())
+            relay_id = str(uuid.uuid4())
+            conn.execute(
+                "INSERT INTO relay_runs (run_id, relay_id, key_name, origin_local_id, created_at) VALUES (?,?,?,?,?)",
+                (run.id, relay_id, key_name, origin, now),
+            )
+            return relay_id
+
+        return self.submit(apply)
+
+    def log_step(self, relay_id: str, body: dict[str, Any]) -> concurrent.futures.Future[Any]:
+        args = step_args_from_wire(body)
+        step = args["step"]
+        description, metrics, code, metadata = validate.check_step_args(
+            step,
+            args["status"],
+            args["description"],
+            args["metrics"],
+            args["code"],
+            args["parent_step"],
+            args["metadata"],
+        )
+        journal = self.journal
+
+        def apply(conn: sqlite3.Connection) -> dict[str, Any]:
+            row = conn.execute("SELECT run_id FROM relay_runs WHERE relay_id = ?", (relay_id,)).fetchone()
+            if row is None:
+                raise UnknownRun(f"run {relay_id} not found")
+            stored = journal.log_step_in(
+                conn,
+                row[0],
+                step,
+                args["status"],
+                description,
+                metrics,
+                code,
+                args["parent_step"],
+                metadata,
+                ids.ulid(),
+                check_parent=False,
+            )
+            return {"run_id": relay_id, "step": step, "parent_step": stored["parent_step"]}
+
+        return self.submit(apply)
+
+
+# -- upstream ------------------------------------------------------------------------------------
+
+
+class Forwarder:
+    """Drains the relay's journal to an upstream Weco API (or another relay) while the relay runs."""
+
+    def __init__(self, data_dir: Path, upstream: str, key: str, *, log: Callable[[str], None], workers: int = 32):
+        self.data_dir = Path(data_dir)
+        self.upstream = upstream
+        self.key = key
+        self.log = log
+        self.workers = workers
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="weco-relay-upstream", daemon=True)
+        self.last: Any = None
+
+    def start(self) -> Forwarder:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        from .api import WecoClient
+        from .replay import DrainPolicy, PassResult, drain
+        from .synclock import SyncLock
+
+        def on_pass(result: PassResult) -> None:
+            self.last = result
+            self.log(
+                f"upstream: {result.delivered} delivered, {result.pending} pending"
+                + (f", {result.rejected} rejected" if result.rejected else "")
+            )
+
+        lock = SyncLock(self.data_dir / "journal.db")
+        while not self._stop.is_set():
+            if not lock.try_acquire("relay-upstream"):
+                self._stop.wait(5)  # a `weco observe sync` on the relay's data is running: let it
+                continue
+            try:
+                with (
+                    Journal(self.data_dir / "journal.db") as journal,
+                    WecoClient(self.upstream, self.key, max_connections=self.workers) as client,
+                ):
+                    drain(
+                        journal,
+                        client,
+                        DrainPolicy(poll=0.5, backoff=1.0, max_backoff=60.0, passes=1),
+                        should_stop=self._stop.is_set,
+                        on_pass=on_pass,
+                        workers=self.workers,
+                        step_window=self.workers,
+                    )
+            except Exception as exc:  # never let the relay die of its upstream
+                self.log(f"upstream: {type(exc).__name__}: {exc}")
+                self._stop.wait(5)
+            finally:
+                lock.release()
+
+
+# -- the ASGI application ------------------------------------------------------------------------
+
+
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+
+
+class _HttpError(Exception):
+    def __init__(self, status: int, detail: str, headers: dict[str, str] | None = None):
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+        self.headers = headers or {}
+
+
+class Relay:
+    """The ASGI application: the Weco API, ``/healthz`` and the dashboard over one relay store."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        upstream: str | None = None,
+        upstream_key: str | None = None,
+        json_log: bool = False,
+        secure_cookies: bool = False,
+        log: Callable[[str], None] | None = None,
+    ):
+        self.data_dir = Path(data_dir)
+        self.upstream = upstream
+        self.upstream_key = upstream_key
+        self.json_log = json_log
+        self.secure_cookies = secure_cookies
+        self._log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+        self.store: RelayStore | None = None
+        self.forwarder: Forwarder | None = None
+        self._sessions: dict[str, str] = {}  # session token -> key hash
+        self._auth: sqlite3.Connection | None = None
+        self._reader: Journal | None = None
+        self._page: bytes | None = None
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    def startup(self) -> None:
+        self.store = RelayStore(self.data_dir)
+        self._auth = sqlite3.connect(str(self.data_dir / "journal.db"), check_same_thread=False)
+        self._reader = Journal(self.data_dir / "journal.db")
+        if self.upstream and self.upstream_key:
+            self.forwarder = Forwarder(self.data_dir, self.upstream, self.upstream_key, log=self.log).start()
+
+    def shutdown(self) -> None:
+        if self.forwarder is not None:
+            self.forwarder.stop()
+        if self.store is not None:
+            self.store.close()
+        if self._auth is not None:
+            self._auth.close()
+        if self._reader is not None:
+            self._reader.close()
+
+    def log(self, message: str) -> None:
+        self._log(json.dumps({"ts": time.time(), "event": message}) if self.json_log else message)
+
+    # -- ASGI ----------------------------------------------------------------------------
+
+    async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        started = time.monotonic()
+        status, who = 500, "-"
+        try:
+            status, headers, body, who = await self._route(scope, receive)
+        except _HttpError as exc:
+            status, headers, body = exc.status, exc.headers, json.dumps({"detail": exc.detail}).encode()
+            headers.setdefault("content-type", "application/json")
+        except Exception as exc:  # a bug must not take the relay down, nor leak a traceback to a client
+            self.log(f"error: {type(exc).__name__}: {exc}")
+            status, headers, body = 500, {"content-type": "application/json"}, b'{"detail":"internal error"}'
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [(k.encode(), v.encode()) for k, v in {**_SECURITY_HEADERS, **headers}.items()]
+                + [(b"content-length", str(len(body)).encode())],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+        self._access(scope, status, time.monotonic() - started, who)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await asyncio.to_thread(self.startup)
+                except Exception as exc:
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await asyncio.to_thread(self.shutdown)
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    def _access(self, scope: dict[str, Any], status: int, seconds: float, who: str) -> None:
+        client = scope.get("client") or ("-", 0)
+        path = scope.get("path", "")
+        if self.json_log:
+            self._log(
+                json.dumps(
+                    {
+                        "ts": time.time(),
+                        "client": client[0],
+                        "method": scope.get("method"),
+                        "path": path,
+                        "status": status,
+                        "ms": round(seconds * 1000, 2),
+                        "key": who,
+                    }
+                )
+            )
+        else:
+            self._log(f"{client[0]} {scope.get('method')} {path} {status} {seconds * 1000:.1f}ms {who}")
+
+    async def _body(self, receive: Receive) -> bytes:
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > MAX_BODY:
+                raise _HttpError(413, f"request body over {MAX_BODY >> 20} MiB")
+            chunks.append(chunk)
+            if not message.get("more_body"):
+                return b"".join(chunks)
+
+    # -- routing --------------------------------------------------------------------------
+
+    async def _route(self, scope: dict[str, Any], receive: Receive) -> tuple[int, dict[str, str], bytes, str]:
+        method, path = scope["method"], scope["path"]
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        if path == "/healthz" and method in ("GET", "HEAD"):
+            return 200, _JSON, json.dumps(self._health()).encode(), "-"
+        parts = [unquote(p) for p in path.split("/") if p]
+        if parts[:2] == ["v1", "external"] and method == "POST":
+            return await self._api(parts, headers, receive)
+        if method == "POST" and parts == ["login"]:
+            return await self._login(headers, receive)
+        if method == "POST" and parts == ["logout"]:
+            token = _cookie(headers).get(SESSION_COOKIE)
+            self._sessions.pop(token or "", None)
+            return 303, {"location": "/", "set-cookie": f"{SESSION_COOKIE}=; Max-Age=0; Path=/"}, b"", "-"
+        if method in ("GET", "HEAD"):
+            return await self._dashboard(parts, scope, headers)
+        raise _HttpError(405 if parts[:1] in (["api"], []) else 404, "not found")
+
+    def _health(self) -> dict[str, Any]:
+        assert self._reader is not None
+        pending = outbox.count_unsent(self._reader)
+        return {
+            "ok": True,
+            "upstream": self.upstream,
+            "pending_upstream": pending if self.upstream else None,
+            "commits": self.store.commits if self.store else 0,
+        }
+
+    def _authenticate(self, headers: dict[str, str], *, write: bool) -> str:
+        """The name of the key that made the request; 401 for none, a wrong or a revoked one."""
+        auth = headers.get("authorization", "")
+        token = auth[7:].strip() if auth.startswith("Bearer ") else ""
+        assert self._auth is not None
+        found = _check_key(self._auth, token) if token else None
+        if found is None:
+            raise _HttpError(401, "Invalid or missing API key")
+        name, read_only = found
+        if write and read_only:
+            raise _HttpError(403, f"key {name!r} is read-only: it opens the dashboard but cannot log")
+        return name
+
+    async def _api(
+        self, parts: list[str], headers: dict[str, str], receive: Receive
+    ) -> tuple[int, dict[str, str], bytes, str]:
+        if parts == ["v1", "external", "runs"]:
+            relay_id: str | None = None
+        elif len(parts) == 5 and parts[:3] == ["v1", "external", "runs"] and parts[4] == "steps":
+            relay_id = parts[3]
+        else:
+            raise _HttpError(404, "not found")
+        who = self._authenticate(headers, write=True)
+        raw = await self._body(receive)
+        try:
+            body = json.loads(raw)
+        except (ValueError, RecursionError):
+            raise _HttpError(422, "body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise _HttpError(422, "body must be a JSON object")
+        assert self.store is not None
+        try:
+            if relay_id is None:
+                future = self.store.create(body, who)
+            else:
+                future = self.store.log_step(relay_id, body)
+            result = await asyncio.wrap_future(future)
+        except UnknownRun as exc:
+            raise _HttpError(404, str(exc)) from None
+        except (InvalidInput, ValueError, TypeError) as exc:
+            raise _HttpError(422, str(exc)) from None
+        answer = {"run_id": result} if relay_id is None else result
+        return 200, _JSON, json.dumps(answer).encode(), who
+
+    # -- the dashboard --------------------------------------------------------------------
+
+    def _viewer(self, headers: dict[str, str]) -> str | None:
+        """The key behind a dashboard request (a session cookie, or a Bearer key), None if none."""
+        token = _cookie(headers).get(SESSION_COOKIE)
+        assert self._auth is not None
+        if token and token in self._sessions:
+            row = self._auth.execute(
+                "SELECT name FROM relay_keys WHERE hash = ? AND revoked_at IS NULL", (self._sessions[token],)
+            ).fetchone()
+            if row is not None:
+                return str(row[0])
+            self._sessions.pop(token, None)  # its key was revoked
+        auth = headers.get("authorization", "")
+        if auth.startswith("Bearer "):
+            found = _check_key(self._auth, auth[7:].strip())
+            return found[0] if found else None
+        return None
+
+    async def _login(self, headers: dict[str, str], receive: Receive) -> tuple[int, dict[str, str], bytes, str]:
+        raw = await self._body(receive)
+        form = parse_qs(raw.decode("utf-8", "replace"))
+        key = (form.get("key") or [""])[0].strip()
+        assert self._auth is not None
+        found = _check_key(self._auth, key)
+        if found is None:
+            return 401, _HTML, _login_page("That key is not valid here.").encode(), "-"
+        token = secrets.token_urlsafe(32)
+        self._sessions[token] = _hash(key)
+        cookie = f"{SESSION_COOKIE}={token}; Path=/; HttpOnly; SameSite=Strict" + (
+            "; Secure" if self.secure_cookies else ""
+        )
+        return 303, {"location": "/", "set-cookie": cookie}, b"", found[0]
+
+    async def _dashboard(
+        self, parts: list[str], scope: dict[str, Any], headers: dict[str, str]
+    ) -> tuple[int, dict[str, str], bytes, str]:
+        who = self._viewer(headers)
+        if who is None:
+            if parts[:1] == ["api"]:
+                raise _HttpError(401, "open the dashboard with a key first")
+            return 200, _HTML, _login_page().encode(), "-"
+        if not parts:
+            if self._page is None:
+                from . import report
+
+                self._page = report.page("ui", "weco-observe relay").encode("utf-8")
+            return 200, _HTML, self._page, who
+        if parts[0] != "api":
+            raise _HttpError(404, "not found")
+        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        data = await asyncio.to_thread(self._api_data, parts[1:], query)
+        return 200, _JSON, json.dumps(data, ensure_ascii=False).encode("utf-8"), who
+
+    def _api_data(self, parts: list[str], query: dict[str, list[str]]) -> Any:
+        """The ui's JSON API over the relay's journal, runs keyed by the id boxes know them by."""
+        from . import diffs, report, views
+
+        journal = self._reader
+        assert journal is not None
+        if parts == ["state"]:
+            return {"version": journal.query("PRAGMA data_version")[0][0] + (self.store.commits if self.store else 0)}
+        attribution = {
+            r["run_id"]: (r["relay_id"], r["key_name"])
+            for r in journal.query("SELECT run_id, relay_id, key_name FROM relay_runs")
+        }
+        if parts == ["runs"]:
+            out = []
+            for summary in views.list_runs(journal, cache=False):
+                relay_id, key = attribution.get(summary["id"], (None, None))
+                out.append(
+                    {**{k: v for k, v in summary.items() if k != "last_activity_ts"}, "relay_id": relay_id, "key": key}
+                )
+            return out
+        try:
+            if len(parts) == 2 and parts[0] == "runs":
+                data = report.page_data(views.run_view(journal, parts[1]))
+                relay_id, key = attribution.get(data["run"]["id"], (None, None))
+                data["run"]["relay_id"], data["run"]["key"] = relay_id, key
+                return data
+            if len(parts) == 3 and parts[0] == "runs" and parts[2] == "diff":
+                step = _int(query, "step")
+                if step is None:
+                    raise InvalidInput("give ?step=N")
+                return diffs.step_diff(journal, parts[1], step, _int(query, "against"))
+        except UnknownRun as exc:
+            raise _HttpError(404, str(exc)) from None
+        except InvalidInput as exc:
+            raise _HttpError(400, str(exc)) from None
+        raise _HttpError(404, "not found")
+
+
+_JSON = {"content-type": "application/json"}
+_HTML = {"content-type": "text/html; charset=utf-8"}
+_SECURITY_HEADERS = {
+    "cache-control": "no-store",
+    "x-content-type-options": "nosniff",
+    "referrer-policy": "no-referrer",
+    "x-frame-options": "DENY",
+}
+
+
+def _int(query: dict[str, list[str]], name: str) -> int | None:
+    values = query.get(name)
+    if not values:
+        return None
+    try:
+        return int(values[0])
+    except ValueError:
+        raise InvalidInput(f"?{name} must be a whole number") from None
+
+
+def _cookie(headers: dict[str, str]) -> dict[str, str]:
+    out = {}
+    for part in headers.get("cookie", "").split(";"):
+        name, _, value = part.strip().partition("=")
+        if name:
+            out[name] = value
+    return out
+
+
+def _login_page(error: str = "") -> str:
+    import html
+
+    note = f'<p class="error">{html.escape(error)}</p>' if error else ""
+    return (
+        '<!doctype html><html lang="en"><head><meta charset="utf-8">'
+        "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; style-src 'unsafe-inline'; "
+        "form-action 'self'\"><title>weco-observe relay</title>"
+        "<style>body{font-family:system-ui,sans-serif;max-width:28rem;margin:4rem auto}"
+        "input{width:100%;padding:.4rem;margin:.5rem 0}.error{color:#b00}</style></head><body>"
+        "<h1>weco-observe relay</h1><p>Paste a key of this relay (an API key, or a read-only one from"
+        " <code>weco observe serve keys add NAME --read-only</code>).</p>"
+        f'{note}<form method="post" action="/login"><input type="password" name="key" autocomplete="off"'
+        ' aria-label="key" autofocus><button type="submit">Open the dashboard</button></form></body></html>'
+    )
+
+
+# -- serving ----------------------------------------------------------------------------------------
+
+
+_LOOPBACK_PREFIXES = ("127.", "::1", "localhost")
+
+
+def is_loopback(host: str) -> bool:
+    return host.startswith(_LOOPBACK_PREFIXES) or host == "::1"
+
+
+def serve(
+    *,
+    host: str,
+    port: int,
+    data_dir: Path,
+    upstream: str | None,
+    upstream_key: str | None,
+    tls_cert: Path | None,
+    tls_key: Path | None,
+    insecure: bool,
+    json_log: bool,
+    ready: Callable[[str], None] | None = None,
+) -> None:
+    """Run the relay until SIGTERM/SIGINT; requests in flight finish, then the queue is committed."""
+    try:
+        import uvicorn
+    except ImportError:
+        raise InvalidInput("the relay needs its web server: pip install 'weco-observe[server]'") from None
+    if (tls_cert is None) != (tls_key is None):
+        raise InvalidInput("give both --tls-cert and --tls-key, or neither")
+    if not is_loopback(host):
+        with open_journal(data_dir) as journal:
+            if RelayKeys(journal).count_active() == 0:
+                raise InvalidInput(
+                    f"refusing to listen on {host} with no key: run `weco observe serve keys add NAME` first"
+                )
+        if tls_cert is None and not insecure:
+            raise InvalidInput(
+                f"refusing to listen on {host} without TLS: give --tls-cert/--tls-key"
+                " (or --insecure on a trusted network)"
+            )
+    else:
+        open_journal(data_dir).close()
+    app = Relay(
+        data_dir, upstream=upstream, upstream_key=upstream_key, json_log=json_log, secure_cookies=tls_cert is not None
+    )
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level="warning",
+        access_log=False,
+        lifespan="on",
+        ssl_certfile=str(tls_cert) if tls_cert else None,
+        ssl_keyfile=str(tls_key) if tls_key else None,
+        backlog=4096,
+        timeout_keep_alive=30,
+        timeout_graceful_shutdown=30,
+    )
+    server = uvicorn.Server(config)
+
+    async def main() -> None:
+        task = asyncio.create_task(server.serve())
+        while not server.started and not task.done():
+            await asyncio.sleep(0.02)
+        if server.started and ready is not None:
+            sockets = [s for srv in getattr(server, "servers", []) for s in srv.sockets]
+            bound = sockets[0].getsockname()[1] if sockets else port
+            scheme = "https" if tls_cert else "http"
+            shown = f"[{host}]" if ":" in host else host
+            ready(f"{scheme}://{shown}:{bound}")
+        await task
+
+    asyncio.run(main())
+    if not server.started:
+        raise InvalidInput(f"cannot listen on {host}:{port}: is it in use? try --port 0")
