@@ -459,6 +459,7 @@ class Relay:
             self.forwarder.stop()
         if self.store is not None:
             self.store.close()
+            self.log(f"stopped: every request answered was committed ({self.store.committed_ops} in this run)")
         if self._auth is not None:
             self._auth.close()
         if self._reader is not None:

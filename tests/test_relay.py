@@ -1,0 +1,400 @@
+"""The relay (`weco observe serve`) as boxes and the official client use it, all on loopback.
+
+Every test runs the relay as a real process; boxes are real journals synced by
+the real CLI; the upstream is the API emulator.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import sqlite3
+import ssl
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+
+from emulator_fixtures import emulator  # noqa: F401
+from relay_fixtures import RelayProcess, add_key, relay_cli, relay_data, relays  # noqa: F401
+from weco_observe.journal import Journal
+
+CODE = "".join(f"line {i}\n" for i in range(300))
+
+
+def cli(data: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 120):
+    full = {**os.environ, "WECO_OBSERVE_DIR": str(data), "WECO_OBSERVE_AUTO_SYNC": "0", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "weco_observe", "observe", *args],
+        capture_output=True,
+        text=True,
+        env=full,
+        timeout=timeout,
+    )
+
+
+def make_box(root: Path, name: str, steps: int, *, src: Path) -> tuple[Path, str]:
+    """A box's journal with one run of ``steps`` steps (every third failed, code changing)."""
+    data = root / name
+    src.write_text(CODE)
+    init = cli(data, "init", "--metric", "loss", "--name", name, "--source", str(src))
+    assert init.returncode == 0, init.stderr
+    run = init.stdout.strip()
+    with Journal(data / "journal.db") as j:
+        for n in range(1, steps + 1):
+            j.log_step(
+                run,
+                n,
+                status="failed" if n % 3 == 0 else "completed",
+                metrics={"loss": 1.0 / n},
+                description=f"{name} step {n}",
+                code={str(src.name): CODE + f"lr = {n}\n"},
+            )
+    return data, run
+
+
+def relay_state(data: Path) -> dict[str, dict]:
+    """The relay journal's runs by the id boxes know them by: {relay_id: {meta, steps}}."""
+    conn = sqlite3.connect(data / "journal.db")
+    conn.row_factory = sqlite3.Row
+    out = {}
+    for r in conn.execute("SELECT rr.relay_id, rr.key_name, r.* FROM relay_runs rr JOIN runs r ON r.id = rr.run_id"):
+        steps = {s["step"]: dict(s) for s in conn.execute("SELECT * FROM steps WHERE run_id = ?", (r["id"],))}
+        out[r["relay_id"]] = {**dict(r), "steps": steps}
+    conn.close()
+    return out
+
+
+def box_steps(data: Path, run: str) -> tuple[str, dict[int, dict]]:
+    with Journal(data / "journal.db") as j:
+        row = j.require_run(run)
+        steps = {s["step"]: s for s in j.steps(row["id"])}
+        return row["server_id"], {
+            n: {**s, "code_text": j.read_code(s["code"]) if s["code"] else None} for n, s in steps.items()
+        }
+
+
+def assert_relay_holds_box(relay_data_dir: Path, box: Path, run: str) -> None:
+    server_id, steps = box_steps(box, run)
+    assert server_id, "the box never got a relay id"
+    held = relay_state(relay_data_dir)[server_id]
+    assert sorted(held["steps"]) == sorted(steps)
+    with Journal(relay_data_dir / "journal.db") as relay_journal:
+        for n, s in steps.items():
+            got = held["steps"][n]
+            assert (got["status"], got["description"], got["parent_step"]) == (
+                s["status"],
+                s["description"],
+                s["parent_step"],
+            ), n
+            assert json.loads(got["metrics"] or "null") == s["metrics"]
+            code = relay_journal.read_code(json.loads(got["code"])) if got["code"] else None
+            assert code == s["code_text"], n
+
+
+# -- the wire contract ---------------------------------------------------------------------
+
+
+def test_the_api_as_the_wire_contract_describes_it(relays, relay_data):
+    key = add_key(relay_data, "box-a")
+    viewer = add_key(relay_data, "alice", "--read-only")
+    relay = relays(relay_data)
+    auth = {"Authorization": f"Bearer {key}"}
+    with httpx.Client(base_url=relay.base_url, timeout=10) as http:
+        made = http.post(
+            "/external/runs",
+            json={"source_code": {"a.py": "x = 1\n"}, "metric_name": "loss", "maximize": False},
+            headers=auth,
+        )
+        assert made.status_code == 200
+        run_id = made.json()["run_id"]
+        assert str(uuid.UUID(run_id)) == run_id
+        step = http.post(
+            f"/external/runs/{run_id}/steps",
+            json={"step": 1, "status": "completed", "description": "d", "metrics": {"loss": 0.5}},
+            headers=auth,
+        )
+        assert step.status_code == 200 and step.json() == {"run_id": run_id, "step": 1, "parent_step": 0}
+        again = http.post(f"/external/runs/{run_id}/steps", json={"step": 1, "status": "failed"}, headers=auth)
+        assert again.status_code == 200  # an upsert: fields left out keep their value
+        child = http.post(
+            f"/external/runs/{run_id}/steps", json={"step": 9, "status": "completed", "parent_step": 7}, headers=auth
+        )
+        assert child.json()["parent_step"] == 7  # a parent not there yet is accepted, as the API does
+        cases = [
+            ({"Authorization": "Bearer wor_wrong"}, "/external/runs", {"source_code": {}}, 401),
+            ({}, "/external/runs", {}, 401),
+            (
+                {"Authorization": f"Bearer {viewer}"},
+                "/external/runs",
+                {"source_code": {"a": "b"}, "metric_name": "m", "maximize": False},
+                403,
+            ),
+            (auth, f"/external/runs/{uuid.uuid4()}/steps", {"step": 1, "status": "completed"}, 404),
+            (auth, "/external/other", {}, 404),
+            (auth, "/external/runs", {"source_code": {"a.py": "x"}, "maximize": False}, 422),
+            (
+                auth,
+                f"/external/runs/{run_id}/steps",
+                {"step": 2, "status": "completed", "metrics": {"loss": "NaN"}},
+                422,
+            ),
+            (auth, f"/external/runs/{run_id}/steps", {"step": -1, "status": "completed"}, 422),
+        ]
+        for headers, path, body, status in cases:
+            answer = http.post(path, json=body, headers=headers)
+            assert answer.status_code == status, (path, body, answer.text)
+            assert isinstance(answer.json()["detail"], str)
+        bad_json = http.post(
+            "/external/runs", content=b"{not json", headers={**auth, "Content-Type": "application/json"}
+        )
+        assert bad_json.status_code == 422
+        nan = http.post(
+            f"/external/runs/{run_id}/steps",
+            content=b'{"step": 2, "status": "completed", "metrics": {"loss": NaN}}',
+            headers=auth,
+        )
+        assert nan.status_code == 422
+    held = relay_state(relay_data)[run_id]
+    assert held["key_name"] == "box-a"
+    assert held["steps"][1]["status"] == "failed" and held["steps"][1]["description"] == "d"
+    assert sorted(held["steps"]) == [0, 1, 9]
+    log = "".join(relay.log)
+    assert key not in log and viewer not in log  # keys never reach the access log
+    assert "POST /v1/external/runs/" in log and " 401 " in log
+
+
+def test_a_create_sent_again_after_a_lost_answer_gets_the_same_run(relays, relay_data):
+    key = add_key(relay_data, "box-a")
+    relay = relays(relay_data)
+    body = {
+        "source_code": {"a.py": "x = 1\n"},
+        "metric_name": "loss",
+        "maximize": False,
+        "metadata": {"weco_observe_local_id": "local-01m8aaaaaaaaaaaaaaaaaaaaaa", "team": "x"},
+    }
+    with httpx.Client(base_url=relay.base_url, headers={"Authorization": f"Bearer {key}"}) as http:
+        first = http.post("/external/runs", json=body).json()["run_id"]
+        second = http.post("/external/runs", json=body).json()["run_id"]
+        other = http.post("/external/runs", json={**body, "metadata": {}}).json()["run_id"]
+    assert first == second != other
+    assert len(relay_state(relay_data)) == 2
+
+
+def test_a_revoked_key_is_refused_mid_stream(relays, relay_data):
+    key = add_key(relay_data, "box-a")
+    relay = relays(relay_data)
+    with httpx.Client(base_url=relay.base_url, headers={"Authorization": f"Bearer {key}"}) as http:
+        run_id = http.post(
+            "/external/runs", json={"source_code": {"a": "x"}, "metric_name": "m", "maximize": False}
+        ).json()["run_id"]
+        assert http.post(f"/external/runs/{run_id}/steps", json={"step": 1, "status": "completed"}).status_code == 200
+        revoked = relay_cli(relay_data, "keys", "revoke", "box-a")
+        assert revoked.returncode == 0, revoked.stderr
+        refused = http.post(
+            f"/external/runs/{run_id}/steps", json={"step": 2, "status": "completed"}
+        )  # same connection
+        assert refused.status_code == 401
+    assert sorted(relay_state(relay_data)[run_id]["steps"]) == [0, 1]
+    listed = relay_cli(relay_data, "keys", "list", "--json")
+    assert [(k["name"], k["revoked_at"] is not None) for k in json.loads(listed.stdout)] == [("box-a", True)]
+    assert key not in listed.stdout
+
+
+def test_keys_are_stored_as_hashes_and_shown_once(relay_data):
+    key = add_key(relay_data, "box-a")
+    assert key.startswith("wor_") and len(key) > 40
+    raw = (relay_data / "journal.db").read_bytes()
+    assert key.encode() not in raw
+    duplicate = relay_cli(relay_data, "keys", "add", "box-a")
+    assert duplicate.returncode == 2 and duplicate.stderr.startswith("error: ")
+    assert relay_cli(relay_data, "keys", "revoke", "nobody").returncode == 2
+
+
+def test_a_non_loopback_address_needs_a_key_and_tls(relay_data):
+    def serve(*flags: str) -> subprocess.CompletedProcess[str]:
+        return relay_cli(relay_data, "--host", "192.0.2.10", "--port", "0", *flags)
+
+    no_key = serve()
+    assert no_key.returncode == 2 and "no key" in no_key.stderr
+    add_key(relay_data, "box-a")
+    no_tls = serve()
+    assert no_tls.returncode == 2 and "without TLS" in no_tls.stderr
+
+
+# -- boxes, the relay and upstream --------------------------------------------------------------
+
+
+def test_boxes_sync_to_the_relay_and_it_forwards_upstream_exactly_once(relays, relay_data, emulator, tmp_path):
+    key_a, key_b = add_key(relay_data, "box-a"), add_key(relay_data, "box-b")
+    relay = relays(relay_data, "--upstream", emulator.base_url, env={"WECO_API_KEY": emulator.api_key})
+    boxes = [
+        (*make_box(tmp_path, "box-a", 12, src=tmp_path / "a.py"), key_a),
+        (*make_box(tmp_path, "box-b", 7, src=tmp_path / "b.py"), key_b),
+    ]
+    for data, _run, key in boxes:
+        synced = cli(data, "sync", env=relay.env(key))
+        assert synced.returncode == 0, synced.stderr
+        synced = cli(data, "sync", env=relay.env(key))  # nothing new: nothing doubled
+        assert synced.returncode == 0
+    for data, run, _key in boxes:
+        assert_relay_holds_box(relay_data, data, run)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and sum(len(r["steps"]) for r in emulator.runs().values()) < 13 + 8:
+        time.sleep(0.2)
+    runs = emulator.runs()
+    assert len(runs) == 2, "every run reached upstream once"
+    by_local = {r["metadata"]["weco_observe_local_id"]: r for r in runs.values()}
+    for data, run, _key in boxes:
+        _server, steps = box_steps(data, run)
+        upstream = by_local[Journal(data / "journal.db").require_run(run)["id"]]  # the box's own id travels
+        assert sorted(upstream["steps"]) == sorted(steps)
+        for n, s in steps.items():
+            got = upstream["steps"][n]
+            assert (got["status"], got["description"], got["metrics"] or None, got["parent_step"]) == (
+                s["status"],
+                s["description"],
+                s["metrics"] or None,
+                s["parent_step"],
+            )
+            assert got["code"] == s["code_text"]
+    health = httpx.get(relay.url + "/healthz").json()
+    assert health["ok"] and health["pending_upstream"] == 0
+
+
+def test_kill_9_of_the_relay_while_four_boxes_sync_loses_and_doubles_nothing(relays, relay_data, tmp_path):
+    key = add_key(relay_data, "site")
+    boxes = [make_box(tmp_path, f"box-{i}", 40, src=tmp_path / f"s{i}.py") for i in range(4)]
+    rng = random.Random(7)
+    for _round in range(3):
+        relay = relays(relay_data)
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-m", "weco_observe", "observe", "sync", "--workers", "2"],
+                env={**os.environ, "WECO_OBSERVE_DIR": str(data), "WECO_OBSERVE_AUTO_SYNC": "0", **relay.env(key)},
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for data, _run in boxes
+        ]
+        time.sleep(rng.uniform(0.2, 0.8))
+        relay.kill()  # SIGKILL, answers in flight lost
+        for p in procs:
+            _out, err = p.communicate(timeout=120)
+            assert "Traceback" not in err, err
+    relay = relays(relay_data)
+    for data, _run in boxes:
+        final = cli(data, "sync", env=relay.env(key))
+        assert final.returncode == 0, final.stderr
+    state = relay_state(relay_data)
+    assert len(state) == 4, "one relay run per box run, however many creates were resent"
+    for data, run in boxes:
+        assert_relay_holds_box(relay_data, data, run)
+    conn = sqlite3.connect(relay_data / "journal.db")
+    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    conn.close()
+
+
+def test_sigterm_finishes_requests_in_flight(relays, relay_data, tmp_path):
+    key = add_key(relay_data, "box")
+    relay = relays(relay_data)
+    answered: list[int] = []
+    stop = threading.Event()
+    with httpx.Client(base_url=relay.base_url, headers={"Authorization": f"Bearer {key}"}) as http:
+        run_id = http.post(
+            "/external/runs", json={"source_code": {"a": "x"}, "metric_name": "m", "maximize": False}
+        ).json()["run_id"]
+
+        def hammer(offset: int) -> None:
+            with httpx.Client(base_url=relay.base_url, headers={"Authorization": f"Bearer {key}"}) as own:
+                n = offset
+                while not stop.is_set():
+                    n += 4
+                    try:
+                        r = own.post(f"/external/runs/{run_id}/steps", json={"step": n, "status": "completed"})
+                    except httpx.HTTPError:
+                        return
+                    if r.status_code == 200:
+                        answered.append(n)
+
+        workers = [threading.Thread(target=hammer, args=(i,)) for i in range(1, 5)]
+        for w in workers:
+            w.start()
+        time.sleep(1.0)
+        code = relay.stop()  # SIGTERM
+        stop.set()
+        for w in workers:
+            w.join(30)
+    assert code in (0, -15)  # uvicorn re-raises SIGTERM once it has shut down gracefully
+    assert "stopped: every request answered was committed" in "".join(relay.log)
+    assert len(answered) > 20
+    held = relay_state(relay_data)[run_id]["steps"]
+    assert set(answered) <= set(held), "every answered step is durable"
+
+
+def test_tls_with_a_site_ca(relays, relay_data, tmp_path):
+    ca_key, ca_cert = tmp_path / "ca.key", tmp_path / "ca.pem"
+    key, csr, cert, ext = tmp_path / "relay.key", tmp_path / "relay.csr", tmp_path / "relay.pem", tmp_path / "san.ext"
+
+    def openssl(*args: str) -> None:
+        done = subprocess.run(["openssl", *args], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+
+    openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        str(ca_key),
+        "-out",
+        str(ca_cert),
+        "-days",
+        "2",
+        "-subj",
+        "/CN=test site CA",
+    )
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(csr), "-subj", "/CN=127.0.0.1")
+    ext.write_text(
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n"
+    )
+    openssl(
+        "x509",
+        "-req",
+        "-in",
+        str(csr),
+        "-CA",
+        str(ca_cert),
+        "-CAkey",
+        str(ca_key),
+        "-CAcreateserial",
+        "-out",
+        str(cert),
+        "-days",
+        "2",
+        "-extfile",
+        str(ext),
+    )
+    os.chmod(key, 0o600)
+    api_key = add_key(relay_data, "box-a")
+    relay = relays(relay_data, "--tls-cert", str(cert), "--tls-key", str(key))
+    assert relay.base_url.startswith("https://127.0.0.1:")
+    with httpx.Client(
+        base_url=relay.base_url,
+        verify=ssl.create_default_context(cafile=str(ca_cert)),
+        headers={"Authorization": f"Bearer {api_key}"},
+    ) as http:
+        made = http.post("/external/runs", json={"source_code": {"a": "x"}, "metric_name": "m", "maximize": False})
+        assert made.status_code == 200
+    with pytest.raises(httpx.ConnectError), httpx.Client(base_url=relay.base_url) as untrusting:
+        untrusting.post("/external/runs", json={})  # the system CAs do not know the site's CA
+    with pytest.raises(httpx.HTTPError):
+        httpx.post(relay.base_url.replace("https://", "http://") + "/external/runs", json={}, timeout=5)
