@@ -398,3 +398,67 @@ def test_tls_with_a_site_ca(relays, relay_data, tmp_path):
         untrusting.post("/external/runs", json={})  # the system CAs do not know the site's CA
     with pytest.raises(httpx.HTTPError):
         httpx.post(relay.base_url.replace("https://", "http://") + "/external/runs", json={}, timeout=5)
+
+
+# -- the official client -----------------------------------------------------------------------
+
+
+OFFICIAL = "weco==0.4.0"
+
+
+@pytest.fixture(scope="session")
+def official_weco(tmp_path_factory) -> Path:
+    """The official ``weco`` client in a venv of its own (skipped, with the reason, when it cannot be installed)."""
+    venv = tmp_path_factory.mktemp("official") / "venv"
+    made = subprocess.run([sys.executable, "-m", "venv", str(venv)], capture_output=True, text=True, timeout=120)
+    if made.returncode != 0:
+        pytest.skip(f"cannot make a venv: {made.stderr.strip()[-200:]}")
+    pip = subprocess.run(
+        [str(venv / "bin" / "pip"), "install", "-q", OFFICIAL], capture_output=True, text=True, timeout=600
+    )
+    if pip.returncode != 0:
+        pytest.skip(f"cannot install {OFFICIAL}: {pip.stderr.strip().splitlines()[-1:]}")
+    return venv / "bin" / "weco"
+
+
+def test_the_official_client_logs_a_run_through_the_relay(relays, relay_data, official_weco, tmp_path):
+    key = add_key(relay_data, "official-client")
+    relay = relays(relay_data)
+    src = tmp_path / "train.py"
+    src.write_text("lr = 0.1\n")
+    env = {**os.environ, **relay.env(key)}  # HOME is the test's own (conftest): no credentials of ours
+    init = subprocess.run(
+        [str(official_weco), "observe", "init", "--metric", "loss", "--source", str(src), "--name", "official"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert init.returncode == 0, init.stderr
+    run_id = init.stdout.strip()
+    src.write_text("lr = 0.05\n")
+    logged = subprocess.run(
+        [
+            str(official_weco),
+            "observe",
+            "log",
+            "--run-id",
+            run_id,
+            "--step",
+            "1",
+            "--metrics",
+            '{"loss": 0.4}',
+            "--source",
+            str(src),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert logged.returncode == 0 and "dropped" not in logged.stdout + logged.stderr, logged.stdout + logged.stderr
+    held = relay_state(relay_data)[run_id]
+    assert held["name"] == "official" and held["key_name"] == "official-client"
+    assert held["steps"][1]["parent_step"] == 0 and json.loads(held["steps"][1]["metrics"]) == {"loss": 0.4}
+    with Journal(relay_data / "journal.db") as j:
+        assert j.read_code(json.loads(held["steps"][1]["code"])) == {str(src): "lr = 0.05\n"}

@@ -553,6 +553,9 @@ class Relay:
         if path == "/healthz" and method in ("GET", "HEAD"):
             return 200, _JSON, json.dumps(self._health()).encode(), "-"
         parts = [unquote(p) for p in path.split("/") if p]
+        if parts == ["v1", "events"] and method == "POST":
+            # The official client posts usage events beside each call; a site relay keeps none of them.
+            return 204, {}, b"", "-"
         if parts[:2] == ["v1", "external"] and method == "POST":
             return await self._api(parts, headers, receive)
         if method == "POST" and parts == ["login"]:
