@@ -1,0 +1,223 @@
+"""Relay benchmarks (issue 11): ingest, latency, memory, forwarding, against a ceiling measured in the same run.
+
+    python benchmarks/bench_relay.py            # full sizes (about two minutes)
+    python benchmarks/bench_relay.py --quick    # small sizes, a smoke run
+
+The load comes from a separate process (relay_loadgen.py, aiohttp), as boxes would
+sync: each client creates a run, then posts steps with 13 KB of code one at a time.
+
+1. Ceiling: a hello-world ASGI app on the same uvicorn (httptools, uvloop), same
+   requests, 200 and 20 clients.
+2. Relay ingest: 200 clients x 50 steps, as fast as answered; then every acknowledged
+   step is looked up in the relay's journal (durable).
+3. Latency at a steady 500 steps/s (paced, 50 clients): p50 / p99.
+4. Peak RSS of the relay process.
+5. Forwarding upstream with 50 ms added per request (the emulator's latency fault).
+6. The emulator itself under the same load (5 and 200 clients), for comparison.
+
+Targets: ingest >= 2,000 steps/s; p99 <= 50 ms at 500 steps/s; RSS <= 200 MB;
+forwarding >= 500 steps/s at 50 ms round trip.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+
+from weco_observe.emulator import Emulator  # noqa: E402
+
+HELLO = """
+async def app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    more = True
+    while more:
+        message = await receive()
+        more = message.get("more_body", False)
+    body = b'{"run_id":"00000000-0000-4000-8000-000000000000","step":1,"parent_step":0}'
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+"""
+
+
+def loadgen(
+    url: str, key: str, clients: int, steps: int, *, rate: float | None = None, hello: bool = False, ids: bool = False
+) -> dict:
+    cmd = [sys.executable, str(HERE / "relay_loadgen.py"), url, key, "--clients", str(clients), "--steps", str(steps)]
+    if rate:
+        cmd += ["--rate", str(rate)]
+    if hello:
+        cmd.append("--hello")
+    if ids:
+        cmd.append("--ids")
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    if done.returncode != 0:
+        raise SystemExit(f"load generator failed: {done.stderr[-2000:]}")
+    return json.loads(done.stdout)
+
+
+def start(cmd: list[str], env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env={**os.environ, **(env or {})}
+    )
+    assert proc.stdout is not None
+    return proc, proc.stdout.readline().strip()
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def relay(data: Path, *flags: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str, str]:
+    key = subprocess.run(
+        [sys.executable, "-m", "weco_observe", "observe", "serve", "keys", "add", "bench", "--data", str(data)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    proc, url = start(
+        [sys.executable, "-m", "weco_observe", "observe", "serve", "--port", "0", "--data", str(data), *flags], env
+    )
+    return proc, url, key
+
+
+def durable(data: Path, acked: list[list]) -> int:
+    conn = sqlite3.connect(data / "journal.db")
+    have = set(
+        conn.execute("SELECT rr.relay_id, s.step FROM relay_runs rr JOIN steps s ON s.run_id = rr.run_id").fetchall()
+    )
+    conn.close()
+    return sum(1 for run, step in acked if (run, step) in have)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    clients, steps = (40, 10) if args.quick else (200, 50)
+    rows: list[tuple[str, str, str]] = []
+    load = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        # 1. the ceiling
+        (root / "relay_hello.py").write_text(HELLO)
+        proc, _ = start(
+            [
+                sys.executable,
+                "-c",
+                "import sys, uvicorn; sys.path.insert(0, sys.argv[1]); print('http://127.0.0.1:8499/v1', flush=True);"
+                " uvicorn.run('relay_hello:app', port=8499, log_level='warning', access_log=False, backlog=4096)",
+                str(root),
+            ]
+        )
+        time.sleep(1.5)
+        ceiling200 = loadgen("http://127.0.0.1:8499/v1", "k", clients, steps, hello=True)
+        ceiling20 = loadgen("http://127.0.0.1:8499/v1", "k", 20, steps * clients // 20, hello=True)
+        stop(proc)
+        rows.append(
+            (
+                "ceiling: hello-world uvicorn, 200 clients",
+                f"{ceiling200['steps_per_s']:,.0f} steps/s",
+                f"p99 {ceiling200['p99_ms']} ms",
+            )
+        )
+        rows.append(
+            (
+                "ceiling: hello-world uvicorn, 20 clients",
+                f"{ceiling20['steps_per_s']:,.0f} steps/s",
+                f"p99 {ceiling20['p99_ms']} ms",
+            )
+        )
+
+        # 2-4. the relay
+        data = root / "relay"
+        proc, url, key = relay(data)
+        ingest = loadgen(url, key, clients, steps, ids=True)
+        kept = durable(data, ingest["acked"])
+        ratio = ingest["steps_per_s"] / ceiling200["steps_per_s"]
+        rows.append(
+            (
+                f"relay ingest, {clients} clients x {steps} steps, 13 KB code",
+                f"{ingest['steps_per_s']:,.0f} steps/s ({ratio:.2f}x the ceiling)",
+                f"{kept}/{ingest['steps_acked']} acknowledged steps durable; errors {ingest['errors'] or 'none'}",
+            )
+        )
+        paced = loadgen(url, key, 50, 40 if args.quick else 100, rate=500)
+        rows.append(
+            (
+                "relay latency at a steady 500 steps/s",
+                f"p50 {paced['p50_ms']} ms, p99 {paced['p99_ms']} ms",
+                f"max {paced['max_ms']} ms; errors {paced['errors'] or 'none'}",
+            )
+        )
+        rows.append(("relay peak RSS", f"{peak_rss_mb(proc.pid):.0f} MB", ""))
+        stop(proc)
+
+        # 5. forwarding at 50 ms a request
+        with Emulator(api_key=None, latency=0.05) as emu:
+            data2 = root / "relay2"
+            proc, url, key = relay(data2, "--upstream", emu.base_url, env={"WECO_API_KEY": "upstream-key"})
+            backlog_clients, backlog_steps = (10, 20) if args.quick else (20, 100)
+            started = time.monotonic()
+            fill = loadgen(url, key, backlog_clients, backlog_steps)
+            total = fill["steps_acked"] + backlog_clients  # steps plus each run's baseline
+            deadline = time.monotonic() + 600
+            while time.monotonic() < deadline:
+                upstream = sum(len(r["steps"]) for r in emu.runs().values())
+                if upstream >= total:
+                    break
+                time.sleep(0.1)
+            forwarded = time.monotonic() - started
+            stop(proc)
+        rows.append(
+            (
+                "forwarding upstream, +50 ms a request",
+                f"{upstream / forwarded:,.0f} steps/s",
+                f"{upstream}/{total} steps upstream in {forwarded:.1f} s",
+            )
+        )
+
+        # 6. the emulator under the same load
+        with Emulator(api_key=None) as emu:
+            for n in (5, clients):
+                got = loadgen(emu.base_url, "k", n, steps * clients // n if n < clients else steps)
+                rows.append(
+                    (
+                        f"emulator, {n} clients",
+                        f"{got['steps_per_s']:,.0f} steps/s",
+                        f"errors {got['errors'] or 'none'}",
+                    )
+                )
+
+    print(f"relay benchmarks, load average {load:.1f} at start, {os.cpu_count()} cores")
+    width = max(len(r[0]) for r in rows)
+    for name, value, note in rows:
+        print(f"{name.ljust(width)}  {value:<36} {note}")
+
+
+if __name__ == "__main__":
+    main()
