@@ -457,13 +457,15 @@ class Journal:
         event_id: str,
         *,
         check_parent: bool = True,
+        fresh: bool = False,
     ) -> dict[str, Any]:
         """``log_step`` in the caller's write transaction, its arguments already checked.
 
         ``check_parent=False`` accepts a parent the run does not have yet, as the API
-        does (a relay receives a box's steps several at a time, in any order)."""
+        does (a relay receives a box's steps several at a time, in any order). ``fresh``: the
+        caller made ``event_id`` just now, so it cannot be journaled already (one query less)."""
         now = time.time()
-        if outbox.known(conn, event_id):
+        if not fresh and outbox.known(conn, event_id):
             row = conn.execute("SELECT run_id, step FROM steps WHERE event_id = ?", (event_id,)).fetchone()
             done = self._step(conn, row[0], row[1]) if row else None
             return _result(done, updated=False) if done else {"event_id": event_id}

@@ -336,6 +336,7 @@ class RelayStore:
                 metadata,
                 ids.ulid(),
                 check_parent=False,
+                fresh=True,
             )
             return {"run_id": relay_id, "step": step, "parent_step": stored["parent_step"]}
 
