@@ -89,10 +89,10 @@ class Box:
     """A training box: a journal of its own (``WECO_OBSERVE_DIR``) and a working folder, driven by the CLI."""
 
     def __init__(self, cli, root: Path, name: str):
-        self.cli = cli
         self.name = name
         self.work = root / name
         self.work.mkdir(parents=True)
+        self.cli = type(cli)(self.work)  # run in the box's folder, so its code is tracked as train.py
         self.env = {"WECO_OBSERVE_DIR": str(root / name / "journal")}
 
     def _ok(self, *args: str, env: dict | None = None) -> subprocess.CompletedProcess[str]:
@@ -103,14 +103,14 @@ class Box:
     def init(self, name: str, metric: str, *extra: str, code: str = "lr = 0.1\n") -> str:
         (self.work / "train.py").write_text(code)
         return self._ok(
-            "observe", "init", "--name", name, "--metric", metric, "--source", str(self.work / "train.py"), *extra
+            "observe", "init", "--name", name, "--metric", metric, "--source", "train.py", *extra
         ).stdout.strip()
 
     def log(self, run_id: str, step: int, metrics: dict, *extra: str, code: str | None = None) -> None:
         args = ["observe", "log", "--run-id", run_id, "--step", str(step), "--metrics", json.dumps(metrics), *extra]
         if code is not None:
             (self.work / "train.py").write_text(code)
-            args += ["--source", str(self.work / "train.py")]
+            args += ["--source", "train.py"]
         self._ok(*args)
 
     def sync(self, relay: RelayProcess, key: str) -> str:
