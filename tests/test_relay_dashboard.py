@@ -181,13 +181,16 @@ def test_the_dashboard_needs_a_key_and_a_revoked_one_ends_its_session(cli, tmp_p
 
         # It cannot log: the API refuses a read-only key with 403, and nothing was created.
         auth = {"authorization": f"Bearer {viewer_key}", "content-type": "application/json"}
-        body = json.dumps({"source_code": {"a.py": "x"}, "metric": "loss", "maximize": False}).encode()
+        body = json.dumps({"source_code": {"a.py": "x"}, "metric_name": "loss", "maximize": False}).encode()
         status, _, answer = relay.request("/v1/external/runs", "POST", auth, body)
         assert status == 403 and b"read-only" in answer
         assert len(_json(relay, "/api/runs", cookie)) == 1
-        # A box's own key opens the dashboard too, here as a Bearer header.
-        status, _, _ = relay.request("/api/runs", headers={"authorization": f"Bearer {box_key}"})
+        # The same body with a box's key is a run: the refusal was the key's, not the body's.
+        status, _, _ = relay.request("/v1/external/runs", "POST", {**auth, "authorization": f"Bearer {box_key}"}, body)
         assert status == 200
+        # A box's own key opens the dashboard too, here as a Bearer header.
+        status, _, answer = relay.request("/api/runs", headers={"authorization": f"Bearer {box_key}"})
+        assert status == 200 and len(json.loads(answer)) == 2
 
         # Revoked by another process: the session ends at its next request.
         cli.ok("observe", "serve", "keys", "revoke", "viewer", "--data", str(relay_data))
@@ -210,6 +213,8 @@ def test_login_and_logout_refuse_another_sites_request(cli, relay_data, relay):
     for foreign in ({"sec-fetch-site": "cross-site"}, {"sec-fetch-site": "same-site"}, {"origin": "http://evil.test"}):
         status, headers, body = relay.login(key, foreign)
         assert status == 403 and "set-cookie" not in headers and b"own page" in body, foreign
+    status, _, _ = relay.login("wor_" + "x" * 5000)  # read before any key is checked: kept small
+    assert status == 413
     # What a browser sends from the relay's own login page (Origin is "null" under no-referrer).
     status, headers, _ = relay.login(key, {"sec-fetch-site": "same-origin", "origin": "null"})
     assert status == 303
@@ -329,5 +334,24 @@ def test_a_session_expires_when_idle_and_at_its_hard_limit(cli, relay_data):
         now[0] = started + app.session_max + 1
         assert state(busy) == 401
         assert app._sessions == {}  # ended sessions are dropped, not kept
+    finally:
+        app.shutdown()
+
+
+def test_the_runs_list_is_computed_once_per_version_and_again_after_a_commit(cli, relay_data):
+    """Every open page refetches /api/runs when the version moves; one computation serves them all,
+    and a group commit by the writer thread (another connection) makes the next request recompute."""
+    from weco_observe.relay import Relay
+
+    app = Relay(relay_data, log=lambda line: None)
+    app.startup()
+    try:
+        first = app._api_data(["runs"], {})
+        assert first == [] and app._api_data(["runs"], {}) is first
+        body = {"source_code": {"a.py": "x = 1\n"}, "metric_name": "loss", "maximize": False, "name": "fresh"}
+        relay_id = app.store.create(body, "box-a").result(timeout=10)
+        second = app._api_data(["runs"], {})
+        assert [(r["name"], r["key"], r["relay_id"]) for r in second] == [("fresh", "box-a", relay_id)]
+        assert app._api_data(["runs"], {}) is second
     finally:
         app.shutdown()

@@ -68,6 +68,8 @@ SESSION_COOKIE = "weco_relay"
 #: the open page polls every 1.5 s, so only the hard limit ends a session left open in a tab
 SESSION_IDLE = 12 * 3600
 SESSION_MAX = 7 * 86400
+#: the largest login form read (the key is about 50 bytes)
+LOGIN_BODY = 4096
 #: sessions kept at most (only holders of a valid key can make one; the oldest go first)
 MAX_SESSIONS = 10_000
 
@@ -460,6 +462,8 @@ class Relay:
         self.session_idle = SESSION_IDLE
         self.session_max = SESSION_MAX
         self._clock = time.time  # tests move it to expire sessions
+        self._runs_lock = threading.Lock()
+        self._runs_memo: tuple[int, list[dict[str, Any]]] | None = None
         self._auth: sqlite3.Connection | None = None
         self._reader: Journal | None = None
         self._page: bytes | None = None
@@ -550,15 +554,15 @@ class Relay:
         else:
             self._log(f"{client[0]} {scope.get('method')} {path} {status} {seconds * 1000:.1f}ms {who}")
 
-    async def _body(self, receive: Receive) -> bytes:
+    async def _body(self, receive: Receive, limit: int = MAX_BODY) -> bytes:
         chunks: list[bytes] = []
         size = 0
         while True:
             message = await receive()
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > MAX_BODY:
-                raise _HttpError(413, f"request body over {MAX_BODY >> 20} MiB")
+            if size > limit:
+                raise _HttpError(413, f"request body over {limit >> 20} MiB" if limit >= 1 << 20 else "form too large")
             chunks.append(chunk)
             if not message.get("more_body"):
                 return b"".join(chunks)
@@ -675,7 +679,8 @@ class Relay:
     async def _login(
         self, scope: dict[str, Any], headers: dict[str, str], receive: Receive
     ) -> tuple[int, dict[str, str], bytes, str]:
-        raw = await self._body(receive)
+        # Anyone may post here, before any key is checked: a login form is tiny, so buffer no more.
+        raw = await self._body(receive, limit=LOGIN_BODY)
         if not _same_origin(scope, headers):
             # Another site's form could otherwise log a visitor in under the attacker's key (login CSRF).
             return 403, _LOGIN_HEADERS, _login_page("Log in from this relay's own page.").encode(), "-"
@@ -733,31 +738,49 @@ class Relay:
             data["viewer"] = who  # the page shows whose key it is open with
         return 200, _JSON, json.dumps(data, ensure_ascii=False).encode("utf-8"), who
 
+    def _version(self) -> int:
+        """Moves whenever the relay's journal changes, which is when the page refetches.
+
+        ``PRAGMA data_version`` on the reader's connection moves when any other
+        connection commits: the writer thread's, the upstream forwarder's, a ``keys
+        revoke`` in another process. The store's own counter is added so a group
+        commit shows even before this connection has looked again."""
+        journal = self._reader
+        assert journal is not None
+        return int(journal.query("PRAGMA data_version")[0][0]) + (self.store.commits if self.store else 0)
+
     def _api_data(self, parts: list[str], query: dict[str, list[str]]) -> Any:
-        """The ui's JSON API over the relay's journal, runs keyed by the id boxes know them by."""
+        """The ui's JSON API over the relay's journal, each run with the key that made it and its relay id."""
         from . import diffs, report, views
 
         journal = self._reader
         assert journal is not None
         if parts == ["state"]:
-            return {"version": journal.query("PRAGMA data_version")[0][0] + (self.store.commits if self.store else 0)}
-        attribution = {
-            r["run_id"]: (r["relay_id"], r["key_name"])
-            for r in journal.query("SELECT run_id, relay_id, key_name FROM relay_runs")
-        }
+            return {"version": self._version()}
         if parts == ["runs"]:
-            out = []
-            for summary in views.list_runs(journal, cache=False):
-                relay_id, key = attribution.get(summary["id"], (None, None))
-                out.append(
-                    {**{k: v for k, v in summary.items() if k != "last_activity_ts"}, "relay_id": relay_id, "key": key}
-                )
-            return out
+            # Every open page refetches the list when the version moves, so it is computed once per
+            # version. The version is read first: a commit landing meanwhile only makes the next
+            # request compute again, never serves older runs under a newer version.
+            with self._runs_lock:
+                version = self._version()
+                if self._runs_memo is not None and self._runs_memo[0] == version:
+                    return self._runs_memo[1]
+                attribution = {
+                    r["run_id"]: (r["relay_id"], r["key_name"])
+                    for r in journal.query("SELECT run_id, relay_id, key_name FROM relay_runs")
+                }
+                out = []
+                for summary in views.list_runs(journal, cache=False):
+                    relay_id, key = attribution.get(summary["id"], (None, None))
+                    public = {k: v for k, v in summary.items() if k != "last_activity_ts"}
+                    out.append({**public, "relay_id": relay_id, "key": key})
+                self._runs_memo = (version, out)
+                return out
         try:
             if len(parts) == 2 and parts[0] == "runs":
                 data = report.page_data(views.run_view(journal, parts[1]))
-                relay_id, key = attribution.get(data["run"]["id"], (None, None))
-                data["run"]["relay_id"], data["run"]["key"] = relay_id, key
+                row = journal.query("SELECT relay_id, key_name FROM relay_runs WHERE run_id = ?", (data["run"]["id"],))
+                data["run"]["relay_id"], data["run"]["key"] = (row[0][0], row[0][1]) if row else (None, None)
                 return data
             if len(parts) == 3 and parts[0] == "runs" and parts[2] == "diff":
                 step = _int(query, "step")
