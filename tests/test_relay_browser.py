@@ -126,6 +126,8 @@ def test_the_dashboard_shows_each_boxs_runs_filters_them_and_follows_them_live(b
         _choose(browser, "key", "box-a")
         _wait(lambda: _names(browser) == ["resnet tuning", "nanogpt speedrun"], what="box-a's runs")
         assert _text(browser, "#run-count") == "2 of 3 runs"
+        # The menu just used keeps the focus: a keyboard user goes on from where they were.
+        assert browser.execute_script("return document.activeElement.id") == "filter-key"
         _choose(browser, "key", "All boxes and users")
         _choose(browser, "metric", "val_bpb")
         _wait(lambda: _names(browser) == ["bpb probe", "nanogpt speedrun"], what="the val_bpb runs")

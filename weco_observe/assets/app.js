@@ -418,9 +418,12 @@
       });
       return { f: f, counts: counts, values: values };
     });
-    var sig = JSON.stringify([state.runs.length, state.filters, groups.map(function (g) { return g.counts; })]);
-    if (sig === state.filterSig) return;  // rebuilding a menu the user has open would close it
+    // Rebuilt only when the choices change: rebuilding a menu the user has open would close it. Choosing
+    // changes no count (they are of every run), so the menu just used keeps its focus.
+    var sig = JSON.stringify([state.runs.length, groups.map(function (g) { return g.counts; })]);
+    if (sig === state.filterSig) return;
     state.filterSig = sig;
+    var focused = document.activeElement && box.contains(document.activeElement) ? document.activeElement.id : null;
     box.textContent = "";
     box.className = "filters";
     groups.forEach(function (g) {
@@ -433,6 +436,7 @@
       var select = el("select", { id: id, name: f.name, onchange: function () { state.filters[f.name] = this.value; renderRuns(); } }, options);
       box.appendChild(el("label", { "for": id }, [el("span", { text: f.label }), select]));
     });
+    if (focused) document.getElementById(focused).focus();
   }
   function renderRuns() {
     var list = document.getElementById("runs"), keyed = attributed(), shown = state.runs.filter(matches);
