@@ -64,6 +64,14 @@ MAX_BODY = 64 << 20
 GROUP = 512
 KEY_PREFIX = "wor_"
 SESSION_COOKIE = "weco_relay"
+#: a dashboard session ends after this long without a request, and after SESSION_MAX whatever happens;
+#: the open page polls every 1.5 s, so only the hard limit ends a session left open in a tab
+SESSION_IDLE = 12 * 3600
+SESSION_MAX = 7 * 86400
+#: the largest login form read (the key is about 50 bytes)
+LOGIN_BODY = 4096
+#: sessions kept at most (only holders of a valid key can make one; the oldest go first)
+MAX_SESSIONS = 10_000
 
 
 # -- the relay's own tables ----------------------------------------------------------------
@@ -184,6 +192,15 @@ def keys_revoke(data_dir: Path, name: str) -> None:
 
 
 # -- the store: group commit ---------------------------------------------------------------------
+
+
+@dataclass
+class _Session:
+    """A dashboard login: which key opened it (by hash, so a revocation ends it), and when."""
+
+    key_hash: str
+    created: float
+    seen: float
 
 
 @dataclass
@@ -441,7 +458,13 @@ class Relay:
         self._log = log or (lambda line: print(line, file=sys.stderr, flush=True))
         self.store: RelayStore | None = None
         self.forwarder: Forwarder | None = None
-        self._sessions: dict[str, str] = {}  # session token -> key hash
+        # SHA-256 of the session cookie -> its session; in memory, so a restart logs everyone out
+        self._sessions: dict[str, _Session] = {}
+        self.session_idle = SESSION_IDLE
+        self.session_max = SESSION_MAX
+        self._clock = time.time  # tests move it to expire sessions
+        self._runs_lock = threading.Lock()
+        self._runs_memo: tuple[int, list[dict[str, Any]]] | None = None
         self._auth: sqlite3.Connection | None = None
         self._reader: Journal | None = None
         self._page: bytes | None = None
@@ -533,15 +556,15 @@ class Relay:
         else:
             self._log(f"{client[0]} {scope.get('method')} {path} {status} {seconds * 1000:.1f}ms {who}")
 
-    async def _body(self, receive: Receive) -> bytes:
+    async def _body(self, receive: Receive, limit: int = MAX_BODY) -> bytes:
         chunks: list[bytes] = []
         size = 0
         while True:
             message = await receive()
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > MAX_BODY:
-                raise _HttpError(413, f"request body over {MAX_BODY >> 20} MiB")
+            if size > limit:
+                raise _HttpError(413, f"request body over {limit >> 20} MiB" if limit >= 1 << 20 else "form too large")
             chunks.append(chunk)
             if not message.get("more_body"):
                 return b"".join(chunks)
@@ -560,11 +583,9 @@ class Relay:
         if parts[:2] == ["v1", "external"] and method == "POST":
             return await self._api(parts, headers, receive)
         if method == "POST" and parts == ["login"]:
-            return await self._login(headers, receive)
+            return await self._login(scope, headers, receive)
         if method == "POST" and parts == ["logout"]:
-            token = _cookie(headers).get(SESSION_COOKIE)
-            self._sessions.pop(token or "", None)
-            return 303, {"location": "/", "set-cookie": f"{SESSION_COOKIE}=; Max-Age=0; Path=/"}, b"", "-"
+            return self._logout(scope, headers)
         if method in ("GET", "HEAD"):
             return await self._dashboard(parts, scope, headers)
         raise _HttpError(405 if parts[:1] in (["api"], []) else 404, "not found")
@@ -626,36 +647,75 @@ class Relay:
     # -- the dashboard --------------------------------------------------------------------
 
     def _viewer(self, headers: dict[str, str]) -> str | None:
-        """The key behind a dashboard request (a session cookie, or a Bearer key), None if none."""
-        token = _cookie(headers).get(SESSION_COOKIE)
+        """The key behind a dashboard request (a session cookie, or a Bearer key), None if none.
+
+        The key is looked up on every request, so revoking it (``keys revoke``, from any
+        process) ends its sessions at their next request, as it does for the API."""
         assert self._auth is not None
-        if token and token in self._sessions:
-            row = self._auth.execute(
-                "SELECT name FROM relay_keys WHERE hash = ? AND revoked_at IS NULL", (self._sessions[token],)
-            ).fetchone()
-            if row is not None:
-                return str(row[0])
-            self._sessions.pop(token, None)  # its key was revoked
+        sid = self._session_id(headers)
+        session = self._sessions.get(sid) if sid else None
+        if sid and session is not None:
+            now = self._clock()
+            if now - session.seen <= self.session_idle and now - session.created <= self.session_max:
+                row = self._auth.execute(
+                    "SELECT name FROM relay_keys WHERE hash = ? AND revoked_at IS NULL", (session.key_hash,)
+                ).fetchone()
+                if row is not None:
+                    session.seen = now
+                    return str(row[0])
+            del self._sessions[sid]  # expired, or its key was revoked
         auth = headers.get("authorization", "")
         if auth.startswith("Bearer "):
             found = _check_key(self._auth, auth[7:].strip())
             return found[0] if found else None
         return None
 
-    async def _login(self, headers: dict[str, str], receive: Receive) -> tuple[int, dict[str, str], bytes, str]:
-        raw = await self._body(receive)
+    @staticmethod
+    def _session_id(headers: dict[str, str]) -> str | None:
+        # Only the token's hash is kept, so the table in memory holds nothing a browser could replay.
+        token = _cookie(headers).get(SESSION_COOKIE)
+        return _hash(token) if token else None
+
+    def _cookie(self, value: str, max_age: int) -> str:
+        return f"{SESSION_COOKIE}={value}; Max-Age={max_age}; Path=/; HttpOnly; SameSite=Strict" + (
+            "; Secure" if self.secure_cookies else ""
+        )
+
+    async def _login(
+        self, scope: dict[str, Any], headers: dict[str, str], receive: Receive
+    ) -> tuple[int, dict[str, str], bytes, str]:
+        # Anyone may post here, before any key is checked: a login form is tiny, so buffer no more.
+        raw = await self._body(receive, limit=LOGIN_BODY)
+        if not _same_origin(scope, headers):
+            # Another site's form could otherwise log a visitor in under the attacker's key (login CSRF).
+            return 403, _LOGIN_HEADERS, _login_page("Log in from this relay's own page.").encode(), "-"
         form = parse_qs(raw.decode("utf-8", "replace"))
         key = (form.get("key") or [""])[0].strip()
         assert self._auth is not None
         found = _check_key(self._auth, key)
         if found is None:
-            return 401, _HTML, _login_page("That key is not valid here.").encode(), "-"
+            return 401, _LOGIN_HEADERS, _login_page("That key is not valid here.").encode(), "-"
+        now = self._clock()
+        self._prune_sessions(now)
         token = secrets.token_urlsafe(32)
-        self._sessions[token] = _hash(key)
-        cookie = f"{SESSION_COOKIE}={token}; Path=/; HttpOnly; SameSite=Strict" + (
-            "; Secure" if self.secure_cookies else ""
-        )
-        return 303, {"location": "/", "set-cookie": cookie}, b"", found[0]
+        self._sessions[_hash(token)] = _Session(key_hash=_hash(key), created=now, seen=now)
+        return 303, {"location": "/", "set-cookie": self._cookie(token, self.session_max)}, b"", found[0]
+
+    def _logout(self, scope: dict[str, Any], headers: dict[str, str]) -> tuple[int, dict[str, str], bytes, str]:
+        # SameSite=Strict already keeps the cookie off another site's POST; the origin check is the
+        # same rule as /login's, for browsers that predate SameSite.
+        if not _same_origin(scope, headers):
+            raise _HttpError(403, "log out from this relay's own page")
+        sid = self._session_id(headers)
+        self._sessions.pop(sid or "", None)
+        return 303, {"location": "/", "set-cookie": self._cookie("", 0)}, b"", "-"
+
+    def _prune_sessions(self, now: float) -> None:
+        for sid, session in list(self._sessions.items()):
+            if now - session.seen > self.session_idle or now - session.created > self.session_max:
+                del self._sessions[sid]
+        while len(self._sessions) >= MAX_SESSIONS:  # dicts keep insertion order: the oldest first
+            del self._sessions[next(iter(self._sessions))]
 
     async def _dashboard(
         self, parts: list[str], scope: dict[str, Any], headers: dict[str, str]
@@ -663,45 +723,69 @@ class Relay:
         who = self._viewer(headers)
         if who is None:
             if parts[:1] == ["api"]:
-                raise _HttpError(401, "open the dashboard with a key first")
-            return 200, _HTML, _login_page().encode(), "-"
+                raise _HttpError(
+                    401, "open the dashboard with a key first", {"www-authenticate": 'Bearer realm="weco-observe"'}
+                )
+            # A cookie that opens nothing any more: say why the key is asked for again.
+            ended = "Your session has ended (it expired, the relay restarted, or its key was revoked): paste a key."
+            return 200, _LOGIN_HEADERS, _login_page(ended if self._session_id(headers) else "").encode(), "-"
         if not parts:
             if self._page is None:
                 from . import report
 
-                self._page = report.page("ui", "weco-observe relay").encode("utf-8")
+                self._page = report.page("ui", "weco-observe relay", dashboard=True).encode("utf-8")
             return 200, _HTML, self._page, who
         if parts[0] != "api":
             raise _HttpError(404, "not found")
         query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
         data = await asyncio.to_thread(self._api_data, parts[1:], query)
+        if parts[1:] == ["state"]:
+            data["viewer"] = who  # the page shows whose key it is open with
         return 200, _JSON, json.dumps(data, ensure_ascii=False).encode("utf-8"), who
 
+    def _version(self) -> int:
+        """Moves whenever the relay's journal changes, which is when the page refetches.
+
+        ``PRAGMA data_version`` on the reader's connection moves when any other
+        connection commits: the writer thread's, the upstream forwarder's, a ``keys
+        revoke`` in another process. The store's own counter is added so a group
+        commit shows even before this connection has looked again."""
+        journal = self._reader
+        assert journal is not None
+        return int(journal.query("PRAGMA data_version")[0][0]) + (self.store.commits if self.store else 0)
+
     def _api_data(self, parts: list[str], query: dict[str, list[str]]) -> Any:
-        """The ui's JSON API over the relay's journal, runs keyed by the id boxes know them by."""
+        """The ui's JSON API over the relay's journal, each run with the key that made it and its relay id."""
         from . import diffs, report, views
 
         journal = self._reader
         assert journal is not None
         if parts == ["state"]:
-            return {"version": journal.query("PRAGMA data_version")[0][0] + (self.store.commits if self.store else 0)}
-        attribution = {
-            r["run_id"]: (r["relay_id"], r["key_name"])
-            for r in journal.query("SELECT run_id, relay_id, key_name FROM relay_runs")
-        }
+            return {"version": self._version()}
         if parts == ["runs"]:
-            out = []
-            for summary in views.list_runs(journal, cache=False):
-                relay_id, key = attribution.get(summary["id"], (None, None))
-                out.append(
-                    {**{k: v for k, v in summary.items() if k != "last_activity_ts"}, "relay_id": relay_id, "key": key}
-                )
-            return out
+            # Every open page refetches the list when the version moves, so it is computed once per
+            # version. The version is read first: a commit landing meanwhile only makes the next
+            # request compute again, never serves older runs under a newer version.
+            with self._runs_lock:
+                version = self._version()
+                if self._runs_memo is not None and self._runs_memo[0] == version:
+                    return self._runs_memo[1]
+                attribution = {
+                    r["run_id"]: (r["relay_id"], r["key_name"])
+                    for r in journal.query("SELECT run_id, relay_id, key_name FROM relay_runs")
+                }
+                out = []
+                for summary in views.list_runs(journal, cache=False):
+                    relay_id, key = attribution.get(summary["id"], (None, None))
+                    public = {k: v for k, v in summary.items() if k != "last_activity_ts"}
+                    out.append({**public, "relay_id": relay_id, "key": key})
+                self._runs_memo = (version, out)
+                return out
         try:
             if len(parts) == 2 and parts[0] == "runs":
                 data = report.page_data(views.run_view(journal, parts[1]))
-                relay_id, key = attribution.get(data["run"]["id"], (None, None))
-                data["run"]["relay_id"], data["run"]["key"] = relay_id, key
+                row = journal.query("SELECT relay_id, key_name FROM relay_runs WHERE run_id = ?", (data["run"]["id"],))
+                data["run"]["relay_id"], data["run"]["key"] = (row[0][0], row[0][1]) if row else (None, None)
                 return data
             if len(parts) == 3 and parts[0] == "runs" and parts[2] == "diff":
                 step = _int(query, "step")
@@ -717,6 +801,9 @@ class Relay:
 
 _JSON = {"content-type": "application/json"}
 _HTML = {"content-type": "text/html; charset=utf-8"}
+# The login page's form must send a real Origin (under no-referrer a browser sends "null" on a POST),
+# for browsers without Sec-Fetch-Site; nothing leaves the relay's own origin either way.
+_LOGIN_HEADERS = {**_HTML, "referrer-policy": "same-origin"}
 _SECURITY_HEADERS = {
     "cache-control": "no-store",
     "x-content-type-options": "nosniff",
@@ -735,6 +822,22 @@ def _int(query: dict[str, list[str]], name: str) -> int | None:
         raise InvalidInput(f"?{name} must be a whole number") from None
 
 
+def _same_origin(scope: dict[str, Any], headers: dict[str, str]) -> bool:
+    """Whether a browser sent this POST from the relay's own pages (CSRF check).
+
+    Every current browser says where a request comes from in ``Sec-Fetch-Site``; older
+    ones send ``Origin`` on a POST, which must then be this relay's. A client with
+    neither is no browser, and has no cookie of a visitor's to abuse."""
+    site = headers.get("sec-fetch-site")
+    if site is not None:
+        return site == "same-origin"
+    origin = headers.get("origin")
+    if origin is None:
+        return True
+    host = headers.get("host", "")
+    return bool(host) and origin == f"{scope.get('scheme', 'http')}://{host}"
+
+
 def _cookie(headers: dict[str, str]) -> dict[str, str]:
     out = {}
     for part in headers.get("cookie", "").split(";"):
@@ -747,17 +850,22 @@ def _cookie(headers: dict[str, str]) -> dict[str, str]:
 def _login_page(error: str = "") -> str:
     import html
 
-    note = f'<p class="error">{html.escape(error)}</p>' if error else ""
+    note = f'<p class="error" role="alert">{html.escape(error)}</p>' if error else ""
     return (
         '<!doctype html><html lang="en"><head><meta charset="utf-8">'
         "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; style-src 'unsafe-inline'; "
-        "form-action 'self'\"><title>weco-observe relay</title>"
-        "<style>body{font-family:system-ui,sans-serif;max-width:28rem;margin:4rem auto}"
-        "input{width:100%;padding:.4rem;margin:.5rem 0}.error{color:#b00}</style></head><body>"
-        "<h1>weco-observe relay</h1><p>Paste a key of this relay (an API key, or a read-only one from"
-        " <code>weco observe serve keys add NAME --read-only</code>).</p>"
-        f'{note}<form method="post" action="/login"><input type="password" name="key" autocomplete="off"'
-        ' aria-label="key" autofocus><button type="submit">Open the dashboard</button></form></body></html>'
+        "form-action 'self'\">"
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        "<title>weco-observe relay</title>"
+        "<style>body{font:15px/1.45 system-ui,sans-serif;max-width:30rem;margin:4rem auto;padding:0 1rem}"
+        "label{display:block;font-weight:600;margin-top:1rem}input{width:100%;padding:.45rem;margin:.35rem 0 .8rem;"
+        "box-sizing:border-box}.error{color:#b00}@media (prefers-color-scheme:dark){body{background:#0f1216;"
+        "color:#e6e9ee}.error{color:#ff8080}}</style></head><body>"
+        "<h1>weco-observe relay</h1><p>The team dashboard needs a key of this relay: a box's API key, or a"
+        " read-only one from <code>weco observe serve keys add NAME --read-only</code>.</p>"
+        f'{note}<form method="post" action="/login"><label for="key">Key</label><input type="password"'
+        ' id="key" name="key" autocomplete="off" spellcheck="false" required autofocus>'
+        '<button type="submit">Open the dashboard</button></form></body></html>'
     )
 
 

@@ -30,7 +30,10 @@ from .journal import Journal
 # Inline style and script only: no fetch, image, font or frame from anywhere.
 REPORT_CSP = "default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; img-src data:"
 # The UI page may also call its own /api.
-UI_CSP = "default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; img-src data:; connect-src 'self'"
+UI_CSP = (
+    "default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; img-src data:; connect-src 'self';"
+    " form-action 'self'"
+)
 
 
 @cache
@@ -44,23 +47,34 @@ def _json_island(data: Any) -> str:
     return json.dumps(data, ensure_ascii=False, separators=(",", ":"), allow_nan=False).replace("<", "\\u003c")
 
 
-def page(mode: str, title: str, data: Any | None = None) -> str:
-    """The HTML page: ``mode`` is ``report`` (``data`` embedded) or ``ui`` (data fetched from /api)."""
+def page(mode: str, title: str, data: Any | None = None, *, dashboard: bool = False) -> str:
+    """The HTML page: ``mode`` is ``report`` (``data`` embedded) or ``ui`` (data fetched from /api).
+
+    ``dashboard`` is the relay's team dashboard (``ui`` mode behind a key): the sidebar
+    also says whose key the page is open with and has a button to log out."""
     csp = REPORT_CSP if mode == "report" else UI_CSP
     island = f'<script id="data" type="application/json">{_json_island(data)}</script>\n' if data is not None else ""
+    session = (
+        '<form class="session" method="post" action="logout"><span id="viewer" class="viewer"></span>'
+        '<button type="submit" id="logout">Log out</button></form>'
+        if dashboard
+        else ""
+    )
     sidebar = (
-        '<nav class="sidebar"><h2>Runs <span id="live" class="live">live</span></h2><div id="runs"></div></nav>'
+        f'<nav class="sidebar" aria-label="runs">{session}<h2>Runs <span id="live" class="live">live</span></h2>'
+        '<div id="filters"></div><div id="runs"></div></nav>'
         if mode == "ui"
         else ""
     )
     generated = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    flag = ' data-dashboard="1"' if dashboard else ""
     return (
         '<!doctype html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
         f'<meta http-equiv="Content-Security-Policy" content="{csp}">\n'
         '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
         '<meta name="referrer" content="no-referrer">\n'
         f"<title>{html.escape(title)}</title>\n<style>\n{asset('app.css')}</style>\n</head>\n"
-        f'<body data-mode="{mode}" data-generated="{generated}">\n'
+        f'<body data-mode="{mode}"{flag} data-generated="{generated}">\n'
         f'<div class="app">{sidebar}<main id="main"><div class="empty">Loading…</div>'
         "<noscript><p>This page draws its charts with JavaScript; enable it to see the run.</p></noscript>"
         "</main></div>\n"

@@ -1,13 +1,16 @@
 // weco-observe views: renders a run (tree, chart, step details with diffs) from JSON.
-// Used by the self-contained report (data embedded, no network) and by the local UI
-// (data fetched from /api, refreshed when the journal changes). Builds the DOM with
-// textContent only: descriptions and code are user data.
+// Used by the self-contained report (data embedded, no network), by the local UI (data
+// fetched from /api, refreshed when the journal changes) and by the relay's team
+// dashboard (the UI behind a key, over every box's runs). Builds the DOM with
+// textContent only: names, keys, descriptions and code are user data.
 (function () {
   "use strict";
   var SVG = "http://www.w3.org/2000/svg";
   var ROW = 28, LANE = 16, PAD = 12;
   var MODE = document.body.getAttribute("data-mode");
-  var state = { view: null, selected: null, metric: null, diffs: {}, runs: [], runId: null, version: null };
+  var DASHBOARD = document.body.getAttribute("data-dashboard") === "1";
+  var state = { view: null, selected: null, metric: null, diffs: {}, runs: [], runId: null, version: null,
+    filters: { key: "", metric: "", goal: "" }, filterSig: null, ended: false };
 
   function el(tag, attrs, kids) {
     var n = document.createElement(tag);
@@ -40,6 +43,7 @@
     if (s < 86400) return Math.floor(s / 3600) + "h ago";
     return Math.floor(s / 86400) + "d ago";
   }
+  function whoText(key) { return key == null ? "an unknown key" : key; }
   function kind(s) { return s.step === 0 ? "base" : s.status === "failed" ? "failed" : "kept"; }
   function label(s) { return s.step === 0 ? "baseline" : s.status === "failed" ? "failed" : "kept"; }
 
@@ -48,10 +52,14 @@
     var r = v.run, imp = v.best && v.best.improvement;
     var sync = r.pending || r.rejected
       ? (r.pending + " pending" + (r.rejected ? ", " + r.rejected + " rejected" : "")) : (r.sync === "local" ? "not synced" : r.sync);
+    // A relay's run says who made it and the id its box knows it by; its "server" is the upstream.
+    var ids = "key" in r
+      ? "by " + whoText(r.key) + "  ·  relay id " + (r.relay_id || "–") + "  ·  upstream " + (r.server_id || "not forwarded yet") + "  "
+      : "local " + r.id + "  ·  server " + (r.server_id || "not synced yet") + "  ";
     var h = el("header", { cls: "run" }, [
       el("h1", { text: r.name || "(unnamed run)" }),
       el("div", { cls: "ids" }, [
-        "local " + r.id + "  ·  server " + (r.server_id || "not synced yet") + "  ",
+        ids,
         el("span", { cls: "badge " + (r.rejected ? "rejected" : r.pending ? "pending" : r.sync === "synced" ? "synced" : ""), text: sync }),
       ]),
     ]);
@@ -261,7 +269,10 @@
   function getDiff(step, cb) {
     if (state.diffs[step] !== undefined) return cb(state.diffs[step]);
     if (MODE !== "ui") return cb(null);
-    fetch("api/runs/" + encodeURIComponent(state.runId) + "/diff?step=" + step).then(function (r) { return r.json(); }).then(function (d) {
+    fetch("api/runs/" + encodeURIComponent(state.runId) + "/diff?step=" + step).then(function (r) {
+      if (!r.ok) throw new Error(r.status);  // an error's detail is no diff
+      return r.json();
+    }).then(function (d) {
       state.diffs[step] = d.files || []; cb(state.diffs[step]);
     }).catch(function () { cb(null); });
   }
@@ -341,7 +352,8 @@
     header(v).forEach(function (n) { main.appendChild(n); });
     main.appendChild(chart(v));
     main.appendChild(el("div", { cls: "split" }, [tree(v), detailPanel()]));
-    main.appendChild(el("footer", { text: MODE === "ui" ? "weco-observe local UI · read-only · updates live" : "weco-observe report · generated " + (document.body.getAttribute("data-generated") || "") + " · works offline" }));
+    main.appendChild(el("footer", { text: DASHBOARD ? "weco-observe relay dashboard · read-only · updates live" :
+      MODE === "ui" ? "weco-observe local UI · read-only · updates live" : "weco-observe report · generated " + (document.body.getAttribute("data-generated") || "") + " · works offline" }));
     redrawChart();
     select(state.selected, !keep);
     if (scroll != null) document.getElementById("treebox").scrollTop = scroll;
@@ -367,26 +379,88 @@
   }
 
   // ---- UI mode: runs list, live polling ---------------------------------------------
-  function getJSON(url) { return fetch(url, { cache: "no-store" }).then(function (r) { if (!r.ok) throw new Error(r.status); return r.json(); }); }
+  function getJSON(url) {
+    return fetch(url, { cache: "no-store" }).then(function (r) {
+      if (r.status === 401) { sessionEnded(); throw new Error("the session has ended"); }
+      if (!r.ok) throw new Error(r.status);
+      return r.json();
+    });
+  }
   function hashRun() {
     var m = /run=([^&]+)/.exec(location.hash), s = /step=(\d+)/.exec(location.hash);
     return { run: m ? decodeURIComponent(m[1]) : null, step: s ? Number(s[1]) : null };
   }
+
+  // The relay's runs carry the key that made each one (a box or a user); a local journal's have no
+  // such field. So the key line and the filters appear only where the data has keys to show.
+  var FILTERS = [
+    { name: "key", label: "Box or user", all: "All boxes and users", of: function (r) { return r.key; } },
+    { name: "metric", label: "Metric", all: "All metrics", of: function (r) { return r.metric; } },
+    { name: "goal", label: "Goal", all: "Any goal", of: function (r) { return r.goal; } },
+  ];
+  function attributed() { return state.runs.some(function (r) { return "key" in r; }); }
+  // An option's value is the JSON of what it matches, so a key named "null" and a missing key differ.
+  function code(v) { return JSON.stringify(v == null ? null : v); }
+  function matches(r) {
+    return FILTERS.every(function (f) { var want = state.filters[f.name]; return !want || code(f.of(r)) === want; });
+  }
+  function renderFilters() {
+    var box = document.getElementById("filters");
+    if (!box) return;
+    if (!attributed()) { box.textContent = ""; box.className = ""; state.filterSig = null; return; }
+    var groups = FILTERS.map(function (f) {
+      var counts = {}, want = state.filters[f.name];
+      state.runs.forEach(function (r) { var c = code(f.of(r)); counts[c] = (counts[c] || 0) + 1; });
+      if (want && !(want in counts)) counts[want] = 0;  // the chosen value stays listed, so the filter shows
+      var values = Object.keys(counts).sort(function (a, b) {
+        var x = JSON.parse(a), y = JSON.parse(b);
+        return x === y ? 0 : x == null ? 1 : y == null ? -1 : String(x).localeCompare(String(y));
+      });
+      return { f: f, counts: counts, values: values };
+    });
+    // Rebuilt only when the choices change: rebuilding a menu the user has open would close it. Choosing
+    // changes no count (they are of every run), so the menu just used keeps its focus.
+    var sig = JSON.stringify([state.runs.length, groups.map(function (g) { return g.counts; })]);
+    if (sig === state.filterSig) return;
+    state.filterSig = sig;
+    var focused = document.activeElement && box.contains(document.activeElement) ? document.activeElement.id : null;
+    box.textContent = "";
+    box.className = "filters";
+    groups.forEach(function (g) {
+      var f = g.f, id = "filter-" + f.name;
+      var options = [el("option", { value: "", text: f.all + " (" + state.runs.length + ")" })].concat(g.values.map(function (v) {
+        var raw = JSON.parse(v), o = el("option", { value: v, text: (raw == null ? "unknown" : String(raw)) + " (" + g.counts[v] + ")" });
+        if (v === state.filters[f.name]) o.selected = true;
+        return o;
+      }));
+      var select = el("select", { id: id, name: f.name, onchange: function () { state.filters[f.name] = this.value; renderRuns(); } }, options);
+      box.appendChild(el("label", { "for": id }, [el("span", { text: f.label }), select]));
+    });
+    if (focused) document.getElementById(focused).focus();
+  }
   function renderRuns() {
-    var list = document.getElementById("runs");
+    var list = document.getElementById("runs"), keyed = attributed(), shown = state.runs.filter(matches);
+    renderFilters();
     list.textContent = "";
     if (!state.runs.length) list.appendChild(el("div", { cls: "empty", text: "No runs yet." }));
-    state.runs.forEach(function (r) {
+    else if (!shown.length) list.appendChild(el("div", { cls: "empty", id: "no-match", text: "No run matches these filters." }));
+    else if (shown.length < state.runs.length) list.appendChild(el("div", { cls: "count", id: "run-count", text: shown.length + " of " + state.runs.length + " runs" }));
+    shown.forEach(function (r) {
       var best = r.best_step == null ? "no best yet" : "best " + fmt(r.best_value) + " @" + r.best_step;
+      var goal = keyed ? " (" + ({ maximize: "max", minimize: "min" }[r.goal] || "?") + ")" : "";
+      // On a relay, "pending" counts what it has not forwarded upstream yet, not what a box has not sent.
+      var pending = r.pending ? " · " + r.pending + (keyed ? " not yet upstream" : " pending") : "";
       list.appendChild(el("a", { cls: "runlink" + (r.id === state.runId ? " active" : ""), href: "#run=" + encodeURIComponent(r.id), "data-run": r.id }, [
         el("div", { cls: "rn", text: r.name || r.id }),
-        el("div", { cls: "rm", text: (r.metric || "?") + " · " + r.steps + " steps · " + best }),
-        el("div", { cls: "rm", text: ago(r.last_activity) + (r.pending ? " · " + r.pending + " pending" : "") }),
+        keyed ? el("div", { cls: "rm who", text: "by " + whoText(r.key) }) : null,
+        el("div", { cls: "rm", text: (r.metric || "?") + goal + " · " + r.steps + (r.steps === 1 ? " step · " : " steps · ") + best }),
+        el("div", { cls: "rm", text: ago(r.last_activity) + pending }),
       ]));
     });
   }
   function loadRun(id, keep) {
     return getJSON("api/runs/" + encodeURIComponent(id)).then(function (v) {
+      if (state.ended) return;
       state.diffs = {};  // a re-logged step may have new code: fetch diffs again
       state.runId = id;
       renderRuns();
@@ -395,27 +469,53 @@
   }
   function refresh(keep) {
     return getJSON("api/runs").then(function (runs) {
+      if (state.ended) return;
       state.runs = runs;
-      var want = hashRun();
-      var id = want.run && runs.some(function (r) { return r.id === want.run; }) ? want.run : (state.runId || (runs[0] && runs[0].id));
+      var want = hashRun(), first = runs.filter(matches)[0] || runs[0];
+      var id = want.run && runs.some(function (r) { return r.id === want.run; }) ? want.run : (state.runId || (first && first.id));
       if (!keep && want.step != null) state.selected = want.step;
       renderRuns();
       if (id) return loadRun(id, keep || want.step != null);
       document.getElementById("main").textContent = "";
-      document.getElementById("main").appendChild(el("div", { cls: "empty", text: "No runs in this journal yet: start one with weco observe init." }));
+      document.getElementById("main").appendChild(el("div", { cls: "empty", text: DASHBOARD
+        ? "No runs on this relay yet: point a box's WECO_BASE_URL at it and run weco observe sync."
+        : "No runs in this journal yet: start one with weco observe init." }));
     });
+  }
+  // A revoked key or an expired session: nothing of the site stays on screen, and the way back is a key.
+  function sessionEnded() {
+    if (state.ended) return;
+    state.ended = true;
+    state.runs = [];
+    state.view = null;
+    ["runs", "filters", "main", "viewer"].forEach(function (id) { var n = document.getElementById(id); if (n) n.textContent = ""; });
+    document.getElementById("filters").className = "";
+    var live = document.getElementById("live");
+    live.className = "live off";
+    live.textContent = "signed out";
+    var session = document.querySelector("form.session");
+    if (session) session.hidden = true;
+    document.title = "Key needed · weco-observe relay";
+    document.getElementById("main").appendChild(el("div", { cls: "empty ended", id: "ended", role: "alert" }, [
+      el("h2", { text: "This dashboard needs a key" }),
+      el("p", { text: "Your session has ended: it expired, the relay restarted, or its key was revoked." }),
+      el("a", { href: "./", id: "login-again", text: "Open the dashboard with a key" }),
+    ]));
   }
   window.addEventListener("hashchange", function () {
     var want = hashRun();
-    if (want.run && want.run !== state.runId) { state.selected = null; loadRun(want.run, false); }
+    if (want.run && want.run !== state.runId && !state.ended) { state.selected = null; loadRun(want.run, false); }
   });
   function poll() {
+    if (state.ended) return;
     getJSON("api/state").then(function (s) {
       document.getElementById("live").className = "live";
+      var viewer = document.getElementById("viewer");
+      if (viewer && s.viewer) viewer.textContent = "Key: " + s.viewer;
       if (state.version !== null && s.version !== state.version) { state.version = s.version; return refresh(true); }
       state.version = s.version;
-    }).catch(function () { document.getElementById("live").className = "live off"; })
-      .then(function () { setTimeout(poll, 1500); });
+    }).catch(function () { if (!state.ended) document.getElementById("live").className = "live off"; })
+      .then(function () { if (!state.ended) setTimeout(poll, 1500); });
   }
   refresh(false).then(poll, poll);
 })();
