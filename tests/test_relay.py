@@ -462,3 +462,9 @@ def test_the_official_client_logs_a_run_through_the_relay(relays, relay_data, of
     assert held["steps"][1]["parent_step"] == 0 and json.loads(held["steps"][1]["metrics"]) == {"loss": 0.4}
     with Journal(relay_data / "journal.db") as j:
         assert j.read_code(json.loads(held["steps"][1]["code"])) == {str(src): "lr = 0.05\n"}
+
+
+def test_a_host_that_only_looks_like_loopback_needs_a_key(relay_data):
+    for host in ("127.example.org", "localhost.example.org"):
+        refused = relay_cli(relay_data, "--host", host, "--port", "0")
+        assert refused.returncode == 2 and "no key" in refused.stderr, (host, refused.stderr)

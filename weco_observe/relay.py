@@ -575,7 +575,8 @@ class Relay:
         method, path = scope["method"], scope["path"]
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         if path == "/healthz" and method in ("GET", "HEAD"):
-            return 200, _JSON, json.dumps(self._health()).encode(), "-"
+            # off the event loop: the count reads the journal, which a dashboard query may hold
+            return 200, _JSON, json.dumps(await asyncio.to_thread(self._health)).encode(), "-"
         parts = [unquote(p) for p in path.split("/") if p]
         if parts == ["v1", "events"] and method == "POST":
             # The official client posts usage events beside each call; a site relay keeps none of them.
@@ -872,11 +873,21 @@ def _login_page(error: str = "") -> str:
 # -- serving ----------------------------------------------------------------------------------------
 
 
-_LOOPBACK_PREFIXES = ("127.", "::1", "localhost")
-
-
 def is_loopback(host: str) -> bool:
-    return host.startswith(_LOOPBACK_PREFIXES) or host == "::1"
+    """True for an address only this host can reach: 127.0.0.0/8, ::1 or ``localhost`` (a name that
+    merely starts like one, ``127.example.org`` or ``localhost.example.org``, is not).
+
+    >>> [is_loopback(h) for h in ("127.0.0.2", "::1", "localhost", "127.example.org", "10.0.0.5")]
+    [True, True, True, False, False]
+    """
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def serve(
