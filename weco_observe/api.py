@@ -33,6 +33,7 @@ import httpx
 
 from . import __version__
 from .errors import ApiAuthFailed, ApiRejected, ApiTransient
+from .redact import redact
 
 __all__ = [
     "CREATE_PATH",
@@ -86,27 +87,37 @@ def _retry_after(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
+#: how much of an error body is read: the detail shown is cut far shorter, after redaction
+_MAX_BODY = 65536
+
+
+def _clean(text: str, secret: str | None, limit: int) -> str:
+    """Text from outside (a server's answer, an httpx exception) made fit to store and print:
+    the key blanked out *before* it is cut short (so no piece of it survives), control
+    characters (a newline, a terminal escape) made spaces, on one line."""
+    text = redact(text, secret)
+    text = " ".join("".join(c if c.isprintable() else " " for c in text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _detail(response: httpx.Response, secret: str | None = None) -> str:
-    # -- key redaction (added by the issue-2 tests): a server may quote the Authorization
-    # header back in its error, and the detail goes into the journal, `status` and sync's
-    # output. Blank the key out of the whole body before cutting it short, so no part survives.
-    text = response.text
-    if secret:
-        text = text.replace(secret, "<api key>")
+    """The server's reason for an error: its ``detail``, else its body, else its reason phrase."""
+    text = response.text[:_MAX_BODY]
     try:
         body = json.loads(text)
     except ValueError:
-        return text[:300].strip() or response.reason_phrase
+        return _clean(text, secret, 300) or _clean(response.reason_phrase, secret, 300)
     if isinstance(body, dict) and "detail" in body:
         detail = body["detail"]
-        return detail if isinstance(detail, str) else json.dumps(detail)[:1000]
-    return json.dumps(body)[:300]
+        return _clean(detail if isinstance(detail, str) else json.dumps(detail), secret, 1000)
+    return _clean(json.dumps(body), secret, 300)
 
 
 def classify(response: httpx.Response, *, secret: str | None = None) -> dict[str, Any]:
     """The JSON object of a 2xx answer; otherwise raise the matching ``ApiError``.
 
-    ``secret`` (the API key) is blanked out of the server's error detail."""
+    ``secret`` (the API key) is blanked out of every text taken from the answer
+    (keys registered with :mod:`~weco_observe.redact` are too)."""
     status = response.status_code
     if 200 <= status < 300:
         try:
@@ -141,7 +152,7 @@ def is_retryable(exc: BaseException) -> bool:
 
 def is_unreachable(exc: BaseException) -> bool:
     """True when no connection could be opened at all (refused, no route, DNS, connect timeout)."""
-    return isinstance(exc, ApiTransient) and isinstance(exc.__cause__, (httpx.ConnectError, httpx.ConnectTimeout))
+    return isinstance(exc, ApiTransient) and exc.unreachable
 
 
 class WecoClient:
@@ -161,14 +172,18 @@ class WecoClient:
         read_timeout: float = READ_TIMEOUT,
         max_connections: int = 8,
     ):
-        from .settings import Settings
+        from .redact import register
+        from .settings import Settings, check_api_key
 
         settings = Settings.load()
         self.base_url = (base_url or settings.base_url).rstrip("/")
-        key = api_key or settings.api_key
+        # A key given here (the SDK's ``api_key=``) is checked as one from the environment is:
+        # a trailing newline would make an invalid header whose error quotes the key.
+        key = check_api_key(api_key, "the api_key argument") or settings.api_key
         if not key:
             raise ApiAuthFailed("no API key: run `weco login` or set WECO_API_KEY")
-        self._key = key  # only to blank it out of error details (see classify)
+        register(key)
+        self._key = key  # only to blank it out of error texts (see classify and _post)
         self._client = httpx.Client(
             base_url=self.base_url,
             headers={"Authorization": f"Bearer {key}", "User-Agent": USER_AGENT, "Accept": "application/json"},
@@ -193,16 +208,21 @@ class WecoClient:
         try:
             response = self._client.post(path, content=content, headers={"Content-Type": "application/json"})
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-            raise ApiTransient(f"cannot connect to {self.base_url}: {type(exc).__name__}: {exc}") from exc
+            error = ApiTransient(f"cannot connect to {self.base_url}: {self._why(exc)}", unreachable=True)
         except httpx.TimeoutException as exc:
-            raise ApiTransient(
-                f"no answer from {self.base_url} in time ({type(exc).__name__})", ambiguous=True
-            ) from exc
-        except httpx.TransportError as exc:
-            raise ApiTransient(
-                f"connection to {self.base_url} failed: {type(exc).__name__}: {exc}", ambiguous=True
-            ) from exc
-        return classify(response, secret=self._key)
+            error = ApiTransient(f"no answer from {self.base_url} in time ({type(exc).__name__})", ambiguous=True)
+        except httpx.RequestError as exc:  # a dropped connection, a broken answer (h11 quotes its lines)
+            error = ApiTransient(f"connection to {self.base_url} failed: {self._why(exc)}", ambiguous=True)
+        else:
+            return classify(response, secret=self._key)
+        # Raised without the httpx exception as its cause: a printed traceback would show that
+        # exception's text, key and all.
+        raise error from None
+
+    def _why(self, exc: BaseException) -> str:
+        """An httpx exception as text fit to store: httpx quotes header lines and the request in its
+        messages, so the key can be in there."""
+        return _clean(f"{type(exc).__name__}: {exc}", self._key, 500)
 
     def create_run(self, body: dict[str, Any]) -> str:
         """``POST /external/runs``; return the server's ``run_id``."""

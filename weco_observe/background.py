@@ -106,14 +106,18 @@ def _held(journal_path: Path) -> bool:
 
 
 def _log(message: str) -> None:
-    print(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} pid {os.getpid()} {message}", flush=True)
+    """One line in autosync.log. Every line is redacted: it may quote a server's answer or an exception."""
+    from .redact import redact
+
+    line = " ".join(redact(message).splitlines())
+    print(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} pid {os.getpid()} {line}", flush=True)
 
 
 def run(journal_path: Path, settings: Settings | None = None) -> int:
     """Drain, linger, exit. Returns 0, or the exit code of the last pass when it gave up."""
     from . import outbox, store
     from .api import WecoClient
-    from .errors import ApiError, SyncBusy, WecoObserveError
+    from .errors import ApiError, InvalidInput, SyncBusy, WecoObserveError
     from .replay import DrainPolicy, PassResult, drain
 
     settings = settings or Settings.load()
@@ -175,6 +179,10 @@ def run(journal_path: Path, settings: Settings | None = None) -> int:
         except (SyncBusy, ApiError, WecoObserveError) as exc:
             if not isinstance(exc, SyncBusy):
                 _log(f"not syncing: {exc}")
+                if isinstance(exc, (ApiError, InvalidInput)):
+                    # a malformed key or setting: every later log would start a syncer that fails
+                    # the same way, so wait as after a refused key
+                    synclock.set_cooldown(journal_path, COOLDOWN_AUTH)
                 return exc.exit_code
             return code  # another syncer holds the journal: it sends what is there
         # the lock is released: anything journaled after the drain's last look starts its own syncer,

@@ -148,15 +148,19 @@ def sync_command(
         progress_factory=None if as_json else _progress_bar,
         on_pass=on_pass,
     )
+    from .redact import redact
+
+    # The errors in a result come from servers and were redacted when stored; this is the last
+    # line of defence for what a journal written by an older version may hold.
     if as_json:
-        print(json.dumps(result.to_json(), indent=2))
+        print(redact(json.dumps(result.to_json(), indent=2)))
     else:
         if result.imports:
             from .cli_bundle import import_lines
 
             for imported in result.imports:
                 print("\n".join(import_lines(imported)), file=sys.stderr)
-        print("\n".join(_summary_lines(result)), file=sys.stderr)
+        print(redact("\n".join(_summary_lines(result))), file=sys.stderr)
     raise typer.Exit(result.exit_code)
 
 

@@ -1,7 +1,8 @@
 """The exceptions weco-observe raises, and the exit codes the CLI maps them to.
 
 Every error message is one line that says what was wrong and what to do. No
-message ever contains the API key.
+message ever contains the API key: text from a server or from httpx goes
+through ``redact.redact`` before it is put in one.
 """
 
 from __future__ import annotations
@@ -96,6 +97,7 @@ class ApiError(WecoObserveError):
         detail: str | None = None,
         retry_after: float | None = None,
         ambiguous: bool = False,
+        unreachable: bool = False,
     ):
         super().__init__(message)
         self.status = status
@@ -103,6 +105,8 @@ class ApiError(WecoObserveError):
         self.retry_after = retry_after
         #: the request may have been applied although no answer came (a timeout, a dropped connection)
         self.ambiguous = ambiguous
+        #: no connection could be opened at all (refused, no route, DNS, connect timeout)
+        self.unreachable = unreachable
 
 
 class ApiTransient(ApiError):

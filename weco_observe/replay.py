@@ -56,6 +56,7 @@ from . import outbox
 from .errors import ApiAuthFailed, ApiError, ApiRejected
 from .journal import Journal
 from .records import Event, wire_body
+from .redact import redact
 from .settings import Settings
 
 __all__ = ["DrainPolicy", "PassResult", "Replayer", "RunSummary", "drain", "plan", "sync"]
@@ -64,6 +65,16 @@ PAGE = 500
 #: the error an event gets when this journal cannot build its request (a damaged blob or payload)
 DAMAGED = "damaged locally: run `weco observe doctor --repair`"
 _DAMAGE = (KeyError, ValueError, UnicodeDecodeError, zlib.error, TypeError)
+
+
+def _text(exc: ApiError) -> str:
+    """An error as it is stored (``last_error``) and reported: redacted, whatever made it."""
+    return redact(str(exc))
+
+
+def _reason(exc: ApiError) -> str:
+    """A rejection's reason as it is stored: the server's ``detail``, redacted."""
+    return redact(exc.detail or str(exc))
 
 
 @dataclass
@@ -296,7 +307,7 @@ class Replayer:
 
     def _failed(self, exc: ApiError) -> None:
         with self._lock:
-            self._result.last_error = str(exc)
+            self._result.last_error = _text(exc)
         if isinstance(exc, ApiAuthFailed):
             self._result.auth_failed = True
             self._halt.set()
@@ -393,17 +404,17 @@ class Replayer:
                 return self.client.create_run(body)
             except ApiError as exc:
                 if not exc.ambiguous:  # answered, so not applied: back to waiting
-                    outbox.create_failed(journal, event.id, str(exc), answered=True)
+                    outbox.create_failed(journal, event.id, _text(exc), answered=True)
                 raise
 
         try:
             server_id, _attempts = self.call(send)
         except ApiRejected as exc:
-            outbox.rejected(journal, event.id, exc.detail or str(exc), attempts=0)
+            outbox.rejected(journal, event.id, _reason(exc), attempts=0)
             self._tick(rejected=1, sent=1)
             return None
         except ApiError as exc:
-            outbox.create_failed(journal, event.id, str(exc), answered=not exc.ambiguous)
+            outbox.create_failed(journal, event.id, _text(exc), answered=not exc.ambiguous)
             self._tick(failed=1, sent=1)
             self._failed(exc)
             return None
@@ -435,11 +446,11 @@ class Replayer:
         try:
             _answer, attempts = self.call(lambda: self.client.log_step(server_id, body))
         except ApiRejected as exc:
-            outbox.rejected(journal, target.id, exc.detail or str(exc), attempts=getattr(exc, "attempts", 1))
+            outbox.rejected(journal, target.id, _reason(exc), attempts=getattr(exc, "attempts", 1))
             self._tick(rejected=1, sent=1)
             return True
         except ApiError as exc:
-            outbox.failed(journal, target.id, str(exc), attempts=getattr(exc, "attempts", 1))
+            outbox.failed(journal, target.id, _text(exc), attempts=getattr(exc, "attempts", 1))
             self._tick(failed=1, sent=1)
             self._failed(exc)
             return False
@@ -745,24 +756,35 @@ def flush(journal_path: str | Path, timeout: float | None = 30.0, api_key: str |
     """
     from . import store
     from .api import WecoClient
-    from .errors import SyncBusy
+    from .errors import ApiAuthFailed, InvalidInput, SyncBusy
 
     settings = Settings.load()
     deadline = None if timeout is None else time.monotonic() + timeout
-    key = api_key or settings.api_key
     try:
         with store.exclusive(settings, "flush", journal_path=Path(journal_path), timeout=timeout) as held:
             journal = held.journal
             if outbox.count_unsent(journal) == 0:
                 return True
-            if not key:
-                return False
-            with WecoClient(api_key=key) as client:
+            with WecoClient(api_key=api_key) as client:
                 done = drain(journal, client, DrainPolicy.until(deadline), refresh=held.merge)
             return done.total.pending == 0 and outbox.count_unsent(journal) == 0
     except SyncBusy:
         with store.reader(settings, Path(journal_path), wait=0) as journal:
             return outbox.count_unsent(journal) == 0
+    except ApiAuthFailed:  # no key at all: nothing can be sent (documented: False)
+        return False
+    except InvalidInput as exc:  # a malformed key: say why nothing was sent, in one line
+        _warn(str(exc))
+        return False
+
+
+def _warn(message: str) -> None:
+    """A warning from ``flush()``, as the SDK gives its own (a ``WecoObserveWarning``)."""
+    import warnings
+
+    from .sdk import WecoObserveWarning
+
+    warnings.warn(f"weco-observe: flush: {redact(message)}", WecoObserveWarning, stacklevel=4)
 
 
 def command(

@@ -151,9 +151,15 @@ class Settings:
 
     @cached_property
     def _key(self) -> tuple[str | None, str | None]:
-        """``(key, where it came from)``; raises InvalidInput for a malformed key."""
+        """``(key, where it came from)``; raises InvalidInput for a malformed key.
+
+        A key read here is registered with :mod:`~weco_observe.redact`, so every error
+        text stored or printed by this process has it blanked out."""
+        from .redact import register
+
         key = check_api_key(self.env_api_key, "WECO_API_KEY")
         if key:
+            register(key)
             return key, "environment (WECO_API_KEY)"
         try:
             data = json.loads(self.credentials_path.read_text(encoding="utf-8"))
@@ -161,6 +167,7 @@ class Settings:
             return None, None
         raw = data.get("api_key") if isinstance(data, dict) else None
         key = check_api_key(raw, str(self.credentials_path)) if isinstance(raw, str) else None
+        register(key)
         return (key, str(self.credentials_path)) if key else (None, None)
 
     @property
