@@ -4,17 +4,23 @@ The wire contract is ``shared/reference/weco-api.md``: ``POST
 {base}/external/runs`` and ``POST {base}/external/runs/{id}/steps`` with
 ``Authorization: Bearer <key>``. Bodies are sent as given (the journal already
 left optional fields out unless they were set). Answers are classified in one
-place, :func:`classify`, and every failure is one of three ``errors`` classes:
+place, :func:`classify`, and every failure is one of four ``errors`` classes:
 
 - :class:`~weco_observe.errors.ApiTransient`: timeouts, dropped connections,
   408, 429, 5xx and a 2xx whose body is not a JSON object. Retry later;
   :func:`is_retryable` says so, for tenacity.
 - :class:`~weco_observe.errors.ApiAuthFailed`: 401/403. Stop; nothing changes.
+- :class:`~weco_observe.errors.ApiMisconfigured`: ``WECO_BASE_URL`` is malformed
+  (refused before anything is sent), or what answers there is not the Weco API:
+  a redirect, a 404/405 on the create endpoint, an error without the API's JSON
+  ``detail``, a 404 under a base URL without ``/v1``, a run id that is not one.
+  Stop; nothing changes, and the message says what to fix.
 - :class:`~weco_observe.errors.ApiRejected`: any other 4xx, with the server's
   ``detail`` as the reason.
 
 No telemetry: this client talks to the two endpoints and nothing else. The key
-goes in one header and never into an exception message.
+goes in one header and never into an exception message: every text taken from
+an answer or from httpx goes through :func:`~weco_observe.redact.redact`.
 
     >>> with WecoClient(emulator.base_url, emulator.api_key) as api:
     ...     run_id = api.create_run({"source_code": {"a.py": "x=1"}, "metric_name": "loss", "maximize": False})
@@ -32,8 +38,10 @@ from typing import Any
 import httpx
 
 from . import __version__
-from .errors import ApiAuthFailed, ApiRejected, ApiTransient
+from .errors import ApiAuthFailed, ApiMisconfigured, ApiRejected, ApiTransient
 from .redact import redact
+from .ids import is_server_id
+from .settings import DEFAULT_BASE_URL
 
 __all__ = [
     "CREATE_PATH",
@@ -100,24 +108,78 @@ def _clean(text: str, secret: str | None, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _detail(response: httpx.Response, secret: str | None = None) -> str:
-    """The server's reason for an error: its ``detail``, else its body, else its reason phrase."""
+def _detail(response: httpx.Response, secret: str | None = None) -> tuple[str, bool]:
+    """The server's reason for an error, and whether it came in the Weco API's shape (a JSON
+    object with a ``detail``): its ``detail``, else its body, else its reason phrase."""
     text = response.text[:_MAX_BODY]
     try:
         body = json.loads(text)
     except ValueError:
-        return _clean(text, secret, 300) or _clean(response.reason_phrase, secret, 300)
+        return _clean(text, secret, 300) or _clean(response.reason_phrase, secret, 300), False
     if isinstance(body, dict) and "detail" in body:
         detail = body["detail"]
-        return _clean(detail if isinstance(detail, str) else json.dumps(detail), secret, 1000)
-    return _clean(json.dumps(body), secret, 300)
+        return _clean(detail if isinstance(detail, str) else json.dumps(detail), secret, 1000), True
+    return _clean(json.dumps(body), secret, 300), False
 
 
-def classify(response: httpx.Response, *, secret: str | None = None) -> dict[str, Any]:
+def _versioned(base_url: str) -> bool:
+    """True when the base URL's path ends in an API version (``/v1``), as the Weco API's does."""
+    import re
+    from urllib.parse import urlsplit
+
+    return re.search(r"/v\d+$", urlsplit(base_url).path.rstrip("/")) is not None
+
+
+def _hint(base_url: str | None) -> str:
+    if base_url and not _versioned(base_url):
+        return f"did you mean {base_url.rstrip('/')}/v1?"
+    return f"the Weco API's is {DEFAULT_BASE_URL}"
+
+
+def _not_the_api(status: int, shaped: bool, create: bool, base_url: str | None) -> str | None:
+    """Why this error answer cannot be the Weco API's own, or None when it may be.
+
+    The Weco API answers every error with a JSON ``detail``; its create endpoint
+    always exists and both endpoints take POST; it does not redirect. Any other
+    answer comes from something else at ``WECO_BASE_URL`` (a web site, a proxy, the
+    API's root without ``/v1``): resending cannot help and rejecting would blame
+    the event, so the sync stops with everything pending."""
+    if 300 <= status < 400:
+        return "redirects"
+    if status == 405 or (status == 404 and create):
+        return f"has no {'create ' if create else ''}endpoint there"
+    if status == 404 and base_url and not _versioned(base_url):
+        return "has no such endpoint (its path does not end in /v1)"
+    if status == 413:  # too big: a proxy in front of the API may say so in HTML; it is about this event
+        return None
+    if not shaped:
+        return "gave an answer without the API's JSON detail"
+    return None
+
+
+def _redirect_hint(response: httpx.Response, secret: str | None) -> str:
+    """Where a redirect points, as a base URL to set (the endpoint's own path taken off)."""
+    import re
+    from urllib.parse import urljoin
+
+    location = response.headers.get("Location") or ""
+    try:
+        location = urljoin(str(response.request.url), location)
+    except RuntimeError:  # a response made without a request (tests)
+        pass
+    base = re.sub(r"/external/runs(/[^/?#]*/steps)?/?$", "", location.split("?", 1)[0])
+    return f"it points to {_clean(base, secret, 200)}: set WECO_BASE_URL to the API's address"
+
+
+def classify(
+    response: httpx.Response, *, secret: str | None = None, create: bool = False, base_url: str | None = None
+) -> dict[str, Any]:
     """The JSON object of a 2xx answer; otherwise raise the matching ``ApiError``.
 
     ``secret`` (the API key) is blanked out of every text taken from the answer
-    (keys registered with :mod:`~weco_observe.redact` are too)."""
+    (keys registered with :mod:`~weco_observe.redact` are too). ``create`` says the
+    request went to the create endpoint, and ``base_url`` where the API was looked
+    for: both help tell an answer that cannot be the Weco API's (``ApiMisconfigured``)."""
     status = response.status_code
     if 200 <= status < 300:
         try:
@@ -128,7 +190,7 @@ def classify(response: httpx.Response, *, secret: str | None = None) -> dict[str
             return body
         # The request was probably applied, but we cannot read its answer.
         raise ApiTransient(f"HTTP {status} without a JSON object body", status=status, ambiguous=True)
-    detail = _detail(response, secret)
+    detail, shaped = _detail(response, secret)
     if status in (408, 429) or status >= 500:
         raise ApiTransient(
             f"HTTP {status}: {detail}",
@@ -139,6 +201,16 @@ def classify(response: httpx.Response, *, secret: str | None = None) -> dict[str
     if status in (401, 403):
         raise ApiAuthFailed(
             f"the Weco API refused the API key (HTTP {status}: {detail}): run `weco login`",
+            status=status,
+            detail=detail,
+        )
+    why = _not_the_api(status, shaped, create, base_url)
+    if why is not None:
+        where = base_url or "the server"
+        hint = _redirect_hint(response, secret) if why == "redirects" else f"check WECO_BASE_URL: {_hint(base_url)}"
+        excerpt = f": {detail[:120]}" if detail and why != "redirects" else ""
+        raise ApiMisconfigured(
+            f"{where} does not answer as the Weco API: it {why} (HTTP {status}{excerpt}); {hint}",
             status=status,
             detail=detail,
         )
@@ -173,10 +245,11 @@ class WecoClient:
         max_connections: int = 8,
     ):
         from .redact import register
-        from .settings import Settings, check_api_key
+        from .settings import Settings, check_api_key, check_base_url
 
         settings = Settings.load()
-        self.base_url = (base_url or settings.base_url).rstrip("/")
+        # checked before anything is sent: httpx would call a malformed URL a network fault
+        self.base_url = check_base_url((base_url or settings.base_url).strip().rstrip("/"))
         # A key given here (the SDK's ``api_key=``) is checked as one from the environment is:
         # a trailing newline would make an invalid header whose error quotes the key.
         key = check_api_key(api_key, "the api_key argument") or settings.api_key
@@ -211,10 +284,14 @@ class WecoClient:
             error = ApiTransient(f"cannot connect to {self.base_url}: {self._why(exc)}", unreachable=True)
         except httpx.TimeoutException as exc:
             error = ApiTransient(f"no answer from {self.base_url} in time ({type(exc).__name__})", ambiguous=True)
+        except (httpx.UnsupportedProtocol, httpx.LocalProtocolError, httpx.InvalidURL) as exc:
+            # the request could not even be made (check_base_url and check_api_key should have
+            # caught why): nothing was sent, and sending again cannot help
+            error = ApiMisconfigured(f"cannot make a request to {self.base_url}: {self._why(exc)}")
         except httpx.RequestError as exc:  # a dropped connection, a broken answer (h11 quotes its lines)
             error = ApiTransient(f"connection to {self.base_url} failed: {self._why(exc)}", ambiguous=True)
         else:
-            return classify(response, secret=self._key)
+            return classify(response, secret=self._key, create=path == CREATE_PATH, base_url=self.base_url)
         # Raised without the httpx exception as its cause: a printed traceback would show that
         # exception's text, key and all.
         raise error from None
@@ -230,8 +307,22 @@ class WecoClient:
         run_id = answer.get("run_id")
         if not isinstance(run_id, str) or not run_id:
             raise ApiTransient("create answered without a run_id", ambiguous=True)
+        if not is_server_id(run_id):
+            # it would be stored, then put in every step's path: not from the Weco API (its ids
+            # are UUIDs), so nothing is kept from this answer
+            shown = _clean(repr(run_id), self._key, 60)
+            raise ApiMisconfigured(
+                f"{self.base_url} answered a create with a run id that is not one ({shown}): is it the"
+                f" Weco API? check WECO_BASE_URL: {_hint(self.base_url)}"
+            )
         return run_id
 
     def log_step(self, run_id: str, body: dict[str, Any]) -> dict[str, Any]:
-        """``POST /external/runs/{run_id}/steps`` (an upsert by step number)."""
+        """``POST /external/runs/{run_id}/steps`` (an upsert by step number).
+
+        A ``run_id`` that is not safe as one path segment is refused before anything
+        is sent (``ApiRejected``): it came from somewhere other than the Weco API."""
+        if not is_server_id(run_id):
+            shown = _clean(repr(run_id), self._key, 60)
+            raise ApiRejected(f"the run's server id {shown} is not a safe id: not sent", detail=None)
         return self._post(steps_path(run_id), body)

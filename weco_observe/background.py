@@ -163,7 +163,7 @@ def run(journal_path: Path, settings: Settings | None = None) -> int:
                         refresh=held.merge,
                     )
                 code = done.total.exit_code
-                if done.reason == "auth":
+                if done.reason in ("auth", "misconfigured"):  # a wrong key or URL: wait as long for either
                     _log(f"stopping: {done.total.last_error}")
                     synclock.set_cooldown(journal_path, COOLDOWN_AUTH)
                     return code

@@ -53,7 +53,7 @@ def _summary_lines(result: Any) -> list[str]:
         f" in {result.elapsed:.1f}s; {result.pending} pending, {result.rejected_total} rejected in total"
     )
     lines.insert(0, head)
-    if result.auth_failed:
+    if result.misconfigured or result.auth_failed:
         lines.append(f"error: {result.last_error}; nothing was changed, {waiting}")
     elif result.unreachable:
         lines.append(
@@ -106,7 +106,8 @@ def sync_command(
 
     Exit codes: 0 all delivered; 4 events still pending (API unreachable or failing);
     5 the API refused the key (run `weco login`); 6 some events were rejected
-    (see `weco observe status`); 8 another sync is running (--no-wait).
+    (see `weco observe status`); 8 another sync is running (--no-wait);
+    78 WECO_BASE_URL is wrong (malformed, refused, or not the Weco API): nothing was sent or marked.
     """
     from . import replay
 

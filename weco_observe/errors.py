@@ -10,12 +10,14 @@ from __future__ import annotations
 __all__ = [
     "ApiAuthFailed",
     "ApiError",
+    "ApiMisconfigured",
     "ApiRejected",
     "ApiTransient",
     "BundleInvalid",
     "EXIT_AUTH",
     "EXIT_BAD_INPUT",
     "EXIT_BUSY",
+    "EXIT_CONFIG",
     "EXIT_DAMAGED",
     "EXIT_JOURNAL",
     "EXIT_OK",
@@ -44,6 +46,9 @@ EXIT_REJECTED = 6
 EXIT_DAMAGED = 7
 #: ``sync --no-wait``: another syncer holds this journal's sync lock.
 EXIT_BUSY = 8
+#: ``sync``: a configuration error: ``WECO_BASE_URL`` is malformed or refused, or what answers
+#: there is not the Weco API. Nothing was sent or marked. 78 is ``EX_CONFIG`` of BSD's sysexits.h.
+EXIT_CONFIG = 78
 
 
 class WecoObserveError(Exception):
@@ -117,6 +122,12 @@ class ApiAuthFailed(ApiError):
     """The API refused the key (401/403): run ``weco login``; everything stays pending."""
 
     exit_code = EXIT_AUTH
+
+
+class ApiMisconfigured(ApiError):
+    """``WECO_BASE_URL`` is malformed, or the server there does not answer as the Weco API: nothing was marked."""
+
+    exit_code = EXIT_CONFIG
 
 
 class ApiRejected(ApiError):

@@ -23,7 +23,9 @@ One *pass* (:meth:`Replayer.run_pass`) works like this:
   and the rest of its run waits for the next pass (order is kept). When no
   connection can be opened at all the whole pass stops after a few quick tries,
   so an offline ``sync`` fails in seconds.
-- A 401/403 stops the pass and changes nothing. Any other 4xx marks the event
+- A 401/403 stops the pass and changes nothing; so does an answer that is not
+  the Weco API's (``ApiMisconfigured``: a wrong ``WECO_BASE_URL``), so a wrong
+  URL never rejects an event or makes a create ambiguous. Any other 4xx marks the event
   ``rejected`` with the server's ``detail``: a rejected create blocks only its
   own run, a rejected step blocks nothing. An event whose code or payload is
   damaged in this journal is rejected too ("damaged locally"), and the rest
@@ -53,7 +55,7 @@ from pathlib import Path
 from typing import Any
 
 from . import outbox
-from .errors import ApiAuthFailed, ApiError, ApiRejected
+from .errors import ApiAuthFailed, ApiError, ApiMisconfigured, ApiRejected
 from .journal import Journal
 from .records import Event, wire_body
 from .redact import redact
@@ -107,6 +109,8 @@ class PassResult:
     rejected_total: int = 0
     possible_duplicates: int = 0
     auth_failed: bool = False
+    #: WECO_BASE_URL is wrong (what answers is not the Weco API): the pass stopped, nothing marked
+    misconfigured: bool = False
     unreachable: bool = False
     last_error: str | None = None
     elapsed: float = 0.0
@@ -116,8 +120,10 @@ class PassResult:
 
     @property
     def exit_code(self) -> int:
-        from .errors import EXIT_AUTH, EXIT_OK, EXIT_PENDING, EXIT_REJECTED
+        from .errors import EXIT_AUTH, EXIT_CONFIG, EXIT_OK, EXIT_PENDING, EXIT_REJECTED
 
+        if self.misconfigured:
+            return EXIT_CONFIG
         if self.auth_failed:
             return EXIT_AUTH
         if self.pending:
@@ -138,6 +144,7 @@ class PassResult:
         self.pending = one.pending
         self.rejected_total = one.rejected_total
         self.auth_failed = self.auth_failed or one.auth_failed
+        self.misconfigured = self.misconfigured or one.misconfigured
         self.unreachable = one.unreachable
         self.last_error = one.last_error or self.last_error
         known = {r.run_id: r for r in self.runs}
@@ -310,6 +317,9 @@ class Replayer:
             self._result.last_error = _text(exc)
         if isinstance(exc, ApiAuthFailed):
             self._result.auth_failed = True
+            self._halt.set()
+        elif isinstance(exc, ApiMisconfigured):  # every request would meet the same server
+            self._result.misconfigured = True
             self._halt.set()
         else:
             from . import api
@@ -548,7 +558,7 @@ def sync(
         )
         one = replayer.run_pass(run_id)
         total.add(one)
-        if not one.pending or one.auth_failed or one.unreachable or one.sent == 0:
+        if not one.pending or one.auth_failed or one.misconfigured or one.unreachable or one.sent == 0:
             break
         if should_stop is not None and should_stop():
             break
@@ -598,7 +608,8 @@ class DrainPolicy:
 
 @dataclass
 class DrainResult:
-    """A drain's running total and why it returned: ``idle``, ``stopped``, ``auth``, ``gave_up`` or ``deadline``."""
+    """A drain's running total and why it returned: ``idle``, ``stopped``, ``auth``, ``misconfigured``,
+    ``gave_up`` or ``deadline``."""
 
     total: PassResult
     reason: str
@@ -663,6 +674,9 @@ def drain(
                 on_pass(one)
             if one.auth_failed:
                 reason = "auth"
+                break
+            if one.misconfigured:
+                reason = "misconfigured"
                 break
             if one.pending and (one.unreachable or one.failed):
                 now = time.monotonic()
@@ -773,7 +787,7 @@ def flush(journal_path: str | Path, timeout: float | None = 30.0, api_key: str |
             return outbox.count_unsent(journal) == 0
     except ApiAuthFailed:  # no key at all: nothing can be sent (documented: False)
         return False
-    except InvalidInput as exc:  # a malformed key: say why nothing was sent, in one line
+    except (InvalidInput, ApiMisconfigured) as exc:  # a malformed key or URL: say why nothing was sent
         _warn(str(exc))
         return False
 

@@ -31,7 +31,16 @@ from pathlib import Path
 
 from .errors import InvalidInput
 
-__all__ = ["DEFAULT_BASE_URL", "DEFAULT_DASHBOARD_URL", "Settings", "check_api_key", "save_api_key", "delete_api_key"]
+__all__ = [
+    "DEFAULT_BASE_URL",
+    "DEFAULT_DASHBOARD_URL",
+    "Settings",
+    "check_api_key",
+    "check_base_url",
+    "delete_api_key",
+    "is_loopback",
+    "save_api_key",
+]
 
 DEFAULT_BASE_URL = "https://api.weco.ai/v1"
 DEFAULT_DASHBOARD_URL = "https://dashboard.weco.ai"
@@ -74,6 +83,76 @@ def check_api_key(key: str | None, where: str) -> str | None:
     if not key.isascii() or not key.isprintable():
         raise InvalidInput(f"the API key from {where} contains non-ASCII or control characters: give the key alone")
     return key
+
+
+def _shown_url(url: str) -> str:
+    """A URL as an error message may show it: any user name or password masked, quoted, cut short."""
+    import re
+
+    shown = re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/?#]*@", r"\1***@", url)
+    return repr(shown if len(shown) <= 200 else shown[:197] + "...")
+
+
+def is_loopback(host: str) -> bool:
+    """True for ``localhost``, 127.0.0.0/8 and ::1: names that never leave this machine.
+
+    >>> is_loopback("127.0.0.2"), is_loopback("::1"), is_loopback("LocalHost"), is_loopback("api.weco.ai")
+    (True, True, True, False)
+    """
+    import ipaddress
+
+    host = host.strip("[]").lower()
+    if host == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
+
+
+def check_base_url(url: str) -> str:
+    """``url`` if it can be the Weco API's base URL; else a one-line ``ApiMisconfigured`` naming
+    ``WECO_BASE_URL`` (never a password in it). Nothing is sent to a malformed URL: httpx would
+    call it a network fault and sync would retry it as one.
+
+    >>> check_base_url("https://api.weco.ai/v1")
+    'https://api.weco.ai/v1'
+    """
+    import re
+    from urllib.parse import urlsplit
+
+    from .errors import ApiMisconfigured
+
+    shown = _shown_url(url)
+
+    def bad(why: str) -> ApiMisconfigured:
+        return ApiMisconfigured(f"WECO_BASE_URL {shown} {why}; nothing was sent")
+
+    if not url or any(c.isspace() or not c.isprintable() for c in url):
+        raise bad("contains white space or control characters")
+    if re.fullmatch(r"(?i)https?:/*", url):  # "http://" (its slashes stripped as trailing ones)
+        raise bad("has no host")
+    if not re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", url):
+        host = re.split(r"[:/]", url, maxsplit=1)[0]
+        scheme = "http" if is_loopback(host) else "https"
+        raise bad(f"has no scheme: did you mean {scheme}://{url}?")
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - parsing the port is the check: ValueError when out of range
+    except ValueError:
+        raise bad("is not a valid URL (its host or port)") from None
+    if parts.scheme.lower() not in ("http", "https"):
+        raise bad(f"uses {parts.scheme}://: the Weco API speaks https:// (for example {DEFAULT_BASE_URL})")
+    if not parts.hostname:
+        raise bad("has no host")
+    if parts.username is not None or parts.password is not None:
+        raise bad("has a user name or password in it: remove it (the API key goes in WECO_API_KEY or `weco login`)")
+    if parts.query or parts.fragment or "?" in url or "#" in url:
+        raise bad("has a query or fragment: give the API's base, for example https://api.weco.ai/v1")
+    return url
 
 
 @dataclass(frozen=True)
