@@ -32,13 +32,14 @@ from __future__ import annotations
 
 import email.utils
 import json
+import sys
 import time
 from typing import Any
 
 import httpx
 
 from . import __version__
-from .errors import ApiAuthFailed, ApiMisconfigured, ApiRejected, ApiTransient
+from .errors import ApiAuthFailed, ApiError, ApiMisconfigured, ApiRejected, ApiTransient
 from .redact import redact
 from .ids import is_server_id
 from .settings import DEFAULT_BASE_URL
@@ -245,11 +246,14 @@ class WecoClient:
         max_connections: int = 8,
     ):
         from .redact import register
-        from .settings import Settings, check_api_key, check_base_url
+        from .settings import Settings, check_api_key, check_base_url, insecure_warning
 
         settings = Settings.load()
-        # checked before anything is sent: httpx would call a malformed URL a network fault
-        self.base_url = check_base_url((base_url or settings.base_url).strip().rstrip("/"))
+        # checked before anything is sent: httpx would call a malformed URL a network fault, and
+        # plain http:// to another host would carry the key in clear
+        self.base_url = check_base_url(
+            (base_url or settings.base_url).strip().rstrip("/"), allow_http=settings.allow_http
+        )
         # A key given here (the SDK's ``api_key=``) is checked as one from the environment is:
         # a trailing newline would make an invalid header whose error quotes the key.
         key = check_api_key(api_key, "the api_key argument") or settings.api_key
@@ -257,6 +261,9 @@ class WecoClient:
             raise ApiAuthFailed("no API key: run `weco login` or set WECO_API_KEY")
         register(key)
         self._key = key  # only to blank it out of error texts (see classify and _post)
+        warning = insecure_warning(self.base_url)
+        if warning:  # allowed, but never silently: once per client, so once per sync
+            print(warning, file=sys.stderr, flush=True)
         self._client = httpx.Client(
             base_url=self.base_url,
             headers={"Authorization": f"Bearer {key}", "User-Agent": USER_AGENT, "Accept": "application/json"},
@@ -278,6 +285,7 @@ class WecoClient:
 
     def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         content = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        error: ApiError
         try:
             response = self._client.post(path, content=content, headers={"Content-Type": "application/json"})
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
