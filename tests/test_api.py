@@ -23,7 +23,7 @@ KEY = "sk-test-secret-key"
 
 
 def _client(handler, key: str = KEY) -> WecoClient:
-    return WecoClient("http://api.test/v1", key, transport=httpx.MockTransport(handler))
+    return WecoClient("https://api.test/v1", key, transport=httpx.MockTransport(handler))
 
 
 def test_create_and_log_step_requests_match_the_contract():
@@ -39,7 +39,7 @@ def test_create_and_log_step_requests_match_the_contract():
         run_id = client.create_run({"source_code": {"a.py": "x"}, "metric_name": "m", "maximize": False})
         client.log_step(run_id, {"step": 1, "status": "completed"})
     create, step = seen
-    assert create.method == "POST" and str(create.url) == "http://api.test/v1/external/runs"
+    assert create.method == "POST" and str(create.url) == "https://api.test/v1/external/runs"
     assert step.url.path == f"/v1/external/runs/{run_id}/steps"
     for request in seen:
         assert request.headers["Authorization"] == f"Bearer {KEY}"
@@ -51,18 +51,18 @@ def test_create_and_log_step_requests_match_the_contract():
 
 
 def test_base_url_and_key_come_from_the_environment(monkeypatch, tmp_path):
-    monkeypatch.setenv("WECO_BASE_URL", "http://env.test/v1/")
+    monkeypatch.setenv("WECO_BASE_URL", "https://env.test/v1/")
     monkeypatch.setenv("WECO_API_KEY", "from-env")
     seen = []
     with WecoClient(transport=httpx.MockTransport(lambda r: seen.append(r) or httpx.Response(200, json={}))) as c:
         c.log_step("r", {"step": 1, "status": "completed"})
-    assert str(seen[0].url) == "http://env.test/v1/external/runs/r/steps"
+    assert str(seen[0].url) == "https://env.test/v1/external/runs/r/steps"
     assert seen[0].headers["Authorization"] == "Bearer from-env"
 
 
 def test_no_key_is_an_auth_failure(monkeypatch):
     with pytest.raises(ApiAuthFailed, match="weco login"):
-        WecoClient("http://api.test/v1")
+        WecoClient("https://api.test/v1")
 
 
 @pytest.mark.parametrize(

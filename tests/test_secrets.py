@@ -334,3 +334,95 @@ def test_an_sdk_flush_against_an_echoing_server_leaks_nothing_to_stderr(journal_
     assert server.requests and all(r.key == KEY for r in server.requests)
     assert_no_key(done.stdout + done.stderr, "the SDK's output")
     assert_no_key_on_disk(journal_path.parent)
+
+
+# -- the key and the network: plain http:// to a host that is not loopback --------------------
+
+
+def _loopback_alias() -> str:
+    """A host name other than ``localhost`` that resolves to this machine (the box's own name is,
+    in /etc/hosts): plain http:// to it is refused by name, while the test server stays on loopback."""
+    import ipaddress
+    import socket
+
+    for name in {socket.gethostname(), socket.getfqdn()}:
+        if not name or name.lower() == "localhost":
+            continue
+        try:
+            addresses = {info[4][0] for info in socket.getaddrinfo(name, None, socket.AF_INET)}
+        except OSError:
+            continue
+        if addresses and all(ipaddress.ip_address(a).is_loopback for a in addresses):
+            return name
+    pytest.skip("no host name other than localhost resolves to 127.0.0.0/8 here")
+
+
+def test_plain_http_to_a_host_that_is_not_loopback_is_refused_before_the_key_is_sent(cli, journal_path, tmp_path):
+    alias = _loopback_alias()
+    _journal_some(cli, tmp_path)
+    with HostileServer(created) as server:
+        env = {"WECO_BASE_URL": f"http://{alias}:{server.port}/v1", "WECO_API_KEY": KEY}
+        start = time.monotonic()
+        result = cli("observe", "sync", env=env)
+        elapsed = time.monotonic() - start
+    assert server.requests == []  # the key never left in clear
+    assert result.returncode == 78, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "https://" in lines[0] and "WECO_OBSERVE_ALLOW_HTTP=1" in lines[0] and "in clear" in lines[0]
+    assert elapsed < 10
+    assert pending_events(journal_path) == 2
+
+
+def test_plain_http_to_a_name_that_does_not_resolve_is_refused_too(cli, journal_path, tmp_path):
+    """Refused by its name, before any DNS look-up or connection."""
+    _journal_some(cli, tmp_path)
+    result = cli("observe", "sync", env={"WECO_BASE_URL": "http://api.weco.invalid/v1", "WECO_API_KEY": KEY})
+    assert result.returncode == 78 and "WECO_OBSERVE_ALLOW_HTTP" in result.stderr, result.stderr
+    assert "cannot reach" not in result.stderr
+
+
+def test_allow_http_sends_but_warns_once_per_sync(cli, emulator, journal_path, tmp_path):
+    alias = _loopback_alias()
+    emulator.api_key = KEY
+    _journal_some(cli, tmp_path)
+    url = f"http://{alias}:{emulator.port}/v1"
+    env = {"WECO_BASE_URL": url, "WECO_API_KEY": KEY, "WECO_OBSERVE_ALLOW_HTTP": "1"}
+    result = cli("observe", "sync", env=env)
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if "unencrypted" in line]
+    assert len(warnings) == 1 and url in warnings[0] and "warning" in warnings[0], result.stderr
+    assert_server_matches_journal(emulator, journal_path)
+    # loopback by address needs no opt-in and gets no warning
+    cli.ok("observe", "log", "--run-id", emulator_run(journal_path), "--step", "2")
+    quiet = cli("observe", "sync", env={"WECO_BASE_URL": emulator.base_url, "WECO_API_KEY": KEY})
+    assert quiet.returncode == 0 and "unencrypted" not in quiet.stderr, quiet.stderr
+
+
+def emulator_run(journal_path: Path) -> str:
+    with Journal(journal_path) as j:
+        return j.query("SELECT id FROM runs")[0][0]
+
+
+def test_the_background_syncer_refuses_plain_http_or_warns_in_its_log(cli, emulator, journal_path, tmp_path):
+    alias = _loopback_alias()
+    emulator.api_key = KEY
+    env = {
+        "WECO_BASE_URL": f"http://{alias}:{emulator.port}/v1",
+        "WECO_API_KEY": KEY,
+        "WECO_OBSERVE_AUTO_SYNC": "1",
+        "WECO_OBSERVE_SYNC_LINGER": "0.2",
+    }
+    run = _journal_some(cli, tmp_path, env=env)
+    assert _wait_for(lambda: synclock.in_cooldown(journal_path)), "the syncer set no cooldown"
+    assert _wait_for(lambda: not synclock.running(journal_path))
+    log = (journal_path.parent / "autosync.log").read_text()
+    assert "not syncing" in log and "WECO_OBSERVE_ALLOW_HTTP" in log, log
+    assert emulator.stats().get("requests", 0) == 0
+    synclock.set_cooldown(journal_path, 0)
+    cli.ok("observe", "log", "--run-id", run, "--step", "2", env={**env, "WECO_OBSERVE_ALLOW_HTTP": "1"})
+    assert _wait_for(lambda: pending_events(journal_path) == 0), "the syncer did not deliver"
+    assert _wait_for(lambda: not synclock.running(journal_path))
+    log = (journal_path.parent / "autosync.log").read_text()
+    assert "unencrypted" in log, log
+    assert_server_matches_journal(emulator, journal_path)

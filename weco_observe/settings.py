@@ -38,6 +38,7 @@ __all__ = [
     "check_api_key",
     "check_base_url",
     "delete_api_key",
+    "insecure_warning",
     "is_loopback",
     "save_api_key",
 ]
@@ -113,13 +114,16 @@ def is_loopback(host: str) -> bool:
     return address.is_loopback
 
 
-def check_base_url(url: str) -> str:
+def check_base_url(url: str, *, allow_http: bool = False) -> str:
     """``url`` if it can be the Weco API's base URL; else a one-line ``ApiMisconfigured`` naming
     ``WECO_BASE_URL`` (never a password in it). Nothing is sent to a malformed URL: httpx would
     call it a network fault and sync would retry it as one.
 
-    >>> check_base_url("https://api.weco.ai/v1")
-    'https://api.weco.ai/v1'
+    Plain ``http://`` is refused for a host that is not loopback (the key would cross the
+    network in clear) unless ``allow_http`` (``WECO_OBSERVE_ALLOW_HTTP=1``).
+
+    >>> check_base_url("https://api.weco.ai/v1"), check_base_url("http://127.0.0.1:8765/v1")
+    ('https://api.weco.ai/v1', 'http://127.0.0.1:8765/v1')
     """
     import re
     from urllib.parse import urlsplit
@@ -152,7 +156,26 @@ def check_base_url(url: str) -> str:
         raise bad("has a user name or password in it: remove it (the API key goes in WECO_API_KEY or `weco login`)")
     if parts.query or parts.fragment or "?" in url or "#" in url:
         raise bad("has a query or fragment: give the API's base, for example https://api.weco.ai/v1")
+    if parts.scheme.lower() == "http" and not is_loopback(parts.hostname) and not allow_http:
+        raise bad(
+            "is plain http:// to a host that is not this machine: the API key would cross the network"
+            " in clear. Use https://, or set WECO_OBSERVE_ALLOW_HTTP=1 to send it anyway"
+        )
     return url
+
+
+def insecure_warning(url: str) -> str | None:
+    """The warning for a base URL that sends the key in clear (allowed by ``WECO_OBSERVE_ALLOW_HTTP``),
+    None for https:// or loopback."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme.lower() != "http" or is_loopback(parts.hostname or ""):
+        return None
+    return (
+        f"weco-observe: warning: WECO_BASE_URL {_shown_url(url)} is plain http:// to {parts.hostname}:"
+        " the API key and your code cross the network unencrypted (WECO_OBSERVE_ALLOW_HTTP is set)"
+    )
 
 
 @dataclass(frozen=True)
@@ -165,6 +188,8 @@ class Settings:
     dashboard_url: str
     #: ``$WECO_OBSERVE_AUTO_SYNC`` (default on); the background syncer also needs a key, see :meth:`auto_sync_active`
     auto_sync: bool
+    #: ``$WECO_OBSERVE_ALLOW_HTTP`` (default off): send the key over plain http:// to a host that is not loopback
+    allow_http: bool
     #: seconds a writer waits for the journal's lock (``$WECO_OBSERVE_BUSY_TIMEOUT``)
     busy_timeout: float
     #: the background syncer lingers this long for new events before it exits
@@ -192,6 +217,7 @@ class Settings:
             base_url=(env.get("WECO_BASE_URL") or DEFAULT_BASE_URL).strip().rstrip("/"),
             dashboard_url=(env.get("WECO_DASHBOARD_URL") or DEFAULT_DASHBOARD_URL).strip().rstrip("/"),
             auto_sync=_flag(env.get("WECO_OBSERVE_AUTO_SYNC"), True),
+            allow_http=_flag(env.get("WECO_OBSERVE_ALLOW_HTTP"), False),
             busy_timeout=_seconds(env.get("WECO_OBSERVE_BUSY_TIMEOUT"), DEFAULT_BUSY_TIMEOUT),
             sync_linger=_seconds(env.get("WECO_OBSERVE_SYNC_LINGER"), DEFAULT_SYNC_LINGER),
             sync_give_up=_seconds(env.get("WECO_OBSERVE_SYNC_GIVE_UP"), DEFAULT_SYNC_GIVE_UP),
