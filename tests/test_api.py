@@ -151,12 +151,12 @@ def test_the_key_never_appears_in_errors():
             assert KEY not in str(info.value) and KEY not in repr(info.value.args)
 
 
-def test_retry_policy_waits_exponentially_honours_retry_after_and_stops(journal_path):
+def test_retry_policy_waits_exponentially_and_honours_retry_after(journal_path):
     answers = iter(
         [
             httpx.Response(500, json={"detail": "a"}),
             httpx.Response(503, json={"detail": "b"}),
-            httpx.Response(429, headers={"Retry-After": "100"}, json={"detail": "c"}),
+            httpx.Response(429, headers={"Retry-After": "7"}, json={"detail": "c"}),
             httpx.Response(200, json={"ok": 1}),
         ]
     )
@@ -168,8 +168,27 @@ def test_retry_policy_waits_exponentially_honours_retry_after_and_stops(journal_
         answer, attempts = syncer.call(lambda: client.log_step("r", {"step": 1, "status": "completed"}))
     assert answer == {"ok": 1} and attempts == 4
     assert 0.5 <= waits[0] <= 1.0 and 1.0 <= waits[1] <= 1.5  # 0.5 * 2^(n-1) + jitter
-    assert waits[2] == 10.0  # Retry-After 100, capped at 10
+    assert waits[2] == 7.0  # Retry-After 7: waited as asked, never less
     assert len(waits) == 3
+
+
+def test_a_retry_after_beyond_the_cap_stops_at_once_and_says_when(journal_path):
+    """Retrying before the server's Retry-After only earns another refusal: a wait longer than
+    max_retry_after ends the pass, and the time the server gave is kept for the summary."""
+    calls = []
+
+    def handler(request):
+        calls.append(request)
+        return httpx.Response(429, headers={"Retry-After": "100"}, json={"detail": "c"})
+
+    waits: list[float] = []
+    with Journal(journal_path) as journal, _client(handler) as client:
+        syncer = Syncer(journal, client, attempts=5, max_retry_after=10.0, sleep=waits.append)
+        start = time.time()
+        with pytest.raises(ApiTransient):
+            syncer.call(lambda: client.log_step("r", {"step": 1, "status": "completed"}))
+    assert waits == [] and len(calls) == 1
+    assert start + 99 <= syncer._result.retry_at <= time.time() + 100
 
 
 def test_retry_policy_gives_up_after_the_attempt_bound_and_never_retries_rejections(journal_path):

@@ -36,11 +36,13 @@ from . import synclock
 from .files import JournalFiles
 from .settings import Settings
 
-__all__ = ["run", "spawn", "trigger"]
+__all__ = ["cooldown_for", "run", "spawn", "trigger"]
 
 #: how long no new syncer is started after giving up (unreachable) or after a refused key
 COOLDOWN_UNREACHABLE = 30.0
 COOLDOWN_AUTH = 300.0
+#: the longest cooldown a server's ``Retry-After`` can set (a later ``log`` then tries again)
+COOLDOWN_RETRY_AFTER_MAX = 3600.0
 
 #: Children started by this process, reaped without blocking on the next trigger.
 _children: list[int] = []
@@ -97,6 +99,18 @@ def trigger(
         return
 
 
+def cooldown_for(retry_at: float | None) -> float:
+    """The cooldown after giving up: until the time a server asked for (``Retry-After``), bounded
+    by ``COOLDOWN_UNREACHABLE`` and ``COOLDOWN_RETRY_AFTER_MAX``; otherwise ``COOLDOWN_UNREACHABLE``.
+
+    >>> cooldown_for(None), cooldown_for(time.time() + 10**6)
+    (30.0, 3600.0)
+    """
+    if retry_at is None:
+        return COOLDOWN_UNREACHABLE
+    return min(COOLDOWN_RETRY_AFTER_MAX, max(COOLDOWN_UNREACHABLE, retry_at - time.time()))
+
+
 def _held(journal_path: Path) -> bool:
     """Some process holds the journal as its syncer: the flock (local mode) or the owner folder (cluster)."""
     return synclock.running(journal_path) or JournalFiles(journal_path).owner_lock.exists()
@@ -118,7 +132,7 @@ def run(journal_path: Path, settings: Settings | None = None) -> int:
     from . import outbox, store
     from .api import WecoClient
     from .errors import ApiError, InvalidInput, SyncBusy, WecoObserveError
-    from .replay import DrainPolicy, PassResult, drain
+    from .replay import DrainPolicy, PassResult, drain, retry_clock
 
     settings = settings or Settings.load()
     stopping = False
@@ -168,8 +182,10 @@ def run(journal_path: Path, settings: Settings | None = None) -> int:
                     synclock.set_cooldown(journal_path, COOLDOWN_AUTH)
                     return code
                 if done.reason == "gave_up":
-                    _log(f"giving up for now with {done.total.pending} pending: {done.total.last_error}")
-                    synclock.set_cooldown(journal_path, COOLDOWN_UNREACHABLE)
+                    retry_at = done.total.retry_at
+                    asked = f"the server asked to retry after {retry_clock(retry_at)}; " if retry_at else ""
+                    _log(f"giving up for now with {done.total.pending} pending: {asked}{done.total.last_error}")
+                    synclock.set_cooldown(journal_path, cooldown_for(retry_at))
                     return code
                 if done.reason == "stopped":
                     _log("gave way to a foreground sync" if lock.yield_requested() else "stopped by a signal")

@@ -55,6 +55,13 @@ def _summary_lines(result: Any) -> list[str]:
     lines.insert(0, head)
     if result.misconfigured or result.auth_failed:
         lines.append(f"error: {result.last_error}; nothing was changed, {waiting}")
+    elif result.retry_at is not None:
+        from .replay import retry_clock
+
+        lines.append(
+            f"error: the server asked to retry after {retry_clock(result.retry_at)}: {waiting} in the journal"
+            f" (last error: {result.last_error}); run `weco observe sync` again then"
+        )
     elif result.unreachable:
         lines.append(
             f"error: cannot reach the Weco API at {Settings.load().base_url}: {waiting}"
@@ -104,7 +111,8 @@ def sync_command(
 ) -> None:
     """Send pending runs and steps to the Weco API (retrying; nothing is ever lost or deleted).
 
-    Exit codes: 0 all delivered; 4 events still pending (API unreachable or failing);
+    Exit codes: 0 all delivered; 4 events still pending (API unreachable or failing, or it
+    asked to be retried later: the time is printed);
     5 the API refused the key (run `weco login`); 6 some events were rejected
     (see `weco observe status`); 8 another sync is running (--no-wait);
     78 WECO_BASE_URL is wrong (malformed, refused, or not the Weco API): nothing was sent or marked.
@@ -136,7 +144,12 @@ def sync_command(
 
     def on_pass(result: Any) -> None:
         if not as_json:
-            print(f"sync: {result.delivered} delivered, {result.pending} pending", file=sys.stderr)
+            later = ""
+            if result.retry_at is not None:
+                from .replay import retry_clock
+
+                later = f"; the server asked to retry after {retry_clock(result.retry_at)}: waiting until then"
+            print(f"sync: {result.delivered} delivered, {result.pending} pending{later}", file=sys.stderr)
 
     result = replay.command(
         run_ref=run_id,
