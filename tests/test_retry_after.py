@@ -16,6 +16,8 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+import pytest
+
 from emulator_fixtures import make_workload
 from hostile import HostileServer, Request, response
 from weco_observe import background, replay, synclock
@@ -191,3 +193,17 @@ def test_sync_watch_waits_until_the_time_the_server_gave_and_stops_on_sigterm(jo
     assert requests == 1, [r.path for r in server.requests]
     assert watcher.returncode == EXIT_PENDING and stopped_in < 5, err
     assert "asked to retry after" in err
+
+
+@pytest.mark.parametrize("value", ["1e300", "inf", "Fri, 31 Dec 9999 23:59:59 GMT"])
+def test_an_absurd_retry_after_is_bounded_to_a_day(cli, journal_path, value):
+    """A server's number is not trusted to be sane: no overflow, no traceback, at most a day."""
+    make_workload(journal_path, runs=1, steps=1, relog=False)
+    with HostileServer(_rate_limited(value)) as server:
+        env = {"WECO_BASE_URL": server.base_url, "WECO_API_KEY": KEY}
+        result = cli("observe", "sync", env=env)
+        as_json = cli("observe", "sync", "--json", env=env)
+    assert result.returncode == EXIT_PENDING and "Traceback" not in result.stderr, result.stderr
+    assert "asked to retry after" in result.stderr
+    retry_at = datetime.fromisoformat(json.loads(as_json.stdout)["retry_at"]).timestamp()
+    assert time.time() + 3600 < retry_at <= time.time() + 86400 + 5

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 import time
@@ -426,3 +427,26 @@ def test_the_background_syncer_refuses_plain_http_or_warns_in_its_log(cli, emula
     log = (journal_path.parent / "autosync.log").read_text()
     assert "unencrypted" in log, log
     assert_server_matches_journal(emulator, journal_path)
+
+
+def test_sync_redacts_what_an_older_journal_already_holds(cli, emulator, journal_path):
+    """A journal written before redaction may hold an echoed key in last_error; sync's summary
+    and --json print it (a rejected create's reason) without the key."""
+    from emulator_fixtures import make_workload
+
+    emulator.api_key = KEY
+    make_workload(journal_path, runs=1, steps=1, relog=False)
+    conn = sqlite3.connect(journal_path)
+    with conn:
+        conn.execute(
+            "UPDATE events SET state = 'rejected', last_error = ? WHERE kind = 'create_run'",
+            (f'bad token "{KEY}" and {json_escaped(KEY)}',),
+        )
+    conn.close()
+    env = {"WECO_BASE_URL": emulator.base_url, "WECO_API_KEY": KEY}
+    human = cli("observe", "sync", env=env)
+    as_json = cli("observe", "sync", "--json", env=env)
+    assert "blocked: create rejected: bad token" in human.stderr, human.stderr
+    assert json.loads(as_json.stdout)["runs"][0]["blocked"].startswith("create rejected: bad token")
+    for result in (human, as_json):
+        assert_no_key(result.stdout + result.stderr, "sync's output")

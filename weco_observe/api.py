@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import email.utils
 import json
+import math
 import sys
 import time
 from typing import Any
@@ -81,19 +82,28 @@ def steps_path(run_id: str) -> str:
     return f"{CREATE_PATH}/{quote(run_id, safe='')}/steps"
 
 
+#: the longest ``Retry-After`` believed: a server's number is not trusted to be sane (1e300, inf)
+MAX_RETRY_AFTER = 86400.0
+
+
 def _retry_after(value: str | None) -> float | None:
-    """``Retry-After`` as seconds: either a number or an HTTP date."""
+    """``Retry-After`` as seconds: either a number or an HTTP date, bounded to a day.
+
+    >>> _retry_after("7"), _retry_after("1e300"), _retry_after("nan"), _retry_after("soon")
+    (7.0, 86400.0, None, None)
+    """
     if not value:
         return None
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+        try:
+            seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError, OverflowError):
+            return None
+    if math.isnan(seconds):
         return None
-    return max(0.0, when.timestamp() - time.time())
+    return min(MAX_RETRY_AFTER, max(0.0, seconds))
 
 
 #: how much of an error body is read: the detail shown is cut far shorter, after redaction
