@@ -53,7 +53,9 @@ def _summary_lines(result: Any) -> list[str]:
         f" in {result.elapsed:.1f}s; {result.pending} pending, {result.rejected_total} rejected in total"
     )
     lines.insert(0, head)
-    if result.misconfigured or result.auth_failed:
+    if result.misconfigured:  # its message ends with the hint: keep that last
+        lines.append(f"error: {result.last_error} (nothing was changed; {waiting} in the journal)")
+    elif result.auth_failed:
         lines.append(f"error: {result.last_error}; nothing was changed, {waiting}")
     elif result.retry_at is not None:
         from .replay import retry_clock

@@ -133,7 +133,7 @@ def check_base_url(url: str, *, allow_http: bool = False) -> str:
     shown = _shown_url(url)
 
     def bad(why: str) -> ApiMisconfigured:
-        return ApiMisconfigured(f"WECO_BASE_URL {shown} {why}; nothing was sent")
+        return ApiMisconfigured(f"WECO_BASE_URL {shown} {why} (nothing was sent)")
 
     if not url or any(c.isspace() or not c.isprintable() for c in url):
         raise bad("contains white space or control characters")
@@ -159,7 +159,7 @@ def check_base_url(url: str, *, allow_http: bool = False) -> str:
     if parts.scheme.lower() == "http" and not is_loopback(parts.hostname) and not allow_http:
         raise bad(
             "is plain http:// to a host that is not this machine: the API key would cross the network"
-            " in clear. Use https://, or set WECO_OBSERVE_ALLOW_HTTP=1 to send it anyway"
+            " in clear: use https://, or set WECO_OBSERVE_ALLOW_HTTP=1 to send it anyway"
         )
     return url
 
