@@ -263,13 +263,19 @@ def test_second_sync_waits_or_exits_with_no_wait(cli, emulator, journal_path):
                 stderr=subprocess.PIPE,
                 text=True,
             )
-            time.sleep(1.0)
+            # its first line: that it waits (not a fixed sleep, which a loaded box can outlast)
+            first: list[str] = []
+            reader = threading.Thread(target=lambda: first.append(waiting.stderr.readline()), daemon=True)
+            reader.start()
+            reader.join(60)
+            assert first and "waiting for it" in first[0], first
             assert waiting.poll() is None and emulator.runs() == {}
         finally:
             lock.release()
-        assert waiting.wait(timeout=30) == 0
-        assert "waiting for it" in waiting.stderr.read()
-        waiting.stderr.close()
+        try:
+            assert waiting.wait(timeout=30) == 0
+        finally:
+            waiting.stderr.close()
     assert_server_matches_journal(emulator, journal_path)
 
 
