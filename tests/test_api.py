@@ -23,7 +23,7 @@ KEY = "sk-test-secret-key"
 
 
 def _client(handler, key: str = KEY) -> WecoClient:
-    return WecoClient("http://api.test/v1", key, transport=httpx.MockTransport(handler))
+    return WecoClient("https://api.test/v1", key, transport=httpx.MockTransport(handler))
 
 
 def test_create_and_log_step_requests_match_the_contract():
@@ -39,7 +39,7 @@ def test_create_and_log_step_requests_match_the_contract():
         run_id = client.create_run({"source_code": {"a.py": "x"}, "metric_name": "m", "maximize": False})
         client.log_step(run_id, {"step": 1, "status": "completed"})
     create, step = seen
-    assert create.method == "POST" and str(create.url) == "http://api.test/v1/external/runs"
+    assert create.method == "POST" and str(create.url) == "https://api.test/v1/external/runs"
     assert step.url.path == f"/v1/external/runs/{run_id}/steps"
     for request in seen:
         assert request.headers["Authorization"] == f"Bearer {KEY}"
@@ -51,18 +51,18 @@ def test_create_and_log_step_requests_match_the_contract():
 
 
 def test_base_url_and_key_come_from_the_environment(monkeypatch, tmp_path):
-    monkeypatch.setenv("WECO_BASE_URL", "http://env.test/v1/")
+    monkeypatch.setenv("WECO_BASE_URL", "https://env.test/v1/")
     monkeypatch.setenv("WECO_API_KEY", "from-env")
     seen = []
     with WecoClient(transport=httpx.MockTransport(lambda r: seen.append(r) or httpx.Response(200, json={}))) as c:
         c.log_step("r", {"step": 1, "status": "completed"})
-    assert str(seen[0].url) == "http://env.test/v1/external/runs/r/steps"
+    assert str(seen[0].url) == "https://env.test/v1/external/runs/r/steps"
     assert seen[0].headers["Authorization"] == "Bearer from-env"
 
 
 def test_no_key_is_an_auth_failure(monkeypatch):
     with pytest.raises(ApiAuthFailed, match="weco login"):
-        WecoClient("http://api.test/v1")
+        WecoClient("https://api.test/v1")
 
 
 @pytest.mark.parametrize(
@@ -151,12 +151,12 @@ def test_the_key_never_appears_in_errors():
             assert KEY not in str(info.value) and KEY not in repr(info.value.args)
 
 
-def test_retry_policy_waits_exponentially_honours_retry_after_and_stops(journal_path):
+def test_retry_policy_waits_exponentially_and_honours_retry_after(journal_path):
     answers = iter(
         [
             httpx.Response(500, json={"detail": "a"}),
             httpx.Response(503, json={"detail": "b"}),
-            httpx.Response(429, headers={"Retry-After": "100"}, json={"detail": "c"}),
+            httpx.Response(429, headers={"Retry-After": "7"}, json={"detail": "c"}),
             httpx.Response(200, json={"ok": 1}),
         ]
     )
@@ -168,8 +168,27 @@ def test_retry_policy_waits_exponentially_honours_retry_after_and_stops(journal_
         answer, attempts = syncer.call(lambda: client.log_step("r", {"step": 1, "status": "completed"}))
     assert answer == {"ok": 1} and attempts == 4
     assert 0.5 <= waits[0] <= 1.0 and 1.0 <= waits[1] <= 1.5  # 0.5 * 2^(n-1) + jitter
-    assert waits[2] == 10.0  # Retry-After 100, capped at 10
+    assert waits[2] == 7.0  # Retry-After 7: waited as asked, never less
     assert len(waits) == 3
+
+
+def test_a_retry_after_beyond_the_cap_stops_at_once_and_says_when(journal_path):
+    """Retrying before the server's Retry-After only earns another refusal: a wait longer than
+    max_retry_after ends the pass, and the time the server gave is kept for the summary."""
+    calls = []
+
+    def handler(request):
+        calls.append(request)
+        return httpx.Response(429, headers={"Retry-After": "100"}, json={"detail": "c"})
+
+    waits: list[float] = []
+    with Journal(journal_path) as journal, _client(handler) as client:
+        syncer = Syncer(journal, client, attempts=5, max_retry_after=10.0, sleep=waits.append)
+        start = time.time()
+        with pytest.raises(ApiTransient):
+            syncer.call(lambda: client.log_step("r", {"step": 1, "status": "completed"}))
+    assert waits == [] and len(calls) == 1
+    assert start + 99 <= syncer._result.retry_at <= time.time() + 100
 
 
 def test_retry_policy_gives_up_after_the_attempt_bound_and_never_retries_rejections(journal_path):

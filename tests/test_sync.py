@@ -263,13 +263,19 @@ def test_second_sync_waits_or_exits_with_no_wait(cli, emulator, journal_path):
                 stderr=subprocess.PIPE,
                 text=True,
             )
-            time.sleep(1.0)
+            # its first line: that it waits (not a fixed sleep, which a loaded box can outlast)
+            first: list[str] = []
+            reader = threading.Thread(target=lambda: first.append(waiting.stderr.readline()), daemon=True)
+            reader.start()
+            reader.join(60)
+            assert first and "waiting for it" in first[0], first
             assert waiting.poll() is None and emulator.runs() == {}
         finally:
             lock.release()
-        assert waiting.wait(timeout=30) == 0
-        assert "waiting for it" in waiting.stderr.read()
-        waiting.stderr.close()
+        try:
+            assert waiting.wait(timeout=30) == 0
+        finally:
+            waiting.stderr.close()
     assert_server_matches_journal(emulator, journal_path)
 
 
@@ -345,17 +351,24 @@ def test_sdk_flush_times_out_when_offline(journal_path, monkeypatch):
         assert time.monotonic() - start < 10
 
 
-def test_retry_after_is_honoured_and_capped(emulator, journal_path):
+def test_retry_after_is_honoured_up_to_the_cap_and_beyond_it_ends_the_pass(emulator, journal_path):
     make_workload(journal_path, runs=1, steps=1, relog=False)
-    emulator.set_faults(rate_limit_rate=1.0, retry_after=3)
+    emulator.set_faults(rate_limit_rate=1.0, retry_after=2)
     waits: list[float] = []
     with Journal(journal_path) as journal, WecoClient(emulator.base_url, emulator.api_key) as client:
         result = replay.sync(journal, client=client, attempts=3, passes=1, sleep=waits.append, max_retry_after=2.0)
-    assert waits == [2.0, 2.0]  # Retry-After 3 s, capped at 2 s, between 3 attempts
-    assert result.pending == 2 and result.exit_code == EXIT_PENDING
+    assert waits == [2.0, 2.0]  # Retry-After 2 s, within the cap: waited as asked, between 3 attempts
+    assert result.pending == 2 and result.exit_code == EXIT_PENDING and result.retry_at is None
     with Journal(journal_path) as journal:
         row = journal.query("SELECT attempts, last_error FROM events WHERE kind = 'create_run'")[0]
     assert row["attempts"] == 3 and "429" in row["last_error"]
+    # Retry-After 3 s, past the 2 s cap: one attempt, no wait, and the time it asked for
+    waits.clear()
+    emulator.set_faults(retry_after=3)
+    with Journal(journal_path) as journal, WecoClient(emulator.base_url, emulator.api_key) as client:
+        result = replay.sync(journal, client=client, attempts=3, passes=3, sleep=waits.append, max_retry_after=2.0)
+    assert waits == [] and result.pending == 2 and result.exit_code == EXIT_PENDING
+    assert result.retry_at is not None and 1 < result.retry_at - time.time() <= 3
 
 
 def test_concurrent_in_process_syncs_never_double_send(emulator, journal_path):

@@ -4,17 +4,23 @@ The wire contract is ``shared/reference/weco-api.md``: ``POST
 {base}/external/runs`` and ``POST {base}/external/runs/{id}/steps`` with
 ``Authorization: Bearer <key>``. Bodies are sent as given (the journal already
 left optional fields out unless they were set). Answers are classified in one
-place, :func:`classify`, and every failure is one of three ``errors`` classes:
+place, :func:`classify`, and every failure is one of four ``errors`` classes:
 
 - :class:`~weco_observe.errors.ApiTransient`: timeouts, dropped connections,
   408, 429, 5xx and a 2xx whose body is not a JSON object. Retry later;
   :func:`is_retryable` says so, for tenacity.
 - :class:`~weco_observe.errors.ApiAuthFailed`: 401/403. Stop; nothing changes.
+- :class:`~weco_observe.errors.ApiMisconfigured`: ``WECO_BASE_URL`` is malformed
+  (refused before anything is sent), or what answers there is not the Weco API:
+  a redirect, a 404/405 on the create endpoint, an error without the API's JSON
+  ``detail``, a 404 under a base URL without ``/v1``, a run id that is not one.
+  Stop; nothing changes, and the message says what to fix.
 - :class:`~weco_observe.errors.ApiRejected`: any other 4xx, with the server's
   ``detail`` as the reason.
 
 No telemetry: this client talks to the two endpoints and nothing else. The key
-goes in one header and never into an exception message.
+goes in one header and never into an exception message: every text taken from
+an answer or from httpx goes through :func:`~weco_observe.redact.redact`.
 
     >>> with WecoClient(emulator.base_url, emulator.api_key) as api:
     ...     run_id = api.create_run({"source_code": {"a.py": "x=1"}, "metric_name": "loss", "maximize": False})
@@ -26,13 +32,18 @@ from __future__ import annotations
 
 import email.utils
 import json
+import math
+import sys
 import time
 from typing import Any
 
 import httpx
 
 from . import __version__
-from .errors import ApiAuthFailed, ApiRejected, ApiTransient
+from .errors import ApiAuthFailed, ApiError, ApiMisconfigured, ApiRejected, ApiTransient
+from .redact import redact
+from .ids import is_server_id
+from .settings import DEFAULT_BASE_URL
 
 __all__ = [
     "CREATE_PATH",
@@ -71,42 +82,115 @@ def steps_path(run_id: str) -> str:
     return f"{CREATE_PATH}/{quote(run_id, safe='')}/steps"
 
 
+#: the longest ``Retry-After`` believed: a server's number is not trusted to be sane (1e300, inf)
+MAX_RETRY_AFTER = 86400.0
+
+
 def _retry_after(value: str | None) -> float | None:
-    """``Retry-After`` as seconds: either a number or an HTTP date."""
+    """``Retry-After`` as seconds: either a number or an HTTP date, bounded to a day.
+
+    >>> _retry_after("7"), _retry_after("1e300"), _retry_after("nan"), _retry_after("soon")
+    (7.0, 86400.0, None, None)
+    """
     if not value:
         return None
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+        try:
+            seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError, OverflowError):
+            return None
+    if math.isnan(seconds):
         return None
-    return max(0.0, when.timestamp() - time.time())
+    return min(MAX_RETRY_AFTER, max(0.0, seconds))
 
 
-def _detail(response: httpx.Response, secret: str | None = None) -> str:
-    # -- key redaction (added by the issue-2 tests): a server may quote the Authorization
-    # header back in its error, and the detail goes into the journal, `status` and sync's
-    # output. Blank the key out of the whole body before cutting it short, so no part survives.
-    text = response.text
-    if secret:
-        text = text.replace(secret, "<api key>")
+#: how much of an error body is read: the detail shown is cut far shorter, after redaction
+_MAX_BODY = 65536
+
+
+def _clean(text: str, secret: str | None, limit: int) -> str:
+    """Text from outside (a server's answer, an httpx exception) made fit to store and print:
+    the key blanked out *before* it is cut short (so no piece of it survives), control
+    characters (a newline, a terminal escape) made spaces, on one line."""
+    text = redact(text, secret)
+    text = " ".join("".join(c if c.isprintable() else " " for c in text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _detail(response: httpx.Response, secret: str | None = None) -> tuple[str, bool]:
+    """The server's reason for an error, and whether it came in the Weco API's shape (a JSON
+    object with a ``detail``): its ``detail``, else its body, else its reason phrase."""
+    text = response.text[:_MAX_BODY]
     try:
         body = json.loads(text)
     except ValueError:
-        return text[:300].strip() or response.reason_phrase
+        return _clean(text, secret, 300) or _clean(response.reason_phrase, secret, 300), False
     if isinstance(body, dict) and "detail" in body:
         detail = body["detail"]
-        return detail if isinstance(detail, str) else json.dumps(detail)[:1000]
-    return json.dumps(body)[:300]
+        return _clean(detail if isinstance(detail, str) else json.dumps(detail), secret, 1000), True
+    return _clean(json.dumps(body), secret, 300), False
 
 
-def classify(response: httpx.Response, *, secret: str | None = None) -> dict[str, Any]:
+def _versioned(base_url: str) -> bool:
+    """True when the base URL's path ends in an API version (``/v1``), as the Weco API's does."""
+    import re
+    from urllib.parse import urlsplit
+
+    return re.search(r"/v\d+$", urlsplit(base_url).path.rstrip("/")) is not None
+
+
+def _hint(base_url: str | None) -> str:
+    if base_url and not _versioned(base_url):
+        return f"did you mean {base_url.rstrip('/')}/v1?"
+    return f"the Weco API's is {DEFAULT_BASE_URL}"
+
+
+def _not_the_api(status: int, shaped: bool, create: bool, base_url: str | None) -> str | None:
+    """Why this error answer cannot be the Weco API's own, or None when it may be.
+
+    The Weco API answers every error with a JSON ``detail``; its create endpoint
+    always exists and both endpoints take POST; it does not redirect. Any other
+    answer comes from something else at ``WECO_BASE_URL`` (a web site, a proxy, the
+    API's root without ``/v1``): resending cannot help and rejecting would blame
+    the event, so the sync stops with everything pending."""
+    if 300 <= status < 400:
+        return "redirects"
+    if status == 405 or (status == 404 and create):
+        return f"has no {'create ' if create else ''}endpoint there"
+    if status == 404 and base_url and not _versioned(base_url):
+        return "has no such endpoint (its path does not end in /v1)"
+    if status == 413:  # too big: a proxy in front of the API may say so in HTML; it is about this event
+        return None
+    if not shaped:
+        return "gave an answer without the API's JSON detail"
+    return None
+
+
+def _redirect_hint(response: httpx.Response, secret: str | None) -> str:
+    """Where a redirect points, as a base URL to set (the endpoint's own path taken off)."""
+    import re
+    from urllib.parse import urljoin
+
+    location = response.headers.get("Location") or ""
+    try:
+        location = urljoin(str(response.request.url), location)
+    except RuntimeError:  # a response made without a request (tests)
+        pass
+    base = re.sub(r"/external/runs(/[^/?#]*/steps)?/?$", "", location.split("?", 1)[0])
+    return f"it points to {_clean(base, secret, 200)}: set WECO_BASE_URL to the API's address"
+
+
+def classify(
+    response: httpx.Response, *, secret: str | None = None, create: bool = False, base_url: str | None = None
+) -> dict[str, Any]:
     """The JSON object of a 2xx answer; otherwise raise the matching ``ApiError``.
 
-    ``secret`` (the API key) is blanked out of the server's error detail."""
+    ``secret`` (the API key) is blanked out of every text taken from the answer
+    (keys registered with :mod:`~weco_observe.redact` are too). ``create`` says the
+    request went to the create endpoint, and ``base_url`` where the API was looked
+    for: both help tell an answer that cannot be the Weco API's (``ApiMisconfigured``)."""
     status = response.status_code
     if 200 <= status < 300:
         try:
@@ -117,7 +201,7 @@ def classify(response: httpx.Response, *, secret: str | None = None) -> dict[str
             return body
         # The request was probably applied, but we cannot read its answer.
         raise ApiTransient(f"HTTP {status} without a JSON object body", status=status, ambiguous=True)
-    detail = _detail(response, secret)
+    detail, shaped = _detail(response, secret)
     if status in (408, 429) or status >= 500:
         raise ApiTransient(
             f"HTTP {status}: {detail}",
@@ -131,6 +215,16 @@ def classify(response: httpx.Response, *, secret: str | None = None) -> dict[str
             status=status,
             detail=detail,
         )
+    why = _not_the_api(status, shaped, create, base_url)
+    if why is not None:
+        where = base_url or "the server"
+        hint = _redirect_hint(response, secret) if why == "redirects" else f"check WECO_BASE_URL: {_hint(base_url)}"
+        excerpt = f": {detail[:120]}" if detail and why != "redirects" else ""
+        raise ApiMisconfigured(
+            f"{where} does not answer as the Weco API: it {why} (HTTP {status}{excerpt}); {hint}",
+            status=status,
+            detail=detail,
+        )
     raise ApiRejected(f"HTTP {status}: {detail}", status=status, detail=detail)
 
 
@@ -141,7 +235,7 @@ def is_retryable(exc: BaseException) -> bool:
 
 def is_unreachable(exc: BaseException) -> bool:
     """True when no connection could be opened at all (refused, no route, DNS, connect timeout)."""
-    return isinstance(exc, ApiTransient) and isinstance(exc.__cause__, (httpx.ConnectError, httpx.ConnectTimeout))
+    return isinstance(exc, ApiTransient) and exc.unreachable
 
 
 class WecoClient:
@@ -161,14 +255,25 @@ class WecoClient:
         read_timeout: float = READ_TIMEOUT,
         max_connections: int = 8,
     ):
-        from .settings import Settings
+        from .redact import register
+        from .settings import Settings, check_api_key, check_base_url, insecure_warning
 
         settings = Settings.load()
-        self.base_url = (base_url or settings.base_url).rstrip("/")
-        key = api_key or settings.api_key
+        # checked before anything is sent: httpx would call a malformed URL a network fault, and
+        # plain http:// to another host would carry the key in clear
+        self.base_url = check_base_url(
+            (base_url or settings.base_url).strip().rstrip("/"), allow_http=settings.allow_http
+        )
+        # A key given here (the SDK's ``api_key=``) is checked as one from the environment is:
+        # a trailing newline would make an invalid header whose error quotes the key.
+        key = check_api_key(api_key, "the api_key argument") or settings.api_key
         if not key:
             raise ApiAuthFailed("no API key: run `weco login` or set WECO_API_KEY")
-        self._key = key  # only to blank it out of error details (see classify)
+        register(key)
+        self._key = key  # only to blank it out of error texts (see classify and _post)
+        warning = insecure_warning(self.base_url)
+        if warning:  # allowed, but never silently: once per client, so once per sync
+            print(warning, file=sys.stderr, flush=True)
         self._client = httpx.Client(
             base_url=self.base_url,
             headers={"Authorization": f"Bearer {key}", "User-Agent": USER_AGENT, "Accept": "application/json"},
@@ -190,19 +295,29 @@ class WecoClient:
 
     def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         content = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        error: ApiError
         try:
             response = self._client.post(path, content=content, headers={"Content-Type": "application/json"})
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-            raise ApiTransient(f"cannot connect to {self.base_url}: {type(exc).__name__}: {exc}") from exc
+            error = ApiTransient(f"cannot connect to {self.base_url}: {self._why(exc)}", unreachable=True)
         except httpx.TimeoutException as exc:
-            raise ApiTransient(
-                f"no answer from {self.base_url} in time ({type(exc).__name__})", ambiguous=True
-            ) from exc
-        except httpx.TransportError as exc:
-            raise ApiTransient(
-                f"connection to {self.base_url} failed: {type(exc).__name__}: {exc}", ambiguous=True
-            ) from exc
-        return classify(response, secret=self._key)
+            error = ApiTransient(f"no answer from {self.base_url} in time ({type(exc).__name__})", ambiguous=True)
+        except (httpx.UnsupportedProtocol, httpx.LocalProtocolError, httpx.InvalidURL) as exc:
+            # the request could not even be made (check_base_url and check_api_key should have
+            # caught why): nothing was sent, and sending again cannot help
+            error = ApiMisconfigured(f"cannot make a request to {self.base_url}: {self._why(exc)}")
+        except httpx.RequestError as exc:  # a dropped connection, a broken answer (h11 quotes its lines)
+            error = ApiTransient(f"connection to {self.base_url} failed: {self._why(exc)}", ambiguous=True)
+        else:
+            return classify(response, secret=self._key, create=path == CREATE_PATH, base_url=self.base_url)
+        # Raised without the httpx exception as its cause: a printed traceback would show that
+        # exception's text, key and all.
+        raise error from None
+
+    def _why(self, exc: BaseException) -> str:
+        """An httpx exception as text fit to store: httpx quotes header lines and the request in its
+        messages, so the key can be in there."""
+        return _clean(f"{type(exc).__name__}: {exc}", self._key, 500)
 
     def create_run(self, body: dict[str, Any]) -> str:
         """``POST /external/runs``; return the server's ``run_id``."""
@@ -210,8 +325,22 @@ class WecoClient:
         run_id = answer.get("run_id")
         if not isinstance(run_id, str) or not run_id:
             raise ApiTransient("create answered without a run_id", ambiguous=True)
+        if not is_server_id(run_id):
+            # it would be stored, then put in every step's path: not from the Weco API (its ids
+            # are UUIDs), so nothing is kept from this answer
+            shown = _clean(repr(run_id), self._key, 60)
+            raise ApiMisconfigured(
+                f"{self.base_url} answered a create with a run id that is not one ({shown}): is it the"
+                f" Weco API? check WECO_BASE_URL: {_hint(self.base_url)}"
+            )
         return run_id
 
     def log_step(self, run_id: str, body: dict[str, Any]) -> dict[str, Any]:
-        """``POST /external/runs/{run_id}/steps`` (an upsert by step number)."""
+        """``POST /external/runs/{run_id}/steps`` (an upsert by step number).
+
+        A ``run_id`` that is not safe as one path segment is refused before anything
+        is sent (``ApiRejected``): it came from somewhere other than the Weco API."""
+        if not is_server_id(run_id):
+            shown = _clean(repr(run_id), self._key, 60)
+            raise ApiRejected(f"the run's server id {shown} is not a safe id: not sent", detail=None)
         return self._post(steps_path(run_id), body)

@@ -36,11 +36,13 @@ from . import synclock
 from .files import JournalFiles
 from .settings import Settings
 
-__all__ = ["run", "spawn", "trigger"]
+__all__ = ["cooldown_for", "run", "spawn", "trigger"]
 
 #: how long no new syncer is started after giving up (unreachable) or after a refused key
 COOLDOWN_UNREACHABLE = 30.0
 COOLDOWN_AUTH = 300.0
+#: the longest cooldown a server's ``Retry-After`` can set (a later ``log`` then tries again)
+COOLDOWN_RETRY_AFTER_MAX = 3600.0
 
 #: Children started by this process, reaped without blocking on the next trigger.
 _children: list[int] = []
@@ -97,6 +99,18 @@ def trigger(
         return
 
 
+def cooldown_for(retry_at: float | None) -> float:
+    """The cooldown after giving up: until the time a server asked for (``Retry-After``), bounded
+    by ``COOLDOWN_UNREACHABLE`` and ``COOLDOWN_RETRY_AFTER_MAX``; otherwise ``COOLDOWN_UNREACHABLE``.
+
+    >>> cooldown_for(None), cooldown_for(time.time() + 10**6)
+    (30.0, 3600.0)
+    """
+    if retry_at is None:
+        return COOLDOWN_UNREACHABLE
+    return min(COOLDOWN_RETRY_AFTER_MAX, max(COOLDOWN_UNREACHABLE, retry_at - time.time()))
+
+
 def _held(journal_path: Path) -> bool:
     """Some process holds the journal as its syncer: the flock (local mode) or the owner folder (cluster)."""
     return synclock.running(journal_path) or JournalFiles(journal_path).owner_lock.exists()
@@ -106,15 +120,19 @@ def _held(journal_path: Path) -> bool:
 
 
 def _log(message: str) -> None:
-    print(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} pid {os.getpid()} {message}", flush=True)
+    """One line in autosync.log. Every line is redacted: it may quote a server's answer or an exception."""
+    from .redact import redact
+
+    line = " ".join(redact(message).splitlines())
+    print(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} pid {os.getpid()} {line}", flush=True)
 
 
 def run(journal_path: Path, settings: Settings | None = None) -> int:
     """Drain, linger, exit. Returns 0, or the exit code of the last pass when it gave up."""
     from . import outbox, store
     from .api import WecoClient
-    from .errors import ApiError, SyncBusy, WecoObserveError
-    from .replay import DrainPolicy, PassResult, drain
+    from .errors import ApiError, InvalidInput, SyncBusy, WecoObserveError
+    from .replay import DrainPolicy, PassResult, drain, retry_clock
 
     settings = settings or Settings.load()
     stopping = False
@@ -159,13 +177,15 @@ def run(journal_path: Path, settings: Settings | None = None) -> int:
                         refresh=held.merge,
                     )
                 code = done.total.exit_code
-                if done.reason == "auth":
+                if done.reason in ("auth", "misconfigured"):  # a wrong key or URL: wait as long for either
                     _log(f"stopping: {done.total.last_error}")
                     synclock.set_cooldown(journal_path, COOLDOWN_AUTH)
                     return code
                 if done.reason == "gave_up":
-                    _log(f"giving up for now with {done.total.pending} pending: {done.total.last_error}")
-                    synclock.set_cooldown(journal_path, COOLDOWN_UNREACHABLE)
+                    retry_at = done.total.retry_at
+                    asked = f"the server asked to retry after {retry_clock(retry_at)}; " if retry_at else ""
+                    _log(f"giving up for now with {done.total.pending} pending: {asked}{done.total.last_error}")
+                    synclock.set_cooldown(journal_path, cooldown_for(retry_at))
                     return code
                 if done.reason == "stopped":
                     _log("gave way to a foreground sync" if lock.yield_requested() else "stopped by a signal")
@@ -175,6 +195,10 @@ def run(journal_path: Path, settings: Settings | None = None) -> int:
         except (SyncBusy, ApiError, WecoObserveError) as exc:
             if not isinstance(exc, SyncBusy):
                 _log(f"not syncing: {exc}")
+                if isinstance(exc, (ApiError, InvalidInput)):
+                    # a malformed key or setting: every later log would start a syncer that fails
+                    # the same way, so wait as after a refused key
+                    synclock.set_cooldown(journal_path, COOLDOWN_AUTH)
                 return exc.exit_code
             return code  # another syncer holds the journal: it sends what is there
         # the lock is released: anything journaled after the drain's last look starts its own syncer,

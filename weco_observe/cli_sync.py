@@ -53,8 +53,17 @@ def _summary_lines(result: Any) -> list[str]:
         f" in {result.elapsed:.1f}s; {result.pending} pending, {result.rejected_total} rejected in total"
     )
     lines.insert(0, head)
-    if result.auth_failed:
+    if result.misconfigured:  # its message ends with the hint: keep that last
+        lines.append(f"error: {result.last_error} (nothing was changed; {waiting} in the journal)")
+    elif result.auth_failed:
         lines.append(f"error: {result.last_error}; nothing was changed, {waiting}")
+    elif result.retry_at is not None:
+        from .replay import retry_clock
+
+        lines.append(
+            f"error: the server asked to retry after {retry_clock(result.retry_at)}: {waiting} in the journal"
+            f" (last error: {result.last_error}); run `weco observe sync` again then"
+        )
     elif result.unreachable:
         lines.append(
             f"error: cannot reach the Weco API at {Settings.load().base_url}: {waiting}"
@@ -75,6 +84,20 @@ def _summary_lines(result: Any) -> list[str]:
             "(a create got no answer and was sent again)"
         )
     return lines
+
+
+def _redacted(value: Any) -> Any:
+    """Every string in a JSON-able value through ``redact`` (values, not the JSON text: a mask
+    must never land inside an escape sequence)."""
+    from .redact import redact
+
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, list):
+        return [_redacted(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _redacted(v) for k, v in value.items()}
+    return value
 
 
 def sync_command(
@@ -104,9 +127,11 @@ def sync_command(
 ) -> None:
     """Send pending runs and steps to the Weco API (retrying; nothing is ever lost or deleted).
 
-    Exit codes: 0 all delivered; 4 events still pending (API unreachable or failing);
+    Exit codes: 0 all delivered; 4 events still pending (API unreachable or failing, or it
+    asked to be retried later: the time is printed);
     5 the API refused the key (run `weco login`); 6 some events were rejected
-    (see `weco observe status`); 8 another sync is running (--no-wait).
+    (see `weco observe status`); 8 another sync is running (--no-wait);
+    78 WECO_BASE_URL is wrong (malformed, refused, or not the Weco API): nothing was sent or marked.
     """
     from . import replay
 
@@ -135,7 +160,12 @@ def sync_command(
 
     def on_pass(result: Any) -> None:
         if not as_json:
-            print(f"sync: {result.delivered} delivered, {result.pending} pending", file=sys.stderr)
+            later = ""
+            if result.retry_at is not None:
+                from .replay import retry_clock
+
+                later = f"; the server asked to retry after {retry_clock(result.retry_at)}: waiting until then"
+            print(f"sync: {result.delivered} delivered, {result.pending} pending{later}", file=sys.stderr)
 
     result = replay.command(
         run_ref=run_id,
@@ -148,15 +178,19 @@ def sync_command(
         progress_factory=None if as_json else _progress_bar,
         on_pass=on_pass,
     )
+    from .redact import redact
+
+    # The errors in a result come from servers and were redacted when stored; this is the last
+    # line of defence for what a journal written by an older version may hold.
     if as_json:
-        print(json.dumps(result.to_json(), indent=2))
+        print(json.dumps(_redacted(result.to_json()), indent=2))
     else:
         if result.imports:
             from .cli_bundle import import_lines
 
             for imported in result.imports:
                 print("\n".join(import_lines(imported)), file=sys.stderr)
-        print("\n".join(_summary_lines(result)), file=sys.stderr)
+        print(redact("\n".join(_summary_lines(result))), file=sys.stderr)
     raise typer.Exit(result.exit_code)
 
 

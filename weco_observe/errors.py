@@ -1,7 +1,8 @@
 """The exceptions weco-observe raises, and the exit codes the CLI maps them to.
 
 Every error message is one line that says what was wrong and what to do. No
-message ever contains the API key.
+message ever contains the API key: text from a server or from httpx goes
+through ``redact.redact`` before it is put in one.
 """
 
 from __future__ import annotations
@@ -9,12 +10,14 @@ from __future__ import annotations
 __all__ = [
     "ApiAuthFailed",
     "ApiError",
+    "ApiMisconfigured",
     "ApiRejected",
     "ApiTransient",
     "BundleInvalid",
     "EXIT_AUTH",
     "EXIT_BAD_INPUT",
     "EXIT_BUSY",
+    "EXIT_CONFIG",
     "EXIT_DAMAGED",
     "EXIT_JOURNAL",
     "EXIT_OK",
@@ -43,6 +46,9 @@ EXIT_REJECTED = 6
 EXIT_DAMAGED = 7
 #: ``sync --no-wait``: another syncer holds this journal's sync lock.
 EXIT_BUSY = 8
+#: ``sync``: a configuration error: ``WECO_BASE_URL`` is malformed or refused, or what answers
+#: there is not the Weco API. Nothing was sent or marked. 78 is ``EX_CONFIG`` of BSD's sysexits.h.
+EXIT_CONFIG = 78
 
 
 class WecoObserveError(Exception):
@@ -96,6 +102,7 @@ class ApiError(WecoObserveError):
         detail: str | None = None,
         retry_after: float | None = None,
         ambiguous: bool = False,
+        unreachable: bool = False,
     ):
         super().__init__(message)
         self.status = status
@@ -103,6 +110,8 @@ class ApiError(WecoObserveError):
         self.retry_after = retry_after
         #: the request may have been applied although no answer came (a timeout, a dropped connection)
         self.ambiguous = ambiguous
+        #: no connection could be opened at all (refused, no route, DNS, connect timeout)
+        self.unreachable = unreachable
 
 
 class ApiTransient(ApiError):
@@ -113,6 +122,12 @@ class ApiAuthFailed(ApiError):
     """The API refused the key (401/403): run ``weco login``; everything stays pending."""
 
     exit_code = EXIT_AUTH
+
+
+class ApiMisconfigured(ApiError):
+    """``WECO_BASE_URL`` is malformed, or the server there does not answer as the Weco API: nothing was marked."""
+
+    exit_code = EXIT_CONFIG
 
 
 class ApiRejected(ApiError):

@@ -17,13 +17,20 @@ One *pass* (:meth:`Replayer.run_pass`) works like this:
   resolved at log time is always sent as ``parent_step``, so the server's tree
   equals the local tree whatever the order of arrival; several steps of a run
   are in flight at once (``step_window``).
-- Retries (tenacity): exponential backoff with jitter, ``Retry-After`` honoured
-  up to ``max_retry_after``, at most ``attempts`` tries per event per pass. An
+- Retries (tenacity): exponential backoff with jitter, at most ``attempts`` tries
+  per event per pass. A ``Retry-After`` up to ``max_retry_after`` (30 s) is
+  waited for as asked, never less; a longer one stops the whole pass at once
+  (the server asked everyone to come back later) and the result says when
+  (``retry_at``). No retry wait ends past ``retry_budget`` (60 s) after the
+  sync began, so a server answering "later" to everything cannot keep a
+  ``sync`` busy for minutes. An
   event that still fails stays unsent with its attempt count and last error,
   and the rest of its run waits for the next pass (order is kept). When no
   connection can be opened at all the whole pass stops after a few quick tries,
   so an offline ``sync`` fails in seconds.
-- A 401/403 stops the pass and changes nothing. Any other 4xx marks the event
+- A 401/403 stops the pass and changes nothing; so does an answer that is not
+  the Weco API's (``ApiMisconfigured``: a wrong ``WECO_BASE_URL``), so a wrong
+  URL never rejects an event or makes a create ambiguous. Any other 4xx marks the event
   ``rejected`` with the server's ``detail``: a rejected create blocks only its
   own run, a rejected step blocks nothing. An event whose code or payload is
   damaged in this journal is rejected too ("damaged locally"), and the rest
@@ -53,17 +60,32 @@ from pathlib import Path
 from typing import Any
 
 from . import outbox
-from .errors import ApiAuthFailed, ApiError, ApiRejected
+from .errors import ApiAuthFailed, ApiError, ApiMisconfigured, ApiRejected
 from .journal import Journal
 from .records import Event, wire_body
+from .redact import redact
 from .settings import Settings
 
-__all__ = ["DrainPolicy", "PassResult", "Replayer", "RunSummary", "drain", "plan", "sync"]
+__all__ = ["DrainPolicy", "PassResult", "Replayer", "RunSummary", "drain", "plan", "retry_clock", "sync"]
 
 PAGE = 500
+#: seconds of retry waiting one ``sync`` may spend in all (its passes share it)
+RETRY_BUDGET = 60.0
+#: the longest a draining loop (``sync --watch``) sleeps on a server's ``Retry-After`` before it looks again
+MAX_RETRY_AT_WAIT = 3600.0
 #: the error an event gets when this journal cannot build its request (a damaged blob or payload)
 DAMAGED = "damaged locally: run `weco observe doctor --repair`"
 _DAMAGE = (KeyError, ValueError, UnicodeDecodeError, zlib.error, TypeError)
+
+
+def _text(exc: ApiError) -> str:
+    """An error as it is stored (``last_error``) and reported: redacted, whatever made it."""
+    return redact(str(exc))
+
+
+def _reason(exc: ApiError) -> str:
+    """A rejection's reason as it is stored: the server's ``detail``, redacted."""
+    return redact(exc.detail or str(exc))
 
 
 @dataclass
@@ -96,6 +118,10 @@ class PassResult:
     rejected_total: int = 0
     possible_duplicates: int = 0
     auth_failed: bool = False
+    #: the server asked not to be retried before this time (epoch seconds; from ``Retry-After``)
+    retry_at: float | None = None
+    #: WECO_BASE_URL is wrong (what answers is not the Weco API): the pass stopped, nothing marked
+    misconfigured: bool = False
     unreachable: bool = False
     last_error: str | None = None
     elapsed: float = 0.0
@@ -105,8 +131,10 @@ class PassResult:
 
     @property
     def exit_code(self) -> int:
-        from .errors import EXIT_AUTH, EXIT_OK, EXIT_PENDING, EXIT_REJECTED
+        from .errors import EXIT_AUTH, EXIT_CONFIG, EXIT_OK, EXIT_PENDING, EXIT_REJECTED
 
+        if self.misconfigured:
+            return EXIT_CONFIG
         if self.auth_failed:
             return EXIT_AUTH
         if self.pending:
@@ -118,6 +146,11 @@ class PassResult:
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
         out["exit_code"] = self.exit_code
+        if self.retry_at is not None:  # ISO 8601 in UTC, as JSON readers expect a time
+            from datetime import datetime, timezone
+
+            stamp = datetime.fromtimestamp(self.retry_at, timezone.utc).replace(microsecond=0)
+            out["retry_at"] = stamp.isoformat().replace("+00:00", "Z")
         return out
 
     def add(self, one: PassResult) -> None:
@@ -127,13 +160,29 @@ class PassResult:
         self.pending = one.pending
         self.rejected_total = one.rejected_total
         self.auth_failed = self.auth_failed or one.auth_failed
+        self.misconfigured = self.misconfigured or one.misconfigured
         self.unreachable = one.unreachable
+        self.retry_at = one.retry_at
         self.last_error = one.last_error or self.last_error
         known = {r.run_id: r for r in self.runs}
         for r in one.runs:
             known[r.run_id] = r
         self.runs = list(known.values())
         self.possible_duplicates = sum(1 for r in self.runs if r.possible_duplicate)
+
+
+def retry_clock(at: float) -> str:
+    """When the server may be retried, for people: ``HH:MM`` local time (with seconds when it is
+    minutes away, with the date when it is not today).
+
+    >>> len(retry_clock(time.time() + 3600)) in (5, 16)
+    True
+    """
+    now = time.time()
+    local = time.localtime(at)
+    if time.strftime("%Y-%m-%d", local) != time.strftime("%Y-%m-%d", time.localtime(now)):
+        return time.strftime("%Y-%m-%d %H:%M", local)
+    return time.strftime("%H:%M:%S" if at - now < 600 else "%H:%M", local)
 
 
 class _Halt(Exception):
@@ -160,6 +209,7 @@ class Replayer:
         max_retry_after: float = 30.0,
         sleep: Callable[[float], Any] | None = None,
         deadline: float | None = None,
+        wait_deadline: float | None = None,
         progress: Callable[[int], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
         batch_size: int = 200,
@@ -179,6 +229,8 @@ class Replayer:
         self.max_wait = max_wait
         self.max_retry_after = max_retry_after
         self.deadline = deadline
+        #: no retry wait may end after this monotonic time (the sync's budget for waiting)
+        self.wait_deadline = wait_deadline
         self.progress = progress
         self.should_stop = should_stop
         self.dashboard_url = dashboard_url
@@ -198,13 +250,14 @@ class Replayer:
         self._halt.wait(seconds)
 
     def _wait(self, state: Any) -> float:
-        # exponential backoff with full jitter on top: initial * 2^(n-1), capped, + U(0, initial)
+        # exponential backoff with full jitter on top: initial * 2^(n-1), capped, + U(0, initial);
+        # never less than the server's Retry-After (a longer one than we wait stops the pass: _stop)
         base = min(self.max_wait, self.initial_wait * 2 ** (state.attempt_number - 1))
         base += random.uniform(0, self.initial_wait)
         exc = state.outcome.exception()
         retry_after = getattr(exc, "retry_after", None)
         if retry_after:
-            return min(max(base, retry_after), self.max_retry_after)
+            return max(base, retry_after)
         return base
 
     def _stop(self, state: Any) -> bool:
@@ -212,14 +265,30 @@ class Replayer:
 
         if self._halted():
             return True
+        exc = state.outcome.exception()
+        retry_after = getattr(exc, "retry_after", None)
+        if retry_after and retry_after > self.max_retry_after:
+            self._come_back_later(retry_after)
+            return True
         if state.attempt_number >= self.attempts:
             return True
-        exc = state.outcome.exception()
         if api.is_unreachable(exc) and state.attempt_number >= self.unreachable_attempts:
             return True
-        if self.deadline is not None and time.monotonic() + self._wait(state) > self.deadline:
-            return True
+        end = time.monotonic() + self._wait(state)
+        for deadline in (self.deadline, self.wait_deadline):
+            if deadline is not None and end > deadline:
+                if retry_after:
+                    self._come_back_later(retry_after)
+                return True
         return False
+
+    def _come_back_later(self, retry_after: float) -> None:
+        """The server asked not to be retried for longer than this sync will wait: stop the pass
+        (every request would get the same answer) and remember when it may be retried."""
+        at = time.time() + retry_after
+        with self._lock:
+            self._result.retry_at = max(self._result.retry_at or 0.0, at)
+        self._halt.set()
 
     def _halted(self) -> bool:
         if not self._halt.is_set() and self.should_stop is not None and self.should_stop():
@@ -296,9 +365,12 @@ class Replayer:
 
     def _failed(self, exc: ApiError) -> None:
         with self._lock:
-            self._result.last_error = str(exc)
+            self._result.last_error = _text(exc)
         if isinstance(exc, ApiAuthFailed):
             self._result.auth_failed = True
+            self._halt.set()
+        elif isinstance(exc, ApiMisconfigured):  # every request would meet the same server
+            self._result.misconfigured = True
             self._halt.set()
         else:
             from . import api
@@ -393,17 +465,17 @@ class Replayer:
                 return self.client.create_run(body)
             except ApiError as exc:
                 if not exc.ambiguous:  # answered, so not applied: back to waiting
-                    outbox.create_failed(journal, event.id, str(exc), answered=True)
+                    outbox.create_failed(journal, event.id, _text(exc), answered=True)
                 raise
 
         try:
             server_id, _attempts = self.call(send)
         except ApiRejected as exc:
-            outbox.rejected(journal, event.id, exc.detail or str(exc), attempts=0)
+            outbox.rejected(journal, event.id, _reason(exc), attempts=0)
             self._tick(rejected=1, sent=1)
             return None
         except ApiError as exc:
-            outbox.create_failed(journal, event.id, str(exc), answered=not exc.ambiguous)
+            outbox.create_failed(journal, event.id, _text(exc), answered=not exc.ambiguous)
             self._tick(failed=1, sent=1)
             self._failed(exc)
             return None
@@ -435,11 +507,11 @@ class Replayer:
         try:
             _answer, attempts = self.call(lambda: self.client.log_step(server_id, body))
         except ApiRejected as exc:
-            outbox.rejected(journal, target.id, exc.detail or str(exc), attempts=getattr(exc, "attempts", 1))
+            outbox.rejected(journal, target.id, _reason(exc), attempts=getattr(exc, "attempts", 1))
             self._tick(rejected=1, sent=1)
             return True
         except ApiError as exc:
-            outbox.failed(journal, target.id, str(exc), attempts=getattr(exc, "attempts", 1))
+            outbox.failed(journal, target.id, _text(exc), attempts=getattr(exc, "attempts", 1))
             self._tick(failed=1, sent=1)
             self._failed(exc)
             return False
@@ -516,14 +588,19 @@ def sync(
     attempts: int = 5,
     passes: int = 3,
     deadline: float | None = None,
+    retry_budget: float | None = RETRY_BUDGET,
     progress: Callable[[int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     **replayer_options: Any,
 ) -> PassResult:
     """Up to ``passes`` passes while a pass makes progress (a later pass picks up events logged
-    meanwhile and runs whose create was delivered late). The caller holds the sync lock."""
+    meanwhile and runs whose create was delivered late). The caller holds the sync lock.
+
+    Retry waits in all the passes end within ``retry_budget`` seconds of the start; a pass
+    that the server asked to come back later (``retry_at``) is the last."""
     total = PassResult()
     start = time.monotonic()
+    wait_deadline = None if retry_budget is None else start + retry_budget
     for _ in range(max(1, passes)):
         replayer = Replayer(
             journal,
@@ -531,13 +608,16 @@ def sync(
             workers=workers,
             attempts=attempts,
             deadline=deadline,
+            wait_deadline=wait_deadline,
             progress=progress,
             should_stop=should_stop,
             **replayer_options,
         )
         one = replayer.run_pass(run_id)
         total.add(one)
-        if not one.pending or one.auth_failed or one.unreachable or one.sent == 0:
+        if not one.pending or one.auth_failed or one.misconfigured or one.unreachable or one.sent == 0:
+            break
+        if one.retry_at is not None:
             break
         if should_stop is not None and should_stop():
             break
@@ -587,7 +667,8 @@ class DrainPolicy:
 
 @dataclass
 class DrainResult:
-    """A drain's running total and why it returned: ``idle``, ``stopped``, ``auth``, ``gave_up`` or ``deadline``."""
+    """A drain's running total and why it returned: ``idle``, ``stopped``, ``auth``, ``misconfigured``,
+    ``gave_up`` or ``deadline``."""
 
     total: PassResult
     reason: str
@@ -653,16 +734,24 @@ def drain(
             if one.auth_failed:
                 reason = "auth"
                 break
-            if one.pending and (one.unreachable or one.failed):
+            if one.misconfigured:
+                reason = "misconfigured"
+                break
+            if one.pending and (one.unreachable or one.failed or one.retry_at is not None):
                 now = time.monotonic()
                 failing_since = failing_since or now
-                if policy.give_up is not None and now - failing_since >= policy.give_up:
+                # the next pass goes no sooner than the server asked (bounded: --watch re-checks hourly)
+                wait = backoff
+                if one.retry_at is not None:
+                    wait = max(wait, min(one.retry_at - time.time(), MAX_RETRY_AT_WAIT))
+                asked_past_give_up = one.retry_at is not None and now + wait > failing_since + (policy.give_up or 0)
+                if policy.give_up is not None and (now - failing_since >= policy.give_up or asked_past_give_up):
                     reason = "gave_up"
                     break
-                if policy.deadline is not None and now + backoff > policy.deadline:
+                if policy.deadline is not None and now + wait > policy.deadline:
                     reason = "deadline"
                     break
-                sleep(backoff)
+                sleep(wait)
                 backoff = min(backoff * 2, policy.max_backoff)
                 continue
             failing_since, backoff, need_pass = None, policy.backoff, False
@@ -745,24 +834,35 @@ def flush(journal_path: str | Path, timeout: float | None = 30.0, api_key: str |
     """
     from . import store
     from .api import WecoClient
-    from .errors import SyncBusy
+    from .errors import ApiAuthFailed, InvalidInput, SyncBusy
 
     settings = Settings.load()
     deadline = None if timeout is None else time.monotonic() + timeout
-    key = api_key or settings.api_key
     try:
         with store.exclusive(settings, "flush", journal_path=Path(journal_path), timeout=timeout) as held:
             journal = held.journal
             if outbox.count_unsent(journal) == 0:
                 return True
-            if not key:
-                return False
-            with WecoClient(api_key=key) as client:
+            with WecoClient(api_key=api_key) as client:
                 done = drain(journal, client, DrainPolicy.until(deadline), refresh=held.merge)
             return done.total.pending == 0 and outbox.count_unsent(journal) == 0
     except SyncBusy:
         with store.reader(settings, Path(journal_path), wait=0) as journal:
             return outbox.count_unsent(journal) == 0
+    except ApiAuthFailed:  # no key at all: nothing can be sent (documented: False)
+        return False
+    except (InvalidInput, ApiMisconfigured) as exc:  # a malformed key or URL: say why nothing was sent
+        _warn(str(exc))
+        return False
+
+
+def _warn(message: str) -> None:
+    """A warning from ``flush()``, as the SDK gives its own (a ``WecoObserveWarning``)."""
+    import warnings
+
+    from .sdk import WecoObserveWarning
+
+    warnings.warn(f"weco-observe: flush: {redact(message)}", WecoObserveWarning, stacklevel=4)
 
 
 def command(

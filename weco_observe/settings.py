@@ -31,7 +31,17 @@ from pathlib import Path
 
 from .errors import InvalidInput
 
-__all__ = ["DEFAULT_BASE_URL", "DEFAULT_DASHBOARD_URL", "Settings", "check_api_key", "save_api_key", "delete_api_key"]
+__all__ = [
+    "DEFAULT_BASE_URL",
+    "DEFAULT_DASHBOARD_URL",
+    "Settings",
+    "check_api_key",
+    "check_base_url",
+    "delete_api_key",
+    "insecure_warning",
+    "is_loopback",
+    "save_api_key",
+]
 
 DEFAULT_BASE_URL = "https://api.weco.ai/v1"
 DEFAULT_DASHBOARD_URL = "https://dashboard.weco.ai"
@@ -76,6 +86,98 @@ def check_api_key(key: str | None, where: str) -> str | None:
     return key
 
 
+def _shown_url(url: str) -> str:
+    """A URL as an error message may show it: any user name or password masked, quoted, cut short."""
+    import re
+
+    shown = re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/?#]*@", r"\1***@", url)
+    return repr(shown if len(shown) <= 200 else shown[:197] + "...")
+
+
+def is_loopback(host: str) -> bool:
+    """True for ``localhost``, 127.0.0.0/8 and ::1: names that never leave this machine.
+
+    >>> is_loopback("127.0.0.2"), is_loopback("::1"), is_loopback("LocalHost"), is_loopback("api.weco.ai")
+    (True, True, True, False)
+    """
+    import ipaddress
+
+    host = host.strip("[]").lower()
+    if host == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
+
+
+def check_base_url(url: str, *, allow_http: bool = False) -> str:
+    """``url`` if it can be the Weco API's base URL; else a one-line ``ApiMisconfigured`` naming
+    ``WECO_BASE_URL`` (never a password in it). Nothing is sent to a malformed URL: httpx would
+    call it a network fault and sync would retry it as one.
+
+    Plain ``http://`` is refused for a host that is not loopback (the key would cross the
+    network in clear) unless ``allow_http`` (``WECO_OBSERVE_ALLOW_HTTP=1``).
+
+    >>> check_base_url("https://api.weco.ai/v1"), check_base_url("http://127.0.0.1:8765/v1")
+    ('https://api.weco.ai/v1', 'http://127.0.0.1:8765/v1')
+    """
+    import re
+    from urllib.parse import urlsplit
+
+    from .errors import ApiMisconfigured
+
+    shown = _shown_url(url)
+
+    def bad(why: str) -> ApiMisconfigured:
+        return ApiMisconfigured(f"WECO_BASE_URL {shown} {why} (nothing was sent)")
+
+    if not url or any(c.isspace() or not c.isprintable() for c in url):
+        raise bad("contains white space or control characters")
+    if re.fullmatch(r"(?i)https?:/*", url):  # "http://" (its slashes stripped as trailing ones)
+        raise bad("has no host")
+    if not re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", url):
+        host = re.split(r"[:/]", url, maxsplit=1)[0]
+        scheme = "http" if is_loopback(host) else "https"
+        raise bad(f"has no scheme: did you mean {scheme}://{url}?")
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - parsing the port is the check: ValueError when out of range
+    except ValueError:
+        raise bad("is not a valid URL (its host or port)") from None
+    if parts.scheme.lower() not in ("http", "https"):
+        raise bad(f"uses {parts.scheme}://: the Weco API speaks https:// (for example {DEFAULT_BASE_URL})")
+    if not parts.hostname:
+        raise bad("has no host")
+    if parts.username is not None or parts.password is not None:
+        raise bad("has a user name or password in it: remove it (the API key goes in WECO_API_KEY or `weco login`)")
+    if parts.query or parts.fragment or "?" in url or "#" in url:
+        raise bad("has a query or fragment: give the API's base, for example https://api.weco.ai/v1")
+    if parts.scheme.lower() == "http" and not is_loopback(parts.hostname) and not allow_http:
+        raise bad(
+            "is plain http:// to a host that is not this machine: the API key would cross the network"
+            " in clear: use https://, or set WECO_OBSERVE_ALLOW_HTTP=1 to send it anyway"
+        )
+    return url
+
+
+def insecure_warning(url: str) -> str | None:
+    """The warning for a base URL that sends the key in clear (allowed by ``WECO_OBSERVE_ALLOW_HTTP``),
+    None for https:// or loopback."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme.lower() != "http" or is_loopback(parts.hostname or ""):
+        return None
+    return (
+        f"weco-observe: warning: WECO_BASE_URL {_shown_url(url)} is plain http:// to {parts.hostname}:"
+        " the API key and your code cross the network unencrypted (WECO_OBSERVE_ALLOW_HTTP is set)"
+    )
+
+
 @dataclass(frozen=True)
 class Settings:
     """One reading of the environment. Build it with :meth:`load`; it never changes afterwards."""
@@ -86,6 +188,8 @@ class Settings:
     dashboard_url: str
     #: ``$WECO_OBSERVE_AUTO_SYNC`` (default on); the background syncer also needs a key, see :meth:`auto_sync_active`
     auto_sync: bool
+    #: ``$WECO_OBSERVE_ALLOW_HTTP`` (default off): send the key over plain http:// to a host that is not loopback
+    allow_http: bool
     #: seconds a writer waits for the journal's lock (``$WECO_OBSERVE_BUSY_TIMEOUT``)
     busy_timeout: float
     #: the background syncer lingers this long for new events before it exits
@@ -113,6 +217,7 @@ class Settings:
             base_url=(env.get("WECO_BASE_URL") or DEFAULT_BASE_URL).strip().rstrip("/"),
             dashboard_url=(env.get("WECO_DASHBOARD_URL") or DEFAULT_DASHBOARD_URL).strip().rstrip("/"),
             auto_sync=_flag(env.get("WECO_OBSERVE_AUTO_SYNC"), True),
+            allow_http=_flag(env.get("WECO_OBSERVE_ALLOW_HTTP"), False),
             busy_timeout=_seconds(env.get("WECO_OBSERVE_BUSY_TIMEOUT"), DEFAULT_BUSY_TIMEOUT),
             sync_linger=_seconds(env.get("WECO_OBSERVE_SYNC_LINGER"), DEFAULT_SYNC_LINGER),
             sync_give_up=_seconds(env.get("WECO_OBSERVE_SYNC_GIVE_UP"), DEFAULT_SYNC_GIVE_UP),
@@ -151,9 +256,15 @@ class Settings:
 
     @cached_property
     def _key(self) -> tuple[str | None, str | None]:
-        """``(key, where it came from)``; raises InvalidInput for a malformed key."""
+        """``(key, where it came from)``; raises InvalidInput for a malformed key.
+
+        A key read here is registered with :mod:`~weco_observe.redact`, so every error
+        text stored or printed by this process has it blanked out."""
+        from .redact import register
+
         key = check_api_key(self.env_api_key, "WECO_API_KEY")
         if key:
+            register(key)
             return key, "environment (WECO_API_KEY)"
         try:
             data = json.loads(self.credentials_path.read_text(encoding="utf-8"))
@@ -161,6 +272,7 @@ class Settings:
             return None, None
         raw = data.get("api_key") if isinstance(data, dict) else None
         key = check_api_key(raw, str(self.credentials_path)) if isinstance(raw, str) else None
+        register(key)
         return (key, str(self.credentials_path)) if key else (None, None)
 
     @property
