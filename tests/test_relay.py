@@ -398,6 +398,13 @@ def test_tls_with_a_site_ca(relays, relay_data, tmp_path):
         untrusting.post("/external/runs", json={})  # the system CAs do not know the site's CA
     with pytest.raises(httpx.HTTPError):
         httpx.post(relay.base_url.replace("https://", "http://") + "/external/runs", json={}, timeout=5)
+    # a box trusts the site's CA through WECO_OBSERVE_CA_BUNDLE, and syncs unchanged otherwise
+    box, run = make_box(tmp_path, "box-tls", 3, src=tmp_path / "t.py")
+    untrusted = cli(box, "sync", env=relay.env(api_key))
+    assert untrusted.returncode == 4 and "Traceback" not in untrusted.stderr
+    synced = cli(box, "sync", env={**relay.env(api_key), "WECO_OBSERVE_CA_BUNDLE": str(ca_cert)})
+    assert synced.returncode == 0, synced.stderr
+    assert_relay_holds_box(relay_data, box, run)
 
 
 # -- the official client -----------------------------------------------------------------------

@@ -274,8 +274,19 @@ class WecoClient:
         warning = insecure_warning(self.base_url)
         if warning:  # allowed, but never silently: once per client, so once per sync
             print(warning, file=sys.stderr, flush=True)
+        verify: Any = True
+        if settings.ca_bundle is not None and self.base_url.startswith("https:"):
+            import ssl
+
+            try:  # a site's CA (a relay's): trusted instead of the system's certificates
+                verify = ssl.create_default_context(cafile=str(settings.ca_bundle))
+            except (OSError, ssl.SSLError) as exc:
+                raise ApiMisconfigured(
+                    f"WECO_OBSERVE_CA_BUNDLE {settings.ca_bundle}: not a readable PEM file of CA certificates ({exc})"
+                ) from None
         self._client = httpx.Client(
             base_url=self.base_url,
+            verify=verify,
             headers={"Authorization": f"Bearer {key}", "User-Agent": USER_AGENT, "Accept": "application/json"},
             timeout=httpx.Timeout(read_timeout, connect=connect_timeout),
             limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),

@@ -54,7 +54,7 @@ from . import ids, outbox, validate
 from .errors import InvalidInput, UnknownRun, WecoObserveError
 from .journal import Journal
 from .records import LOCAL_ID_KEY, Run, run_args_from_wire, step_args_from_wire
-from .settings import Settings
+from .settings import Settings, is_loopback
 
 __all__ = ["Relay", "RelayKeys", "RelayStore", "keys_add", "keys_list", "keys_revoke"]
 
@@ -406,7 +406,7 @@ class Forwarder:
                     Journal(self.data_dir / "journal.db") as journal,
                     WecoClient(self.upstream, self.key, max_connections=self.workers) as client,
                 ):
-                    drain(
+                    done = drain(
                         journal,
                         client,
                         DrainPolicy(poll=0.5, backoff=1.0, max_backoff=60.0, passes=1),
@@ -415,6 +415,10 @@ class Forwarder:
                         workers=self.workers,
                         step_window=self.workers,
                     )
+                if done.reason not in ("stopped", "idle"):
+                    # the upstream refused the key or is not the Weco API: retrying at once would hammer it
+                    self.log(f"upstream: stopped ({done.reason}): {done.total.last_error}; trying again in 5 minutes")
+                    self._stop.wait(300)
             except Exception as exc:  # never let the relay die of its upstream
                 self.log(f"upstream: {type(exc).__name__}: {exc}")
                 self._stop.wait(5)
@@ -871,23 +875,6 @@ def _login_page(error: str = "") -> str:
 
 
 # -- serving ----------------------------------------------------------------------------------------
-
-
-def is_loopback(host: str) -> bool:
-    """True for an address only this host can reach: 127.0.0.0/8, ::1 or ``localhost`` (a name that
-    merely starts like one, ``127.example.org`` or ``localhost.example.org``, is not).
-
-    >>> [is_loopback(h) for h in ("127.0.0.2", "::1", "localhost", "127.example.org", "10.0.0.5")]
-    [True, True, True, False, False]
-    """
-    import ipaddress
-
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def serve(

@@ -190,6 +190,9 @@ class Settings:
     auto_sync: bool
     #: ``$WECO_OBSERVE_ALLOW_HTTP`` (default off): send the key over plain http:// to a host that is not loopback
     allow_http: bool
+    #: ``$WECO_OBSERVE_CA_BUNDLE`` (else ``$SSL_CERT_FILE``): the CA certificates to trust for https, e.g. a
+    #: site relay's own CA; None trusts the system's
+    ca_bundle: Path | None
     #: seconds a writer waits for the journal's lock (``$WECO_OBSERVE_BUSY_TIMEOUT``)
     busy_timeout: float
     #: the background syncer lingers this long for new events before it exits
@@ -218,6 +221,7 @@ class Settings:
             dashboard_url=(env.get("WECO_DASHBOARD_URL") or DEFAULT_DASHBOARD_URL).strip().rstrip("/"),
             auto_sync=_flag(env.get("WECO_OBSERVE_AUTO_SYNC"), True),
             allow_http=_flag(env.get("WECO_OBSERVE_ALLOW_HTTP"), False),
+            ca_bundle=Path(ca) if (ca := env.get("WECO_OBSERVE_CA_BUNDLE") or env.get("SSL_CERT_FILE")) else None,
             busy_timeout=_seconds(env.get("WECO_OBSERVE_BUSY_TIMEOUT"), DEFAULT_BUSY_TIMEOUT),
             sync_linger=_seconds(env.get("WECO_OBSERVE_SYNC_LINGER"), DEFAULT_SYNC_LINGER),
             sync_give_up=_seconds(env.get("WECO_OBSERVE_SYNC_GIVE_UP"), DEFAULT_SYNC_GIVE_UP),
