@@ -88,6 +88,17 @@ def test_an_owner_on_another_host_that_stops_beating_is_taken_over(db):
     assert not list(db.parent.glob("journal.db.owner*"))  # no stale or break folders left behind
 
 
+def test_waiting_as_long_as_the_staleness_period_is_enough_to_take_over(db):
+    # `merge` and the views wait WECO_OBSERVE_BUSY_TIMEOUT, 30 s by default: the same as STALE
+    lock_dir = db.with_name("journal.db.owner")
+    lock_dir.mkdir()
+    _as_other_host(lock_dir)
+    lock = OwnerLock(db, stale=0.5)
+    lock.acquire("merge", timeout=lock.stale, poll=0.05)
+    assert lock.holder()["host"] != "another-node" and lock.holder()["token"] == lock.token
+    lock.release()
+
+
 def test_an_owner_that_keeps_beating_is_never_taken_over(db):
     lock_dir = db.with_name("journal.db.owner")
     lock_dir.mkdir()

@@ -224,7 +224,9 @@ class OwnerLock:
     ) -> None:
         """Take the lock; with ``wait``, poll until it is free, asking a background owner to yield
         and breaking an owner that stopped beating. Raises SyncBusy when ``wait`` is False or
-        ``timeout`` passes."""
+        ``timeout`` passes. A ``timeout`` of at least ``stale`` is enough to take over an owner
+        that is silent from the start (the deadline and the staleness clock start together)."""
+        start = time.monotonic()
         if self.try_acquire(mode):
             return
         holder = self.holder()
@@ -232,9 +234,9 @@ class OwnerLock:
             raise SyncBusy(_busy(holder))
         if on_wait is not None:
             on_wait(holder)
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = None if timeout is None else start + timeout
         seen = (holder.get("token"), holder.get("beat"))
-        seen_at = time.monotonic()
+        seen_at = start
         asked = False
         try:
             while True:
@@ -247,9 +249,11 @@ class OwnerLock:
                 now = (holder.get("token"), holder.get("beat"))
                 if now != seen:
                     seen, seen_at, asked = now, time.monotonic(), False
-                elif time.monotonic() - seen_at > self.stale:  # no beat (or no owner.json) for too long
+                elif time.monotonic() - seen_at >= self.stale:  # no beat (or no owner.json) for too long
                     self._break(holder.get("token"))
                     seen_at = time.monotonic()
+                    if self.try_acquire(mode):  # at once: the deadline may be due in this same round
+                        return
                 if should_stop is not None and should_stop():
                     raise SyncBusy("stopped while waiting for the journal's owner")
                 if deadline is not None and time.monotonic() > deadline:
