@@ -237,3 +237,61 @@ def test_a_cluster_journal_is_never_opened_for_writing_without_the_owner_lock(se
     conn = sqlite3.connect(settings.journal_path)
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
     conn.close()
+
+
+def _failing_fstat(monkeypatch: pytest.MonkeyPatch, paths: set[str], error: int) -> None:
+    """Make ``fstat`` of a descriptor opened on one of ``paths`` fail with ``error`` (``os`` is patched
+    for the whole process: segments.os is the module)."""
+    opened: dict[int, str] = {}
+    real_open, real_fstat = os.open, os.fstat
+
+    def open_(path, flags, *args):
+        fd = real_open(path, flags, *args)
+        opened[fd] = os.fspath(path)
+        return fd
+
+    def fstat(fd):
+        if opened.get(fd) in paths:
+            raise OSError(error, os.strerror(error))
+        return real_fstat(fd)
+
+    monkeypatch.setattr(segments.os, "open", open_)
+    monkeypatch.setattr(segments.os, "fstat", fstat)
+
+
+def test_a_segment_removed_by_another_hosts_merge_while_a_writer_reads_it_is_found_in_the_journal(
+    settings, journal_path, monkeypatch
+):
+    import errno
+
+    a, b = SegmentWriter(settings=settings), SegmentWriter(settings=settings)
+    run = a.create_run(source_code=CODE, metric="loss")
+    a.log_step(run, 1)
+    a.log_step(run, 2)
+    folder = journal_path.parent / "segments" / run
+    listed = {p.name: p.read_bytes() for p in folder.iterdir()}
+    merged(settings)  # committed and removed ...
+    folder.mkdir()
+    for name, data in listed.items():  # ... while B's listing still shows them (NFS and sshfs cache listings)
+        (folder / name).write_bytes(data)
+        os.chmod(folder / name, 0o600)
+    # B opened each file just before the owner removed it: sshfs then fails fstat with ENOENT
+    _failing_fstat(monkeypatch, {str(folder / name) for name in listed}, errno.ENOENT)
+    assert b.log_step(run, 3)["parent_step"] == 2  # steps 1 and 2 are found in the journal instead
+    monkeypatch.undo()
+    assert sorted(steps_of(settings, run)) == [0, 1, 2, 3]
+
+
+def test_a_segment_the_owner_cannot_read_now_is_kept_for_the_next_merge(settings, journal_path, monkeypatch):
+    import errno
+
+    w = SegmentWriter(settings=settings)
+    run = w.create_run(source_code=CODE, metric="loss")
+    w.log_step(run, 1)
+    folder = journal_path.parent / "segments" / run
+    _failing_fstat(monkeypatch, {str(p) for p in folder.iterdir()}, errno.ESTALE)  # NFS: the handle went stale
+    first = merged(settings)
+    assert first.applied == 0 and first.files_removed == 0 and len(list(folder.iterdir())) == 2
+    monkeypatch.undo()
+    second = merged(settings)
+    assert second.applied == 2 and second.files_removed == 2

@@ -81,6 +81,8 @@ class Parsed:
     torn: list[str] = field(default_factory=list)
     #: bytes after the last newline (a record being appended, or cut short)
     tail: int = 0
+    #: the file could not be read to its end (removed or renamed meanwhile): nothing is known of it
+    gone: bool = False
 
 
 def decode(data: bytes, offset: int = 0) -> Parsed:
@@ -147,11 +149,17 @@ def _segment_files(partition: Path) -> list[Path]:
 
 
 def read_records(path: Path, offset: int = 0) -> Parsed:
-    """Read a segment from ``offset`` (opened afresh: under NFS close-to-open, that shows the latest)."""
+    """Read a segment from ``offset`` (opened afresh: under NFS close-to-open, that shows the latest).
+
+    A file that goes while it is read reads as ``gone``, with no records: the owner removes a
+    segment once its records are committed (a writer reads the journal after the segments, so
+    it finds them there), and an SDK writer renames its ``.open`` file when it closes. Another
+    host's removal shows up at the descriptor already open: sshfs fails ``fstat`` with ENOENT,
+    NFS fails reads with ESTALE."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except OSError:
-        return Parsed(end=offset)
+        return Parsed(end=offset, gone=True)
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid():
@@ -164,8 +172,13 @@ def read_records(path: Path, offset: int = 0) -> Parsed:
                 break
             chunks.append(chunk)
             pos += len(chunk)
+    except OSError:
+        return Parsed(end=offset, gone=True)
     finally:
-        os.close(fd)
+        try:
+            os.close(fd)
+        except OSError:
+            pass
     return decode(b"".join(chunks), offset)
 
 
@@ -339,12 +352,15 @@ class SegmentWriter:
         for path in found:
             held = self._files.get(path)
             if held is None or not path.name.endswith(".seg"):
-                held = held or _FileRecords()
-                parsed = read_records(path, held.end)
-                held.end = parsed.end
-                for doc in parsed.records:
-                    held.add(doc)
-                self._files[path] = held
+                parsed = read_records(path, held.end if held else 0)
+                if not parsed.gone:  # gone: merged and removed, or sealed, meanwhile; never remembered as empty
+                    held = held or _FileRecords()
+                    held.end = parsed.end
+                    for doc in parsed.records:
+                        held.add(doc)
+                    self._files[path] = held
+            if held is None:
+                continue
             for step in held.steps:
                 view.add(step)
             view.blobs |= held.blobs
@@ -631,7 +647,7 @@ def merge(journal: Any, *, batch: int = 2000, now: float | None = None) -> Merge
                         result.problems.append(f"{key}: {outcome}")
         with journal.write() as conn:
             for _path, key, parsed, _done in reads:
-                if key in blocked:
+                if key in blocked or parsed.gone:
                     continue
                 conn.execute(
                     "INSERT INTO segment_progress (name, offset, updated_at) VALUES (?, ?, ?)"
@@ -640,6 +656,8 @@ def merge(journal: Any, *, batch: int = 2000, now: float | None = None) -> Merge
                 )
         for path, key, parsed, done in reads:
             result.problems.extend(f"{key}: {why}" for why in parsed.torn)
+            if parsed.gone:  # sealed under its new name meanwhile (or unreadable now): never removed unread
+                continue
             if key in blocked:
                 result.kept.append(key)
                 continue
