@@ -372,3 +372,46 @@ def test_an_owner_killed_on_one_host_is_taken_over_from_the_other_once_stale(lag
     assert b.ok("merge").returncode == 0
     leftovers = [p.name for p in b.data.iterdir() if p.name.startswith("journal.db.owner")]
     assert leftovers == []  # no lock, break marker or stale folder left behind
+
+
+MERGE_ON_CUE = r"""
+import sys
+from weco_observe import store
+from weco_observe.settings import Settings
+print("ready", flush=True)
+for line in sys.stdin:
+    with store.exclusive(Settings.load(), "merge", timeout=30) as held:
+        print(held.merged.applied, flush=True)
+"""
+
+
+def test_ownership_passes_between_hosts_within_their_name_caches(hosts):
+    """The kernel keeps a name it looked up through a FUSE mount for a second (NFS, until it revalidates):
+    an owner must not depend on a file another host's owner just removed."""
+    from weco_observe import store
+    from weco_observe.segments import SegmentWriter
+    from weco_observe.settings import Settings
+
+    a, b = hosts["a"], hosts["b"]
+    run = _new_run(a, "ownership moves")
+    a.ok("merge")
+    merger_b = b.start(sys.executable, "-c", MERGE_ON_CUE, stdin=subprocess.PIPE)
+    assert merger_b.stdin is not None and merger_b.stdout is not None
+    assert merger_b.stdout.readline() == "ready\n"
+    settings = Settings.load()
+    writer = SegmentWriter(a.journal, settings=settings)  # this process: another host, through mount A
+    for step in range(1, 4):
+        writer.log_step(run, step)
+        # host B's owner is about to write: its rollback journal is there (as it is, empty, when SQLite
+        # has just made it), and a reader on host A looks for a hot journal: A knows the name now
+        (b.data / "journal.db-journal").touch()
+        assert (a.data / "journal.db-journal").exists()
+        merger_b.stdin.write("merge\n")
+        merger_b.stdin.flush()
+        assert merger_b.stdout.readline() == "1\n"  # host B's owner merged the step
+        writer.log_step(run, 10 + step)
+        with store.exclusive(settings, "merge", journal_path=a.journal, timeout=30) as held:  # at once, on A
+            assert held.merged.applied == 1
+    merger_b.communicate("", timeout=30)
+    assert merger_b.returncode == 0
+    assert sorted(s["step"] for s in _export(b, run)) == [0, 1, 2, 3, 11, 12, 13]

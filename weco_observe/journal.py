@@ -127,7 +127,14 @@ class Journal:
     def _open_shared(self, settings: Settings) -> sqlite3.Connection:
         """Cluster mode, as the owner: rollback journal, no locks of SQLite's own (the owner lock
         excludes other writers). A journal still in WAL mode (made in local mode, or by 0.1.0) is
-        switched once, with the ordinary VFS, since ``unix-none`` cannot open a WAL database."""
+        switched once, with the ordinary VFS, since ``unix-none`` cannot open a WAL database.
+
+        The rollback journal is truncated at each commit, not deleted (``TRUNCATE``): the next
+        owner may be on another host, whose kernel still holds the name ``journal.db-journal``
+        from a look a moment before (a reader checking for a hot journal). Opening a name that
+        another client deleted then fails (sshfs: ENOENT, "unable to open database file"); a
+        file that is never removed cannot go stale. It also spares NFS a create and a remove
+        per commit. An empty rollback journal is not hot: readers ignore it."""
         probe = sqlite3.connect(str(self.path), timeout=settings.busy_timeout, isolation_level=None)
         try:
             if probe.execute("PRAGMA journal_mode").fetchone()[0] == "wal":
@@ -139,7 +146,7 @@ class Journal:
         conn = sqlite3.connect(
             f"file:{self.path}?vfs=unix-none", uri=True, isolation_level=None, check_same_thread=False
         )
-        conn.execute("PRAGMA journal_mode=DELETE")
+        conn.execute("PRAGMA journal_mode=TRUNCATE")
         return conn
 
     def _migrate(self) -> None:
