@@ -295,3 +295,42 @@ def test_a_segment_the_owner_cannot_read_now_is_kept_for_the_next_merge(settings
     monkeypatch.undo()
     second = merged(settings)
     assert second.applied == 2 and second.files_removed == 2
+
+
+MID_COMMIT = r"""
+import sys, time
+from weco_observe import store
+from weco_observe.settings import Settings
+with store.exclusive(Settings.load(), "merge") as held:
+    with held.journal.write() as conn:
+        conn.execute("UPDATE runs SET name = 'torn' WHERE 1")
+        conn.execute("INSERT INTO segment_progress (name, offset, updated_at) VALUES ('x', 1, 0)")
+        print("mid-commit", flush=True)
+        time.sleep(120)
+"""
+
+
+def test_an_owner_killed_mid_commit_is_repaired_by_the_next_owner_even_with_nothing_to_merge(
+    settings, journal_path, monkeypatch
+):
+    import signal
+    import subprocess
+    import sys
+
+    w = SegmentWriter(settings=settings)
+    run = w.create_run(source_code=CODE, metric="loss", name="kept")
+    merged(settings)
+    owner = subprocess.Popen([sys.executable, "-c", MID_COMMIT], stdout=subprocess.PIPE, text=True)
+    try:
+        assert owner.stdout is not None and owner.stdout.readline() == "mid-commit\n"
+    finally:
+        owner.send_signal(signal.SIGKILL)
+        owner.wait(30)
+        owner.stdout.close()
+    assert read_seq(journal_path.with_name("journal.db.seq")) % 2 == 1  # it died with the counter odd
+    assert merged(settings).applied == 0  # nothing to merge, but the journal is the owner's now
+    assert read_seq(journal_path.with_name("journal.db.seq")) % 2 == 0
+    monkeypatch.setenv("WECO_OBSERVE_BUSY_TIMEOUT", "2")
+    reader = SharedReader(journal_path, settings=Settings.load())
+    assert reader.find_run(run)["name"] == "kept"  # the half-written transaction was rolled back
+    assert SegmentWriter(settings=Settings.load()).log_step(run, 1)["parent_step"] == 0

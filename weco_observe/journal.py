@@ -110,6 +110,7 @@ class Journal:
             self.conn.execute("PRAGMA foreign_keys=ON")
             version = self.conn.execute("PRAGMA user_version").fetchone()[0]
             if owner is not None:
+                self._settle_seq(owner)
                 if version < SCHEMA_VERSION:
                     self._migrate()
             elif self.conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal" or version < SCHEMA_VERSION:
@@ -148,6 +149,17 @@ class Journal:
         )
         conn.execute("PRAGMA journal_mode=TRUNCATE")
         return conn
+
+    def _settle_seq(self, owner: OwnerLock) -> None:
+        """A new owner: an odd commit counter is the mark of an owner that died mid-write. Its
+        half-written transaction was rolled back when this connection first read the journal
+        (``PRAGMA user_version``: the hot rollback journal is played back), so the counter goes
+        even now, not at this owner's first write, which may never come: until then every
+        reader on every host would wait, and every writer with them."""
+        seq = read_seq(self.files.commit_seq)
+        if seq % 2:
+            owner.check()
+            write_seq(self.files.commit_seq, seq + 1)
 
     def _migrate(self) -> None:
         from . import migrations
