@@ -104,6 +104,7 @@ def test_merging_is_idempotent_and_files_go_only_after_their_commit(settings, jo
     kept = {p.name: p.read_bytes() for p in folder.iterdir()}
     first = merged(settings)
     assert first.applied == 6 and first.files_removed == 6 and not folder.exists()
+    merged(settings)  # forgets how far it read the removed files
     for name, data in kept.items():  # as if the owner died after its commit, before removing them
         folder.mkdir(exist_ok=True)
         (folder / name).write_bytes(data)
@@ -334,3 +335,29 @@ def test_an_owner_killed_mid_commit_is_repaired_by_the_next_owner_even_with_noth
     reader = SharedReader(journal_path, settings=Settings.load())
     assert reader.find_run(run)["name"] == "kept"  # the half-written transaction was rolled back
     assert SegmentWriter(settings=Settings.load()).log_step(run, 1)["parent_step"] == 0
+
+
+def test_a_merge_commits_once_and_an_idle_merge_commits_nothing(settings, journal_path):
+    # every commit moves the counter that readers on all hosts retry on (two per commit)
+    seq = journal_path.with_name("journal.db.seq")
+    cli, sdk = SegmentWriter(settings=settings), SegmentWriter(settings=settings, append=True)
+    run = cli.create_run(source_code=CODE, metric="loss")
+    sdk.log_step(run, 100)  # a live .open file, read again by every merge
+    merged(settings)
+    for n in range(1, 7):
+        cli.log_step(run, n)
+    sdk.log_step(run, 101)
+    before = read_seq(seq)
+    result = merged(settings)
+    assert (result.applied, result.files_removed) == (7, 6)
+    assert read_seq(seq) == before + 2
+    merged(settings)  # forgets how far it had read the six files it removed: one commit
+    settled = read_seq(seq)
+    for _ in range(3):
+        assert merged(settings).applied == 0
+    assert read_seq(seq) == settled
+    sdk.close()
+    assert merged(settings).files_removed == 1
+    with store.reader(settings) as j:  # a view merges first: the sealed file's progress goes too
+        assert j.query("SELECT count(*) FROM segment_progress")[0][0] == 0
+    assert sorted(steps_of(settings, run)) == [0, 1, 2, 3, 4, 5, 6, 100, 101]

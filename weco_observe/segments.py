@@ -609,70 +609,80 @@ class MergeResult:
     elapsed: float = 0.0
 
 
-def _progress(journal: Any, key: str) -> int:
-    rows = journal.query("SELECT offset FROM segment_progress WHERE name = ?", (key,))
-    return rows[0][0] if rows else 0
+_UPSERT_PROGRESS = (
+    "INSERT INTO segment_progress (name, offset, updated_at) VALUES (?, ?, ?)"
+    " ON CONFLICT (name) DO UPDATE SET offset = excluded.offset, updated_at = excluded.updated_at"
+)
 
 
 def merge(journal: Any, *, batch: int = 2000, now: float | None = None) -> MergeResult:
     """Apply every segment record not yet in ``journal`` (opened by the owner), then remove
-    what is fully merged. Idempotent by event id: merging twice changes nothing."""
+    what is fully merged. Idempotent by event id: merging twice changes nothing.
+
+    One write transaction per ``batch`` records, the last one also recording how far each
+    file was read; none at all when nothing is new. Every commit moves the counter that
+    readers on other hosts retry on, so a merge that commits often (or an idle one that
+    commits anyway) would keep them, and every writer's tree rule, waiting."""
     start = time.monotonic()
     now = now if now is not None else time.time()
     result = MergeResult()
-    files = journal.files
-    for partition in _partitions(files):
-        paths = _segment_files(partition)
-        reads: list[tuple[Path, str, Parsed, bool]] = []
-        for path in paths:
+    progress: dict[str, int] = {row[0]: row[1] for row in journal.query("SELECT name, offset FROM segment_progress")}
+    partitions = _partitions(journal.files)
+    reads: list[tuple[Path, str, Parsed, bool]] = []
+    for partition in partitions:
+        for path in _segment_files(partition):
             key = f"{partition.name}/{path.name}"
             done = _finished(path, now)  # decided before reading: whatever is read is all there is
-            parsed = read_records(path, _progress(journal, key))
-            reads.append((path, key, parsed, done))
-        # runs first: a step's file can sort before its run's when two hosts' clocks disagree
-        docs = [(key, d) for _path, key, parsed, _done in reads for d in parsed.records]
-        docs.sort(key=lambda kd: kd[1].get("op") != "run")
-        blocked: set[str] = set()
-        for i in range(0, len(docs), batch):
-            with journal.write() as conn:
-                for key, doc in docs[i : i + batch]:
-                    outcome = _apply(journal, conn, doc)
-                    if outcome == "applied":
-                        result.applied += 1
-                    elif outcome == "known":
-                        result.known += 1
-                    elif outcome == "no run":
-                        blocked.add(key)
-                    else:
-                        result.problems.append(f"{key}: {outcome}")
+            reads.append((path, key, read_records(path, progress.get(key, 0)), done))
+    # runs first: a step's file can sort before its run's when two hosts' clocks disagree
+    docs = [(key, d) for _path, key, parsed, _done in reads for d in parsed.records]
+    docs.sort(key=lambda kd: kd[1].get("op") != "run")
+    listed = {key for _path, key, _parsed, _done in reads}
+    stale = [(key,) for key in progress if key not in listed]  # files removed by an earlier merge
+    blocked: set[str] = set()
+
+    def record_progress(conn: Any) -> None:
+        for _path, key, parsed, _done in reads:
+            if key not in blocked and not parsed.gone and parsed.end != progress.get(key, 0):
+                conn.execute(_UPSERT_PROGRESS, (key, parsed.end, now))
+        conn.executemany("DELETE FROM segment_progress WHERE name = ?", stale)
+
+    for i in range(0, len(docs), batch):
         with journal.write() as conn:
-            for _path, key, parsed, _done in reads:
-                if key in blocked or parsed.gone:
-                    continue
-                conn.execute(
-                    "INSERT INTO segment_progress (name, offset, updated_at) VALUES (?, ?, ?)"
-                    " ON CONFLICT (name) DO UPDATE SET offset = excluded.offset, updated_at = excluded.updated_at",
-                    (key, parsed.end, now),
-                )
-        for path, key, parsed, done in reads:
-            result.problems.extend(f"{key}: {why}" for why in parsed.torn)
-            if parsed.gone:  # sealed under its new name meanwhile (or unreadable now): never removed unread
-                continue
-            if key in blocked:
-                result.kept.append(key)
-                continue
-            result.files_merged += 1
-            if not done:
-                continue
-            if parsed.tail:
-                result.problems.append(f"{key}: a torn last record ({parsed.tail} bytes), never acknowledged: skipped")
-            try:
-                path.unlink()
-            except OSError:
-                continue
-            result.files_removed += 1
-            with journal.write() as conn:
-                conn.execute("DELETE FROM segment_progress WHERE name = ?", (key,))
+            for key, doc in docs[i : i + batch]:
+                outcome = _apply(journal, conn, doc)
+                if outcome == "applied":
+                    result.applied += 1
+                elif outcome == "known":
+                    result.known += 1
+                elif outcome == "no run":
+                    blocked.add(key)
+                else:
+                    result.problems.append(f"{key}: {outcome}")
+            if i + batch >= len(docs):
+                record_progress(conn)
+    moved = any(not p.gone and p.end != progress.get(key, 0) for _path, key, p, _done in reads)
+    if not docs and (moved or stale):
+        with journal.write() as conn:
+            record_progress(conn)
+    for path, key, parsed, done in reads:
+        result.problems.extend(f"{key}: {why}" for why in parsed.torn)
+        if parsed.gone:  # sealed under its new name meanwhile (or unreadable now): never removed unread
+            continue
+        if key in blocked:
+            result.kept.append(key)
+            continue
+        result.files_merged += 1
+        if not done:
+            continue
+        if parsed.tail:
+            result.problems.append(f"{key}: a torn last record ({parsed.tail} bytes), never acknowledged: skipped")
+        try:
+            path.unlink()  # its progress row goes with the next merge's transaction
+        except OSError:
+            continue
+        result.files_removed += 1
+    for partition in partitions:
         _tidy(partition, now)
     result.elapsed = time.monotonic() - start
     return result
