@@ -361,3 +361,30 @@ def test_a_merge_commits_once_and_an_idle_merge_commits_nothing(settings, journa
     with store.reader(settings) as j:  # a view merges first: the sealed file's progress goes too
         assert j.query("SELECT count(*) FROM segment_progress")[0][0] == 0
     assert sorted(steps_of(settings, run)) == [0, 1, 2, 3, 4, 5, 6, 100, 101]
+
+
+def test_writers_do_not_wait_for_an_owner_that_died_mid_commit_when_no_new_owner_comes(
+    settings, journal_path, monkeypatch
+):
+    import signal
+    import subprocess
+    import sys
+
+    w = SegmentWriter(settings=settings)
+    run = w.create_run(source_code=CODE, metric="loss", name="kept")
+    merged(settings)
+    owner = subprocess.Popen([sys.executable, "-c", MID_COMMIT], stdout=subprocess.PIPE, text=True)
+    try:
+        assert owner.stdout is not None and owner.stdout.readline() == "mid-commit\n"
+    finally:
+        owner.send_signal(signal.SIGKILL)
+        owner.wait(30)
+        owner.stdout.close()
+    monkeypatch.setenv("WECO_OBSERVE_BUSY_TIMEOUT", "10")
+    started = time.monotonic()
+    # no sync, view or merge runs: the writers themselves see that the owner is dead (same host: its pid)
+    assert SegmentWriter(settings=Settings.load()).log_step(run, 1)["parent_step"] == 0
+    assert time.monotonic() - started < 5
+    assert read_seq(journal_path.with_name("journal.db.seq")) % 2 == 0
+    assert not journal_path.with_name("journal.db.owner").exists()
+    assert SharedReader(journal_path, settings=Settings.load()).find_run(run)["name"] == "kept"

@@ -605,10 +605,22 @@ class SharedReader(Journal):
 
     Each query opens a fresh read-only connection (``unix-none``: no locks taken,
     no journal ever rolled back) and runs between two reads of the commit counter;
-    it is retried while the counter is odd or moved. Writing raises.
+    it is retried while the counter is odd or moved: at once after it moved (the
+    owner has just committed; its next commit is usually a while away), with a
+    growing pause while it is odd. Writing raises.
+
+    A counter that stays odd for :attr:`REPAIR_AFTER` seconds may be the mark of an
+    owner that died mid-write: then the reader tries to become the owner for a
+    moment (``OwnerLock.acquire``, which takes over a dead owner of this host at
+    once and a silent one of another host after ``ownerlock.STALE``, and gives up
+    as soon as the counter is even again), so that opening the journal rolls the
+    half-written transaction back and settles the counter. Without that, every
+    writer on every host would wait for the next sync, view or merge, and spill.
     """
 
     RETRIES = 200
+    #: seconds the counter may stay odd before the reader suspects a dead owner
+    REPAIR_AFTER = 1.0
 
     def __init__(self, path: str | os.PathLike[str] | None = None, *, settings: Settings | None = None):
         settings = settings or Settings.load()
@@ -619,6 +631,7 @@ class SharedReader(Journal):
         self._texts = OrderedDict()
         self._known_blobs = set()
         self._timeout = settings.busy_timeout
+        self._settings = settings
         if not self.path.exists():
             raise JournalUnavailable(f"no journal yet at {self.path}")
 
@@ -628,10 +641,12 @@ class SharedReader(Journal):
     def query(self, sql: str, params: Any = ()) -> list[sqlite3.Row]:
         deadline = time.monotonic() + self._timeout
         delay = 0.002
+        odd_since: float | None = None
         last: Exception | None = None
         while True:
             before = read_seq(self.files.commit_seq)
             if before % 2 == 0:
+                odd_since = None
                 try:
                     conn = self._connect()
                     try:
@@ -642,12 +657,40 @@ class SharedReader(Journal):
                         conn.close()
                     if read_seq(self.files.commit_seq) == before:
                         return rows
+                    delay = 0.001  # it committed meanwhile: the next commit is likely a while away
                 except sqlite3.DatabaseError as exc:  # a torn page read mid-commit, or a hot journal
                     last = exc
+            else:
+                odd_since = odd_since if odd_since is not None else time.monotonic()
+                if time.monotonic() - odd_since >= self.REPAIR_AFTER:
+                    self._repair(deadline)
+                    odd_since = None
             if time.monotonic() > deadline:
                 raise JournalUnavailable(f"cannot read journal {self.path}: it kept changing ({last or 'busy'})")
             time.sleep(delay)
             delay = min(delay * 2, 0.1)
+
+    def _repair(self, deadline: float) -> None:
+        """Become the owner for a moment if the one that made the counter odd is gone (see the class)."""
+        from .errors import SyncBusy
+        from .ownerlock import OwnerLock
+
+        lock = OwnerLock(self.path)
+        try:
+            lock.acquire(
+                "repair",
+                timeout=max(0.0, deadline - time.monotonic()),
+                should_stop=lambda: read_seq(self.files.commit_seq) % 2 == 0,
+                poll=0.2,
+            )
+        except (SyncBusy, OSError):  # a live owner (it beats), the counter went even, or a folder we cannot write
+            return
+        try:
+            Journal(self.path, settings=self._settings, owner=lock).close()  # rolls back, settles the counter
+        except JournalUnavailable:
+            pass
+        finally:
+            lock.release()
 
     def iter_query(self, sql: str, params: Any = (), batch: int = 500) -> Iterator[sqlite3.Row]:
         yield from self.query(sql, params)
