@@ -388,3 +388,27 @@ def test_writers_do_not_wait_for_an_owner_that_died_mid_commit_when_no_new_owner
     assert read_seq(journal_path.with_name("journal.db.seq")) % 2 == 0
     assert not journal_path.with_name("journal.db.owner").exists()
     assert SharedReader(journal_path, settings=Settings.load()).find_run(run)["name"] == "kept"
+
+
+@pytest.mark.parametrize("append", [False, True], ids=["cli", "sdk"])
+def test_a_writer_whose_run_folder_the_owner_just_removed_makes_it_again(settings, journal_path, monkeypatch, append):
+    w = SegmentWriter(settings=settings, append=append)
+    run = SegmentWriter(settings=settings).create_run(source_code=CODE, metric="loss")
+    merged(settings)
+    folder = journal_path.parent / "segments" / run
+    assert not folder.exists()  # merged: the owner removed the empty folder
+    real = segments.private_dir
+    removed: list[Path] = []
+
+    def made_then_removed(path: Path) -> Path:  # the owner's tidy-up runs between our mkdir and our create
+        real(path)
+        if path == folder and not removed:
+            path.rmdir()
+            removed.append(path)
+        return path
+
+    monkeypatch.setattr(segments, "private_dir", made_then_removed)
+    assert w.log_step(run, 1)["parent_step"] == 0
+    assert removed and folder.is_dir()
+    w.close()
+    assert merged(settings).applied == 1

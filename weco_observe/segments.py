@@ -56,6 +56,8 @@ VERSION = 1
 ABANDONED = 24 * 3600.0
 #: a ``.tmp`` file older than this is a writer that died before acknowledging: removed
 STALE_TMP = 3600.0
+#: tries to create a segment in a run folder the owner keeps removing (0.05 s, 0.1 s, ... apart: ~2.3 s in all)
+_CREATE_TRIES = 10
 _HOST = socket.gethostname().replace("/", "_").replace("-", "_")[:64] or "host"
 
 
@@ -424,28 +426,39 @@ class SegmentWriter:
     # -- writing ----------------------------------------------------------------------------
 
     def _publish(self, ref: str, doc: dict[str, Any], event_id: str) -> None:
-        """Make the record durable: appended to this process's ``.open`` file, or a sealed file of its own."""
+        """Make the record durable: appended to this process's ``.open`` file, or a sealed file of its own.
+
+        The owner removes a run's folder once it is empty; when that happens between our
+        ``mkdir`` and our create, the create fails with ENOENT and the folder is made again.
+        Another host's removal can take a moment to show (a name cache: about 1 s on sshfs,
+        until the next revalidation on NFS), hence a few tries over about two seconds."""
         partition = self.files.segments_dir / ref
         line = encode(doc)
-        try:
-            private_dir(partition)
-            if self.append:
-                fd, path = self._open.get(ref) or self._new_open(partition, event_id)
-                os.write(fd, line)
-                os.fsync(fd)
-                return
-            name = f"{event_id}-{_HOST}-{os.getpid()}.seg"
-            tmp = partition / f".{name}.tmp"
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        for attempt in range(_CREATE_TRIES):
             try:
-                os.write(fd, line)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.rename(tmp, partition / name)
-            _fsync_dir(partition)
-        except OSError as exc:
-            raise JournalUnavailable(f"cannot write journal segment under {partition}: {exc}") from None
+                private_dir(partition)
+                if self.append:
+                    fd, path = self._open.get(ref) or self._new_open(partition, event_id)
+                    os.write(fd, line)
+                    os.fsync(fd)
+                    return
+                name = f"{event_id}-{_HOST}-{os.getpid()}.seg"
+                tmp = partition / f".{name}.tmp"
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+                try:
+                    os.write(fd, line)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.rename(tmp, partition / name)  # our .tmp kept the folder from being removed meanwhile
+                _fsync_dir(partition)
+                return
+            except FileNotFoundError as exc:
+                if attempt + 1 == _CREATE_TRIES:
+                    raise JournalUnavailable(f"cannot write journal segment under {partition}: {exc}") from None
+                time.sleep(0.05 * (attempt + 1))
+            except OSError as exc:
+                raise JournalUnavailable(f"cannot write journal segment under {partition}: {exc}") from None
 
     def _new_open(self, partition: Path, event_id: str) -> tuple[int, Path]:
         path = partition / f"{event_id}-{_HOST}-{os.getpid()}.open"
