@@ -412,3 +412,28 @@ def test_a_writer_whose_run_folder_the_owner_just_removed_makes_it_again(setting
     assert removed and folder.is_dir()
     w.close()
     assert merged(settings).applied == 1
+
+
+def test_an_sdk_append_that_fails_halfway_never_costs_a_later_record(settings, journal_path, monkeypatch):
+    import errno
+
+    sdk = SegmentWriter(settings=settings, append=True)
+    run = sdk.create_run(source_code=CODE, metric="loss")
+    sdk.log_step(run, 1)
+    real_write = os.write
+
+    def half_then_full_disk(fd, data):
+        real_write(fd, bytes(data[: len(data) // 2]))
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(segments.os, "write", half_then_full_disk)
+    with pytest.raises(JournalUnavailable, match="No space"):
+        sdk.log_step(run, 2)  # not acknowledged (the SDK spills it)
+    monkeypatch.setattr(segments.os, "write", lambda fd, data: real_write(fd, bytes(data[:7])))  # short writes
+    sdk.log_step(run, 3)  # acknowledged: it must survive the torn record before it
+    monkeypatch.undo()
+    sdk.log_step(run, 4)
+    sdk.close()
+    result = merged(settings)
+    assert sorted(steps_of(settings, run)) == [0, 1, 3, 4]
+    assert [p for p in result.problems if "torn" in p]  # the half record, reported and skipped

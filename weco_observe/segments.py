@@ -313,13 +313,21 @@ class SegmentWriter:
 
     def close(self) -> None:
         """Seal every ``.open`` file this writer appended to."""
-        for fd, path in self._open.values():
-            try:
-                os.close(fd)
-                os.rename(path, path.with_suffix(".seg"))
-            except OSError:
-                pass
-        self._open.clear()
+        for ref in list(self._open):
+            self._seal(ref)
+
+    def _seal(self, ref: str) -> None:
+        """Close the run's ``.open`` file and rename it ``.seg``: nothing more is appended to it (a
+        torn last record, from a write that failed, is reported and skipped by the merge)."""
+        fd, path = self._open.pop(ref)
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+        try:
+            os.rename(path, path.with_suffix(".seg"))
+        except OSError:
+            pass  # still .open: the owner merges it once this process is gone
 
     def __enter__(self) -> SegmentWriter:
         return self
@@ -439,14 +447,18 @@ class SegmentWriter:
                 private_dir(partition)
                 if self.append:
                     fd, path = self._open.get(ref) or self._new_open(partition, event_id)
-                    os.write(fd, line)
-                    os.fsync(fd)
+                    try:
+                        _write_all(fd, line)
+                        os.fsync(fd)
+                    except OSError:
+                        self._seal(ref)  # part of the record may be there: never append after it
+                        raise
                     return
                 name = f"{event_id}-{_HOST}-{os.getpid()}.seg"
                 tmp = partition / f".{name}.tmp"
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
                 try:
-                    os.write(fd, line)
+                    _write_all(fd, line)
                     os.fsync(fd)
                 finally:
                     os.close(fd)
@@ -592,6 +604,13 @@ def _result(step: Step, *, updated: bool) -> dict[str, Any]:
         "event_id": step.event_id,
         "updated": updated,
     }
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """``os.write`` until all of ``data`` is written (a write may be short, on a full disk say)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def _fsync_dir(path: Path) -> None:
