@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import sqlite3
@@ -27,6 +28,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,6 +74,8 @@ class Procs:
     def __init__(self) -> None:
         self.all: list[subprocess.Popen[str]] = []
         self.killed: set[int] = set()
+        #: processes started by ours and detached from them (background syncers): stopped by pid
+        self.pids: set[int] = set()
         self._lock = threading.Lock()
 
     def add(self, process: subprocess.Popen[str]) -> subprocess.Popen[str]:
@@ -89,6 +93,11 @@ class Procs:
             return True
 
     def stop_all(self) -> None:
+        for pid in self.pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         for process in self.all:
             if process.poll() is None:
                 process.kill()
@@ -415,3 +424,299 @@ def test_ownership_passes_between_hosts_within_their_name_caches(hosts):
     merger_b.communicate("", timeout=30)
     assert merger_b.returncode == 0
     assert sorted(s["step"] for s in _export(b, run)) == [0, 1, 2, 3, 11, 12, 13]
+
+
+SDK_WRITER = r"""
+import sys, time
+from weco_observe import WecoObserver
+ref, first, count, tag, deadline = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], float(sys.argv[5])
+lines = [f"param_{i} = {i}\n" for i in range(300)]
+obs = WecoObserver(strict=True)  # strict: a step that is not journaled raises, and the test sees the traceback
+if ref == "new":
+    run = obs.create_run(source_code={"train.py": "".join(lines)}, primary_metric="loss", name=tag)
+else:
+    run = obs.run(ref)
+print("run", run.run_id, flush=True)
+for step in range(first, first + count):
+    if time.time() > deadline:
+        break
+    lines[step % len(lines)] = f"param = {step}\n"
+    code = {"train.py": "".join(lines)} if step % 3 == 0 else None
+    run.log_step(step, description=f"{tag} step {step}", metrics={"loss": 1 / step}, code=code)
+    print(step, flush=True)  # acknowledged: log_step returned
+    time.sleep(0.01)
+obs.close()
+"""
+
+MERGER = r"""
+import sys, time
+from weco_observe import store
+from weco_observe.settings import Settings
+for _ in range(100000):
+    with store.exclusive(Settings.load(), "merge", timeout=60) as held:
+        pass
+    time.sleep(0.02)
+"""
+
+
+# -- many writers on both hosts, kill -9 everywhere, then a reader on a third ------------------------
+
+WRITE_SECONDS = 15.0
+
+
+@dataclass
+class Logged:
+    """One log attempt: where it went and how it ended (returncode None: still unknown)."""
+
+    run: str
+    step: int
+    description: str
+    acknowledged: bool
+
+
+@dataclass
+class Workload:
+    procs: Procs
+    stop_at: float
+    rng: random.Random
+    logged: list[Logged] = field(default_factory=list)
+    #: every process that ended, with its host and role: (role, returncode, pid, stderr)
+    ended: list[tuple[str, int | None, int, str]] = field(default_factory=list)
+    live: dict[str, subprocess.Popen[str]] = field(default_factory=dict)
+    kills: Counter[str] = field(default_factory=Counter)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def running(self) -> bool:
+        return not self.stop.is_set() and time.monotonic() < self.stop_at
+
+    def finished(self, role: str, process: subprocess.Popen[str], stderr: str) -> None:
+        with self.lock:
+            self.ended.append((role, process.returncode, process.pid, stderr))
+            if self.live.get(role) is process:
+                del self.live[role]
+
+    def started(self, role: str, process: subprocess.Popen[str]) -> None:
+        with self.lock:
+            self.live[role] = process
+
+
+def _cli_writer(w: Workload, host: Host, run: str, tag: str, first: int) -> None:
+    step = first
+    while w.running():
+        description = f"{tag} step {step}"
+        process = host.cli_start(
+            "log", "--run-id", run, "--step", str(step), "--description", description,
+            "--metrics", json.dumps({"loss": 1 / step}), "--quiet",
+        )  # fmt: skip
+        w.started(tag, process)
+        _, err = process.communicate(timeout=TIMEOUT)
+        w.finished(tag, process, err)
+        with w.lock:
+            w.logged.append(Logged(run, step, description, process.returncode == 0))
+        step += 1
+
+
+def _sdk_writer(w: Workload, host: Host, run: str, tag: str, first: int, wall_deadline: float) -> None:
+    """Incarnations of an SDK script; each killed one is followed by a new one, on a fresh block of steps."""
+    for incarnation in range(1000):
+        if not w.running():
+            return
+        block = first + 1000 * incarnation
+        out = host.local / "out" / f"{tag}-{incarnation}.txt"
+        with open(out, "w") as sink:
+            process = host.start(
+                sys.executable, "-c", SDK_WRITER, run, str(block), "1000", tag, str(wall_deadline), stdout=sink
+            )
+            w.started(tag, process)
+            _, err = process.communicate(timeout=TIMEOUT)
+        w.finished(tag, process, err)
+        lines = out.read_text().splitlines()
+        if lines and lines[0].startswith("run "):
+            made = lines[0].split()[1]
+            run = made  # a new run is acknowledged: later incarnations log to it
+            acknowledged = {int(line) for line in lines[1:] if line.isdigit()}
+            with w.lock:
+                if incarnation == 0 or made not in {entry.run for entry in w.logged}:
+                    w.logged.append(Logged(made, 0, "", True))  # the run itself (its baseline)
+                for step in range(block, block + 1000):
+                    if step in acknowledged:
+                        w.logged.append(Logged(made, step, f"{tag} step {step}", True))
+
+
+def _merger(w: Workload, host: Host) -> None:
+    """A process merging in a loop (the in-process ``store.exclusive``), restarted whenever it is killed."""
+    while w.running():
+        process = host.start(sys.executable, "-c", MERGER)
+        w.started("merger", process)
+        _, err = process.communicate(timeout=TIMEOUT)
+        w.finished("merger", process, err)
+
+
+def _merge_loop(w: Workload, host: Host) -> None:
+    """`weco observe merge` over and over, giving up after a short wait when the other host holds it."""
+    while w.running():
+        process = host.cli_start("merge", env={"WECO_OBSERVE_BUSY_TIMEOUT": "5"})
+        _, err = process.communicate(timeout=TIMEOUT)
+        w.finished("merge_cli", process, err)
+        time.sleep(0.2)
+
+
+def _killer(w: Workload) -> None:
+    """Every 0.3-0.8 s, SIGKILL a merger, a CLI `log` or an SDK writer."""
+    while w.running():
+        time.sleep(w.rng.uniform(0.3, 0.8))
+        kind = w.rng.choice(["merger", "merger", "cli", "cli", "sdk"])  # an SDK script takes a while to start
+        with w.lock:
+            candidates = [p for role, p in sorted(w.live.items()) if role.split("-")[-1].rstrip("0123456789") == kind]
+        if candidates and w.procs.kill(w.rng.choice(candidates)):
+            w.kills[kind] += 1
+
+
+def test_two_hosts_writing_at_once_through_kill_9_lose_nothing(hosts, procs):
+    a, b, c = hosts["a"], hosts["b"], hosts["c"]
+    seed = random.randrange(1 << 30)
+    print(f"seed {seed}")
+    shared = _new_run(a, "shared by both hosts")
+    own_a, own_b = _new_run(a, "a's own"), _new_run(b, "b's own")
+    w = Workload(procs, time.monotonic() + WRITE_SECONDS, random.Random(seed))
+    w.logged += [Logged(run, 0, "", True) for run in (shared, own_a, own_b)]
+    wall_deadline = time.time() + WRITE_SECONDS
+    merger_thread = threading.Thread(target=_merger, args=(w, a))
+    threads = [
+        threading.Thread(target=_cli_writer, args=(w, a, shared, "a-cli0", 1000)),
+        threading.Thread(target=_cli_writer, args=(w, a, shared, "a-cli1", 2000)),
+        threading.Thread(target=_cli_writer, args=(w, a, own_a, "a-cli2", 1000)),
+        threading.Thread(target=_cli_writer, args=(w, b, shared, "b-cli0", 3000)),
+        threading.Thread(target=_cli_writer, args=(w, b, shared, "b-cli1", 4000)),
+        threading.Thread(target=_cli_writer, args=(w, b, own_b, "b-cli2", 1000)),
+        threading.Thread(target=_sdk_writer, args=(w, a, shared, "a-sdk0", 10000, wall_deadline)),
+        threading.Thread(target=_sdk_writer, args=(w, a, "new", "a-sdk1", 10000, wall_deadline)),
+        threading.Thread(target=_sdk_writer, args=(w, b, shared, "b-sdk0", 50000, wall_deadline)),
+        threading.Thread(target=_sdk_writer, args=(w, b, "new", "b-sdk1", 10000, wall_deadline)),
+        merger_thread,
+        threading.Thread(target=_merge_loop, args=(w, b)),
+        threading.Thread(target=_killer, args=(w,)),
+    ]
+    for t in threads:
+        t.start()
+    time.sleep(WRITE_SECONDS)
+    w.stop.set()  # nothing new starts; the merger, which would loop forever, is killed like the others
+    for _ in range(int(TIMEOUT / 0.2)):
+        with w.lock:
+            merger = w.live.get("merger")
+        if merger is not None and procs.kill(merger):
+            w.kills["merger"] += 1
+        merger_thread.join(0.2)
+        if not merger_thread.is_alive():
+            break
+    for t in threads:
+        t.join(TIMEOUT)
+    assert not any(t.is_alive() for t in threads)
+
+    # Nothing crashed: every process exited 0, or was killed by us (the CLI merge may give up: 8)
+    crashed = [
+        (role, code, err[-800:])
+        for role, code, pid, err in w.ended
+        if not (code == 0 or (code == -signal.SIGKILL and pid in procs.killed) or (role == "merge_cli" and code == 8))
+    ]
+    assert crashed == [], "\n\n".join(map(str, crashed))
+    warned = [err for _, _, _, err in w.ended if "Traceback" in err or "WARNING" in err]
+    assert warned == [], "\n".join(warned)
+    acknowledged = [entry for entry in w.logged if entry.acknowledged]
+    print(f"kills {dict(w.kills)}, logs {len(w.logged)}, acknowledged {len(acknowledged)}")
+    assert min(w.kills.values(), default=0) >= 3 and len(w.kills) == 3, w.kills
+    done = Counter(e.description[:5] for e in acknowledged if e.step)  # "a-cli", "b-sdk", ...
+    assert min(done[k] for k in ("a-cli", "b-cli", "a-sdk", "b-sdk")) >= 3, done  # both hosts wrote both ways
+
+    # The owner on host A died last: a merge on its own host takes over at once; then host C reads
+    a.ok("merge")
+    merged = json.loads(c.ok("merge", "--json").stdout)
+    assert all("torn last record" in p for p in merged["problems"]), merged["problems"]
+    status = json.loads(c.ok("status", "--json").stdout)  # through the seqlock, no lock taken
+    assert status["mode"] == "cluster" and status["spill_files"] == 0
+    assert _integrity(c) == ["ok"]
+
+    runs = sorted({e.run for e in w.logged})
+    steps = {run: _export(c, run) for run in runs}
+    descriptions = Counter(s["description"] for found in steps.values() for s in found if s["description"])
+    for entry in acknowledged:
+        by_step = {s["step"]: s for s in steps[entry.run]}
+        assert entry.step in by_step, f"acknowledged {entry} is missing"
+        if entry.step:
+            assert by_step[entry.step]["description"] == entry.description
+            assert descriptions[entry.description] == 1, f"{entry} found {descriptions[entry.description]} times"
+    assert max(descriptions.values()) == 1
+    for run, found in steps.items():
+        numbers = {s["step"] for s in found}
+        bad = [s for s in found if s["step"] and not (s["parent_step"] in numbers and s["parent_step"] < s["step"])]
+        assert bad == [], f"run {run}: steps whose parent is missing or not lower"
+    shown = json.loads(c.ok("show", shared, "--json").stdout)
+    assert sorted(s["step"] for s in shown["steps"]) == sorted(s["step"] for s in steps[shared])
+    spilled = [p for host in (a, b) for p in (host.local / "tmp").rglob("*.json")]
+    assert spilled == [] and not (a.data / "spill").exists()
+
+
+# -- the cluster workflow: compute nodes with no route out, a login node that syncs -------------------
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # nothing listens once it is closed: connections are refused
+
+
+def _autosync_pids(host: Host) -> set[int]:
+    log = host.data / "autosync.log"
+    text = log.read_text() if log.exists() else ""
+    return {int(line.split(" pid ")[1].split()[0]) for line in text.splitlines() if " pid " in line}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_a_node_with_no_network_gives_up_at_once_and_the_login_node_delivers_everything(hosts, procs, emulator):
+    from weco_observe import synclock
+
+    a, b = hosts["a"], hosts["b"]
+    offline = {
+        "WECO_API_KEY": "key-of-the-compute-node",
+        "WECO_BASE_URL": f"http://127.0.0.1:{_closed_port()}/v1",
+        "WECO_OBSERVE_AUTO_SYNC": "1",
+    }
+    compute = Host("host-a", a.mount, a.local_root, procs, offline, a.pycache)
+    run = _new_run(compute, "logged on a compute node")  # a key is set: this starts a background syncer
+    started = time.monotonic()
+    pids: set[int] = set()
+    while time.monotonic() - started < 60 and not (pids and not any(_alive(p) for p in pids)):
+        time.sleep(0.2)
+        pids = _autosync_pids(compute)
+    procs.pids |= pids  # stopped in teardown whatever happens
+    assert len(pids) == 1, (compute.data / "autosync.log").read_text()
+    assert time.monotonic() - started < 30  # it tried once and gave up: no 60 s of retries holding the journal
+    assert "giving up" in (compute.data / "autosync.log").read_text()
+    assert synclock.in_cooldown(b.journal)  # every node sees the cooldown: it is in the shared folder
+    assert not (b.data / "journal.db.owner").exists()  # and no one holds the journal
+
+    for step in range(1, 4):
+        _log(compute, run, step, f"compute node step {step}")
+    _log(Host("host-b", b.mount, b.local_root, procs, offline, b.pycache), run, 4, "another node, same cooldown")
+    time.sleep(2)
+    assert _autosync_pids(compute) == pids  # no node started another syncer during the cooldown
+
+    login = b.ok("sync", "--no-wait", "--json", env=emulator.env())  # not a moment's wait for the compute node
+    assert json.loads(login.stdout)["pending"] == 0
+    copy = b.local / "journal-copy.db"  # the journal as synced, opened as a local one
+    shutil.copyfile(b.journal, copy)
+    assert_server_matches_journal(emulator, copy)
+    (server_run,) = emulator.runs().values()
+    assert sorted(server_run["steps"]) == [0, 1, 2, 3, 4]
+    assert emulator.stats()["created_runs"] == 1
+    assert not synclock.in_cooldown(b.journal)  # a sync that leaves nothing pending clears it
