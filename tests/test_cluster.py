@@ -317,6 +317,23 @@ def test_a_run_made_on_one_host_is_logged_from_another_at_once_and_the_latest_re
     assert [s["description"] for s in _export(c, own)] == [None, "b's own step"]
 
 
+def test_in_the_listing_window_a_step_chains_to_what_its_host_sees_and_an_explicit_parent_is_trusted(
+    lagging_hosts,
+):
+    a, b, c = lagging_hosts["a"], lagging_hosts["b"], lagging_hosts["c"]
+    run = _new_run(a, "the window")
+    _log(b, run, 1, "b")
+    b.ok("status")  # lists the run's folder: B's listing is cached (20 s, as NFS's acdirmin)
+    _log(a, run, 2, "a")
+    assert "step 3 journaled (parent 1)" in _log(b, run, 3, "b, cannot see step 2 yet")  # the documented window
+    b.ok("status")
+    _log(a, run, 4, "a")
+    # docs/cluster.md: pass --parent-step when another host's step must be the parent
+    assert "step 5 journaled (parent 4)" in _log(b, run, 5, "b, on a's step 4", "--parent-step", "4")
+    c.ok("merge")
+    assert {s["step"]: s["parent_step"] for s in _export(c, run)} == {0: None, 1: 0, 2: 1, 3: 1, 4: 3, 5: 4}
+
+
 # -- the owner lock across hosts ---------------------------------------------------------------------
 
 HOLDER = r"""

@@ -546,13 +546,17 @@ class SegmentWriter:
         prev = view.steps.get(step)
         if prev is not None and prev.event_id == event_id:  # a replayed spill file: already written
             return _result(prev, updated=False)
+        # An explicit parent is taken on trust (as for a remote-only run): one this host cannot
+        # see may be another host's step of the last few seconds, which a cached listing of the
+        # run's folder does not show yet, and --parent-step is what docs/cluster.md tells users
+        # to pass for exactly that step. (In local mode an unknown parent is refused.)
         parent = treerule.resolve(
             step,
             parent_step,
             prev,
             run=run,
             remote_only=view.remote_only,
-            exists=view.steps.__contains__,
+            exists=lambda n: True,
             last_kept_below=view.last_kept_below,
         )
         manifest, blobs = _code(code, view.blobs) if code is not None else (None, {})
