@@ -439,3 +439,38 @@ def test_an_sdk_append_that_fails_halfway_never_costs_a_later_record(settings, j
     result = merged(settings)
     assert sorted(steps_of(settings, run)) == [0, 1, 3, 4]
     assert [p for p in result.problems if "torn" in p]  # the half record, reported and skipped
+
+
+def test_a_long_lived_writer_sees_what_other_hosts_merged_since_its_last_step(settings):
+    sdk, other = SegmentWriter(settings=settings, append=True), SegmentWriter(settings=settings)
+    run = other.create_run(source_code=CODE, metric="loss")
+    for n in range(1, 4):
+        sdk.log_step(run, n, metrics={"loss": 1 / n})
+    merged(settings)
+    assert sdk.log_step(run, 4)["parent_step"] == 3  # the journal read once ...
+    other.log_step(run, 4, status="failed")  # ... then another host re-logs step 4 as failed and logs 5
+    other.log_step(run, 5, status="failed")
+    merged(settings)
+    assert sdk.log_step(run, 6)["parent_step"] == 3  # what changed is read again: 4 and 5 failed
+    other.log_step(run, 3, description="from the other host")
+    merged(settings)
+    relog = sdk.log_step(run, 3, status="completed", metadata={"k": 1})  # its previous state is in the journal
+    assert relog["updated"] and relog["parent_step"] == 2
+    assert sdk._unmerged[run].steps.keys() <= {3, 6}  # merged steps are not kept twice
+    sdk.close()
+    merged(settings)
+    steps = steps_of(settings, run)
+    assert (steps[3]["description"], steps[3]["metrics"], steps[3]["metadata"]) == (
+        "from the other host",
+        {"loss": 1 / 3},
+        {"k": 1},
+    )
+    assert {n: s["status"] for n, s in steps.items()} == {
+        0: "completed",
+        1: "completed",
+        2: "completed",
+        3: "completed",
+        4: "failed",
+        5: "failed",
+        6: "completed",
+    }

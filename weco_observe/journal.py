@@ -40,10 +40,10 @@ import sqlite3
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import codestore, ids, outbox, treerule, validate
 from .errors import InvalidInput, JournalUnavailable, UnknownRun
@@ -53,6 +53,8 @@ from .settings import Settings
 
 if TYPE_CHECKING:
     from .ownerlock import OwnerLock
+
+T = TypeVar("T")
 
 #: Must equal the number of migrations in ``migrations.py`` (a test checks it).
 SCHEMA_VERSION = 4
@@ -632,6 +634,8 @@ class SharedReader(Journal):
         self._known_blobs = set()
         self._timeout = settings.busy_timeout
         self._settings = settings
+        #: the commit counter of the state the last query read
+        self.last_seq = 0
         if not self.path.exists():
             raise JournalUnavailable(f"no journal yet at {self.path}")
 
@@ -639,6 +643,12 @@ class SharedReader(Journal):
         return sqlite3.connect(f"file:{self.path}?vfs=unix-none&mode=ro", uri=True, check_same_thread=False)
 
     def query(self, sql: str, params: Any = ()) -> list[sqlite3.Row]:
+        return self.read(lambda conn: conn.execute(sql, params).fetchall())
+
+    def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """``fn(connection)``, its queries all in one consistent state of the journal (rows are
+        ``sqlite3.Row``); retried as a whole like :meth:`query`. ``last_seq`` is then the value
+        of the commit counter that state had."""
         deadline = time.monotonic() + self._timeout
         delay = 0.002
         odd_since: float | None = None
@@ -650,13 +660,13 @@ class SharedReader(Journal):
                 try:
                     conn = self._connect()
                     try:
-                        cur = conn.execute(sql, params)
-                        cur.row_factory = sqlite3.Row
-                        rows = cur.fetchall()
+                        conn.row_factory = sqlite3.Row
+                        result = fn(conn)
                     finally:
                         conn.close()
                     if read_seq(self.files.commit_seq) == before:
-                        return rows
+                        self.last_seq = before
+                        return result
                     delay = 0.001  # it committed meanwhile: the next commit is likely a while away
                 except sqlite3.DatabaseError as exc:  # a torn page read mid-commit, or a hot journal
                     last = exc
