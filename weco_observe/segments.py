@@ -345,6 +345,8 @@ class SegmentWriter:
 
             atexit.register(self.close)  # seal this process's .open files when it exits normally
         self._open: dict[str, tuple[int, Path]] = {}
+        #: bytes this process appended to each of its ``.open`` files (it alone writes them)
+        self._written: dict[str, int] = {}
         #: how many segment files the last ``log_step`` found unmerged for its run (a merge is due when many)
         self.backlog = 0
         #: per run folder, what its segment files held when last read (each record is read once)
@@ -366,6 +368,7 @@ class SegmentWriter:
         """Close the run's ``.open`` file and rename it ``.seg``: nothing more is appended to it (a
         torn last record, from a write that failed, is reported and skipped by the merge)."""
         fd, path = self._open.pop(ref)
+        self._written.pop(path.name, None)
         try:
             os.close(fd)
         except OSError:
@@ -399,6 +402,8 @@ class SegmentWriter:
         for path in found:
             if path.name.endswith(".seg") and path.name in part.read:
                 continue  # sealed: read whole already
+            if part.read.get(path.name, -1) == self._written.get(path.name):
+                continue  # this process's own .open file, every record of it folded as it was written
             parsed = read_records(path, part.read.get(path.name, 0))
             if parsed.gone:  # merged and removed, or sealed, meanwhile: its records are in the journal or the .seg
                 continue
@@ -533,15 +538,13 @@ class SegmentWriter:
         line = encode(doc)
         for attempt in range(_CREATE_TRIES):
             try:
+                if self.append and ref in self._open:  # our file is in the folder: it cannot go
+                    self._append(ref, doc, line)
+                    return
                 private_dir(partition)
                 if self.append:
-                    fd, path = self._open.get(ref) or self._new_open(partition, event_id)
-                    try:
-                        _write_all(fd, line)
-                        os.fsync(fd)
-                    except OSError:
-                        self._seal(ref)  # part of the record may be there: never append after it
-                        raise
+                    self._new_open(partition, event_id)
+                    self._append(ref, doc, line)
                     return
                 name = f"{event_id}-{_HOST}-{os.getpid()}.seg"
                 tmp = partition / f".{name}.tmp"
@@ -561,12 +564,29 @@ class SegmentWriter:
             except OSError as exc:
                 raise JournalUnavailable(f"cannot write journal segment under {partition}: {exc}") from None
 
-    def _new_open(self, partition: Path, event_id: str) -> tuple[int, Path]:
+    def _new_open(self, partition: Path, event_id: str) -> None:
         path = partition / f"{event_id}-{_HOST}-{os.getpid()}.open"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_NOFOLLOW, 0o600)
         _fsync_dir(partition)  # the file's name is durable before any record in it is acknowledged
         self._open[partition.name] = (fd, path)
-        return fd, path
+        self._written[path.name] = 0
+
+    def _append(self, ref: str, doc: dict[str, Any], line: bytes) -> None:
+        """Append one record to this process's ``.open`` file of run folder ``ref``, durably, and
+        fold it into what this writer knows of the folder (no need to read back what it wrote)."""
+        fd, path = self._open[ref]
+        try:
+            _write_all(fd, line)
+            os.fsync(fd)
+        except OSError:
+            self._seal(ref)  # part of the record may be there: never append after it
+            raise
+        before = self._written[path.name]
+        self._written[path.name] = before + len(line)
+        part = self._unmerged.get(ref)
+        if part is not None and part.read.get(path.name, 0) == before:
+            part.read[path.name] = before + len(line)
+            part.fold(doc)
 
     def create_run(
         self,
