@@ -127,7 +127,8 @@ def _blob_text(encoded: str) -> str:
 
 
 def _blob_doc(text: str) -> str:
-    return base64.b64encode(zlib.compress(text.encode("utf-8"), 6)).decode("ascii")
+    # level 1: on the SDK's hot path, 2-3x faster than 6 for 13 KB of code, for 11% more bytes
+    return base64.b64encode(zlib.compress(text.encode("utf-8"), 1)).decode("ascii")
 
 
 # -- files -------------------------------------------------------------------------------
