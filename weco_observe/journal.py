@@ -66,6 +66,8 @@ _UPSERT_STEP = (
     " ON CONFLICT (run_id, step) DO UPDATE SET "
     + ", ".join(f"{c} = excluded.{c}" for c in Step.COLUMNS if c not in ("run_id", "step", "created_at"))
 )
+#: The same, unless the step's stored state comes from a newer event (ULIDs sort by time): cluster merges.
+_UPSERT_STEP_IF_NEWER = _UPSERT_STEP + " WHERE excluded.event_id > steps.event_id"
 _INSERT_STEP_IF_NEW = (
     f"INSERT OR IGNORE INTO steps ({', '.join(Step.COLUMNS)}) VALUES ({', '.join('?' * len(Step.COLUMNS))})"
 )
@@ -534,6 +536,11 @@ class Journal:
         conn.execute(_UPSERT_STEP, step.to_row())
         conn.execute("UPDATE runs SET updated_at = max(updated_at, ?) WHERE id = ?", (step.updated_at, step.run_id))
         return True
+
+    def merge_step(self, conn: sqlite3.Connection, step: Step) -> bool:
+        """Cluster-mode merges: ``upsert_step`` in one statement, leaving the run's last activity to
+        the caller (once per batch, not per step). True if stored."""
+        return conn.execute(_UPSERT_STEP_IF_NEWER, step.to_row()).rowcount > 0
 
     def insert_baseline(self, conn: sqlite3.Connection, step: Step) -> None:
         """Step 0 from a create, unless the run already has a step 0."""

@@ -795,10 +795,13 @@ def merge(journal: Any, *, batch: int = 2000, now: float | None = None) -> Merge
                 conn.execute(_UPSERT_PROGRESS, (key, parsed.end, now))
         conn.executemany("DELETE FROM segment_progress WHERE name = ?", stale)
 
+    runs: dict[str, str | None] = {}  # ref -> the run's local id here (None: its create is not merged)
     for i in range(0, len(docs), batch):
         with journal.write() as conn:
-            for key, doc in docs[i : i + batch]:
-                outcome = _apply(journal, conn, doc)
+            chunk = docs[i : i + batch]
+            applying = _Applying(journal, conn, runs, outbox.known_ids(conn, [_event_id(d) for _key, d in chunk]))
+            for key, doc in chunk:
+                outcome = applying.apply(doc)
                 if outcome == "applied":
                     result.applied += 1
                 elif outcome == "known":
@@ -807,6 +810,7 @@ def merge(journal: Any, *, batch: int = 2000, now: float | None = None) -> Merge
                     blocked.add(key)
                 else:
                     result.problems.append(f"{key}: {outcome}")
+            applying.touch_runs()
             if i + batch >= len(docs):
                 record_progress(conn)
     moved = any(not p.gone and p.end != progress.get(key, 0) for _path, key, p, _done in reads)
@@ -856,49 +860,85 @@ def _tidy(partition: Path, now: float) -> None:
         pass
 
 
-def _apply(journal: Any, conn: Any, doc: dict[str, Any]) -> str:
-    """Apply one record in the caller's transaction: "applied", "known", "no run", or why it was skipped."""
-    try:
-        event = Event.from_doc(doc["event"])
-        step = Step.from_doc(doc["step"])
-        ref = doc["ref"]
-        texts = {digest: _blob_text(encoded) for digest, encoded in (doc.get("blobs") or {}).items()}
-    except (KeyError, TypeError, ValueError, zlib.error, UnicodeDecodeError) as exc:
-        return f"a damaged record ({type(exc).__name__}), skipped"
-    if not ids.is_ulid(event.id) or not (ids.is_local_run_id(ref) or ids.is_server_id(ref)):
-        return "a record with malformed ids, skipped"
-    if outbox.known(conn, event.id):
-        return "known"
-    if doc["op"] == "run":
+def _event_id(doc: dict[str, Any]) -> str:
+    event = doc.get("event")
+    return str(event.get("id", "")) if isinstance(event, dict) else ""
+
+
+class _Applying:
+    """Applies records in one transaction of the merge, with what a batch can share: the ids of the
+    events already journaled (one query for the batch, not one per record), the local id of each
+    run (looked up once per merge), and the runs' last activity (one update per run, not per step).
+    A step is stored with one statement that keeps a newer state already there."""
+
+    def __init__(self, journal: Any, conn: Any, runs: dict[str, str | None], known: set[str]):
+        self.journal = journal
+        self.conn = conn
+        self.runs = runs
+        self.known = known
+        self.touched: dict[str, float] = {}
+
+    def _run_id(self, ref: str) -> str | None:
+        if ref not in self.runs:
+            row = self.conn.execute("SELECT id FROM runs WHERE id = ? OR server_id = ?", (ref, ref)).fetchone()
+            self.runs[ref] = row[0] if row is not None else None
+        return self.runs[ref]
+
+    def apply(self, doc: dict[str, Any]) -> str:
+        """Apply one record: "applied", "known", "no run", or why it was skipped."""
+        journal, conn = self.journal, self.conn
         try:
-            run = Run.from_doc(doc["run"])
-        except (KeyError, TypeError, ValueError) as exc:
-            return f"a damaged run record ({type(exc).__name__}), skipped"
-        if conn.execute("SELECT 1 FROM runs WHERE id = ?", (run.id,)).fetchone() is None:
-            journal.insert_run(conn, run)
-        _store(journal, conn, step.code, texts, None)
-        journal.insert_baseline(conn, step)
-        outbox.enqueue(conn, event)
+            event = Event.from_doc(doc["event"])
+            step = Step.from_doc(doc["step"])
+            ref = doc["ref"]
+            texts = {digest: _blob_text(encoded) for digest, encoded in (doc.get("blobs") or {}).items()}
+        except (KeyError, TypeError, ValueError, zlib.error, UnicodeDecodeError) as exc:
+            return f"a damaged record ({type(exc).__name__}), skipped"
+        if not ids.is_ulid(event.id) or not (ids.is_local_run_id(ref) or ids.is_server_id(ref)):
+            return "a record with malformed ids, skipped"
+        if event.id in self.known:
+            return "known"
+        if doc["op"] == "run":
+            try:
+                run = Run.from_doc(doc["run"])
+            except (KeyError, TypeError, ValueError) as exc:
+                return f"a damaged run record ({type(exc).__name__}), skipped"
+            if conn.execute("SELECT 1 FROM runs WHERE id = ?", (run.id,)).fetchone() is None:
+                journal.insert_run(conn, run)
+            _store(journal, conn, step.code, texts, None)
+            journal.insert_baseline(conn, step)
+            outbox.enqueue(conn, event)
+            self.known.add(event.id)
+            self.runs[run.id] = run.id
+            return "applied"
+        run_id = self._run_id(ref)
+        if run_id is None:
+            if ids.is_local_run_id(ref):
+                return "no run"  # its create is not merged (a torn or missing record): keep the file
+            run_id = ids.new_run_id()  # first seen by its server id, on another host: a remote-only run
+            at = step.created_at
+            journal.insert_run(conn, Run(id=run_id, server_id=ref, remote_only=True, created_at=at, updated_at=at))
+            self.runs[ref] = run_id
+        if step.run_id != run_id:
+            step, event = replace(step, run_id=run_id), replace(event, run_id=run_id)
+        if step.code and any(digest in texts for _path, digest in step.code.files):
+            at = step.parent_step if step.parent_step is not None else step.step
+            _store(journal, conn, step.code, texts, journal._code_at_or_below(conn, run_id, at))
+        stored = journal.merge_step(conn, step)  # False: a newer event of this step is here already
+        state = outbox.PENDING if stored else outbox.SUPERSEDED
+        outbox.enqueue(conn, event if event.state == state else replace(event, state=state))
+        self.known.add(event.id)
+        if stored:
+            self.touched[run_id] = max(self.touched.get(run_id, 0.0), step.updated_at)
         return "applied"
-    row = conn.execute("SELECT id FROM runs WHERE id = ? OR server_id = ?", (ref, ref)).fetchone()
-    if row is not None:
-        run_id = row[0]
-    elif ids.is_local_run_id(ref):
-        return "no run"  # its create is not merged (a torn or missing record): keep the file
-    else:
-        run_id = ids.new_run_id()  # first seen by its server id, on another host: a remote-only run
-        journal.insert_run(
-            conn,
-            Run(id=run_id, server_id=ref, remote_only=True, created_at=step.created_at, updated_at=step.created_at),
+
+    def touch_runs(self) -> None:
+        """Move each run's last activity forward to its newest stored step, as ``upsert_step`` does."""
+        self.conn.executemany(
+            "UPDATE runs SET updated_at = max(updated_at, ?) WHERE id = ?",
+            [(at, run_id) for run_id, at in self.touched.items()],
         )
-    step = replace(step, run_id=run_id)
-    event = replace(event, run_id=run_id)
-    base = journal._code_at_or_below(conn, run_id, step.parent_step if step.parent_step is not None else step.step)
-    _store(journal, conn, step.code, texts, base)
-    newer = journal.has_newer_step(conn, run_id, step.step, event.id)
-    journal.upsert_step(conn, step)
-    outbox.enqueue(conn, replace(event, state=outbox.SUPERSEDED if newer else outbox.PENDING))
-    return "applied"
+        self.touched.clear()
 
 
 def _store(journal: Any, conn: Any, code: CodeRef | None, texts: dict[str, str], base: CodeRef | None) -> None:
