@@ -68,9 +68,18 @@ def wall(argv: Sequence[str], env: dict[str, str], cwd: Path | None = None) -> f
 
 
 def in_venv(venv: Path, code: str, env: dict[str, str], *args: str) -> dict:
-    """Run ``code`` with the venv's interpreter; it prints one JSON object, returned here."""
+    """Run ``code`` with the venv's interpreter; it prints one JSON object, returned here.
+
+    It runs in the venv's folder: ``python -c`` puts its working directory first on
+    ``sys.path``, and from the repository's root that would import the checkout, not the
+    install being measured."""
     done = subprocess.run(
-        [str(venv / "bin" / "python"), "-c", code, *args], env=env, capture_output=True, text=True, check=False
+        [str(venv / "bin" / "python"), "-c", code, *args],
+        env=env,
+        cwd=venv,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     if done.returncode != 0:
         raise SystemExit(done.stderr)

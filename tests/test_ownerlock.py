@@ -88,6 +88,17 @@ def test_an_owner_on_another_host_that_stops_beating_is_taken_over(db):
     assert not list(db.parent.glob("journal.db.owner*"))  # no stale or break folders left behind
 
 
+def test_waiting_as_long_as_the_staleness_period_is_enough_to_take_over(db):
+    # `merge` and the views wait WECO_OBSERVE_BUSY_TIMEOUT, 30 s by default: the same as STALE
+    lock_dir = db.with_name("journal.db.owner")
+    lock_dir.mkdir()
+    _as_other_host(lock_dir)
+    lock = OwnerLock(db, stale=0.5)
+    lock.acquire("merge", timeout=lock.stale, poll=0.05)
+    assert lock.holder()["host"] != "another-node" and lock.holder()["token"] == lock.token
+    lock.release()
+
+
 def test_an_owner_that_keeps_beating_is_never_taken_over(db):
     lock_dir = db.with_name("journal.db.owner")
     lock_dir.mkdir()
@@ -178,3 +189,36 @@ def test_concurrent_contenders_for_a_stale_lock_end_with_one_owner(db):
         t.join(60)
     assert len(winners) == 6
     assert max(held_at_once) == 1
+
+
+PAUSED_WHILE_TAKING = r"""
+import sys, time
+from weco_observe import ownerlock
+
+def paused(self, *args, **kwargs):  # the owner is stopped just before it has said who it is
+    print("taking", flush=True)
+    time.sleep(120)
+
+ownerlock.OwnerLock._write_info = paused
+ownerlock.OwnerLock(sys.argv[1]).try_acquire("sync")
+"""
+
+
+def test_an_owner_killed_while_taking_the_lock_leaves_nothing_anyone_must_wait_for(db):
+    import signal
+
+    child = subprocess.Popen([sys.executable, "-c", PAUSED_WHILE_TAKING, str(db)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None and child.stdout.readline() == "taking\n"
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(30)
+        child.stdout.close()
+    lock = OwnerLock(db, stale=30)
+    started = time.monotonic()
+    lock.acquire("sync", timeout=5, poll=0.05)  # a lock whose owner.json never came cannot be judged for 30 s
+    assert time.monotonic() - started < 2
+    (left,) = db.parent.glob("journal.db.owner.new-*")  # what the killed process was making
+    os.utime(left, (time.time() - 3600, time.time() - 3600))
+    lock.release()
+    assert list(db.parent.glob("journal.db.owner*")) == []  # tidied once clearly abandoned

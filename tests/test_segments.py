@@ -85,12 +85,14 @@ def test_two_hosts_see_each_others_unmerged_steps_for_the_tree_rule(settings):
     assert b.log_step(run, 1, metrics={"loss": 0.9})["parent_step"] == 0
     assert a.log_step(run, 2, status="failed", metrics={"loss": 9.0})["parent_step"] == 1
     assert b.log_step(run, 3, metrics={"loss": 0.5})["parent_step"] == 1  # step 2 failed, on the other host
-    with pytest.raises(InvalidInput, match="no step 7"):
-        a.log_step(run, 8, parent_step=7)
+    # an explicit parent neither host can see yet is trusted: another host's listing may lag (test_cluster.py)
+    assert a.log_step(run, 8, parent_step=7)["parent_step"] == 7
+    with pytest.raises(InvalidInput, match="lower than --step"):  # what needs no listing is still checked
+        a.log_step(run, 9, parent_step=9)
     b.close()
     result = merged(settings)
-    assert result.applied == 4 and result.problems == []
-    assert {n: s["parent_step"] for n, s in steps_of(settings, run).items()} == {0: None, 1: 0, 2: 1, 3: 1}
+    assert result.applied == 5 and result.problems == []
+    assert {n: s["parent_step"] for n, s in steps_of(settings, run).items()} == {0: None, 1: 0, 2: 1, 3: 1, 8: 7}
     # once merged, the writers find the steps in the journal instead
     assert a.log_step(run, 4)["parent_step"] == 3
 
@@ -104,6 +106,7 @@ def test_merging_is_idempotent_and_files_go_only_after_their_commit(settings, jo
     kept = {p.name: p.read_bytes() for p in folder.iterdir()}
     first = merged(settings)
     assert first.applied == 6 and first.files_removed == 6 and not folder.exists()
+    merged(settings)  # forgets how far it read the removed files
     for name, data in kept.items():  # as if the owner died after its commit, before removing them
         folder.mkdir(exist_ok=True)
         (folder / name).write_bytes(data)
@@ -237,3 +240,237 @@ def test_a_cluster_journal_is_never_opened_for_writing_without_the_owner_lock(se
     conn = sqlite3.connect(settings.journal_path)
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
     conn.close()
+
+
+def _failing_fstat(monkeypatch: pytest.MonkeyPatch, paths: set[str], error: int) -> None:
+    """Make ``fstat`` of a descriptor opened on one of ``paths`` fail with ``error`` (``os`` is patched
+    for the whole process: segments.os is the module)."""
+    opened: dict[int, str] = {}
+    real_open, real_fstat = os.open, os.fstat
+
+    def open_(path, flags, *args):
+        fd = real_open(path, flags, *args)
+        opened[fd] = os.fspath(path)
+        return fd
+
+    def fstat(fd):
+        if opened.get(fd) in paths:
+            raise OSError(error, os.strerror(error))
+        return real_fstat(fd)
+
+    monkeypatch.setattr(segments.os, "open", open_)
+    monkeypatch.setattr(segments.os, "fstat", fstat)
+
+
+def test_a_segment_removed_by_another_hosts_merge_while_a_writer_reads_it_is_found_in_the_journal(
+    settings, journal_path, monkeypatch
+):
+    import errno
+
+    a, b = SegmentWriter(settings=settings), SegmentWriter(settings=settings)
+    run = a.create_run(source_code=CODE, metric="loss")
+    a.log_step(run, 1)
+    a.log_step(run, 2)
+    folder = journal_path.parent / "segments" / run
+    listed = {p.name: p.read_bytes() for p in folder.iterdir()}
+    merged(settings)  # committed and removed ...
+    folder.mkdir()
+    for name, data in listed.items():  # ... while B's listing still shows them (NFS and sshfs cache listings)
+        (folder / name).write_bytes(data)
+        os.chmod(folder / name, 0o600)
+    # B opened each file just before the owner removed it: sshfs then fails fstat with ENOENT
+    _failing_fstat(monkeypatch, {str(folder / name) for name in listed}, errno.ENOENT)
+    assert b.log_step(run, 3)["parent_step"] == 2  # steps 1 and 2 are found in the journal instead
+    monkeypatch.undo()
+    assert sorted(steps_of(settings, run)) == [0, 1, 2, 3]
+
+
+def test_a_segment_the_owner_cannot_read_now_is_kept_for_the_next_merge(settings, journal_path, monkeypatch):
+    import errno
+
+    w = SegmentWriter(settings=settings)
+    run = w.create_run(source_code=CODE, metric="loss")
+    w.log_step(run, 1)
+    folder = journal_path.parent / "segments" / run
+    _failing_fstat(monkeypatch, {str(p) for p in folder.iterdir()}, errno.ESTALE)  # NFS: the handle went stale
+    first = merged(settings)
+    assert first.applied == 0 and first.files_removed == 0 and len(list(folder.iterdir())) == 2
+    monkeypatch.undo()
+    second = merged(settings)
+    assert second.applied == 2 and second.files_removed == 2
+
+
+MID_COMMIT = r"""
+import sys, time
+from weco_observe import store
+from weco_observe.settings import Settings
+with store.exclusive(Settings.load(), "merge") as held:
+    with held.journal.write() as conn:
+        conn.execute("UPDATE runs SET name = 'torn' WHERE 1")
+        conn.execute("INSERT INTO segment_progress (name, offset, updated_at) VALUES ('x', 1, 0)")
+        print("mid-commit", flush=True)
+        time.sleep(120)
+"""
+
+
+def test_an_owner_killed_mid_commit_is_repaired_by_the_next_owner_even_with_nothing_to_merge(
+    settings, journal_path, monkeypatch
+):
+    import signal
+    import subprocess
+    import sys
+
+    w = SegmentWriter(settings=settings)
+    run = w.create_run(source_code=CODE, metric="loss", name="kept")
+    merged(settings)
+    owner = subprocess.Popen([sys.executable, "-c", MID_COMMIT], stdout=subprocess.PIPE, text=True)
+    try:
+        assert owner.stdout is not None and owner.stdout.readline() == "mid-commit\n"
+    finally:
+        owner.send_signal(signal.SIGKILL)
+        owner.wait(30)
+        owner.stdout.close()
+    assert read_seq(journal_path.with_name("journal.db.seq")) % 2 == 1  # it died with the counter odd
+    assert merged(settings).applied == 0  # nothing to merge, but the journal is the owner's now
+    assert read_seq(journal_path.with_name("journal.db.seq")) % 2 == 0
+    monkeypatch.setenv("WECO_OBSERVE_BUSY_TIMEOUT", "2")
+    reader = SharedReader(journal_path, settings=Settings.load())
+    assert reader.find_run(run)["name"] == "kept"  # the half-written transaction was rolled back
+    assert SegmentWriter(settings=Settings.load()).log_step(run, 1)["parent_step"] == 0
+
+
+def test_a_merge_commits_once_and_an_idle_merge_commits_nothing(settings, journal_path):
+    # every commit moves the counter that readers on all hosts retry on (two per commit)
+    seq = journal_path.with_name("journal.db.seq")
+    cli, sdk = SegmentWriter(settings=settings), SegmentWriter(settings=settings, append=True)
+    run = cli.create_run(source_code=CODE, metric="loss")
+    sdk.log_step(run, 100)  # a live .open file, read again by every merge
+    merged(settings)
+    for n in range(1, 7):
+        cli.log_step(run, n)
+    sdk.log_step(run, 101)
+    before = read_seq(seq)
+    result = merged(settings)
+    assert (result.applied, result.files_removed) == (7, 6)
+    assert read_seq(seq) == before + 2
+    merged(settings)  # forgets how far it had read the six files it removed: one commit
+    settled = read_seq(seq)
+    for _ in range(3):
+        assert merged(settings).applied == 0
+    assert read_seq(seq) == settled
+    sdk.close()
+    assert merged(settings).files_removed == 1
+    with store.reader(settings) as j:  # a view merges first: the sealed file's progress goes too
+        assert j.query("SELECT count(*) FROM segment_progress")[0][0] == 0
+    assert sorted(steps_of(settings, run)) == [0, 1, 2, 3, 4, 5, 6, 100, 101]
+
+
+def test_writers_do_not_wait_for_an_owner_that_died_mid_commit_when_no_new_owner_comes(
+    settings, journal_path, monkeypatch
+):
+    import signal
+    import subprocess
+    import sys
+
+    w = SegmentWriter(settings=settings)
+    run = w.create_run(source_code=CODE, metric="loss", name="kept")
+    merged(settings)
+    owner = subprocess.Popen([sys.executable, "-c", MID_COMMIT], stdout=subprocess.PIPE, text=True)
+    try:
+        assert owner.stdout is not None and owner.stdout.readline() == "mid-commit\n"
+    finally:
+        owner.send_signal(signal.SIGKILL)
+        owner.wait(30)
+        owner.stdout.close()
+    monkeypatch.setenv("WECO_OBSERVE_BUSY_TIMEOUT", "10")
+    started = time.monotonic()
+    # no sync, view or merge runs: the writers themselves see that the owner is dead (same host: its pid)
+    assert SegmentWriter(settings=Settings.load()).log_step(run, 1)["parent_step"] == 0
+    assert time.monotonic() - started < 5
+    assert read_seq(journal_path.with_name("journal.db.seq")) % 2 == 0
+    assert not journal_path.with_name("journal.db.owner").exists()
+    assert SharedReader(journal_path, settings=Settings.load()).find_run(run)["name"] == "kept"
+
+
+@pytest.mark.parametrize("append", [False, True], ids=["cli", "sdk"])
+def test_a_writer_whose_run_folder_the_owner_just_removed_makes_it_again(settings, journal_path, monkeypatch, append):
+    w = SegmentWriter(settings=settings, append=append)
+    run = SegmentWriter(settings=settings).create_run(source_code=CODE, metric="loss")
+    merged(settings)
+    folder = journal_path.parent / "segments" / run
+    assert not folder.exists()  # merged: the owner removed the empty folder
+    real = segments.private_dir
+    removed: list[Path] = []
+
+    def made_then_removed(path: Path) -> Path:  # the owner's tidy-up runs between our mkdir and our create
+        real(path)
+        if path == folder and not removed:
+            path.rmdir()
+            removed.append(path)
+        return path
+
+    monkeypatch.setattr(segments, "private_dir", made_then_removed)
+    assert w.log_step(run, 1)["parent_step"] == 0
+    assert removed and folder.is_dir()
+    w.close()
+    assert merged(settings).applied == 1
+
+
+def test_an_sdk_append_that_fails_halfway_never_costs_a_later_record(settings, journal_path, monkeypatch):
+    import errno
+
+    sdk = SegmentWriter(settings=settings, append=True)
+    run = sdk.create_run(source_code=CODE, metric="loss")
+    sdk.log_step(run, 1)
+    real_write = os.write
+
+    def half_then_full_disk(fd, data):
+        real_write(fd, bytes(data[: len(data) // 2]))
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(segments.os, "write", half_then_full_disk)
+    with pytest.raises(JournalUnavailable, match="No space"):
+        sdk.log_step(run, 2)  # not acknowledged (the SDK spills it)
+    monkeypatch.setattr(segments.os, "write", lambda fd, data: real_write(fd, bytes(data[:7])))  # short writes
+    sdk.log_step(run, 3)  # acknowledged: it must survive the torn record before it
+    monkeypatch.undo()
+    sdk.log_step(run, 4)
+    sdk.close()
+    result = merged(settings)
+    assert sorted(steps_of(settings, run)) == [0, 1, 3, 4]
+    assert [p for p in result.problems if "torn" in p]  # the half record, reported and skipped
+
+
+def test_a_long_lived_writer_sees_what_other_hosts_merged_since_its_last_step(settings):
+    sdk, other = SegmentWriter(settings=settings, append=True), SegmentWriter(settings=settings)
+    run = other.create_run(source_code=CODE, metric="loss")
+    for n in range(1, 4):
+        sdk.log_step(run, n, metrics={"loss": 1 / n})
+    merged(settings)
+    assert sdk.log_step(run, 4)["parent_step"] == 3  # the journal read once ...
+    other.log_step(run, 4, status="failed")  # ... then another host re-logs step 4 as failed and logs 5
+    other.log_step(run, 5, status="failed")
+    merged(settings)
+    assert sdk.log_step(run, 6)["parent_step"] == 3  # what changed is read again: 4 and 5 failed
+    other.log_step(run, 3, description="from the other host")
+    merged(settings)
+    relog = sdk.log_step(run, 3, status="completed", metadata={"k": 1})  # its previous state is in the journal
+    assert relog["updated"] and relog["parent_step"] == 2
+    assert sdk._unmerged[run].steps.keys() <= {3, 6}  # merged steps are not kept twice
+    sdk.close()
+    merged(settings)
+    steps = steps_of(settings, run)
+    assert (steps[3]["description"], steps[3]["metrics"], steps[3]["metadata"]) == (
+        "from the other host",
+        {"loss": 1 / 3},
+        {"k": 1},
+    )
+    assert {n: s["status"] for n, s in steps.items()} == {
+        0: "completed",
+        1: "completed",
+        2: "completed",
+        3: "completed",
+        4: "failed",
+        5: "failed",
+        6: "completed",
+    }

@@ -83,7 +83,7 @@ class JournalFiles:
 
     @property
     def rollback(self) -> Path:
-        """The rollback journal SQLite keeps during a write in cluster mode (no WAL there)."""
+        """The rollback journal SQLite writes in cluster mode (no WAL there); kept, empty, between transactions."""
         return self._beside("-journal")
 
     # locks and markers

@@ -40,10 +40,10 @@ import sqlite3
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import codestore, ids, outbox, treerule, validate
 from .errors import InvalidInput, JournalUnavailable, UnknownRun
@@ -53,6 +53,8 @@ from .settings import Settings
 
 if TYPE_CHECKING:
     from .ownerlock import OwnerLock
+
+T = TypeVar("T")
 
 #: Must equal the number of migrations in ``migrations.py`` (a test checks it).
 SCHEMA_VERSION = 4
@@ -64,6 +66,8 @@ _UPSERT_STEP = (
     " ON CONFLICT (run_id, step) DO UPDATE SET "
     + ", ".join(f"{c} = excluded.{c}" for c in Step.COLUMNS if c not in ("run_id", "step", "created_at"))
 )
+#: The same, unless the step's stored state comes from a newer event (ULIDs sort by time): cluster merges.
+_UPSERT_STEP_IF_NEWER = _UPSERT_STEP + " WHERE excluded.event_id > steps.event_id"
 _INSERT_STEP_IF_NEW = (
     f"INSERT OR IGNORE INTO steps ({', '.join(Step.COLUMNS)}) VALUES ({', '.join('?' * len(Step.COLUMNS))})"
 )
@@ -110,6 +114,7 @@ class Journal:
             self.conn.execute("PRAGMA foreign_keys=ON")
             version = self.conn.execute("PRAGMA user_version").fetchone()[0]
             if owner is not None:
+                self._settle_seq(owner)
                 if version < SCHEMA_VERSION:
                     self._migrate()
             elif self.conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal" or version < SCHEMA_VERSION:
@@ -127,7 +132,14 @@ class Journal:
     def _open_shared(self, settings: Settings) -> sqlite3.Connection:
         """Cluster mode, as the owner: rollback journal, no locks of SQLite's own (the owner lock
         excludes other writers). A journal still in WAL mode (made in local mode, or by 0.1.0) is
-        switched once, with the ordinary VFS, since ``unix-none`` cannot open a WAL database."""
+        switched once, with the ordinary VFS, since ``unix-none`` cannot open a WAL database.
+
+        The rollback journal is truncated at each commit, not deleted (``TRUNCATE``): the next
+        owner may be on another host, whose kernel still holds the name ``journal.db-journal``
+        from a look a moment before (a reader checking for a hot journal). Opening a name that
+        another client deleted then fails (sshfs: ENOENT, "unable to open database file"); a
+        file that is never removed cannot go stale. It also spares NFS a create and a remove
+        per commit. An empty rollback journal is not hot: readers ignore it."""
         probe = sqlite3.connect(str(self.path), timeout=settings.busy_timeout, isolation_level=None)
         try:
             if probe.execute("PRAGMA journal_mode").fetchone()[0] == "wal":
@@ -139,8 +151,19 @@ class Journal:
         conn = sqlite3.connect(
             f"file:{self.path}?vfs=unix-none", uri=True, isolation_level=None, check_same_thread=False
         )
-        conn.execute("PRAGMA journal_mode=DELETE")
+        conn.execute("PRAGMA journal_mode=TRUNCATE")
         return conn
+
+    def _settle_seq(self, owner: OwnerLock) -> None:
+        """A new owner: an odd commit counter is the mark of an owner that died mid-write. Its
+        half-written transaction was rolled back when this connection first read the journal
+        (``PRAGMA user_version``: the hot rollback journal is played back), so the counter goes
+        even now, not at this owner's first write, which may never come: until then every
+        reader on every host would wait, and every writer with them."""
+        seq = read_seq(self.files.commit_seq)
+        if seq % 2:
+            owner.check()
+            write_seq(self.files.commit_seq, seq + 1)
 
     def _migrate(self) -> None:
         from . import migrations
@@ -545,6 +568,11 @@ class Journal:
         conn.execute("UPDATE runs SET updated_at = max(updated_at, ?) WHERE id = ?", (step.updated_at, step.run_id))
         return True
 
+    def merge_step(self, conn: sqlite3.Connection, step: Step) -> bool:
+        """Cluster-mode merges: ``upsert_step`` in one statement, leaving the run's last activity to
+        the caller (once per batch, not per step). True if stored."""
+        return conn.execute(_UPSERT_STEP_IF_NEWER, step.to_row()).rowcount > 0
+
     def insert_baseline(self, conn: sqlite3.Connection, step: Step) -> None:
         """Step 0 from a create, unless the run already has a step 0."""
         conn.execute(_INSERT_STEP_IF_NEW, step.to_row())
@@ -617,10 +645,22 @@ class SharedReader(Journal):
 
     Each query opens a fresh read-only connection (``unix-none``: no locks taken,
     no journal ever rolled back) and runs between two reads of the commit counter;
-    it is retried while the counter is odd or moved. Writing raises.
+    it is retried while the counter is odd or moved: at once after it moved (the
+    owner has just committed; its next commit is usually a while away), with a
+    growing pause while it is odd. Writing raises.
+
+    A counter that stays odd for :attr:`REPAIR_AFTER` seconds may be the mark of an
+    owner that died mid-write: then the reader tries to become the owner for a
+    moment (``OwnerLock.acquire``, which takes over a dead owner of this host at
+    once and a silent one of another host after ``ownerlock.STALE``, and gives up
+    as soon as the counter is even again), so that opening the journal rolls the
+    half-written transaction back and settles the counter. Without that, every
+    writer on every host would wait for the next sync, view or merge, and spill.
     """
 
     RETRIES = 200
+    #: seconds the counter may stay odd before the reader suspects a dead owner
+    REPAIR_AFTER = 1.0
 
     def __init__(self, path: str | os.PathLike[str] | None = None, *, settings: Settings | None = None):
         settings = settings or Settings.load()
@@ -631,6 +671,9 @@ class SharedReader(Journal):
         self._texts = OrderedDict()
         self._known_blobs = set()
         self._timeout = settings.busy_timeout
+        self._settings = settings
+        #: the commit counter of the state the last query read
+        self.last_seq = 0
         if not self.path.exists():
             raise JournalUnavailable(f"no journal yet at {self.path}")
 
@@ -638,28 +681,64 @@ class SharedReader(Journal):
         return sqlite3.connect(f"file:{self.path}?vfs=unix-none&mode=ro", uri=True, check_same_thread=False)
 
     def query(self, sql: str, params: Any = ()) -> list[sqlite3.Row]:
+        return self.read(lambda conn: conn.execute(sql, params).fetchall())
+
+    def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """``fn(connection)``, its queries all in one consistent state of the journal (rows are
+        ``sqlite3.Row``); retried as a whole like :meth:`query`. ``last_seq`` is then the value
+        of the commit counter that state had."""
         deadline = time.monotonic() + self._timeout
         delay = 0.002
+        odd_since: float | None = None
         last: Exception | None = None
         while True:
             before = read_seq(self.files.commit_seq)
             if before % 2 == 0:
+                odd_since = None
                 try:
                     conn = self._connect()
                     try:
-                        cur = conn.execute(sql, params)
-                        cur.row_factory = sqlite3.Row
-                        rows = cur.fetchall()
+                        conn.row_factory = sqlite3.Row
+                        result = fn(conn)
                     finally:
                         conn.close()
                     if read_seq(self.files.commit_seq) == before:
-                        return rows
+                        self.last_seq = before
+                        return result
+                    delay = 0.001  # it committed meanwhile: the next commit is likely a while away
                 except sqlite3.DatabaseError as exc:  # a torn page read mid-commit, or a hot journal
                     last = exc
+            else:
+                odd_since = odd_since if odd_since is not None else time.monotonic()
+                if time.monotonic() - odd_since >= self.REPAIR_AFTER:
+                    self._repair(deadline)
+                    odd_since = None
             if time.monotonic() > deadline:
                 raise JournalUnavailable(f"cannot read journal {self.path}: it kept changing ({last or 'busy'})")
             time.sleep(delay)
             delay = min(delay * 2, 0.1)
+
+    def _repair(self, deadline: float) -> None:
+        """Become the owner for a moment if the one that made the counter odd is gone (see the class)."""
+        from .errors import SyncBusy
+        from .ownerlock import OwnerLock
+
+        lock = OwnerLock(self.path)
+        try:
+            lock.acquire(
+                "repair",
+                timeout=max(0.0, deadline - time.monotonic()),
+                should_stop=lambda: read_seq(self.files.commit_seq) % 2 == 0,
+                poll=0.2,
+            )
+        except (SyncBusy, OSError):  # a live owner (it beats), the counter went even, or a folder we cannot write
+            return
+        try:
+            Journal(self.path, settings=self._settings, owner=lock).close()  # rolls back, settles the counter
+        except JournalUnavailable:
+            pass
+        finally:
+            lock.release()
 
     def iter_query(self, sql: str, params: Any = (), batch: int = 500) -> Iterator[sqlite3.Row]:
         yield from self.query(sql, params)

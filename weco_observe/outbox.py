@@ -72,6 +72,7 @@ __all__ = [
     "fingerprints",
     "import_event",
     "known",
+    "known_ids",
     "newest_seq",
     "other_create",
     "plan_events",
@@ -131,6 +132,16 @@ def enqueue(conn: sqlite3.Connection, event: Event) -> None:
 def known(conn: sqlite3.Connection, event_id: str) -> bool:
     """True if an event with this id is already journaled (replays and merges are idempotent by id)."""
     return conn.execute("SELECT 1 FROM events WHERE id = ?", (event_id,)).fetchone() is not None
+
+
+def known_ids(conn: sqlite3.Connection, event_ids: list[str]) -> set[str]:
+    """Which of ``event_ids`` are already journaled: :func:`known` for a batch, in few queries."""
+    found: set[str] = set()
+    for i in range(0, len(event_ids), 500):
+        chunk = event_ids[i : i + 500]
+        marks = ", ".join("?" * len(chunk))
+        found.update(row[0] for row in conn.execute(f"SELECT id FROM events WHERE id IN ({marks})", chunk))
+    return found
 
 
 def import_event(conn: sqlite3.Connection, event: Event, *, carried: bool, newer_step: bool) -> str | None:

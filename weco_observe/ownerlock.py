@@ -3,7 +3,8 @@
 In cluster mode one process at a time may write ``journal.db`` (merge segments,
 sync, serve views). ``fcntl`` and ``flock`` locks are local to each client on
 ``nolock`` NFS, Lustre ``localflock`` and sshfs, so the lock is a directory,
-``journal.db.owner/``, made with ``mkdir`` (atomic on every filesystem here). It
+``journal.db.owner/``, made whole under a name of its own and renamed into place
+(a rename onto a folder that exists fails, atomically, on every filesystem here). It
 holds ``owner.json``: host, pid, a random token, the owner's mode and a heartbeat
 counter that a thread rewrites in place every :data:`HEARTBEAT` seconds (in
 place, so a reader's ``open`` revalidates it under NFS close-to-open).
@@ -26,6 +27,7 @@ See docs/cluster.md for the whole design.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import secrets
@@ -104,7 +106,7 @@ class OwnerLock:
 
     # -- holding it ----------------------------------------------------------------
 
-    def _write_info(self) -> None:
+    def _write_info(self, directory: Path | None = None) -> None:
         """Rewrite owner.json in place (same inode) and fsync it."""
         data = {
             "host": _host(),
@@ -115,7 +117,7 @@ class OwnerLock:
             "beat": self._beat,
         }
         blob = (json.dumps(data) + "\n").encode()
-        fd = os.open(self.path / _INFO, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        fd = os.open((directory or self.path) / _INFO, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         try:
             os.pwrite(fd, blob.ljust(256), 0)  # fixed size: a reader never sees a shorter file with old bytes
             os.fsync(fd)
@@ -123,30 +125,40 @@ class OwnerLock:
             os.close(fd)
 
     def try_acquire(self, mode: str = "owner") -> bool:
-        """Take the lock if it is free (or its owner is dead on this host); never waits."""
+        """Take the lock if it is free (or its owner is dead on this host); never waits.
+
+        The lock folder is made whole under a name of its own, owner.json inside, then renamed
+        into place. A rename onto a folder that exists fails (the lock is never an empty
+        folder), so only one process takes it; and no one ever sees the lock without its
+        owner.json. An owner killed while taking it leaves only its own ``.new-`` folder, not
+        a lock that no one could judge (no host, no pid) before :data:`STALE` had passed."""
         for _ in range(3):
-            try:
-                os.mkdir(self.path, 0o700)
-                break
-            except FileExistsError:
+            if os.path.lexists(self.path):
                 info = _read_info(self.path)
                 if info is None or info.get("host") != _host() or _pid_alive(info.get("pid")):
                     return False
                 self._break(info.get("token"))  # its owner died on this host: no need to wait
+                continue
+            token = secrets.token_hex(12)
+            staging = self.path.with_name(f"{self.path.name}.new-{token}")
+            try:
+                os.mkdir(staging, 0o700)
             except FileNotFoundError:
                 self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+                continue
+            self.token, self.mode, self._since, self._beat = token, mode, time.time(), 0
+            try:
+                self._write_info(staging)
+                os.rename(staging, self.path)
+            except OSError as exc:
+                self.token = None
+                shutil.rmtree(staging, ignore_errors=True)
+                if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
+                    continue  # another process took it first
+                raise
+            break
         else:
             return False
-        self.token = secrets.token_hex(12)
-        self.mode = mode
-        self._since = time.time()
-        self._beat = 0
-        try:
-            self._write_info()
-        except OSError:
-            shutil.rmtree(self.path, ignore_errors=True)
-            self.token = None
-            raise
         self._stop.clear()
         self._thread = threading.Thread(target=self._heartbeat, name="weco-owner-heartbeat", daemon=True)
         self._thread.start()
@@ -196,10 +208,29 @@ class OwnerLock:
         if info is not None and info.get("token") == token:
             aside = self.path.with_name(f"{self.path.name}.released-{token}")
             try:
-                os.rename(self.path, aside)  # atomic: a waiter's mkdir succeeds only once we are out
+                os.rename(self.path, aside)  # atomic: a waiter's rename succeeds only once we are out
             except OSError:
                 return
             shutil.rmtree(aside, ignore_errors=True)
+            self._tidy()
+
+    def _tidy(self) -> None:
+        """Remove the folders of processes killed while taking, giving up or breaking the lock
+        (``.new-``, ``.released-``, ``.stale-``), once they are clearly abandoned."""
+        prefix = self.path.name + "."
+        try:
+            names = [n for n in os.listdir(self.path.parent) if n.startswith(prefix)]
+        except OSError:
+            return
+        for name in names:
+            if not name[len(prefix) :].startswith(("new-", "released-", "stale-")):
+                continue
+            leftover = self.path.parent / name
+            try:
+                if time.time() - leftover.stat().st_mtime > 5 * self.stale:
+                    shutil.rmtree(leftover, ignore_errors=True)
+            except OSError:
+                pass
 
     def __enter__(self) -> OwnerLock:
         return self
@@ -224,7 +255,9 @@ class OwnerLock:
     ) -> None:
         """Take the lock; with ``wait``, poll until it is free, asking a background owner to yield
         and breaking an owner that stopped beating. Raises SyncBusy when ``wait`` is False or
-        ``timeout`` passes."""
+        ``timeout`` passes. A ``timeout`` of at least ``stale`` is enough to take over an owner
+        that is silent from the start (the deadline and the staleness clock start together)."""
+        start = time.monotonic()
         if self.try_acquire(mode):
             return
         holder = self.holder()
@@ -232,9 +265,9 @@ class OwnerLock:
             raise SyncBusy(_busy(holder))
         if on_wait is not None:
             on_wait(holder)
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = None if timeout is None else start + timeout
         seen = (holder.get("token"), holder.get("beat"))
-        seen_at = time.monotonic()
+        seen_at = start
         asked = False
         try:
             while True:
@@ -247,9 +280,11 @@ class OwnerLock:
                 now = (holder.get("token"), holder.get("beat"))
                 if now != seen:
                     seen, seen_at, asked = now, time.monotonic(), False
-                elif time.monotonic() - seen_at > self.stale:  # no beat (or no owner.json) for too long
+                elif time.monotonic() - seen_at >= self.stale:  # no beat (or no owner.json) for too long
                     self._break(holder.get("token"))
                     seen_at = time.monotonic()
+                    if self.try_acquire(mode):  # at once: the deadline may be due in this same round
+                        return
                 if should_stop is not None and should_stop():
                     raise SyncBusy("stopped while waiting for the journal's owner")
                 if deadline is not None and time.monotonic() > deadline:
