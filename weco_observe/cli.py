@@ -185,6 +185,14 @@ StrictOpt = Annotated[
     bool,
     typer.Option("--strict", help="Exit non-zero (3) when the journal cannot be written, instead of 0."),
 ]
+MaxSourceOpt = Annotated[
+    float,
+    typer.Option(
+        "--max-source-mb",
+        metavar="<MiB>",
+        help=f"Refuse a source file larger than this (default {validate.DEFAULT_MAX_SOURCE_MB} MiB).",
+    ),
+]
 
 
 def fail(message: str, code: int = errors.EXIT_BAD_INPUT) -> typer.Exit:
@@ -193,13 +201,18 @@ def fail(message: str, code: int = errors.EXIT_BAD_INPUT) -> typer.Exit:
     return typer.Exit(code)
 
 
-def _sources(source: str | None, sources: list[str] | None, required: bool) -> dict[str, str] | None:
+def _sources(source: str | None, sources: list[str] | None, required: bool, max_mb: float) -> dict[str, str] | None:
     files = ([source] if source else []) + list(sources or [])
     if not files:
         if required:
             raise errors.InvalidInput("no source files: pass --source FILE or --sources FILE [FILE ...]")
         return None
-    return validate.read_sources(files)
+    return validate.read_sources(files, validate.max_source_bytes(max_mb))
+
+
+def _metadata(text: str | None) -> dict[str, Any] | None:
+    # `--metadata ''` is refused, not ignored: an empty value is a mistake (an unset shell variable, say).
+    return None if text is None else validate.parse_json_object(text, "--metadata")
 
 
 def _unwritable(exc: errors.JournalUnavailable, op: str, kwargs: dict[str, Any], strict: bool, what: str) -> bool:
@@ -257,6 +270,7 @@ def init(
     ] = None,
     metadata: MetadataOpt = None,
     strict: StrictOpt = False,
+    max_source_mb: MaxSourceOpt = validate.DEFAULT_MAX_SOURCE_MB,
 ) -> None:
     """Create a new run; print only its id on stdout (RUN_ID=$(weco observe init ...)).
 
@@ -265,12 +279,12 @@ def init(
     from . import ids, spill
 
     kwargs = {
-        "source_code": _sources(source, sources, required=True),
+        "source_code": _sources(source, sources, required=True, max_mb=max_source_mb),
         "metric": metric,
         "maximize": validate.goal_to_maximize(goal),
-        "name": name,
-        "additional_instructions": additional_instructions,
-        "metadata": validate.parse_json_object(metadata, "--metadata") if metadata else None,
+        "name": validate.check_text(name, "--name"),
+        "additional_instructions": validate.check_text(additional_instructions, "--additional-instructions"),
+        "metadata": _metadata(metadata),
         "run_id": ids.new_run_id(),
         "event_id": ids.ulid(),
     }
@@ -317,19 +331,20 @@ def log(
     metadata: MetadataOpt = None,
     strict: StrictOpt = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing on success.")] = False,
+    max_source_mb: MaxSourceOpt = validate.DEFAULT_MAX_SOURCE_MB,
 ) -> None:
     """Log a step (experiment) to a run. Journaled locally in milliseconds; synced later."""
     from . import ids
 
     kwargs = {
-        "run": run_id,
+        "run": validate.check_run_ref(run_id),
         "step": validate.parse_step(step),
         "status": validate.check_status(status),
-        "description": description,
+        "description": validate.check_text(description, "--description"),
         "metrics": validate.parse_metrics(metrics) if metrics is not None else None,
-        "code": _sources(source, sources, required=False),
+        "code": _sources(source, sources, required=False, max_mb=max_source_mb),
         "parent_step": validate.parse_step(parent_step, "--parent-step") if parent_step is not None else None,
-        "metadata": validate.parse_json_object(metadata, "--metadata") if metadata else None,
+        "metadata": _metadata(metadata),
         "event_id": ids.ulid(),
     }
     try:

@@ -177,7 +177,10 @@ def _candidates(journal_path: str | os.PathLike[str] | None) -> Iterator[tuple[P
 def _read(path: Path) -> dict[str, Any]:
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     with os.fdopen(fd, "rb") as f:
-        record = json.loads(f.read(_MAX_BYTES + 1))
+        try:
+            record = json.loads(f.read(_MAX_BYTES + 1))
+        except RecursionError:  # a ValueError, as for any JSON this tool would not have written
+            raise ValueError("it is nested too deeply to be a spill file") from None
     if not isinstance(record, dict):
         raise ValueError("not a JSON object")
     return record
