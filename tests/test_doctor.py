@@ -158,7 +158,9 @@ def test_repair_of_a_healthy_journal_only_fixes_permissions(cli, journal_path):
     fixed = cli.ok("observe", "doctor", "--repair")
     assert "fixed permissions" in fixed.stdout and "repaired:" not in fixed.stdout
     assert stat.S_IMODE(journal_path.stat().st_mode) == 0o600
-    assert stat.S_IMODE(journal_path.parent.stat().st_mode) == 0o700
+    # WECO_OBSERVE_DIR names the folder: its mode is the user's to choose, and repair says how.
+    assert stat.S_IMODE(journal_path.parent.stat().st_mode) == 0o755
+    assert f"chmod 700 {journal_path.parent}" in fixed.stdout
     assert not [p for p in journal_path.parent.iterdir() if "damaged" in p.name]
 
 

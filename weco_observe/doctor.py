@@ -335,16 +335,30 @@ def _owner_problems(files: JournalFiles) -> list[Path]:
     return out
 
 
+def _made_by_us(folder: Path) -> bool:
+    """The journal's folder is one weco-observe chose and made: the platform's data folder, or the
+    private subfolder in a shared one. A folder the user named (WECO_OBSERVE_DIR) is theirs."""
+    from .files import is_private_subfolder
+    from .settings import Settings
+
+    settings = Settings.load()
+    return is_private_subfolder(folder) or (settings.dir_override is None and folder == settings.data_dir)
+
+
 def fix_permissions(path: Path) -> list[str]:
     """chmod the journal's files to 0600 and the folders the tool made to 0700; return what changed.
 
-    The journal's own folder is left alone when it is not yours or is a shared
-    folder (sticky bit): its mode matters to others.
+    The journal's own folder is changed only when weco-observe made it (see
+    :func:`_made_by_us`): a folder the user named keeps its mode, which may matter
+    to others (a sticky bit, a group); the message says how to change it by hand.
     """
     fixed = []
     for p, mode, wanted in _permission_problems(JournalFiles(path)):
-        if p == path.parent and (mode & stat.S_ISVTX or _owner_of(p) != os.getuid()):
-            fixed.append(f"{p}: left at {mode:04o} (a shared folder; its mode is not ours to change)")
+        if p == path.parent and not _made_by_us(p):
+            fixed.append(
+                f"{p}: left at {mode:04o} (you named this folder, so its mode is yours to choose:"
+                f" `chmod {wanted:o} {p}` if only you should see it)"
+            )
             continue
         try:
             os.chmod(p, wanted, follow_symlinks=False)
@@ -352,13 +366,6 @@ def fix_permissions(path: Path) -> list[str]:
         except (OSError, NotImplementedError) as exc:
             fixed.append(f"{p}: could not chmod ({exc})")
     return fixed
-
-
-def _owner_of(p: Path) -> int | None:
-    try:
-        return os.lstat(p).st_uid
-    except OSError:
-        return None
 
 
 def _open_ro(path: Path) -> sqlite3.Connection:
