@@ -188,3 +188,50 @@ def test_repair_tightens_the_private_subfolder_it_made(victim, world):
     repaired = victim.cli("observe", "doctor", "--repair", env=_env(shared))
     assert repaired.returncode == 0, repaired.stderr
     assert _mode(private) == 0o700 and _mode(shared) == 0o1777
+
+
+# -- files the views write -------------------------------------------------------------------
+
+
+@pytest.fixture
+def a_run(cli, tmp_path) -> str:
+    (tmp_path / "train.py").write_text("secret = 'code'\n")
+    run_id = cli.ok("observe", "init", "--metric", "loss", "--source", "train.py").stdout.strip()
+    cli.ok("observe", "log", "--run-id", run_id, "--step", "1", "--metrics", '{"loss": 1}')
+    return run_id
+
+
+OUTPUTS = {
+    "report": lambda run, out: ["observe", "report", run, "-o", str(out)],
+    "export --code": lambda run, out: ["observe", "export", run, "--code", "-o", str(out)],
+    "export csv": lambda run, out: ["observe", "export", run, "-f", "csv", "-o", str(out)],
+}
+
+
+@pytest.mark.parametrize("what", list(OUTPUTS))
+def test_reports_and_exports_are_written_0600_or_keep_the_mode_of_the_file_they_replace(cli, tmp_path, a_run, what):
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "out.file"
+        cli.ok(*OUTPUTS[what](a_run, out))
+        assert _mode(out) == 0o600
+        out.chmod(0o644)  # the user shares it on purpose: later runs keep that
+        cli.ok(*OUTPUTS[what](a_run, out))
+        assert _mode(out) == 0o644 and out.stat().st_size > 0
+
+        target = tmp_path / "elsewhere"
+        target.write_text("untouched\n")
+        link = tmp_path / "link.file"
+        link.symlink_to(target)
+        cli.ok(*OUTPUTS[what](a_run, link))
+        assert target.read_text() == "untouched\n" and not link.is_symlink() and _mode(link) == 0o600
+        assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    finally:
+        os.umask(old)
+
+
+def test_a_failed_export_leaves_no_file(cli, tmp_path, a_run):
+    out = tmp_path / "x.json"
+    failed = cli("observe", "export", "no-such-run", "-o", str(out))
+    assert failed.returncode == 2 and not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]

@@ -91,7 +91,10 @@ def export(
     run: Annotated[str, typer.Argument(help="Run: local id, server id, or a unique prefix of either.")],
     fmt: Annotated[str, typer.Option("--format", "-f", help="json, jsonl or csv.")] = "json",
     code: Annotated[bool, typer.Option("--code", help="Include each step's code (path -> text).")] = False,
-    output: Annotated[str | None, typer.Option("--output", "-o", help="Write to this file, not stdout.")] = None,
+    output: Annotated[
+        str | None,
+        typer.Option("--output", "-o", help="Write to this file, not stdout (0600, or the replaced file's mode)."),
+    ] = None,
 ) -> None:
     """Export a run's steps, metrics and parents (and code with --code) as JSON, JSON Lines or CSV."""
     from . import export as export_mod
@@ -100,14 +103,16 @@ def export(
         if output is None:
             export_mod.export_run(journal, run, fmt, sys.stdout, code=code)
             return
-        with open(output, "w", encoding="utf-8", newline="") as out:
-            n = export_mod.export_run(journal, run, fmt, out, code=code)
+        n = export_mod.export_file(journal, run, fmt, output, code=code)
     print(f"wrote {plural(n, 'step')} to {output}", file=sys.stderr)
 
 
 def report(
     run: Annotated[str, typer.Argument(help="Run: local id, server id, or a unique prefix of either.")],
-    output: Annotated[str, typer.Option("--output", "-o", help="The HTML file to write, e.g. report.html.")],
+    output: Annotated[
+        str,
+        typer.Option("--output", "-o", help="The HTML file to write (0600, or the replaced file's mode)."),
+    ],
 ) -> None:
     """Write one self-contained HTML file (no network requests) with the tree, the chart and the diffs."""
     from . import report as report_mod

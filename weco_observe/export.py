@@ -13,14 +13,16 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 from .errors import InvalidInput
+from .files import output_file
 from .journal import Journal
 from .views import run_view
 
-__all__ = ["EXPORT_FORMATS", "export_run"]
+__all__ = ["EXPORT_FORMATS", "export_file", "export_run"]
 
 EXPORT_FORMATS = ("json", "jsonl", "csv")
 
@@ -104,3 +106,15 @@ def export_run(journal: Journal, ref: str, fmt: str, out: io.TextIOBase | Any, c
                 flat["code"] = json.dumps(row["code"], ensure_ascii=False)
             writer.writerow(flat)
     return n
+
+
+def export_file(journal: Journal, ref: str, fmt: str, output: str | os.PathLike[str], code: bool = False) -> int:
+    """:func:`export_run` into the file ``output``, written atomically: 0600 (an export can hold code),
+    or the mode of the file it replaces when that one is yours (``files.output_file``)."""
+    if fmt not in EXPORT_FORMATS:
+        raise InvalidInput(f"unknown --format {fmt!r}: use one of {', '.join(EXPORT_FORMATS)}")
+    try:
+        with output_file(output) as out:
+            return export_run(journal, ref, fmt, out, code=code)
+    except OSError as exc:
+        raise InvalidInput(f"cannot write {output}: {exc.strerror or exc}") from None

@@ -32,15 +32,19 @@ Only the standard library is imported: this runs on the ``weco observe log`` hot
 from __future__ import annotations
 
 import os
+import secrets
 import stat
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO, Any
 
 __all__ = [
     "JournalFiles",
     "check_private_subfolder",
     "is_private_subfolder",
+    "output_file",
     "journal_dir",
     "private_dir",
     "private_file",
@@ -138,6 +142,41 @@ def private_dir(path: Path) -> Path:
     if is_private_subfolder(path):
         check_private_subfolder(path)
     return path
+
+
+def output_mode(path: Path) -> int:
+    """The mode a file the user asked for (``report``, ``export -o``) is written with: 0600, since it
+    holds code and metrics, or the mode of the file it replaces when that file is the user's own
+    (``chmod 644 report.html`` once, and every later report keeps it)."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return 0o600
+    if stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid():
+        return stat.S_IMODE(st.st_mode) & 0o777
+    return 0o600
+
+
+@contextmanager
+def output_file(path: str | os.PathLike[str], *, text: bool = True) -> Iterator[IO[Any]]:
+    """Write ``path`` atomically with :func:`output_mode`: a fresh temporary file beside it (never
+    following a symlink planted at its name), renamed over ``path`` when the block ends; nothing
+    is left behind if it raises. A symlink at ``path`` is replaced, not followed."""
+    path = Path(path)
+    mode = output_mode(path)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        os.fchmod(fd, mode)  # exactly this mode, whatever the umask
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") if text else os.fdopen(fd, "wb") as out:
+            fd = -1
+            yield out
+        os.replace(tmp, path)
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def private_file(path: Path) -> None:

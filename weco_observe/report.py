@@ -25,6 +25,7 @@ from typing import Any
 
 from . import diffs, views
 from .errors import InvalidInput
+from .files import output_file
 from .journal import Journal
 
 # Inline style and script only: no fetch, image, font or frame from anywhere.
@@ -95,17 +96,18 @@ def report_html(journal: Journal, ref: str) -> str:
 def write_report(journal: Journal, ref: str, output: str | os.PathLike[str]) -> tuple[Path, int]:
     """Write the report of run ``ref`` to ``output`` (atomically); return ``(path, bytes)``.
 
+    The file holds the run's code: it is written 0600, or with the mode of the file it
+    replaces when that one is yours (``files.output_file``).
+
     >>> path, size = write_report(journal, run_id, "report.html")
     >>> path.name, path.read_text(encoding="utf-8").startswith("<!doctype html>"), size == path.stat().st_size
     ('report.html', True, True)
     """
     text = report_html(journal, ref).encode("utf-8")
     path = Path(output)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_bytes(text)
-        os.replace(tmp, path)
+        with output_file(path, text=False) as out:
+            out.write(text)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise InvalidInput(f"cannot write {path}: {exc.strerror or exc}") from None
     return path, len(text)
