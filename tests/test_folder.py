@@ -10,11 +10,15 @@ against an older release.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
+import re
 import shutil
+import signal
 import stat
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -235,3 +239,91 @@ def test_a_failed_export_leaves_no_file(cli, tmp_path, a_run):
     failed = cli("observe", "export", "no-such-run", "-o", str(out))
     assert failed.returncode == 2 and not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+# -- the UI's Host check on every loopback address ------------------------------------------
+
+
+class Server:
+    def __init__(self, cwd: Path, host: str):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "weco_observe", "observe", "ui", "--host", host, "--port", "0"],
+            cwd=cwd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.banner = self.proc.stderr.readline()
+        match = re.search(r"http://(\[[0-9a-f:]+\]|[\d.]+):(\d+)/", self.banner)
+        assert match, f"no URL in {self.banner!r}"
+        self.host, self.port = match.group(1).strip("[]"), int(match.group(2))
+
+    def get(self, path: str, host_header: str) -> int:
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=10)
+        try:
+            conn.request("GET", path, headers={"Host": host_header})
+            return conn.getresponse().status
+        finally:
+            conn.close()
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc.stdout.close()
+        self.proc.stderr.close()
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "127.5.6.7", "::1"])
+def test_every_loopback_address_refuses_a_foreign_host_header(tmp_path, a_run, host):
+    try:
+        server = Server(tmp_path, host)
+    except AssertionError:
+        if host == "::1":
+            pytest.skip("no IPv6 loopback here")
+        raise
+    try:
+        assert "WARNING" not in server.banner
+        for foreign in (f"rebind.example:{server.port}", "rebind.example", f"10.0.0.5:{server.port}"):
+            assert server.get("/api/runs", foreign) == 403, foreign
+        shown = f"[{host}]" if ":" in host else host
+        for own in (f"{shown}:{server.port}", f"localhost:{server.port}", "127.0.0.1"):
+            assert server.get("/api/runs", own) == 200, own
+    finally:
+        server.stop()
+
+
+@pytest.mark.browser
+def test_a_page_whose_name_resolves_to_127_0_0_2_cannot_read_the_runs(tmp_path, a_run):
+    """DNS rebinding in a real browser: Chromium resolves rebind.example to 127.0.0.2."""
+    from test_report_browser import CHROMIUM_FLAGS, _browser_paths
+
+    paths = _browser_paths()
+    if paths is None:
+        if os.environ.get("WECO_OBSERVE_REQUIRE_BROWSER") == "1":
+            pytest.fail("chromium and chromedriver are not installed")
+        pytest.skip("chromium and chromedriver are not installed")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    server = Server(tmp_path, "127.0.0.2")
+    options = webdriver.ChromeOptions()
+    options.binary_location = paths[0]
+    for flag in CHROMIUM_FLAGS:
+        options.add_argument(flag)
+    options.add_argument(f"--user-data-dir={tmp_path / 'profile'}")
+    options.add_argument("--host-resolver-rules=MAP rebind.example 127.0.0.2")
+    driver = webdriver.Chrome(options=options, service=Service(paths[1]))
+    driver.set_page_load_timeout(30)
+    try:
+        driver.get(f"http://rebind.example:{server.port}/api/runs")
+        body = driver.find_element("tag name", "body").text
+        assert "unexpected Host header" in body and a_run not in body
+        driver.get(f"http://127.0.0.2:{server.port}/api/runs")
+        assert a_run in driver.find_element("tag name", "body").text
+    finally:
+        driver.quit()
+        server.stop()
