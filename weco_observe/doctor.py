@@ -31,6 +31,7 @@ file during a repair stay in the damaged copy.
 from __future__ import annotations
 
 import os
+import socket
 import sqlite3
 import stat
 import time
@@ -85,6 +86,73 @@ class _Context:
     conn: sqlite3.Connection | None
     report: dict[str, Any]
     damaged: bool = False
+    #: cluster mode: read without SQLite's locks (``unix-none``), between two reads of the commit counter
+    shared: bool = False
+    #: why the journal cannot be written here (a read-only folder or file), when it cannot
+    read_only: str | None = None
+
+
+class _Unchecked(Exception):
+    """The file checks could not run: the journal is locked or cannot be read. Not damage."""
+
+    def __init__(self, verdict: str, name: str, message: str):
+        super().__init__(message)
+        self.verdict, self.name, self.message = verdict, name, message
+
+
+#: What doctor concludes, and the exit code of each (``doctor_cmd``).
+VERDICTS = ("healthy", "damaged", "locked", "busy", "read-only")
+_LOCKED_HINT = "nothing was checked or changed; run doctor again when it is done"
+
+
+def _classify(exc: sqlite3.Error) -> str:
+    """``locked``, ``read-only`` or ``damaged`` for an error SQLite raised while reading the journal.
+
+    A lock held by another process, or a read-only file or folder, is never damage: only
+    SQLite's own corruption codes (and generic errors on a file it could open) are.
+    """
+    name = getattr(exc, "sqlite_errorname", "") or ""
+    if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")) or name == "SQLITE_READONLY_ROLLBACK":
+        return "locked"
+    if name.startswith(("SQLITE_READONLY", "SQLITE_CANTOPEN", "SQLITE_PERM", "SQLITE_AUTH")):
+        return "read-only"
+    if not name and "locked" in str(exc):
+        return "locked"
+    return "damaged"
+
+
+def _unchecked(exc: sqlite3.Error, ctx: _Context) -> _Unchecked:
+    kind = _classify(exc)
+    if getattr(exc, "sqlite_errorname", "") == "SQLITE_READONLY_ROLLBACK" or (
+        kind == "locked" and ctx.shared and ctx.files.rollback.exists()
+    ):
+        return _Unchecked(
+            "locked",
+            "journal",
+            f"{ctx.path} holds a write that was interrupted (its owner is gone) and needs an owner to roll it"
+            " back: `weco observe merge` (or any sync or view) does; " + _LOCKED_HINT,
+        )
+    if kind == "locked":
+        return _Unchecked(
+            "locked",
+            "journal",
+            f"{ctx.path} is locked by another process (a long write, or a connection in exclusive mode): "
+            + _LOCKED_HINT,
+        )
+    return _Unchecked("read-only", "journal", f"cannot read {ctx.path}: {exc}; " + _access_hint(ctx.path))
+
+
+def _whose(path: Path) -> str:
+    """``mode 0555, owned by uid 1001 (you are 1001)``, for messages about access."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return f"mode {stat.S_IMODE(st.st_mode):04o}, owned by uid {st.st_uid} (you are {os.getuid()})"
+
+
+def _access_hint(path: Path) -> str:
+    return f"{_whose(path)}: not damage, nothing was changed"
 
 
 def _integrity(ctx: _Context) -> list[dict[str, str]]:
@@ -92,6 +160,8 @@ def _integrity(ctx: _Context) -> list[dict[str, str]]:
     try:
         problems = [r[0] for r in ctx.conn.execute("PRAGMA integrity_check(20)")]
     except sqlite3.DatabaseError as exc:
+        if _classify(exc) != "damaged":
+            raise _unchecked(exc, ctx) from None
         problems = [str(exc)]
     if problems == ["ok"]:
         return [_check("integrity", "ok", "integrity_check passed")]
@@ -107,6 +177,8 @@ def _schema(ctx: _Context) -> list[dict[str, str]]:
     try:
         version = ctx.conn.execute("PRAGMA user_version").fetchone()[0]
     except sqlite3.DatabaseError as exc:
+        if _classify(exc) != "damaged":
+            raise _unchecked(exc, ctx) from None
         ctx.report["schema_version"] = None
         return [_check("schema", "error", f"cannot read the schema version: {exc}")]
     ctx.report["schema_version"] = version
@@ -137,8 +209,11 @@ def _code(ctx: _Context) -> list[dict[str, str]]:
         named, bases, bad_payloads = _manifest_hashes(ctx.conn)
         stored = dict(ctx.conn.execute("SELECT hash, length(data) FROM blobs").fetchall())
         broken = _broken_blobs(ctx.conn, named | bases)
-    except (sqlite3.DatabaseError, ValueError, AttributeError) as exc:
-        return [_check("code", "error" if ctx.damaged else "warn", f"cannot scan code blobs: {exc}")]
+    except sqlite3.DatabaseError as exc:
+        if _classify(exc) != "damaged":
+            raise _unchecked(exc, ctx) from None
+        ctx.damaged = True
+        return [_check("code", "error", f"cannot scan code blobs ({exc}): run `weco observe doctor --repair`")]
     orphans = set(stored) - named - bases
     missing = (named | bases) - set(stored)
     ctx.report.update(orphaned_blobs=len(orphans), missing_blobs=len(missing), damaged_blobs=len(broken))
@@ -368,8 +443,9 @@ def fix_permissions(path: Path) -> list[str]:
     return fixed
 
 
-def _open_ro(path: Path) -> sqlite3.Connection:
-    return sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+def _open_ro(path: Path, shared: bool = False) -> sqlite3.Connection:
+    """Read-only; in cluster mode without SQLite's locks (the caller holds the owner lock)."""
+    return sqlite3.connect(f"file:{path}?mode=ro{'&vfs=unix-none' if shared else ''}", uri=True, timeout=5)
 
 
 def _manifest_hashes(conn: sqlite3.Connection) -> tuple[set[str], set[str], list[str]]:
@@ -431,34 +507,154 @@ def _broken_blobs(conn: sqlite3.Connection, used: set[str]) -> list[str]:
 
 
 def check(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Check the journal at ``path`` without changing it; ``damaged`` says whether to repair.
+    """Check the journal at ``path`` without changing it; ``verdict`` says what to do.
 
     The file is opened read-only, so not even a checkpoint runs. Each check in
-    :data:`CHECKS_ON_FILE` and :data:`CHECKS_AROUND` adds its findings.
+    :data:`CHECKS_ON_FILE` and :data:`CHECKS_AROUND` adds its findings. The
+    verdict (:data:`VERDICTS`) is ``damaged`` only for damage SQLite or the
+    checks found in the bytes: a journal another process holds locked is
+    ``locked``, one this user cannot read or write is ``read-only``.
+
+    In cluster mode the journal is read as any host reads it (``unix-none``: no
+    lock taken, no journal rolled back), between two reads of the owner's commit
+    counter: a state read while the owner writes is read again, and a hot rollback
+    journal left by a dead owner is ``locked`` (the next owner rolls it back).
     """
+    from . import store
+    from .settings import Settings
+
     path = Path(path)
     checks: list[dict[str, str]] = []
-    report: dict[str, Any] = {"journal": str(path), "damaged": False, "checks": checks}
-    ctx = _Context(path, JournalFiles(path), None, report)
+    report: dict[str, Any] = {"journal": str(path), "damaged": False, "verdict": "healthy", "checks": checks}
+    ctx = _Context(path, JournalFiles(path), None, report, shared=store.is_shared(Settings.load(), path))
     if not path.exists():
         checks.append(_check("journal", "ok", f"no journal yet at {path} (the first init or log creates it)"))
         checks.extend(_filesystem(ctx))
         return report
+    verdict = None
     try:
-        ctx.conn = _open_ro(path)
-    except sqlite3.Error as exc:
-        checks.append(_check("integrity", "error", f"cannot open {path}: {exc}"))
-        report["damaged"] = True
-        return report
-    try:
-        for run_check in CHECKS_ON_FILE:
-            checks.extend(run_check(ctx))
-    finally:
-        ctx.conn.close()
+        checks.extend(_file_checks(ctx))
+    except _Unchecked as stop:
+        checks.append(_check(stop.name, "error", stop.message))
+        verdict = stop.verdict
     for run_check in CHECKS_AROUND:
         checks.extend(run_check(ctx))
+    if ctx.read_only and verdict is None:
+        checks.append(
+            _check(
+                "writable",
+                "error",
+                f"{ctx.read_only}: init and log cannot write the journal (they keep calls in spill files)"
+                " and --repair cannot run; not damage",
+            )
+        )
     report["damaged"] = ctx.damaged
+    report["verdict"] = verdict or ("damaged" if ctx.damaged else "read-only" if ctx.read_only else "healthy")
     return report
+
+
+def _not_writable(path: Path) -> str | None:
+    for p, what in ((path.parent, "its folder"), (path, "the journal file")):
+        if not os.access(p, os.W_OK):
+            return f"{what} {p} is read-only for you ({_whose(p)})"
+    return None
+
+
+def _connect(ctx: _Context, immutable: bool = False) -> sqlite3.Connection:
+    vfs = "&vfs=unix-none" if ctx.shared else ""
+    extra = "&immutable=1" if immutable else ""
+    conn = sqlite3.connect(f"file:{ctx.path}?mode=ro{vfs}{extra}", uri=True, timeout=5)
+    try:
+        conn.execute("PRAGMA schema_version").fetchone()  # the first read: locks, WAL index, hot journal
+    except sqlite3.DatabaseError:
+        conn.close()
+        raise
+    return conn
+
+
+def _open_checked(ctx: _Context) -> sqlite3.Connection:
+    """A read-only connection, or _Unchecked saying why there is none (damage only for a file SQLite
+    refuses as such). A folder this user cannot write is read with ``immutable`` when the
+    write-ahead log holds nothing: the file is then the whole journal."""
+    if not os.access(ctx.path, os.R_OK):
+        raise _Unchecked("read-only", "journal", f"cannot read {ctx.path}: {_access_hint(ctx.path)}")
+    ctx.read_only = _not_writable(ctx.path)
+    try:
+        return _connect(ctx)
+    except sqlite3.DatabaseError as exc:
+        kind = _classify(exc)
+        if kind == "damaged":
+            ctx.damaged = True
+            raise _Unchecked(
+                "damaged", "integrity", f"cannot open {ctx.path}: {exc}: run `weco observe doctor --repair`"
+            ) from None
+        wal = ctx.files.wal
+        if kind == "read-only" and ctx.read_only and not ctx.shared and (not wal.exists() or not wal.stat().st_size):
+            try:
+                return _connect(ctx, immutable=True)
+            except sqlite3.DatabaseError as again:
+                exc = again
+        elif kind == "read-only" and ctx.read_only:
+            raise _Unchecked(
+                "read-only",
+                "journal",
+                f"cannot check {ctx.path}: {ctx.read_only}, and its write-ahead log holds commits SQLite"
+                " reads only with write access to the folder; not damage, nothing was changed",
+            ) from None
+        raise _unchecked(exc, ctx) from None
+
+
+def _file_checks(ctx: _Context) -> list[dict[str, str]]:
+    """:data:`CHECKS_ON_FILE` on one consistent state of the file (cluster mode: retried while the
+    owner writes; its commit counter stays odd, or moves, while it does)."""
+    from .journal import read_seq
+
+    deadline = time.monotonic() + 5.0
+    delay = 0.01
+    while True:
+        before = read_seq(ctx.files.commit_seq) if ctx.shared else 0
+        found: list[dict[str, str]] = []
+        if before % 2 == 0:
+            saved = dict(ctx.report), ctx.damaged
+            try:
+                ctx.conn = _open_checked(ctx)
+                try:
+                    for run_check in CHECKS_ON_FILE:
+                        found.extend(run_check(ctx))
+                finally:
+                    ctx.conn.close()
+                    ctx.conn = None
+            except _Unchecked as stop:
+                if not ctx.shared or stop.verdict == "read-only":
+                    raise
+                found = [_check(stop.name, "error", stop.message)]
+                last: _Unchecked | None = stop
+            else:
+                last = None
+            if not ctx.shared or read_seq(ctx.files.commit_seq) == before:
+                if last is not None:
+                    raise last
+                return found
+            ctx.report.clear()
+            ctx.report.update(saved[0])
+            ctx.damaged = saved[1]
+        if time.monotonic() > deadline:
+            raise _Unchecked("locked", "journal", _owner_busy(ctx))
+        time.sleep(delay)
+        delay = min(delay * 2, 0.2)
+
+
+def _owner_busy(ctx: _Context) -> str:
+    from .ownerlock import _pid_alive, _read_info
+
+    info = _read_info(ctx.files.owner_lock) or {}
+    if info and (info.get("host") != socket.gethostname() or _pid_alive(info.get("pid"))):
+        who = f"{info.get('host')} pid {info.get('pid')}, {info.get('mode')}"
+        return f"{ctx.path} is being written by its owner ({who}): " + _LOCKED_HINT
+    return (
+        f"{ctx.path} holds a write that was interrupted (its owner is gone) and needs an owner to finish it:"
+        " `weco observe merge` (or any sync or view) does; " + _LOCKED_HINT
+    )
 
 
 # -- repair ----------------------------------------------------------------------
@@ -482,7 +678,8 @@ def _max_rowid(conn: sqlite3.Connection, table: str) -> int | None:
     ]:
         try:
             value = conn.execute(sql).fetchone()[0]
-        except sqlite3.DatabaseError:
+        except sqlite3.DatabaseError as exc:
+            _not_damage(exc)
             continue
         if value is not None:
             best = value if best is None else max(best, value)
@@ -502,15 +699,16 @@ def _salvage_rowid(conn: sqlite3.Connection, table: str, stats: dict[str, Any]) 
                 yield row[1:]
                 last = row[0]
             return
-        except sqlite3.DatabaseError:
-            pass
+        except sqlite3.DatabaseError as exc:
+            _not_damage(exc)
         stats["damaged_ranges"] += 1
         limit = hi if hi is not None and hi > last else last + _PROBE_LIMIT
         probe, row = last + 1, None
         while probe <= limit:
             try:
                 row = conn.execute(point_sql, (probe,)).fetchone()
-            except sqlite3.DatabaseError:
+            except sqlite3.DatabaseError as exc:
+                _not_damage(exc)
                 row = None
             if row is not None:
                 break
@@ -530,15 +728,16 @@ def _salvage_steps(conn: sqlite3.Connection, keys: Iterable[tuple[str, int]], st
             for row in conn.execute(f"SELECT {sel} FROM steps ORDER BY run_id {order}, step {order}"):
                 found[(row[0], row[1])] = row
             return found  # the whole table was readable
-        except sqlite3.DatabaseError:
-            pass
+        except sqlite3.DatabaseError as exc:
+            _not_damage(exc)
     stats["damaged_ranges"] += 1
     for key in keys:
         if key in found:
             continue
         try:
             row = conn.execute(f"SELECT {sel} FROM steps WHERE run_id = ? AND step = ?", key).fetchone()
-        except sqlite3.DatabaseError:
+        except sqlite3.DatabaseError as exc:
+            _not_damage(exc)
             continue
         if row is not None:
             found[key] = row
@@ -555,47 +754,82 @@ def _run_server_ids(conn: sqlite3.Connection) -> dict[str, str]:
                 f"SELECT rowid, server_id FROM runs INDEXED BY {by_col[('server_id',)]} WHERE server_id IS NOT NULL"
             )
         )
-    except (sqlite3.DatabaseError, KeyError):
+    except sqlite3.DatabaseError as exc:
+        _not_damage(exc)
+        return {}
+    except KeyError:
         return {}
     return {ids_[rowid]: sid for rowid, sid in sids.items() if rowid in ids_}
 
 
-def repair(path: str | os.PathLike[str], *, lock_timeout: float = 60.0) -> dict[str, Any]:
+def repair(path: str | os.PathLike[str], *, lock_timeout: float = 60.0) -> dict[str, Any] | None:
     """Copy every readable row of a damaged journal into a fresh one, which takes its place;
     the damaged file is kept beside it. Returns per-table counts.
 
+    The journal is checked again once the sync lock is held: a journal that is then
+    healthy returns None, and one that is locked or read-only raises JournalLocked or
+    JournalReadOnly. Either way nothing is moved: only damage is ever repaired.
+
     >>> check(journal.path)["damaged"]  # a healthy journal needs none
     False
+    >>> repair(journal.path) is None
+    True
     """
-    from .errors import JournalDamaged
-    from .journal import Journal, read_seq, write_seq
+    from . import store
+    from .errors import JournalReadOnly
+    from .settings import Settings
 
     path = Path(path)
+    settings = Settings.load()
+    why = _not_writable(path)
+    if why:
+        raise JournalReadOnly(f"cannot repair {path}: {why}; nothing was changed")
+    lock = store.sync_lock(settings, path)  # a syncer would write its deliveries into the file being replaced
+    lock.acquire("repair", wait=True, timeout=lock_timeout)
+    try:
+        return _repair_held(path, lock, store.is_shared(settings, path))
+    finally:
+        lock.release()
+
+
+def _not_damage(exc: sqlite3.Error) -> None:
+    """Raise JournalLocked or JournalReadOnly when ``exc`` is not damage: a repair stops there."""
+    from .errors import JournalLocked, JournalReadOnly
+
+    kind = _classify(exc)
+    if kind == "locked":
+        raise JournalLocked(f"repair stopped, nothing was changed: another process locked the journal ({exc})")
+    if kind == "read-only":
+        raise JournalReadOnly(f"repair stopped, nothing was changed: the journal cannot be read ({exc})")
+
+
+def _repair_held(path: Path, lock: Any, shared: bool) -> dict[str, Any] | None:
+    from .errors import JournalDamaged, JournalLocked, JournalReadOnly
+    from .journal import Journal, read_seq, write_seq
+    from .ownerlock import OwnerLock
+
+    found = check(path)  # under the lock: the state that will be repaired
+    if found["verdict"] == "healthy":
+        return None
+    if found["verdict"] != "damaged":
+        error = next((c["message"] for c in found["checks"] if c["level"] == "error"), found["verdict"])
+        raise (JournalLocked if found["verdict"] == "locked" else JournalReadOnly)(f"not repaired: {error}")
     files = JournalFiles(path)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     kept = files.damaged_copy(stamp)
     fresh_path = files.repair_scratch(stamp)
     stats: dict[str, Any] = {"damaged_ranges": 0}
     out: dict[str, Any] = {"kept": str(kept), "journal": str(path), "tables": {}, "rebuilt": {}}
-    src = _open_ro(path)
+    src = _open_ro(path, shared)
     try:
         tables = {r[0] for r in src.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     except sqlite3.DatabaseError as exc:
         src.close()
+        _not_damage(exc)
         raise JournalDamaged(
             f"cannot repair {path}: not even its list of tables is readable ({exc}); nothing was changed. "
             f"Move it aside (mv {path} {kept}) to start a fresh journal"
         ) from None
-    from . import store
-    from .ownerlock import OwnerLock
-    from .settings import Settings
-
-    lock = store.sync_lock(Settings.load(), path)  # a syncer would write its deliveries into the file being replaced
-    try:
-        lock.acquire("repair", wait=True, timeout=lock_timeout)
-    except BaseException:
-        src.close()
-        raise
     fresh = Journal(fresh_path, owner=lock if isinstance(lock, OwnerLock) else None)
     moved = False
     try:
@@ -660,8 +894,6 @@ def repair(path: str | os.PathLike[str], *, lock_timeout: float = 60.0) -> dict[
             for leftover in (fresh_path, *scratch.sqlite_companions(), scratch.migrate_lock, scratch.commit_seq):
                 leftover.unlink(missing_ok=True)
         raise
-    finally:
-        lock.release()
     return out
 
 

@@ -110,6 +110,11 @@ class Journal:
             self.conn.execute("PRAGMA foreign_keys=ON")
             version = self.conn.execute("PRAGMA user_version").fetchone()[0]
             if owner is not None:
+                # That first read rolled back any write a dead owner left half done; an odd commit
+                # counter is its leftover, and would keep every reader on every host retrying.
+                seq = read_seq(self.files.commit_seq)
+                if seq % 2:
+                    write_seq(self.files.commit_seq, seq + 1)
                 if version < SCHEMA_VERSION:
                     self._migrate()
             elif self.conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal" or version < SCHEMA_VERSION:
