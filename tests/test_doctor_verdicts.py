@@ -190,7 +190,8 @@ def test_a_read_only_folder_whose_write_ahead_log_cannot_be_read_is_read_only(th
     # A writer killed before it folds its log back into the file: the commits live in journal.db-wal.
     kill = (
         "import os, signal, sqlite3, sys; c = sqlite3.connect(sys.argv[1]);"
-        " c.execute('PRAGMA wal_autocheckpoint=0'); c.execute(\"UPDATE runs SET name = 'after'\"); c.commit();"
+        " c.execute('PRAGMA wal_autocheckpoint=0');"
+        " c.execute('UPDATE runs SET updated_at = updated_at + 1'); c.commit();"
         " os.kill(os.getpid(), signal.SIGKILL)"
     )
     user.run([user.python, "-c", kill, str(folder / "journal.db")], env=env)

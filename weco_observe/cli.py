@@ -552,8 +552,21 @@ def run(group: typer.Typer, args: list[str] | None = None, prog_name: str | None
             hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
             print(f"error: {exc.format_message()}{hint}", file=sys.stderr)
             return exc.exit_code
+        if type(exc).__module__ == "sqlite3":  # a read SQLite refused: damage, a lock, or permissions
+            return _journal_error(exc)
         raise
     return result if isinstance(result, int) else 0
+
+
+def _journal_error(exc: Exception) -> int:
+    """One line for an SQLite error no command expected: damage says to repair, anything else to ask doctor."""
+    from .doctor import _classify
+
+    if _classify(exc) == "damaged":  # type: ignore[arg-type]
+        print(f"error: the journal is damaged ({exc}): run `weco observe doctor --repair`", file=sys.stderr)
+        return errors.EXIT_DAMAGED
+    print(f"error: cannot read the journal ({exc}): `weco observe doctor` says why", file=sys.stderr)
+    return errors.EXIT_JOURNAL
 
 
 def _exit(code: int) -> NoReturn:

@@ -63,6 +63,9 @@ def show(
         print(json.dumps(views.show_json(view), indent=2, ensure_ascii=False))
     else:
         sys.stdout.write(formats.format_show(view, colour=colour))
+    damaged = views.damage_error(view["damage"], "the run is shown")
+    if damaged is not None:
+        raise damaged
 
 
 def diff(
@@ -80,11 +83,16 @@ def diff(
     """
     from . import diffs
 
+    from .views import damage_error
+
     colour = _colour(color)
     with _journal() as journal:
         result = diffs.step_diff(journal, run, step, against, context=context)
         text = diffs.format_diff(result, colour=colour)
     sys.stdout.write(text)
+    damaged = damage_error(diffs.damaged_files(result["files"]), "the diff is shown")
+    if damaged is not None:
+        raise damaged
 
 
 def export(

@@ -45,7 +45,7 @@ from . import codestore
 from .files import JournalFiles
 from .fsdetect import NETWORK_FILESYSTEMS, is_shared  # noqa: F401 (kept: a public name of doctor)
 from .fsdetect import filesystem_of as mount_of
-from .records import CodeRef, Event, Run, Step, loads
+from .records import CREATE, Blob, CodeRef, DamagedText, Event, Run, Step, disagrees, dumps, journal_text, loads
 
 WAL_WARN_BYTES = 64 * 1024 * 1024
 _PROBE_LIMIT = 100_000  # rowids probed past a damaged page when the table's end is unknown
@@ -202,13 +202,14 @@ def _schema(ctx: _Context) -> list[dict[str, str]]:
 
 
 def _code(ctx: _Context) -> list[dict[str, str]]:
-    """Every blob decodes and hashes to its name; every payload parses; no blob is named but missing."""
+    """Every blob in use decodes and hashes to its name; every event's payload and every step's and
+    run's row parses, and all their text is UTF-8; no blob is named but missing."""
     assert ctx.conn is not None
     out = []
     try:
-        named, bases, bad_payloads = _manifest_hashes(ctx.conn)
+        named, bases, bad_payloads, bad_rows = _manifest_hashes(ctx.conn)
         stored = dict(ctx.conn.execute("SELECT hash, length(data) FROM blobs").fetchall())
-        broken = _broken_blobs(ctx.conn, named | bases)
+        broken = broken_blobs(ctx.conn, sorted(named | bases))
     except sqlite3.DatabaseError as exc:
         if _classify(exc) != "damaged":
             raise _unchecked(exc, ctx) from None
@@ -218,20 +219,19 @@ def _code(ctx: _Context) -> list[dict[str, str]]:
     missing = (named | bases) - set(stored)
     ctx.report.update(orphaned_blobs=len(orphans), missing_blobs=len(missing), damaged_blobs=len(broken))
     ctx.report["damaged_payloads"] = len(bad_payloads)
-    if broken or bad_payloads:
+    ctx.report["damaged_rows"] = bad_rows
+    if broken or bad_payloads or bad_rows or missing:
         ctx.damaged = True
         what = []
         if broken:
             what.append(f"{len(broken)} code blobs do not decode to the text they name")
+        if missing:  # sync cannot send those steps: as much damage as a blob that does not decode
+            what.append(f"{len(missing)} code blobs are named but missing")
         if bad_payloads:
-            what.append(f"{len(bad_payloads)} events' payloads are unreadable")
+            what.append(f"{len(bad_payloads)} events' payloads are unreadable or disagree with their steps")
+        if bad_rows:
+            what.append(f"{bad_rows} step or run rows hold bytes that are not what was written")
         out.append(_check("code", "error", "; ".join(what) + ": run `weco observe doctor --repair`"))
-    if missing:
-        out.append(
-            _check(
-                "code", "warn", f"{len(missing)} code blobs are named but missing: those steps cannot send their code"
-            )
-        )
     if orphans:
         size = sum(stored[h] for h in orphans)
         out.append(
@@ -445,28 +445,50 @@ def fix_permissions(path: Path) -> list[str]:
 
 def _open_ro(path: Path, shared: bool = False) -> sqlite3.Connection:
     """Read-only; in cluster mode without SQLite's locks (the caller holds the owner lock)."""
-    return sqlite3.connect(f"file:{path}?mode=ro{'&vfs=unix-none' if shared else ''}", uri=True, timeout=5)
+    conn = sqlite3.connect(f"file:{path}?mode=ro{'&vfs=unix-none' if shared else ''}", uri=True, timeout=5)
+    conn.text_factory = journal_text
+    return conn
 
 
-def _manifest_hashes(conn: sqlite3.Connection) -> tuple[set[str], set[str], list[str]]:
-    """(hashes named by steps and events, hashes used as delta bases, ids of events whose payload is unreadable)."""
+def _manifest_hashes(conn: sqlite3.Connection) -> tuple[set[str], set[str], list[str], int]:
+    """(hashes named by steps and events, hashes used as delta bases, ids of events whose payload is
+    unreadable or disagrees with the step row that names it, how many step and run rows hold damaged
+    bytes)."""
     named: set[str] = set()
-    for (code,) in conn.execute("SELECT code FROM steps WHERE code IS NOT NULL"):
-        try:
-            named.update(CodeRef.from_manifest(loads(code)).hashes())  # type: ignore[union-attr]
-        except (ValueError, AttributeError, TypeError):
-            pass
+    bad_rows = 0
+    by_event: dict[str, Step] = {}
+    for found in _rows(conn, "SELECT * FROM steps"):
+        row = dict(found)
+        if not _sound_record(Step, row):
+            bad_rows += 1
+            continue
+        step = Step.from_row(row)
+        by_event[step.event_id] = step
+        named.update(step.code.hashes() if step.code else ())
+    runs: dict[str, Run] = {}
+    for found in _rows(conn, "SELECT * FROM runs"):
+        if _sound_record(Run, dict(found)):
+            runs[found["id"]] = Run.from_row(found)
+        else:
+            bad_rows += 1
     bad: list[str] = []
-    for row in _rows(conn, "SELECT * FROM events"):
+    for found in _rows(conn, "SELECT * FROM events"):
+        row = dict(found)
         try:
-            code = Event.from_row(dict(row)).code()
+            if not _sound_text(row, "id", "run_id", "kind", "state"):
+                raise ValueError("damaged text")
+            event = Event.from_row(row).checked()
+            named_by = by_event.get(event.id)
+            if named_by is not None and disagrees(event, named_by, runs.get(event.run_id)):
+                raise ValueError("disagrees with its step")
+            code = event.code()
         except (ValueError, TypeError, UnicodeDecodeError):
             bad.append(row["id"])
             continue
         if code:
             named.update(code.hashes())
     bases = {b for (b,) in conn.execute("SELECT base FROM blobs WHERE base IS NOT NULL")}
-    return named, bases, bad
+    return named, bases, bad, bad_rows
 
 
 def _rows(conn: sqlite3.Connection, sql: str) -> Iterator[sqlite3.Row]:
@@ -475,35 +497,16 @@ def _rows(conn: sqlite3.Connection, sql: str) -> Iterator[sqlite3.Row]:
     yield from cur.execute(sql)
 
 
-def _broken_blobs(conn: sqlite3.Connection, used: set[str]) -> list[str]:
-    """Blobs in use (named, or a delta base) that do not decompress, or decode to text that does not
-    hash to their name (a flipped byte). An orphan is reported as one, whatever its bytes; a blob
-    whose base is missing is reported as missing."""
-    rows = {r["hash"]: r for r in _rows(conn, "SELECT * FROM blobs") if r["hash"] in used}
-    texts: dict[str, bytes | None] = {}
+def broken_blobs(conn: sqlite3.Connection, used: Iterable[str]) -> list[str]:
+    """Blobs in ``used`` (named, or a delta base) that do not decompress, or decode to text that does
+    not hash to their name (a flipped byte); see ``codestore.broken``. Also used by ``bundle``."""
+    cols = "base, prefix, suffix, data, size"
 
-    def text(digest: str, depth: int = 0) -> bytes | None:
-        if digest in texts:
-            return texts[digest]
-        texts[digest] = None  # a loop or a missing base decodes to nothing
-        row = rows.get(digest)
-        if row is None or depth > 64:
-            return None
-        base = text(row["base"], depth + 1) if row["base"] else None
-        if row["base"] and base is None:
-            return None
-        try:
-            data = codestore.decode(row["data"], row["prefix"], row["suffix"], base, limit=row["size"])
-        except (zlib.error, ValueError, TypeError):
-            return None
-        texts[digest] = data if codestore.text_hash(data) == digest and len(data) == row["size"] else None
-        return texts[digest]
+    def fetch(digest: str) -> tuple[Any, ...] | None:
+        found = conn.execute(f"SELECT {cols} FROM blobs WHERE hash = ?", (digest,)).fetchone()
+        return tuple(found) if found is not None else None
 
-    return [
-        digest
-        for digest in rows
-        if text(digest) is None and (rows[digest]["base"] is None or rows[digest]["base"] in rows)
-    ]
+    return codestore.broken(used, fetch)  # type: ignore[arg-type]
 
 
 def check(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -564,6 +567,7 @@ def _connect(ctx: _Context, immutable: bool = False) -> sqlite3.Connection:
     vfs = "&vfs=unix-none" if ctx.shared else ""
     extra = "&immutable=1" if immutable else ""
     conn = sqlite3.connect(f"file:{ctx.path}?mode=ro{vfs}{extra}", uri=True, timeout=5)
+    conn.text_factory = journal_text  # text that is not UTF-8 on disk is found by the checks, not an error
     try:
         conn.execute("PRAGMA schema_version").fetchone()  # the first read: locks, WAL index, hot journal
     except sqlite3.DatabaseError:
@@ -839,26 +843,32 @@ def _repair_held(path: Path, lock: Any, shared: bool) -> dict[str, Any] | None:
                 continue
             cols = _columns(src, table)
             rows[table] = [dict(zip(cols, r, strict=True)) for r in _salvage_rowid(src, table, stats)]
-        events = [e for e in rows.get("events", []) if _valid_event(e)]
-        out["rebuilt"]["bad_events"] = len(rows.get("events", [])) - len(events)
-        keys = {(e["run_id"], e["step"] if e["kind"] == "log_step" else 0) for e in events}
-        keys |= {(r["id"], 0) for r in rows.get("runs", [])}
+        raw_events = [e for e in rows.get("events", []) if _sound_text(e, "id", "run_id", "kind")]
+        keys = {(e["run_id"], e["step"] if e["kind"] == "log_step" else 0) for e in raw_events}
+        keys |= {(r["id"], 0) for r in rows.get("runs", []) if _sound_text(r, "id")}
         steps = _salvage_steps(src, sorted(keys), stats) if "steps" in tables else {}
         step_cols = _columns(src, "steps")
-        step_rows = {k: dict(zip(step_cols, v, strict=True)) for k, v in steps.items()}
+        salvaged_steps = {k: dict(zip(step_cols, v, strict=True)) for k, v in steps.items()}
+        # rows whose bytes were damaged in place are dropped, then rebuilt from what else holds them
+        step_rows = {k: row for k, row in salvaged_steps.items() if _sound_record(Step, row)}
+        runs = {r["id"]: r for r in rows.get("runs", []) if _sound_record(Run, r)}
+        out["rebuilt"]["damaged_rows"] = len(salvaged_steps) - len(step_rows) + len(rows.get("runs", [])) - len(runs)
+        events, out["rebuilt"]["payloads"] = _mend_events(raw_events, step_rows, runs)
+        out["rebuilt"]["bad_events"] = len(rows.get("events", [])) - len(events)
+        blobs, out["rebuilt"]["lost_files"] = _mend_code(rows.get("blobs", []), events, step_rows)
+        out["rebuilt"]["requeued"] = _requeue(events)
         out["rebuilt"]["steps"] = _rebuild_steps(step_rows, events)
-        runs = {r["id"]: r for r in rows.get("runs", [])}
         out["rebuilt"]["runs"] = _rebuild_runs(runs, events, step_rows, _run_server_ids(src))
         with fresh.write() as conn:
             _insert(conn, "runs", runs.values())
-            _insert(conn, "blobs", rows.get("blobs", []))
+            _insert(conn, "blobs", blobs)
             _insert(conn, "events", events)
             _insert(conn, "steps", step_rows.values())
             _insert(conn, "bundles", rows.get("bundles", []))
             _insert(conn, "imports", rows.get("imports", []))
         for table, n in (
             ("runs", len(runs)),
-            ("blobs", len(rows.get("blobs", []))),
+            ("blobs", len(blobs)),
             ("events", len(events)),
             ("steps", len(step_rows)),
         ):
@@ -902,7 +912,163 @@ def _valid_event(e: dict[str, Any]) -> bool:
         event = Event.from_row(e)
     except (TypeError, ValueError, KeyError):
         return False
-    return isinstance(event.payload, dict) and event.kind in ("create_run", "log_step")
+    if event.kind not in ("create_run", "log_step"):
+        return False
+    try:
+        event.checked()
+    except ValueError:
+        return False
+    return True
+
+
+def _sound_text(row: dict[str, Any], *columns: str) -> bool:
+    """None of ``columns`` (all, when none are named) held bytes that were not UTF-8."""
+    return not any(isinstance(row[c], DamagedText) for c in columns or row)
+
+
+def _sound_record(kind: type[Step] | type[Run], row: dict[str, Any]) -> bool:
+    """A step or run row whose text is intact and whose JSON columns parse."""
+    if not _sound_text(row):
+        return False
+    try:
+        kind.from_row(row)
+    except (ValueError, TypeError, AttributeError):
+        return False
+    return True
+
+
+def _mend_events(
+    rows: list[dict[str, Any]], steps: dict[tuple[str, int], dict[str, Any]], runs: dict[str, dict[str, Any]]
+) -> tuple[list[dict[str, Any]], int]:
+    """The events to keep, and how many got their payload back.
+
+    An event whose payload was damaged is rebuilt from the record that holds the same
+    state: a step event from its step's row when that row names it (the step's current
+    state), a create from its run's row and the baseline code of step 0. Any other
+    damaged event is an older state of a step that has a newer one, or cannot be
+    rebuilt: it is dropped.
+    """
+    out, rebuilt = [], 0
+    for row in rows:
+        if _valid_event(row) and not _disagrees(row, steps, runs):
+            out.append(row)
+            continue
+        payload = None
+        if row["kind"] == "log_step":
+            step = steps.get((row["run_id"], row["step"]))
+            if step is not None and step["event_id"] == row["id"]:
+                payload = Step.from_row(step).payload()
+        elif row["kind"] == "create_run" and row["run_id"] in runs and not runs[row["run_id"]]["remote_only"]:
+            base = steps.get((row["run_id"], 0))
+            code = (Step.from_row(base).code if base is not None else None) or CodeRef(())
+            payload = Run.from_row(runs[row["run_id"]]).create_payload(code)
+        if payload is not None:
+            out.append({**row, "payload": dumps(payload)})
+            rebuilt += 1
+    return out, rebuilt
+
+
+def _disagrees(row: dict[str, Any], steps: dict[tuple[str, int], dict[str, Any]], runs: dict[str, Any]) -> bool:
+    """The event's step row names it but holds another state: the step's row wins (it is what every
+    view showed), and the event is rebuilt from it."""
+    event = Event.from_row(row)
+    step = steps.get((event.run_id, event.step if event.kind == "log_step" and event.step is not None else 0))
+    if step is None:
+        return False
+    run = Run.from_row(runs[event.run_id]) if event.run_id in runs else None
+    return disagrees(event, Step.from_row(step), run)
+
+
+def _requeue(events: list[dict[str, Any]]) -> int:
+    """Events sync rejected as damaged here are sound again now: they wait to be sent. Rejections by
+    the server stay (``sync --retry-rejected`` is for those)."""
+    from . import outbox
+    from .replay import DAMAGED
+
+    prefix = DAMAGED.split(":")[0]
+    n = 0
+    for e in events:
+        if e["state"] == outbox.REJECTED and str(e.get("last_error") or "").startswith(prefix):
+            e.update(state=outbox.PENDING, last_error=None, attempts=0)
+            n += 1
+    return n
+
+
+def _lost_note(digest: str) -> str:
+    return (
+        "# weco-observe: the text of this file was lost to damage in the local journal\n"
+        f"# (sha256 {digest}); `weco observe doctor --repair` put this note in its place.\n"
+    )
+
+
+def _mend_code(
+    blobs: list[dict[str, Any]], events: list[dict[str, Any]], steps: dict[tuple[str, int], dict[str, Any]]
+) -> tuple[list[dict[str, Any]], int]:
+    """The blobs to keep, and how many files' text was lost.
+
+    A blob that does not decode to the text its hash names (or needs a base that does
+    not) cannot be read back; every manifest that names it, in the steps and in the
+    events' payloads, names instead a note saying the text was lost, so the steps and
+    their metrics still sync and the dashboard shows what happened to the file.
+    """
+    stored = {b["hash"]: b for b in blobs if _sound_text(b, "hash")}
+
+    def fetch(digest: str) -> tuple[Any, ...] | None:
+        b = stored.get(digest)
+        return None if b is None else (b["base"], b["prefix"], b["suffix"], b["data"], b["size"])
+
+    lost = set(codestore.broken(stored, fetch))  # type: ignore[arg-type]
+    lost |= {h for h in stored if not _base_chain_present(h, fetch)}  # deltas whose base is gone
+    kept = {h: b for h, b in stored.items() if h not in lost}
+    named = {h for e in events for h in _event_code(e)} | {
+        h for row in steps.values() for h in (loads(row["code"]) or {}).values()
+    }
+    lost |= named - set(kept)  # named but missing: no step can send it either
+    if not lost:
+        return list(kept.values()), 0
+    notes: dict[str, str] = {}
+    for digest in sorted(lost):
+        text = _lost_note(digest).encode("utf-8")
+        note = codestore.text_hash(text)
+        notes[digest] = note
+        kept[note] = dict(
+            zip(Blob.COLUMNS, Blob(note, len(text), None, 0, 0, 0, zlib.compress(text)).to_row(), strict=True)
+        )
+
+    def mend(manifest: Any) -> Any:
+        if not isinstance(manifest, dict):
+            return manifest
+        return {path: notes.get(digest, digest) for path, digest in manifest.items()}
+
+    for e in events:
+        payload = loads(e["payload"])
+        key = "source_code" if e["kind"] == CREATE else "code"
+        if isinstance(payload.get(key), dict) and set(payload[key].values()) & lost:
+            payload[key] = mend(payload[key])
+            e["payload"] = dumps(payload)
+    for row in steps.values():
+        manifest = loads(row["code"])
+        if isinstance(manifest, dict) and set(manifest.values()) & lost:
+            row["code"] = dumps(mend(manifest))
+    return list(kept.values()), len(lost)
+
+
+def _event_code(row: dict[str, Any]) -> list[str]:
+    code = Event.from_row(row).code()
+    return code.hashes() if code else []
+
+
+def _base_chain_present(digest: str, fetch: Callable[[str], tuple[Any, ...] | None]) -> bool:
+    seen = set()
+    while digest not in seen:
+        seen.add(digest)
+        row = fetch(digest)
+        if row is None:
+            return False
+        if row[0] is None:
+            return True
+        digest = row[0]
+    return False
 
 
 def _rebuild_steps(steps: dict[tuple[str, int], dict[str, Any]], events: list[dict[str, Any]]) -> int:
@@ -963,7 +1129,22 @@ def describe_repair(r: dict[str, Any]) -> str:
     ]
     if rb.get("steps") or rb.get("runs"):
         lines.append(f"rebuilt from their events: {rb.get('steps', 0)} steps, {rb.get('runs', 0)} runs")
+    if rb.get("damaged_rows"):
+        lines.append(f"{rb['damaged_rows']} step or run rows held damaged bytes: rebuilt from their events")
+    if rb.get("payloads"):
+        lines.append(
+            f"rebuilt {rb['payloads']} damaged event payloads (unreadable, or not what their step's row holds)"
+            " from the steps and runs they describe"
+        )
     if rb.get("bad_events"):
-        lines.append(f"dropped {rb['bad_events']} unreadable events")
+        lines.append(
+            f"dropped {rb['bad_events']} unreadable events (older states of their steps, or beyond rebuilding)"
+        )
+    if rb.get("requeued"):
+        lines.append(f"{rb['requeued']} events sync had refused as damaged here wait to be sent again")
+    if rb.get("lost_files"):
+        lines.append(
+            f"{rb['lost_files']} code files' text was damaged beyond reading: a note saying so stands in their place"
+        )
     lines.append(f"the damaged file is kept as {r['kept']}")
     return "\n".join(lines)

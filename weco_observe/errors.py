@@ -83,8 +83,9 @@ class BundleInvalid(InvalidInput):
     """A bundle file is truncated, corrupted, edited or not a bundle; nothing was imported."""
 
 
-class JournalDamaged(WecoObserveError):
-    """The journal failed its integrity check; ``weco observe doctor --repair`` salvages it."""
+class JournalDamaged(WecoObserveError, ValueError):
+    """The journal is damaged (its integrity check, a code blob or a payload); ``weco observe doctor --repair``
+    salvages it. A ValueError: a damaged row is bad data, refused where it is read."""
 
     exit_code = EXIT_DAMAGED
 
