@@ -67,7 +67,7 @@ from typing import Any, BinaryIO
 from . import codestore, ids, outbox, validate
 from .errors import BundleInvalid, InvalidInput, JournalDamaged, JournalUnavailable
 from .journal import SCHEMA_VERSION, Journal
-from .records import CREATE, EVENT_KINDS, Blob, CodeRef, Event, Run, Step, dumps
+from .records import CREATE, EVENT_KINDS, Blob, CodeRef, Event, Run, Step, disagrees, dumps, journal_text
 from .settings import Settings
 
 FORMAT = "weco-observe-bundle"
@@ -143,6 +143,7 @@ def write_bundle(
     tmp = out_path.with_name(f".{out_path.name}.{bundle_id}.tmp")
     snap = sqlite3.connect(str(journal.path), timeout=Settings.load().busy_timeout)
     snap.row_factory = sqlite3.Row
+    snap.text_factory = journal_text  # damaged text is refused by the records below, not a traceback
     try:
         snap.execute("BEGIN")  # one read snapshot for the whole bundle; loggers keep writing
         max_seq = snap.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()[0]
@@ -205,7 +206,7 @@ def _write_members(
     max_seq: int,
     source: Path,
 ) -> dict[str, Any]:
-    included: set[str] = set()
+    included: dict[str, Event] = {}
     touched: dict[str, None] = {}
     hashes: set[str] = set()
     members: dict[str, Any] = {}
@@ -215,8 +216,8 @@ def _write_members(
             events = _Writer(zf, "events.jsonl", opened)
 
             def put(row: sqlite3.Row) -> None:
-                event = Event.from_row(row)
-                included.add(event.id)
+                event = Event.from_row(row).checked()  # a damaged payload is refused, never carried
+                included[event.id] = event
                 touched.setdefault(event.run_id)
                 hashes.update((event.code() or CodeRef(())).hashes())
                 events.write({**event.to_doc(), "state": outbox.bundle_state(event.state)})
@@ -237,6 +238,11 @@ def _write_members(
                     if row["event_id"] not in included:
                         continue
                     step = Step.from_row(row)
+                    if disagrees(included[step.event_id], step):  # one copy holds a flipped byte
+                        raise JournalDamaged(
+                            f"step {step.step} of run {rid} disagrees with its event:"
+                            " run `weco observe doctor --repair`"
+                        )
                     hashes.update(step.code.hashes() if step.code else [])
                     steps.write(step.to_doc())
             members["steps.jsonl"] = steps.close()
@@ -260,6 +266,14 @@ def _write_members(
                 closure.add(digest)
                 if found[0]:
                     todo.append(found[0])
+            from .doctor import broken_blobs
+
+            damaged = broken_blobs(snap, sorted(closure))
+            if damaged:  # refuse here: the far side would refuse the whole bundle
+                raise JournalDamaged(
+                    f"{len(damaged)} code blobs this bundle needs are damaged in the journal (e.g. {damaged[0][:12]}):"
+                    " run `weco observe doctor --repair`, then bundle again"
+                )
             blobs = _Writer(zf, "blobs.jsonl", opened)
             for digest in sorted(closure):
                 blobs.write(

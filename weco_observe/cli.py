@@ -190,6 +190,14 @@ StrictOpt = Annotated[
     bool,
     typer.Option("--strict", help="Exit non-zero (3) when the journal cannot be written, instead of 0."),
 ]
+MaxSourceOpt = Annotated[
+    float,
+    typer.Option(
+        "--max-source-mb",
+        metavar="<MiB>",
+        help=f"Refuse a source file larger than this (default {validate.DEFAULT_MAX_SOURCE_MB} MiB).",
+    ),
+]
 
 
 def fail(message: str, code: int = errors.EXIT_BAD_INPUT) -> typer.Exit:
@@ -198,13 +206,18 @@ def fail(message: str, code: int = errors.EXIT_BAD_INPUT) -> typer.Exit:
     return typer.Exit(code)
 
 
-def _sources(source: str | None, sources: list[str] | None, required: bool) -> dict[str, str] | None:
+def _sources(source: str | None, sources: list[str] | None, required: bool, max_mb: float) -> dict[str, str] | None:
     files = ([source] if source else []) + list(sources or [])
     if not files:
         if required:
             raise errors.InvalidInput("no source files: pass --source FILE or --sources FILE [FILE ...]")
         return None
-    return validate.read_sources(files)
+    return validate.read_sources(files, validate.max_source_bytes(max_mb))
+
+
+def _metadata(text: str | None) -> dict[str, Any] | None:
+    # `--metadata ''` is refused, not ignored: an empty value is a mistake (an unset shell variable, say).
+    return None if text is None else validate.parse_json_object(text, "--metadata")
 
 
 def _unwritable(exc: errors.JournalUnavailable, op: str, kwargs: dict[str, Any], strict: bool, what: str) -> bool:
@@ -262,6 +275,7 @@ def init(
     ] = None,
     metadata: MetadataOpt = None,
     strict: StrictOpt = False,
+    max_source_mb: MaxSourceOpt = validate.DEFAULT_MAX_SOURCE_MB,
 ) -> None:
     """Create a new run; print only its id on stdout (RUN_ID=$(weco observe init ...)).
 
@@ -270,12 +284,12 @@ def init(
     from . import ids, spill
 
     kwargs = {
-        "source_code": _sources(source, sources, required=True),
+        "source_code": _sources(source, sources, required=True, max_mb=max_source_mb),
         "metric": metric,
         "maximize": validate.goal_to_maximize(goal),
-        "name": name,
-        "additional_instructions": additional_instructions,
-        "metadata": validate.parse_json_object(metadata, "--metadata") if metadata else None,
+        "name": validate.check_text(name, "--name"),
+        "additional_instructions": validate.check_text(additional_instructions, "--additional-instructions"),
+        "metadata": _metadata(metadata),
         "run_id": ids.new_run_id(),
         "event_id": ids.ulid(),
     }
@@ -322,19 +336,20 @@ def log(
     metadata: MetadataOpt = None,
     strict: StrictOpt = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing on success.")] = False,
+    max_source_mb: MaxSourceOpt = validate.DEFAULT_MAX_SOURCE_MB,
 ) -> None:
     """Log a step (experiment) to a run. Journaled locally in milliseconds; synced later."""
     from . import ids
 
     kwargs = {
-        "run": run_id,
+        "run": validate.check_run_ref(run_id),
         "step": validate.parse_step(step),
         "status": validate.check_status(status),
-        "description": description,
+        "description": validate.check_text(description, "--description"),
         "metrics": validate.parse_metrics(metrics) if metrics is not None else None,
-        "code": _sources(source, sources, required=False),
+        "code": _sources(source, sources, required=False, max_mb=max_source_mb),
         "parent_step": validate.parse_step(parent_step, "--parent-step") if parent_step is not None else None,
-        "metadata": validate.parse_json_object(metadata, "--metadata") if metadata else None,
+        "metadata": _metadata(metadata),
         "event_id": ids.ulid(),
     }
     try:
@@ -542,8 +557,21 @@ def run(group: typer.Typer, args: list[str] | None = None, prog_name: str | None
             hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
             print(f"error: {exc.format_message()}{hint}", file=sys.stderr)
             return exc.exit_code
+        if type(exc).__module__ == "sqlite3":  # a read SQLite refused: damage, a lock, or permissions
+            return _journal_error(exc)
         raise
     return result if isinstance(result, int) else 0
+
+
+def _journal_error(exc: Exception) -> int:
+    """One line for an SQLite error no command expected: damage says to repair, anything else to ask doctor."""
+    from .doctor import _classify
+
+    if _classify(exc) == "damaged":  # type: ignore[arg-type]
+        print(f"error: the journal is damaged ({exc}): run `weco observe doctor --repair`", file=sys.stderr)
+        return errors.EXIT_DAMAGED
+    print(f"error: cannot read the journal ({exc}): `weco observe doctor` says why", file=sys.stderr)
+    return errors.EXIT_JOURNAL
 
 
 def _exit(code: int) -> NoReturn:

@@ -118,28 +118,50 @@ def doctor_cmd(
     ] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Check the journal: integrity, schema version, WAL size, orphaned code blobs,
-    permissions, and whether it sits on a network filesystem.
+    """Check the journal: integrity, schema version, code and payloads, WAL size, orphaned code
+    blobs, permissions, and whether it sits on a network filesystem.
 
-    Exits 7 when the journal is damaged (then run `weco observe doctor --repair`).
+    Exits 7 when the journal is damaged (then run `weco observe doctor --repair`), 9 when
+    another process holds it locked, 10 when it or its folder is read-only for you, 8 when
+    --repair found a syncer holding it. Only damage is ever repaired.
     """
     from . import doctor, errors
     from .settings import Settings
 
     path = Settings.load().journal_path
     report = doctor.check(path)
-    repaired = doctor.repair(path) if repair and report["damaged"] else None
-    if repair:
-        fixed = doctor.fix_permissions(path)
-    if as_json:
-        print(json.dumps({**report, "repair": repaired, **({"permissions_fixed": fixed} if repair else {})}, indent=2))
-    else:
+    verdict = report["verdict"]
+    if not as_json:
         for item in report["checks"]:
             print(f"{item['level']:<5} {item['name']:<12} {item['message']}")
-        if repair:
-            for line in fixed:
-                print(f"fixed permissions: {line}")
+    repaired = None
+    failed: errors.WecoObserveError | None = None
+    if repair and verdict == "damaged":
+        try:
+            repaired = doctor.repair(path)
+        except (errors.SyncBusy, errors.JournalLocked, errors.JournalReadOnly, errors.JournalDamaged) as exc:
+            failed = exc
+    fixed = doctor.fix_permissions(path) if repair else []
+    if as_json:
+        extra = {"permissions_fixed": fixed} if repair else {}
+        error = {"repair_error": str(failed)} if failed else {}
+        print(json.dumps({**report, "repair": repaired, **extra, **error}, indent=2))
+    else:
+        for line in fixed:
+            print(f"fixed permissions: {line}")
         if repaired is not None:
             print(doctor.describe_repair(repaired))
-    if report["damaged"] and repaired is None:
-        raise typer.Exit(errors.EXIT_DAMAGED)
+    if failed is not None:
+        if not as_json:
+            print(f"error: {failed}", file=sys.stderr)
+        raise typer.Exit(failed.exit_code)
+    if repaired is not None or (repair and verdict == "damaged"):
+        return  # repaired, or found healthy once the sync lock was held
+    code = {
+        "damaged": errors.EXIT_DAMAGED,
+        "locked": errors.EXIT_LOCKED,
+        "busy": errors.EXIT_BUSY,
+        "read-only": errors.EXIT_READ_ONLY,
+    }.get(verdict, errors.EXIT_OK)
+    if code:
+        raise typer.Exit(code)

@@ -63,6 +63,9 @@ def show(
         print(json.dumps(views.show_json(view), indent=2, ensure_ascii=False))
     else:
         sys.stdout.write(formats.format_show(view, colour=colour))
+    damaged = views.damage_error(view["damage"], "the run is shown")
+    if damaged is not None:
+        raise damaged
 
 
 def diff(
@@ -80,18 +83,26 @@ def diff(
     """
     from . import diffs
 
+    from .views import damage_error
+
     colour = _colour(color)
     with _journal() as journal:
         result = diffs.step_diff(journal, run, step, against, context=context)
         text = diffs.format_diff(result, colour=colour)
     sys.stdout.write(text)
+    damaged = damage_error(diffs.damaged_files(result["files"]), "the diff is shown")
+    if damaged is not None:
+        raise damaged
 
 
 def export(
     run: Annotated[str, typer.Argument(help="Run: local id, server id, or a unique prefix of either.")],
     fmt: Annotated[str, typer.Option("--format", "-f", help="json, jsonl or csv.")] = "json",
     code: Annotated[bool, typer.Option("--code", help="Include each step's code (path -> text).")] = False,
-    output: Annotated[str | None, typer.Option("--output", "-o", help="Write to this file, not stdout.")] = None,
+    output: Annotated[
+        str | None,
+        typer.Option("--output", "-o", help="Write to this file, not stdout (0600, or the replaced file's mode)."),
+    ] = None,
 ) -> None:
     """Export a run's steps, metrics and parents (and code with --code) as JSON, JSON Lines or CSV."""
     from . import export as export_mod
@@ -100,14 +111,16 @@ def export(
         if output is None:
             export_mod.export_run(journal, run, fmt, sys.stdout, code=code)
             return
-        with open(output, "w", encoding="utf-8", newline="") as out:
-            n = export_mod.export_run(journal, run, fmt, out, code=code)
+        n = export_mod.export_file(journal, run, fmt, output, code=code)
     print(f"wrote {plural(n, 'step')} to {output}", file=sys.stderr)
 
 
 def report(
     run: Annotated[str, typer.Argument(help="Run: local id, server id, or a unique prefix of either.")],
-    output: Annotated[str, typer.Option("--output", "-o", help="The HTML file to write, e.g. report.html.")],
+    output: Annotated[
+        str,
+        typer.Option("--output", "-o", help="The HTML file to write (0600, or the replaced file's mode)."),
+    ],
 ) -> None:
     """Write one self-contained HTML file (no network requests) with the tree, the chart and the diffs."""
     from . import report as report_mod

@@ -12,6 +12,10 @@ from __future__ import annotations
 
 import hashlib
 import zlib
+from collections.abc import Callable, Iterable
+
+#: ``(base, prefix, suffix, data, size)`` of a stored blob, or None when it is missing
+Fetch = Callable[[str], "tuple[str | None, int, int, bytes, int] | None"]
 
 MAX_DEPTH = 32
 _LEVEL = 6
@@ -81,3 +85,50 @@ def decode(payload: bytes, prefix: int, suffix: int, base: bytes | None, limit: 
     if base is None:
         return middle
     return base[:prefix] + middle + base[len(base) - suffix :]
+
+
+def broken(digests: Iterable[str], fetch: Fetch) -> list[str]:
+    """The blobs among ``digests`` that do not decode to the text their hash names: a flipped byte
+    in their data, or in a delta base they need. A missing blob, or one whose base is missing, is
+    not counted here (it is *missing*, not damaged).
+
+    >>> good = zlib.compress(b"x = 1")
+    >>> rows = {text_hash(b"x = 1"): (None, 0, 0, good, 5), "ab" * 32: (None, 0, 0, b"junk", 5)}
+    >>> broken(rows, rows.get)
+    ['abababababababababababababababababababababababababababababababab']
+    """
+    texts: dict[str, bytes | None] = {}
+    rows: dict[str, tuple[str | None, int, int, bytes, int] | None] = {}
+
+    def row(digest: str) -> tuple[str | None, int, int, bytes, int] | None:
+        if digest not in rows:
+            rows[digest] = fetch(digest)
+        return rows[digest]
+
+    def text(digest: str, depth: int = 0) -> bytes | None:
+        if digest in texts:
+            return texts[digest]
+        texts[digest] = None  # a loop or a missing base decodes to nothing
+        found = row(digest)
+        if found is None or depth > 2 * MAX_DEPTH:
+            return None
+        base_hash, prefix, suffix, data, size = found
+        base = text(base_hash, depth + 1) if base_hash else None
+        if base_hash and base is None:
+            return None
+        try:
+            plain = decode(data, prefix, suffix, base, limit=size)
+        except (zlib.error, ValueError, TypeError):
+            return None
+        texts[digest] = plain if text_hash(plain) == digest and len(plain) == size else None
+        return texts[digest]
+
+    out = []
+    for digest in dict.fromkeys(digests):
+        found = row(digest)
+        if found is None or text(digest) is not None:
+            continue
+        base_hash = found[0]
+        if base_hash is None or row(base_hash) is not None:
+            out.append(digest)
+    return out

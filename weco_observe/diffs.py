@@ -18,11 +18,11 @@ import difflib
 from collections.abc import Mapping
 from typing import Any
 
-from .errors import InvalidInput
+from .errors import InvalidInput, JournalDamaged
 from .journal import Journal
 from .views import run_view
 
-__all__ = ["file_diffs", "format_diff", "step_diff", "unified_diff"]
+__all__ = ["damaged_files", "file_diffs", "format_diff", "step_diff", "unified_diff"]
 
 
 def unified_diff(a: str, b: str, path_a: str, path_b: str, context: int = 3) -> list[str]:
@@ -73,13 +73,19 @@ def _range(start: int, length: int) -> str:
 def file_diffs(
     journal: Journal, old: Mapping[str, str], new: Mapping[str, str], old_label: str, new_label: str, context: int = 3
 ) -> list[dict[str, Any]]:
-    """Diff two code manifests file by file: ``[{"path", "status", "lines"}]`` for each changed file."""
+    """Diff two code manifests file by file: ``[{"path", "status", "lines"}]`` for each changed file.
+
+    A file whose text is damaged in the journal gets status ``damaged`` and one line saying so."""
     out = []
     for path in sorted(set(old) | set(new)):
         if old.get(path) == new.get(path):
             continue
-        a = journal.read_blob(old[path]) if path in old else ""
-        b = journal.read_blob(new[path]) if path in new else ""
+        try:
+            a = journal.read_blob(old[path]) if path in old else ""
+            b = journal.read_blob(new[path]) if path in new else ""
+        except JournalDamaged as exc:  # the text is lost: say so in place of the diff, show the rest
+            out.append({"path": path, "status": "damaged", "lines": [str(exc)]})
+            continue
         status = "added" if path not in old else "removed" if path not in new else "modified"
         lines = unified_diff(
             a,
@@ -172,3 +178,8 @@ def format_diff(diff: Mapping[str, Any], colour: bool = False) -> str:
             else:
                 out.append(line)
     return "\n".join(out) + "\n"
+
+
+def damaged_files(files: list[dict[str, Any]]) -> list[str]:
+    """The messages of the files :func:`file_diffs` could not read."""
+    return [f["lines"][0] for f in files if f["status"] == "damaged"]

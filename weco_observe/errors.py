@@ -20,11 +20,15 @@ __all__ = [
     "EXIT_CONFIG",
     "EXIT_DAMAGED",
     "EXIT_JOURNAL",
+    "EXIT_LOCKED",
     "EXIT_OK",
     "EXIT_PENDING",
+    "EXIT_READ_ONLY",
     "EXIT_REJECTED",
     "InvalidInput",
     "JournalDamaged",
+    "JournalLocked",
+    "JournalReadOnly",
     "JournalUnavailable",
     "SyncBusy",
     "UnknownRun",
@@ -44,11 +48,16 @@ EXIT_AUTH = 5
 EXIT_REJECTED = 6
 #: ``doctor``: the journal is damaged (run ``weco observe doctor --repair``).
 EXIT_DAMAGED = 7
-#: ``sync --no-wait``: another syncer holds this journal's sync lock.
+#: ``sync --no-wait``: another syncer holds this journal's sync lock (``doctor --repair``: it stayed busy).
 EXIT_BUSY = 8
 #: ``sync``: a configuration error: ``WECO_BASE_URL`` is malformed or refused, or what answers
 #: there is not the Weco API. Nothing was sent or marked. 78 is ``EX_CONFIG`` of BSD's sysexits.h.
 EXIT_CONFIG = 78
+#: ``doctor``: another process holds the journal's lock, or an interrupted write waits for an owner
+#: to roll it back; nothing was judged damaged, try again.
+EXIT_LOCKED = 9
+#: ``doctor``: the journal or its folder cannot be read or written by you (not damage).
+EXIT_READ_ONLY = 10
 
 
 class WecoObserveError(Exception):
@@ -80,10 +89,23 @@ class BundleInvalid(InvalidInput):
     """A bundle file is truncated, corrupted, edited or not a bundle; nothing was imported."""
 
 
-class JournalDamaged(WecoObserveError):
-    """The journal failed its integrity check; ``weco observe doctor --repair`` salvages it."""
+class JournalDamaged(WecoObserveError, ValueError):
+    """The journal is damaged (its integrity check, a code blob or a payload); ``weco observe doctor --repair``
+    salvages it. A ValueError: a damaged row is bad data, refused where it is read."""
 
     exit_code = EXIT_DAMAGED
+
+
+class JournalLocked(WecoObserveError):
+    """Another process holds the journal's lock (or its interrupted write awaits an owner): not damage."""
+
+    exit_code = EXIT_LOCKED
+
+
+class JournalReadOnly(WecoObserveError):
+    """The journal or its folder cannot be read or written by this user: not damage."""
+
+    exit_code = EXIT_READ_ONLY
 
 
 # -- sync and the API client (issue 3) ----------------------------------------

@@ -13,14 +13,16 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from .errors import InvalidInput
+from .errors import InvalidInput, JournalDamaged
+from .files import output_file
 from .journal import Journal
-from .views import run_view
+from .views import damage_error, run_view
 
-__all__ = ["EXPORT_FORMATS", "export_run"]
+__all__ = ["EXPORT_FORMATS", "export_file", "export_run"]
 
 EXPORT_FORMATS = ("json", "jsonl", "csv")
 
@@ -43,13 +45,23 @@ def _export_steps(journal: Journal, view: Mapping[str, Any], code: bool) -> Iter
         }
         if code:
             row["code_step"] = s["code_step"]
-            row["code"] = journal.read_code(s["manifest"])
+            try:
+                row["code"] = journal.read_code(s["manifest"])
+            except JournalDamaged as exc:  # exported without its code; the error says so at the end
+                row["code"] = None
+                view["damage"].append(f"step {s['step']}'s code: {exc}")
         yield row
 
 
-def export_run(journal: Journal, ref: str, fmt: str, out: io.TextIOBase | Any, code: bool = False) -> int:
+def export_run(
+    journal: Journal, ref: str, fmt: str, out: io.TextIOBase | Any, code: bool = False, damage: list[str] | None = None
+) -> int:
     """Write a run's steps to ``out`` as ``json`` (one document), ``jsonl`` (a run line, then one
     line per step) or ``csv`` (one row per step, one column per metric). Returns the step count.
+
+    What is damaged in the journal is left out (a step's unreadable metrics, its lost code); once
+    everything else is written, JournalDamaged says what (or, given ``damage``, its messages are
+    added there).
 
     With ``code``, each step carries its effective code ``{path: text}`` and
     ``code_step`` (in CSV, as a JSON column).
@@ -103,4 +115,27 @@ def export_run(journal: Journal, ref: str, fmt: str, out: io.TextIOBase | Any, c
             if code:
                 flat["code"] = json.dumps(row["code"], ensure_ascii=False)
             writer.writerow(flat)
+    if damage is not None:
+        damage.extend(view["damage"])
+        return n
+    damaged = damage_error(view["damage"], f"{n} steps exported")
+    if damaged is not None:
+        raise damaged
+    return n
+
+
+def export_file(journal: Journal, ref: str, fmt: str, output: str | os.PathLike[str], code: bool = False) -> int:
+    """:func:`export_run` into the file ``output``, written atomically: 0600 (an export can hold code),
+    or the mode of the file it replaces when that one is yours (``files.output_file``)."""
+    if fmt not in EXPORT_FORMATS:
+        raise InvalidInput(f"unknown --format {fmt!r}: use one of {', '.join(EXPORT_FORMATS)}")
+    damage: list[str] = []
+    try:
+        with output_file(output) as out:
+            n = export_run(journal, ref, fmt, out, code=code, damage=damage)
+    except OSError as exc:
+        raise InvalidInput(f"cannot write {output}: {exc.strerror or exc}") from None
+    damaged = damage_error(damage, f"wrote {n} steps to {output}")
+    if damaged is not None:  # the file holds the rest
+        raise damaged
     return n

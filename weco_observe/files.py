@@ -10,8 +10,21 @@ of them (:meth:`JournalFiles.private_paths`).
 
 They all hold code or metrics, so they are created private: directories 0700,
 files 0600. The journal's directory is created 0700 when the tool creates it;
-a directory that already exists keeps its mode (it may be a shared folder the
-user pointed us at, with a sticky bit that matters to others).
+a directory that already exists keeps its mode: the tool never changes the mode
+of a folder it did not create.
+
+**The journal's folder** (:func:`journal_dir`). The folder the user names
+(``WECO_OBSERVE_DIR``, else the platform's data folder) holds the journal when it
+is missing (it is then created 0700) or is a folder of the user's own that nobody
+else can write to. A folder that belongs to someone else or that others can write
+to (``/tmp``, a team's project folder, mode 1777 or 2775) gets a private subfolder
+``weco-observe-<user>`` instead, created 0700. Anyone who can write the shared
+folder could have made that name first, as a folder of their own or a symlink to
+one, to read what the victim logs; so every time it is made or found it is checked
+(:func:`private_dir`): a real directory, not a symlink, owned by the user and
+writable by nobody else, or :class:`~weco_observe.errors.JournalUnavailable` says
+why and nothing is written there (``log`` then spills the step, as for any
+journal it cannot write).
 
 Only the standard library is imported: this runs on the ``weco observe log`` hot path.
 """
@@ -19,16 +32,103 @@ Only the standard library is imported: this runs on the ``weco observe log`` hot
 from __future__ import annotations
 
 import os
+import secrets
 import stat
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO, Any
 
-__all__ = ["JournalFiles", "private_file", "private_dir"]
+__all__ = [
+    "JournalFiles",
+    "check_private_subfolder",
+    "is_private_subfolder",
+    "output_file",
+    "journal_dir",
+    "private_dir",
+    "private_file",
+    "private_subfolder_name",
+]
+
+#: the private subfolder's name starts so; checking the prefix first keeps the user lookup off the hot path
+_SUBFOLDER_PREFIX = "weco-observe-"
+_names: dict[int, str] = {}
+
+
+def private_subfolder_name(uid: int | None = None) -> str:
+    """``weco-observe-<user name>`` (the uid when the name is unknown): one per user in a shared folder."""
+    uid = os.getuid() if uid is None else uid
+    name = _names.get(uid)
+    if name is None:
+        import pwd
+
+        try:
+            user = pwd.getpwuid(uid).pw_name
+        except KeyError:
+            user = ""
+        ok = user and user not in (".", "..") and "/" not in user and "\x00" not in user
+        name = _names[uid] = _SUBFOLDER_PREFIX + (user if ok else str(uid))
+    return name
+
+
+def journal_dir(base: Path) -> Path:
+    """The folder the journal lives in when the user names ``base``: ``base`` itself when it is
+    missing or is theirs alone, else the private subfolder ``base/weco-observe-<user>``.
+
+    One ``stat``: cheap enough for every command. Nothing is created or checked here; the
+    folder is made and verified by :func:`private_dir` when the journal is opened.
+
+    >>> journal_dir(Path("/tmp")).name.startswith("weco-observe-")  # /tmp is 1777: shared
+    True
+    """
+    try:
+        st = os.stat(base)
+    except OSError:
+        return base  # missing: created 0700 on first use (or the open says why it cannot be)
+    if not stat.S_ISDIR(st.st_mode):
+        return base  # not a folder: opening the journal says so
+    if st.st_uid == os.getuid() and not st.st_mode & 0o022:
+        return base
+    return base / private_subfolder_name()
+
+
+def is_private_subfolder(path: Path) -> bool:
+    """True for the folder :func:`journal_dir` makes inside a shared folder (by its name)."""
+    return path.name.startswith(_SUBFOLDER_PREFIX) and path.name == private_subfolder_name()
+
+
+def check_private_subfolder(path: Path) -> None:
+    """The private subfolder in a shared folder is a real directory of ours that nobody else can write."""
+    from .errors import JournalUnavailable
+
+    try:
+        st = os.lstat(path)
+    except OSError as exc:
+        raise JournalUnavailable(f"cannot use {path}: {exc.strerror or exc}") from None
+    why = None
+    if stat.S_ISLNK(st.st_mode):
+        why = "it is a symlink"
+    elif not stat.S_ISDIR(st.st_mode):
+        why = "it is not a folder"
+    elif st.st_uid != os.getuid():
+        why = f"it belongs to another user (uid {st.st_uid})"
+    elif st.st_mode & 0o022:
+        why = f"others can write to it (mode {stat.S_IMODE(st.st_mode):04o}; chmod 700 it if you made it)"
+    if why:
+        raise JournalUnavailable(
+            f"refusing to keep the journal in {path}: {why}. Its folder {path.parent} is shared, so someone"
+            " else may have made it to read your runs; remove it, or set WECO_OBSERVE_DIR to a folder of your own"
+        )
 
 
 def private_dir(path: Path) -> Path:
-    """Create ``path`` (and parents) 0700 if missing; an existing directory keeps its mode."""
+    """Create ``path`` (and parents) 0700 if missing; an existing directory keeps its mode.
+
+    The journal's private subfolder in a shared folder (see :func:`journal_dir`) is
+    verified whether it was just made or found: raises JournalUnavailable if it is
+    not a real directory of ours that only we can write.
+    """
     try:
         os.mkdir(path, 0o700)
     except FileExistsError:
@@ -39,7 +139,44 @@ def private_dir(path: Path) -> Path:
             os.mkdir(path, 0o700)
         except FileExistsError:
             pass
+    if is_private_subfolder(path):
+        check_private_subfolder(path)
     return path
+
+
+def output_mode(path: Path) -> int:
+    """The mode a file the user asked for (``report``, ``export -o``) is written with: 0600, since it
+    holds code and metrics, or the mode of the file it replaces when that file is the user's own
+    (``chmod 644 report.html`` once, and every later report keeps it)."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return 0o600
+    if stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid():
+        return stat.S_IMODE(st.st_mode) & 0o777
+    return 0o600
+
+
+@contextmanager
+def output_file(path: str | os.PathLike[str], *, text: bool = True) -> Iterator[IO[Any]]:
+    """Write ``path`` atomically with :func:`output_mode`: a fresh temporary file beside it (never
+    following a symlink planted at its name), renamed over ``path`` when the block ends; nothing
+    is left behind if it raises. A symlink at ``path`` is replaced, not followed."""
+    path = Path(path)
+    mode = output_mode(path)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        os.fchmod(fd, mode)  # exactly this mode, whatever the umask
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") if text else os.fdopen(fd, "wb") as out:
+            fd = -1
+            yield out
+        os.replace(tmp, path)
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def private_file(path: Path) -> None:

@@ -39,6 +39,7 @@ import os
 import sqlite3
 import threading
 import time
+import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -46,9 +47,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import codestore, ids, outbox, treerule, validate
-from .errors import InvalidInput, JournalUnavailable, UnknownRun
+from .errors import InvalidInput, JournalDamaged, JournalUnavailable, UnknownRun
 from .files import JournalFiles, private_dir, private_file
-from .records import Blob, CodeRef, Event, Run, Step, loads
+from .records import Blob, CodeRef, Event, Run, Step, journal_text, loads
 from .settings import Settings
 
 if TYPE_CHECKING:
@@ -110,6 +111,7 @@ class Journal:
                     isolation_level=None,
                     check_same_thread=False,
                 )
+            self.conn.text_factory = journal_text  # flipped bytes read as DamagedText, not an error
             self.conn.execute("PRAGMA synchronous=FULL")
             self.conn.execute("PRAGMA foreign_keys=ON")
             version = self.conn.execute("PRAGMA user_version").fetchone()[0]
@@ -290,13 +292,22 @@ class Journal:
             raise KeyError(digest)
         row = tuple(rows[0])
         base_hash, depth, prefix, suffix, payload = row
-        base = self._blob(base_hash)[0] if base_hash else None
-        data = codestore.decode(payload, prefix, suffix, base)
+        try:
+            base = self._blob(base_hash)[0] if base_hash else None
+            data = codestore.decode(payload, prefix, suffix, base)
+        except (zlib.error, ValueError, TypeError, KeyError, RecursionError):
+            data = None
+        if data is None or codestore.text_hash(data) != digest:
+            # a flipped byte (here or in its delta base): the text is lost, never passed on altered
+            raise JournalDamaged(
+                f"code blob {digest[:12]} is damaged in the journal: run `weco observe doctor --repair`"
+            )
         self._remember(digest, data, depth)
         return data, depth
 
     def read_blob(self, digest: str) -> str:
-        """The text of a code blob by its hash."""
+        """The text of a code blob by its hash. Raises KeyError when it is missing, JournalDamaged
+        when it does not decode to the text its hash names."""
         with self._lock:
             return self._blob(digest)[0].decode("utf-8")
 
@@ -321,7 +332,7 @@ class Journal:
                 if base_hash:
                     try:
                         base_data, base_depth = self._blob(base_hash)
-                    except KeyError:
+                    except (KeyError, JournalDamaged):  # a full copy, then: logging goes on
                         base_hash = None
                 depth, prefix, suffix, payload = codestore.encode(data, base_data, base_depth)
                 blob = Blob(digest, len(data), base_hash if depth else None, depth, prefix, suffix, payload)
@@ -678,7 +689,9 @@ class SharedReader(Journal):
             raise JournalUnavailable(f"no journal yet at {self.path}")
 
     def _connect(self) -> sqlite3.Connection:
-        return sqlite3.connect(f"file:{self.path}?vfs=unix-none&mode=ro", uri=True, check_same_thread=False)
+        conn = sqlite3.connect(f"file:{self.path}?vfs=unix-none&mode=ro", uri=True, check_same_thread=False)
+        conn.text_factory = journal_text
+        return conn
 
     def query(self, sql: str, params: Any = ()) -> list[sqlite3.Row]:
         return self.read(lambda conn: conn.execute(sql, params).fetchall())

@@ -37,9 +37,10 @@ from __future__ import annotations
 import sqlite3
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from .records import LOG, Event, loads
+from .records import CREATE, LOG, DamagedText, Event, Run, Step, disagrees, loads
 
 if TYPE_CHECKING:
     from .journal import Journal
@@ -194,11 +195,35 @@ def runs_to_send(journal: Journal, run_id: str | None = None) -> list[str]:
 
 
 def create_of(journal: Journal, run_id: str) -> Event | None:
-    """A run's create event (None for a remote-only run)."""
+    """A run's create event (None for a remote-only run); marked damaged (``Event.damage``) when its
+    payload cannot be read or disagrees with the run's and step 0's rows."""
     rows = _rows(
         journal, "SELECT * FROM events WHERE run_id = ? AND kind = 'create_run' ORDER BY seq LIMIT 1", (run_id,)
     )
-    return Event.from_row(rows[0]) if rows else None
+    return _against_step(journal, Event.from_row(rows[0]), 0) if rows else None
+
+
+def _against_step(journal: Journal, event: Event, step: int) -> Event:
+    """``event``, marked damaged when the step row that names it holds another state (a flipped byte
+    in one copy: neither is sent until ``doctor --repair`` rebuilds the event from the step)."""
+    rows = _rows(journal, "SELECT * FROM steps WHERE run_id = ? AND step = ?", (event.run_id, step))
+    if rows and any(isinstance(v, DamagedText) for v in tuple(rows[0])):
+        return event  # the step's row is the damaged copy (doctor says so); the event is what was logged
+    try:
+        state = Step.from_row(rows[0]) if rows else None
+        run = None
+        if event.kind == CREATE:
+            runs = _rows(journal, "SELECT * FROM runs WHERE id = ?", (event.run_id,))
+            run = Run.from_row(runs[0]) if runs else None
+    except ValueError:  # the step's or run's row is the damaged copy: doctor says so; the event is fine
+        return event
+    if state is not None and disagrees(event, state, run):
+        return replace(
+            event,
+            damage=f"the payload of event {event.id} disagrees with its step's row (one holds a flipped byte):"
+            " run `weco observe doctor --repair`",
+        )
+    return event
 
 
 def steps_to_send(journal: Journal, run_id: str, after_seq: int, limit: int) -> list[sqlite3.Row]:
@@ -206,7 +231,9 @@ def steps_to_send(journal: Journal, run_id: str, after_seq: int, limit: int) -> 
     sent without a parent, left to the server's auto-chaining)."""
     return _rows(
         journal,
-        "SELECT seq, id, step, json_extract(payload, '$.parent_step') IS NULL AS chained FROM events"
+        # json_valid first: a damaged payload must not fail the page (the event is rejected when sent)
+        "SELECT seq, id, step, CASE WHEN json_valid(payload) THEN json_extract(payload, '$.parent_step') IS NULL"
+        " ELSE 1 END AS chained FROM events"
         f" WHERE state IN {_UNSENT} AND run_id = ? AND kind = 'log_step' AND seq > ? ORDER BY seq LIMIT ?",
         (run_id, after_seq, limit),
     )
@@ -221,7 +248,7 @@ def current_state_event(journal: Journal, run_id: str, step: int, fallback_seq: 
         (run_id, step),
     )
     if rows and rows[0]["kind"] == LOG:
-        return Event.from_row(rows[0])
+        return _against_step(journal, Event.from_row(rows[0]), step)
     return Event.from_row(_rows(journal, "SELECT * FROM events WHERE seq = ?", (fallback_seq,))[0])
 
 

@@ -19,6 +19,16 @@ parent is known so the server's tree equals the local one.
 One JSON encoder serves the package: :func:`dumps` (compact, UTF-8 kept as is,
 NaN and infinities refused).
 
+**Damaged rows.** A few flipped bytes in the journal file (a bad disk block, a torn
+copy) can leave a column that is not UTF-8 or a payload that does not parse; SQLite's
+integrity check does not see it. Every connection to a journal reads text through
+:func:`journal_text`, which never fails: text that is not UTF-8 comes back as a
+:class:`DamagedText` (shown with U+FFFD), and :func:`loads` raises
+:class:`~weco_observe.errors.JournalDamaged` for it or for JSON that does not parse,
+so a damaged row is refused where it is read, never sent or bundled. An event whose
+payload is damaged is still an :class:`Event` (its state can be counted and marked)
+but carries ``damage``: every use of its payload raises JournalDamaged.
+
 Only the standard library is imported: this runs on the ``weco observe log`` hot path.
 
     >>> step = Step(run_id="local-1", step=2, status="completed", metrics={"loss": 0.5}, parent_step=1,
@@ -48,7 +58,10 @@ __all__ = [
     "Event",
     "Run",
     "Step",
+    "DamagedText",
+    "disagrees",
     "dumps",
+    "journal_text",
     "loads",
     "run_args_from_wire",
     "step_args_from_wire",
@@ -72,6 +85,28 @@ class Row(Protocol):
     def keys(self) -> Iterable[str]: ...
 
 
+class DamagedText(str):
+    """Text a journal column held that was not valid UTF-8 (flipped bytes), decoded with U+FFFD."""
+
+
+def journal_text(data: bytes) -> str:
+    """The ``text_factory`` of every journal connection: UTF-8, or :class:`DamagedText`, never an error.
+
+    >>> journal_text("é".encode()), type(journal_text(b"caf\\xe9")).__name__
+    ('é', 'DamagedText')
+    """
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return DamagedText(data.decode("utf-8", "replace"))
+
+
+def _damaged(what: str) -> Exception:
+    from .errors import JournalDamaged
+
+    return JournalDamaged(f"{what} is damaged in the journal: run `weco observe doctor --repair`")
+
+
 def dumps(value: Any) -> str:
     """The package's one JSON encoder: compact, non-ASCII kept, NaN/Infinity refused (ValueError).
 
@@ -81,9 +116,20 @@ def dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
-def loads(text: str | bytes | None) -> Any:
-    """Inverse of :func:`dumps`; None stays None (a NULL column)."""
-    return None if text is None else json.loads(text)
+def loads(text: str | bytes | None, what: str = "a journal row") -> Any:
+    """Inverse of :func:`dumps` for a journal column; None stays None (a NULL column).
+
+    Raises :class:`~weco_observe.errors.JournalDamaged` (a ValueError) for text that
+    was not UTF-8 on disk or does not parse.
+    """
+    if text is None:
+        return None
+    if isinstance(text, DamagedText):
+        raise _damaged(what)
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        raise _damaged(what) from None
 
 
 def _json_column(value: Any) -> str | None:
@@ -411,19 +457,30 @@ class Event:
     unanswered: int = 0
     last_error: str | None = None
     delivered_at: float | None = None
+    #: why the journaled payload cannot be read (flipped bytes); None for a sound event
+    damage: str | None = None
 
     #: the columns written when an event is first journaled (the rest are the outbox's)
     NEW_COLUMNS = ("id", "run_id", "kind", "step", "payload", "state", "created_at", "delivered_at")
 
     @classmethod
     def from_row(cls, row: Row) -> Event:
+        """The event of a journal row. A payload that cannot be read gives an event with ``damage``
+        set (its state can still be counted and marked); its payload is then never used."""
         keys = row.keys()
+        damage = None
+        try:
+            payload = loads(row["payload"], f"the payload of event {row['id']}")
+            if not isinstance(payload, dict):
+                raise _damaged(f"the payload of event {row['id']}")
+        except ValueError as exc:
+            payload, damage = {}, str(exc)
         return cls(
             id=row["id"],
             run_id=row["run_id"],
             kind=row["kind"],
             step=row["step"],
-            payload=loads(row["payload"]),
+            payload=payload,
             created_at=row["created_at"],
             state=row["state"],
             seq=row["seq"] if "seq" in keys else None,
@@ -431,10 +488,39 @@ class Event:
             unanswered=row["unanswered"] if "unanswered" in keys else 0,
             last_error=row["last_error"] if "last_error" in keys else None,
             delivered_at=row["delivered_at"] if "delivered_at" in keys else None,
+            damage=damage,
         )
+
+    def sound(self) -> Event:
+        """This event, if its payload was read intact; else raises JournalDamaged."""
+        if self.damage is not None:
+            from .errors import JournalDamaged
+
+            raise JournalDamaged(self.damage)
+        return self
+
+    def checked(self) -> Event:
+        """This event, if its payload is one this tool writes: the wire contract's keys only, values
+        that pass the same checks as ``init``/``log``, code as blob hashes, the step of its row.
+        Else raises JournalDamaged: a payload can parse and still hold a flipped byte."""
+        self.sound()
+        from .errors import InvalidInput, JournalDamaged
+
+        payload = self.payload
+        allowed = _CREATE_KEYS if self.kind == CREATE else _LOG_KEYS if self.kind == LOG else frozenset()
+        try:
+            if not allowed or not set(payload) <= allowed:
+                raise InvalidInput(f"unexpected keys {sorted(set(payload) - allowed)}")
+            _check_payload(self.kind, payload, self.step)
+        except (InvalidInput, TypeError, KeyError) as exc:
+            raise JournalDamaged(
+                f"the payload of event {self.id} is damaged in the journal ({exc}): run `weco observe doctor --repair`"
+            ) from None
+        return self
 
     def to_row(self) -> tuple[Any, ...]:
         """Values for :data:`NEW_COLUMNS`."""
+        self.sound()
         return (
             self.id,
             self.run_id,
@@ -447,6 +533,7 @@ class Event:
         )
 
     def to_doc(self) -> dict[str, Any]:
+        self.sound()
         return {
             "id": self.id,
             "run_id": self.run_id,
@@ -493,18 +580,18 @@ class Event:
 
     def code(self) -> CodeRef | None:
         """The code this event's body names (a create's baseline, a step's snapshot)."""
-        value = self.payload.get("source_code" if self.kind == CREATE else "code")
+        value = self.sound().payload.get("source_code" if self.kind == CREATE else "code")
         return CodeRef.from_manifest(value) if isinstance(value, dict) else None
 
     def as_step(self) -> Step:
         """The step state this event sets (a create sets step 0)."""
         if self.kind == CREATE:
             return Step.baseline(self.run_id, self.code() or CodeRef(()), event_id=self.id, at=self.created_at)
-        return Step.from_payload(self.payload, run_id=self.run_id, event_id=self.id, at=self.created_at)
+        return Step.from_payload(self.sound().payload, run_id=self.run_id, event_id=self.id, at=self.created_at)
 
     def as_run(self) -> Run:
         """The run a create event describes."""
-        return Run.from_create_payload(self.payload, run_id=self.run_id, at=self.created_at)[0]
+        return Run.from_create_payload(self.sound().payload, run_id=self.run_id, at=self.created_at)[0]
 
 
 # -- code blobs ----------------------------------------------------------------------------
@@ -546,6 +633,68 @@ class Blob:
 # -- the wire ----------------------------------------------------------------------------------
 
 
+def disagrees(event: Event, step: Step, run: Run | None = None) -> bool:
+    """True when ``step``'s row names ``event`` (it holds the step's current state) but the event's
+    payload is not that state: one of the two copies has a flipped byte. A create is compared with
+    step 0's code, and with its run's row too when ``run`` was made from it (same ``created_at``).
+    Events are written with their step (and a create with its run) in one transaction, so the
+    copies never differ otherwise.
+
+    >>> step = Step(run_id="r", step=1, status="completed", metrics={"loss": 0.5}, event_id="e1")
+    >>> disagrees(Event.log(step), step), disagrees(replace(Event.log(step), payload={"step": 1}), step)
+    (False, True)
+    """
+    if event.damage is not None or step.event_id != event.id:
+        return False
+    if event.kind == LOG:
+        return event.payload != step.payload()
+    if event.kind == CREATE:
+        if run is None or run.created_at != event.created_at:  # a run row made elsewhere (a bundle's match)
+            return event.payload.get("source_code") != (step.code.manifest() if step.code else {})
+        return event.payload != run.create_payload(step.code or CodeRef(()))
+    return False
+
+
+_CREATE_KEYS = frozenset({"source_code", "metric_name", "maximize", "name", "additional_instructions", "metadata"})
+_LOG_KEYS = frozenset({"step", "status", "description", "metrics", "code", "parent_step", "metadata"})
+
+
+def _check_payload(kind: str, payload: Mapping[str, Any], step: int | None) -> None:
+    """Raise InvalidInput (or TypeError/KeyError) unless ``payload`` is a body this tool journals."""
+    from . import validate
+    from .errors import InvalidInput
+
+    if kind == CREATE:
+        if not isinstance(payload.get("maximize"), bool):
+            raise InvalidInput("maximize is not true or false")
+        validate.check_run_args(
+            payload["source_code"],
+            payload.get("metric_name"),
+            payload.get("name"),
+            payload.get("additional_instructions"),
+            payload.get("metadata"),
+        )
+        manifest = payload["source_code"]
+    else:
+        if payload.get("step") != step:
+            raise InvalidInput(f"step {payload.get('step')!r} is not the event's step {step}")
+        args = step_args_from_wire(payload)
+        validate.check_step_args(
+            args["step"],
+            args["status"],
+            args["description"],
+            args["metrics"],
+            args["code"],
+            args["parent_step"],
+            args["metadata"],
+        )
+        manifest = payload.get("code") or {}
+    if not all(
+        isinstance(h, str) and len(h) == 64 and all(c in "0123456789abcdef" for c in h) for h in manifest.values()
+    ):
+        raise InvalidInput("a code hash is not a sha256")
+
+
 def wire_body(event: Event, read_text: Callable[[str], str], local_id: str | None = None) -> dict[str, Any]:
     """The request body to send for ``event``: its payload with code hashes turned into file text.
 
@@ -553,7 +702,7 @@ def wire_body(event: Event, read_text: Callable[[str], str], local_id: str | Non
     one already, from the box a relay received it from). Raises
     KeyError when a blob is missing from the journal.
     """
-    body = dict(event.payload)
+    body = dict(event.checked().payload)
     key = "source_code" if event.kind == CREATE else "code"
     if isinstance(body.get(key), dict):
         body[key] = {path: read_text(digest) for path, digest in body[key].items()}

@@ -25,6 +25,7 @@ from typing import Any
 
 from . import diffs, views
 from .errors import InvalidInput
+from .files import output_file
 from .journal import Journal
 
 # Inline style and script only: no fetch, image, font or frame from anywhere.
@@ -89,8 +90,10 @@ def page_data(view: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
-def report_html(journal: Journal, ref: str) -> str:
-    """The report of run ``ref`` as one HTML string, every step's diff against its parent included."""
+def report_html(journal: Journal, ref: str, damage: list[str] | None = None) -> str:
+    """The report of run ``ref`` as one HTML string, every step's diff against its parent included.
+
+    What is damaged in the journal is shown as such; its messages are added to ``damage``."""
     view = views.run_view(journal, ref)
     parent_diffs: dict[str, list[dict[str, Any]]] = {}
     by_step = {s["step"]: s for s in view["steps"]}
@@ -101,6 +104,9 @@ def report_html(journal: Journal, ref: str) -> str:
         parent_diffs[str(s["step"])] = diffs.file_diffs(
             journal, parent["manifest"], s["manifest"], f"step{parent['step']}", f"step{s['step']}"
         )
+        view["damage"].extend(f"step {s['step']}: {m}" for m in diffs.damaged_files(parent_diffs[str(s["step"])]))
+    if damage is not None:
+        damage.extend(view["damage"])
     run = view["run"]
     title = f"{run['name'] or run['id']} · weco-observe report"
     return page("report", title, {"view": page_data(view), "diffs": parent_diffs})
@@ -109,17 +115,23 @@ def report_html(journal: Journal, ref: str) -> str:
 def write_report(journal: Journal, ref: str, output: str | os.PathLike[str]) -> tuple[Path, int]:
     """Write the report of run ``ref`` to ``output`` (atomically); return ``(path, bytes)``.
 
+    The file holds the run's code: it is written 0600, or with the mode of the file it
+    replaces when that one is yours (``files.output_file``). When something is damaged in the
+    journal the report is written with the rest, then JournalDamaged says what is missing.
+
     >>> path, size = write_report(journal, run_id, "report.html")
     >>> path.name, path.read_text(encoding="utf-8").startswith("<!doctype html>"), size == path.stat().st_size
     ('report.html', True, True)
     """
-    text = report_html(journal, ref).encode("utf-8")
+    damage: list[str] = []
+    text = report_html(journal, ref, damage).encode("utf-8")
     path = Path(output)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_bytes(text)
-        os.replace(tmp, path)
+        with output_file(path, text=False) as out:
+            out.write(text)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise InvalidInput(f"cannot write {path}: {exc.strerror or exc}") from None
+    damaged = views.damage_error(damage, f"wrote {path}")
+    if damaged is not None:  # the report shows the rest; the caller learns what is missing
+        raise damaged
     return path, len(text)

@@ -145,6 +145,9 @@ class WecoObserver:
         A server run id this journal has never seen (made by the official client,
         say) is accepted: its steps are journaled and later synced to that id.
         """
+        from . import validate
+
+        validate.check_run_ref(run_id, "run_id")
         try:
             row = self._open().find_run(run_id, prefix=True)
         except JournalUnavailable:

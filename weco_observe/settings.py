@@ -236,16 +236,20 @@ class Settings:
 
     @cached_property
     def data_dir(self) -> Path:
-        """The directory holding ``journal.db``: ``$WECO_OBSERVE_DIR`` or the user data dir.
+        """The directory holding ``journal.db``: ``$WECO_OBSERVE_DIR`` or the user data dir, or
+        a private subfolder ``weco-observe-<user>`` in it when that folder is someone else's or
+        others can write to it (``files.journal_dir``; one ``stat``, once per ``Settings``).
 
         >>> Settings.load({"WECO_OBSERVE_DIR": "/data/weco"}).data_dir
         PosixPath('/data/weco')
         """
+        from .files import journal_dir
+
         if self.dir_override is not None:
-            return self.dir_override
+            return journal_dir(self.dir_override)
         import platformdirs
 
-        return Path(platformdirs.user_data_dir("weco-observe", appauthor=False))
+        return journal_dir(Path(platformdirs.user_data_dir("weco-observe", appauthor=False)))
 
     @property
     def journal_path(self) -> Path:

@@ -64,7 +64,9 @@ def spill_dirs(journal_path: str | os.PathLike[str] | None = None, settings: Set
     """Candidate directories, most preferred first (the fallbacks are shared by every journal of this user)."""
     settings = settings or Settings.load()
     uid = os.getuid()
-    dirs = [JournalFiles(Path(_target(journal_path))).spill_dir]
+    named = Path(journal_path if journal_path is not None else settings.journal_path)
+    # checked before the path is resolved: a planted symlink resolves to a folder of another name
+    dirs = [] if _planted(named.parent) else [JournalFiles(Path(_target(named))).spill_dir]
     for root in (settings.temp_dir, Path("/tmp")):
         if root / f"weco-observe-spill-{uid}" not in dirs:
             dirs.append(root / f"weco-observe-spill-{uid}")
@@ -104,6 +106,20 @@ def check(op: str, kwargs: dict[str, Any]) -> None:
             get("parent_step"),
             get("metadata"),
         )
+
+
+def _planted(journal_dir: Path) -> bool:
+    """The journal's private subfolder in a shared folder fails its checks (another user may have
+    made it): no spill file goes inside it either."""
+    from .files import check_private_subfolder, is_private_subfolder
+
+    if not is_private_subfolder(journal_dir) or not os.path.lexists(journal_dir):
+        return False
+    try:
+        check_private_subfolder(journal_dir)
+    except JournalUnavailable:
+        return True
+    return False
 
 
 def _private_dir_ok(directory: Path) -> bool:
@@ -177,7 +193,10 @@ def _candidates(journal_path: str | os.PathLike[str] | None) -> Iterator[tuple[P
 def _read(path: Path) -> dict[str, Any]:
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     with os.fdopen(fd, "rb") as f:
-        record = json.loads(f.read(_MAX_BYTES + 1))
+        try:
+            record = json.loads(f.read(_MAX_BYTES + 1))
+        except RecursionError:  # a ValueError, as for any JSON this tool would not have written
+            raise ValueError("it is nested too deeply to be a spill file") from None
     if not isinstance(record, dict):
         raise ValueError("not a JSON object")
     return record

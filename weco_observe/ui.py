@@ -15,13 +15,16 @@ that the page polls; all data comes from ``views`` (and ``diffs``), exactly as
 - ``GET /api/runs/<run>/diff?step=N[&against=M]``: one step's diff.
 
 Read-only: only GET and HEAD are answered; the journal is opened without
-replaying spill files, and nothing is written. Requests whose ``Host`` header
-is not this server's address are refused, so a web page cannot read the runs
-through DNS rebinding.
+replaying spill files, and nothing is written. A server on a loopback address
+(any of 127.0.0.0/8, ``::1``, ``localhost``) answers only requests whose ``Host``
+header is ``localhost`` or a loopback address, so a web page cannot read the runs
+through DNS rebinding (its own host name, made to resolve to 127.0.0.x, is
+refused). A server bound elsewhere was exposed on purpose and takes any ``Host``.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import socket
 import sys
@@ -39,7 +42,23 @@ from .journal import Journal, SharedReader, read_seq
 from .settings import Settings
 
 DEFAULT_PORT = 8421
-_LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
+
+
+def is_loopback(host: str) -> bool:
+    """``localhost`` or a loopback address (127.0.0.0/8, ``::1``), bracketed or not.
+
+    >>> [is_loopback(h) for h in ("127.0.0.2", "[::1]", "localhost", "10.0.0.1", "evil.example")]
+    [True, True, True, False, False]
+    """
+    name = host.strip().lower()
+    if name.startswith("[") and name.endswith("]"):
+        name = name[1:-1]
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -66,7 +85,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _host_allowed(self) -> bool:
         host = (self.headers.get("Host") or "").strip().lower()
         name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
-        return name in self.server.allowed_hosts
+        return self.server.any_host or is_loopback(name)
 
     def do_GET(self) -> None:
         if not self._host_allowed():
@@ -118,11 +137,6 @@ def _public(summary: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in summary.items() if k != "last_activity_ts"}
 
 
-class _AnyHost(set):
-    def __contains__(self, item: object) -> bool:
-        return True
-
-
 class UIServer(ThreadingHTTPServer):
     """The UI's HTTP server over one journal; ``url`` is where it listens."""
 
@@ -135,8 +149,10 @@ class UIServer(ThreadingHTTPServer):
         if ":" in host:  # an IPv6 address such as ::1
             self.address_family = socket.AF_INET6
         super().__init__((host, port), _Handler)
-        # Only a loopback server needs the DNS-rebinding guard; one bound elsewhere was exposed on purpose.
-        self.allowed_hosts: set[str] = set(_LOOPBACK) if host in _LOOPBACK else _AnyHost()
+        # Every loopback server keeps the DNS-rebinding guard (127.0.0.2 as much as 127.0.0.1): only a
+        # Host header naming localhost or a loopback address is answered. One bound elsewhere was
+        # exposed on purpose (serve() warns) and answers any Host.
+        self.any_host = not is_loopback(host)
 
     def version(self) -> int:
         with self._version_lock:
@@ -185,7 +201,7 @@ def _merged_seq(journal: SharedReader | None, settings: Settings | None = None, 
 def serve(host: str = "127.0.0.1", port: int = DEFAULT_PORT) -> None:
     """Serve until Ctrl-C, printing the URL on stderr."""
     server = make_server(host, port)
-    if host not in _LOOPBACK:
+    if not is_loopback(host):
         print(
             f"weco-observe: WARNING serving on {host}: anyone who can reach it can read your runs and code (read-only)",
             file=sys.stderr,

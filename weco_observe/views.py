@@ -45,15 +45,20 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import sqlite3
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from . import outbox, tree
+from .errors import JournalDamaged
 from .journal import Journal
+from .records import DamagedText, loads
 
 __all__ = [
+    "damage_error",
     "iso_time",
     "list_runs",
     "public_step",
@@ -153,7 +158,31 @@ def _summary(row: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _query(journal: Journal, sql: str, params: Any = ()) -> list[dict[str, Any]]:
-    return [dict(row) for row in journal.query(sql, params)]
+    try:
+        return [dict(row) for row in journal.query(sql, params)]
+    except sqlite3.OperationalError as exc:
+        if "JSON" not in str(exc):
+            raise
+    # A step's metrics that no longer parse (flipped bytes) fail json_extract for the whole query: read
+    # again, skipping them (run_view reports them). The guard costs a second parse, so only now.
+    return [dict(row) for row in journal.query(_JSON_GUARD.sub(_GUARDED, sql), params)]
+
+
+_JSON_GUARD = re.compile(r"json_extract\((\w+)\.metrics,")
+_GUARDED = r"json_extract(CASE WHEN json_valid(\1.metrics) THEN \1.metrics END,"
+
+
+def _parsed(value: Any, what: str, damage: list[str], kind: type | None = None) -> Any:
+    """A JSON column of a step, or None with the damage noted (flipped bytes: the view shows the rest)."""
+    try:
+        parsed = loads(value, what)
+    except JournalDamaged as exc:
+        damage.append(str(exc))
+        return None
+    if kind is not None and parsed is not None and not isinstance(parsed, kind):
+        damage.append(f"{what} is damaged in the journal: run `weco observe doctor --repair`")
+        return None
+    return parsed
 
 
 #: Bumped when the cached fields or their meaning change; an old cache is then ignored.
@@ -311,9 +340,13 @@ def run_view(journal: Journal, ref: str) -> dict[str, Any]:
     )
     steps: list[dict[str, Any]] = []
     metric_names: dict[str, None] = {}
+    damage: list[str] = []
     for r in rows:
-        metrics = json.loads(r["metrics"]) if r["metrics"] else {}
+        what = f"step {r['step']}'s"
+        metrics = _parsed(r["metrics"], f"{what} metrics", damage, dict) or {}
         metric_names.update(dict.fromkeys(metrics))
+        if isinstance(r["description"], DamagedText):
+            damage.append(f"{what} description is damaged in the journal: run `weco observe doctor --repair`")
         steps.append(
             {
                 "step": r["step"],
@@ -321,8 +354,8 @@ def run_view(journal: Journal, ref: str) -> dict[str, Any]:
                 "status": r["status"],
                 "description": r["description"],
                 "metrics": metrics,
-                "code": json.loads(r["code"]) if r["code"] else None,
-                "metadata": json.loads(r["metadata"]) if r["metadata"] else None,
+                "code": _parsed(r["code"], f"{what} code manifest", damage, dict) or None,
+                "metadata": _parsed(r["metadata"], f"{what} metadata", damage, dict) or None,
                 "sync": outbox.sync_word(r["sync"]),
                 "sync_error": r["sync_error"] if r["sync"] == outbox.REJECTED else None,
                 "created_at": iso_time(r["created_at"]),
@@ -358,7 +391,20 @@ def run_view(journal: Journal, ref: str) -> dict[str, Any]:
         "best": best,
         "lanes": lane_count,
         "steps": steps,
+        "damage": damage,
     }
+
+
+def damage_error(damage: Sequence[str], shown: str) -> JournalDamaged | None:
+    """The one-line error for a view that showed what it could: ``shown`` says what was written.
+
+    >>> str(damage_error(["step 3's metrics is damaged in the journal: run ..."], "the run is shown"))
+    "the run is shown without what is damaged: step 3's metrics is damaged in the journal: run ..."
+    """
+    if not damage:
+        return None
+    more = f" (and {len(damage) - 1} more)" if len(damage) > 1 else ""
+    return JournalDamaged(f"{shown} without what is damaged: {damage[0]}{more}")
 
 
 def public_step(step: Mapping[str, Any]) -> dict[str, Any]:
@@ -369,10 +415,14 @@ def public_step(step: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def show_json(view: Mapping[str, Any]) -> dict[str, Any]:
-    """The ``show --json`` document: the run, the best step and every step (see :func:`run_view`)."""
-    return {
+    """The ``show --json`` document: the run, the best step and every step (see :func:`run_view`);
+    ``damage`` lists what could not be read, when something could not."""
+    doc = {
         "run": {k: v for k, v in view["run"].items() if k != "last_activity_ts"},
         "best": view["best"],
         "metrics": view["metrics"],
         "steps": [public_step(s) for s in view["steps"]],
     }
+    if view.get("damage"):
+        doc["damage"] = list(view["damage"])
+    return doc
