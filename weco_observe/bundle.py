@@ -54,8 +54,11 @@ import hashlib
 import json
 import os
 import shutil
+import re
 import socket
 import sqlite3
+import stat
+import struct
 import time
 import zipfile
 import zlib
@@ -74,8 +77,6 @@ FORMAT = "weco-observe-bundle"
 VERSION = 1
 MANIFEST = "manifest.json"
 MEMBERS = ("runs.jsonl", "blobs.jsonl", "steps.jsonl", "events.jsonl")
-#: A longer line is refused before it is parsed (a decompression bomb, not a bundle).
-MAX_LINE = 256 << 20
 
 #: the states a bundle carries (format 1); see ``outbox.bundle_state``
 _STATES = (outbox.PENDING, outbox.DELIVERED, outbox.REJECTED, outbox.SUPERSEDED)
@@ -104,6 +105,11 @@ class _Writer:
 
     def write(self, value: Any) -> None:
         data = _line(value)
+        if len(data) > MAX_LINE:  # import would refuse it: say so here, not on the far side of the air gap
+            raise InvalidInput(
+                f"cannot bundle: a row of {self.name} is {len(data) >> 20} MiB, over the {MAX_LINE >> 20} MiB"
+                " a bundle line may hold (a code file that large cannot travel by bundle)"
+            )
         self.buffer += data
         self.sha.update(data)
         self.bytes += len(data)
@@ -262,9 +268,11 @@ def _write_members(
                     todo.append(found[0])
             blobs = _Writer(zf, "blobs.jsonl", opened)
             for digest in sorted(closure):
-                blobs.write(
-                    Blob.from_row(snap.execute("SELECT * FROM blobs WHERE hash = ?", (digest,)).fetchone()).to_doc()
-                )
+                blob = Blob.from_row(snap.execute("SELECT * FROM blobs WHERE hash = ?", (digest,)).fetchone())
+                problem = _blob_problem(blob)
+                if problem:
+                    raise InvalidInput(f"cannot bundle code blob {digest}: import would refuse it ({problem})")
+                blobs.write(blob.to_doc())
             members["blobs.jsonl"] = blobs.close()
 
             manifest: dict[str, Any] = {
@@ -304,10 +312,66 @@ def _write_members(
 
 #: the manifest is small; a larger one is not a bundle
 MAX_MANIFEST = 1 << 20
-#: how far a member may inflate: JSON lines of base64 and text compress a few times, a bomb by thousands
+#: A longer line is refused before it is parsed, and never written. The longest real line
+#: is a code blob: a source file compressed, in base64 (a 40 MiB file of code is ~10 MiB).
+MAX_LINE = 16 << 20
+#: how far a member may inflate: JSON lines compress up to a few dozen times, a bomb a thousand
 MAX_RATIO = 100
+#: ... but blobs.jsonl is mostly compressed data in base64, which inflates 1.3 to 5 times
+_MEMBER_RATIO = {"blobs.jsonl": 16}
 #: below this a member is too small for its ratio to matter
 _RATIO_FLOOR = 1 << 20
+#: a code blob's text may inflate past MAX_RATIO up to this size (an ordinary source file)
+_BLOB_RATIO_FLOOR = MAX_LINE
+#: a bundle's zip directory lists its five or six members in a few hundred bytes
+_MAX_ENTRIES, _MAX_DIRECTORY = len(MEMBERS) + 2, 64 << 10
+#: bytes of the file outside every member (zip headers, directory, comment)
+_MAX_SLACK = 256 << 10
+#: SQLite's integers
+_MAX_INT = 2**63 - 1
+
+
+def _shown(value: Any, limit: int = 60) -> str:
+    """A value from the bundle as a message may quote it: repr'd (no control characters) and short."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _one_line(text: str, limit: int = 400) -> str:
+    """Text for a one-line message: anything unprintable escaped, at most ``limit`` characters."""
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _directory(fp: BinaryIO, size: int) -> tuple[int, int] | None:
+    """``(entries, bytes)`` of the zip's central directory, from its end record: read before
+    zipfile parses the directory, so a directory of a million entries is never built."""
+    tail = min(size, 22 + 0xFFFF)
+    fp.seek(size - tail)
+    data = fp.read(tail)
+    at = data.rfind(b"PK\x05\x06")
+    if at < 0 or len(data) - at < 22:
+        return None  # zipfile says what is wrong
+    entries, nbytes = struct.unpack_from("<HI", data, at + 10)
+    return entries, nbytes
+
+
+def _blob_problem(blob: Blob) -> str | None:
+    """Why a blob's description cannot be true of a blob a journal wrote, or None. Checked before it
+    is decoded: its sizes fit SQLite, a delta stays inside its base, its chain is no deeper than a
+    journal makes them, and its text does not inflate like a bomb."""
+    if not all(0 <= v <= _MAX_INT for v in (blob.size, blob.depth, blob.prefix, blob.suffix)):
+        return "a size out of range"
+    if blob.prefix + blob.suffix > blob.size:
+        return "a delta larger than its text"
+    if blob.depth > codestore.MAX_DEPTH or (blob.depth == 0) != (blob.base is None):
+        return "a delta depth that does not fit its base"
+    if blob.base is None and (blob.prefix or blob.suffix):
+        return "a full copy with a delta's prefix or suffix"
+    middle = blob.size - blob.prefix - blob.suffix
+    if middle > _BLOB_RATIO_FLOOR and middle > MAX_RATIO * max(len(blob.data), 1):
+        return f"its text would inflate {middle // max(len(blob.data), 1)} times (a decompression bomb)"
+    return None
 
 
 class _Reader:
@@ -316,42 +380,69 @@ class _Reader:
     def __init__(self, path: Path, shown: Path | None = None):
         self.path = shown or path  # the name the user gave, for messages
         try:
-            self.zf = zipfile.ZipFile(path)
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # O_NONBLOCK: a FIFO must not hang the import
         except FileNotFoundError:
             raise InvalidInput(f"no bundle file {path}") from None
-        except IsADirectoryError:
-            raise InvalidInput(f"{path} is a directory, not a bundle file") from None
-        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
-            raise self.refuse(f"it is not a zip file, or it is truncated ({exc})") from None
+        except OSError as exc:
+            raise self.refuse(f"it cannot be read ({exc.strerror})") from None
+        self.file = os.fdopen(fd, "rb")
+        try:
+            info = os.fstat(fd)
+            if stat.S_ISDIR(info.st_mode):
+                raise InvalidInput(f"{path} is a directory, not a bundle file")
+            if not stat.S_ISREG(info.st_mode):
+                raise self.refuse("it is not a regular file")
+            self.size = info.st_size
+            directory = _directory(self.file, self.size)
+            if directory is not None and (directory[0] > _MAX_ENTRIES or directory[1] > _MAX_DIRECTORY):
+                raise self.refuse(
+                    f"its zip directory lists {directory[0]} files in {directory[1]} bytes (not a bundle)"
+                )
+            try:
+                self.zf = zipfile.ZipFile(self.file)
+            except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as exc:
+                raise self.refuse(f"it is not a zip file, or it is truncated ({exc})") from None
+        except BaseException:
+            self.file.close()
+            raise
         try:
             names = self.zf.namelist()
             if MANIFEST not in names:
                 raise self.refuse("it has no manifest.json (not a weco-observe bundle)")
             self._check_sizes()
             with self.zf.open(MANIFEST) as stream:
-                raw = stream.read(MAX_MANIFEST + 1)
-            if len(raw) > MAX_MANIFEST:
+                self.manifest_bytes = stream.read(MAX_MANIFEST + 1)
+            if len(self.manifest_bytes) > MAX_MANIFEST:
                 raise self.refuse(f"its manifest is over {MAX_MANIFEST >> 10} KiB (not a bundle)")
-            self.manifest = json.loads(raw)
+            self.manifest = json.loads(self.manifest_bytes, parse_constant=_no_constant)
             self._check_manifest(names)
-        except (zipfile.BadZipFile, OSError, EOFError, ValueError, RecursionError, zlib.error) as exc:
-            self.zf.close()
-            raise self.refuse(f"its manifest is unreadable ({type(exc).__name__})") from None
-        except BundleInvalid:
-            self.zf.close()
+        except BundleInvalid:  # (a ValueError too: it must not be caught as one below)
+            self.close()
             raise
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError, RecursionError, zlib.error) as exc:
+            self.close()
+            raise self.refuse(f"its manifest is unreadable ({type(exc).__name__})") from None
 
     def refuse(self, why: str) -> BundleInvalid:
-        return BundleInvalid(f"bundle {self.path} refused, nothing imported: {why}")
+        return BundleInvalid(f"bundle {self.path} refused, nothing imported: {_one_line(why)}")
 
     def _check_sizes(self) -> None:
-        for info in self.zf.infolist():
-            limit = MAX_MANIFEST if info.filename == MANIFEST else None
-            if limit is not None and info.file_size > limit:
-                raise self.refuse(f"{info.filename} would inflate to {info.file_size} bytes (not a bundle)")
-            if info.file_size > _RATIO_FLOOR and info.file_size > MAX_RATIO * max(info.compress_size, 1):
+        """Before a byte is inflated: every member's method, declared size and inflation ratio, and
+        that the file holds nothing but its members."""
+        infos = self.zf.infolist()
+        slack = self.size - sum(info.compress_size for info in infos)
+        if slack > _MAX_SLACK:
+            raise self.refuse(f"{slack} bytes of it belong to no member (not a bundle)")
+        for info in infos:
+            name = _shown(info.filename)
+            if info.compress_type not in (zipfile.ZIP_DEFLATED, zipfile.ZIP_STORED):
+                raise self.refuse(f"{name} is compressed with method {info.compress_type}, not deflate")
+            if info.filename == MANIFEST and info.file_size > MAX_MANIFEST:
+                raise self.refuse(f"{name} would inflate to {info.file_size} bytes (not a bundle)")
+            ratio = _MEMBER_RATIO.get(info.filename, MAX_RATIO)
+            if info.file_size > _RATIO_FLOOR and info.file_size > ratio * max(info.compress_size, 1):
                 raise self.refuse(
-                    f"{info.filename} would inflate {info.file_size // max(info.compress_size, 1)} times"
+                    f"{name} would inflate {info.file_size // max(info.compress_size, 1)} times"
                     " (a decompression bomb, not a bundle)"
                 )
 
@@ -361,15 +452,14 @@ class _Reader:
             raise self.refuse(f"its manifest is not a {FORMAT} manifest (a foreign file?)")
         if not _is_int(m.get("version")) or m["version"] > VERSION:
             raise self.refuse(
-                f"format version {m.get('version')!r} is newer than this weco-observe "
+                f"format version {_shown(m.get('version'))} is newer than this weco-observe "
                 f"reads ({VERSION}): upgrade weco-observe"
             )
         if m.get("checksum") != _manifest_checksum(m):
             raise self.refuse("the manifest's checksum does not match (the manifest was edited or damaged)")
         if sorted(names) != sorted((*MEMBERS, MANIFEST)):
-            raise self.refuse(
-                f"its members {sorted(names)} are not {sorted((*MEMBERS, MANIFEST))} (files were added or removed)"
-            )
+            odd = sorted(set(names) ^ {*MEMBERS, MANIFEST})
+            raise self.refuse(f"its members are not the five of a bundle (files were added or removed: {_shown(odd)})")
         if not ids.is_ulid(m.get("bundle_id")):
             raise self.refuse("its manifest has no valid bundle id")
         for name in MEMBERS:
@@ -391,20 +481,25 @@ class _Reader:
         size = lines = 0
         try:
             with self.zf.open(name) as stream:
-                while raw := stream.readline(MAX_LINE + 1):
-                    if len(raw) > MAX_LINE:
+                for raw in _lines(stream):
+                    if raw is None:
                         raise self.refuse(f"{name} line {lines + 1} is over {MAX_LINE >> 20} MiB (not a bundle)")
                     sha.update(raw)
                     size += len(raw)
                     lines += 1
                     if size > expected["bytes"]:
                         raise self.refuse(f"{name} is longer than the manifest says (edited)")
+                    escaped = _SURROGATE.search(raw)
                     try:
-                        row = json.loads(raw, parse_constant=_no_constant)
+                        text = raw.decode("utf-8")
+                        del raw  # a long line is held once, not three times, while it is parsed
+                        row = json.loads(text, parse_constant=_no_constant)
                     except (ValueError, RecursionError):
                         raise self.refuse(f"{name} line {lines} is not JSON (corrupted or edited)") from None
                     if not isinstance(row, dict):
                         raise self.refuse(f"{name} line {lines} is not a JSON object")
+                    if escaped and not _encodable(row):
+                        raise self.refuse(f"{name} line {lines} holds text that is not UTF-8 (a lone surrogate)")
                     yield row
         except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as exc:
             raise self.refuse(f"{name} is corrupted ({exc})") from None
@@ -412,7 +507,9 @@ class _Reader:
             raise self.refuse(f"{name} does not match its sha256 in the manifest (corrupted or edited)")
 
     def close(self) -> None:
-        self.zf.close()
+        if hasattr(self, "zf"):
+            self.zf.close()
+        self.file.close()
 
     def __enter__(self) -> _Reader:
         return self
@@ -423,6 +520,53 @@ class _Reader:
 
 def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
+
+
+#: a line with a lone surrogate has a \uD800-\uDFFF escape (raw surrogate bytes fail UTF-8 decoding);
+#: only such a line is walked, so the common case costs one search
+_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _lines(stream: Any) -> Iterator[bytes | None]:
+    """The lines of a binary stream, read a MiB at a time; None (and the end) for a line over
+    MAX_LINE, which is never joined into one piece. Faster than ``readline``, which peeks 512
+    bytes at a time in a zip member."""
+    parts: list[bytes] = []
+    held = 0
+    while chunk := stream.read(1 << 20):
+        start = 0
+        while (end := chunk.find(b"\n", start)) >= 0:
+            if held + end + 1 - start > MAX_LINE:
+                yield None
+                return
+            parts.append(chunk[start : end + 1])
+            parts[:] = [b"".join(parts)]
+            held, start = 0, end + 1
+            yield parts.pop()  # the caller holds the only reference
+        held += len(chunk) - start
+        if held > MAX_LINE:
+            yield None
+            return
+        if start < len(chunk):
+            parts.append(chunk[start:])
+    if parts:
+        yield b"".join(parts)
+
+
+def _encodable(value: Any) -> bool:
+    """Every string (key or value) in ``value`` is valid UTF-8 text: SQLite and the API accept it."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if not validate.is_encodable(item):
+                return False
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return True
 
 
 def _is_int(value: Any) -> bool:
@@ -449,7 +593,7 @@ class _Rows:
 
     def run(self, doc: dict[str, Any]) -> Run:
         rid = doc.get("id")
-        where = f"runs.jsonl: run {rid!r}"
+        where = f"runs.jsonl: run {_shown(rid)}"
         self.need(ids.is_local_run_id(rid), f"{where}: not a local run id")
         server_id = doc.get("server_id")
         self.need(server_id is None or ids.is_server_id(server_id), f"{where}: a malformed server id")
@@ -497,7 +641,7 @@ class _Rows:
         )
 
     def step(self, doc: dict[str, Any], runs: set[str], blobs: set[str]) -> Step:
-        where = f"steps.jsonl: step {doc.get('step')!r} of run {doc.get('run_id')!r}"
+        where = f"steps.jsonl: step {_shown(doc.get('step'))} of run {_shown(doc.get('run_id'))}"
         self.need(doc.get("run_id") in runs, f"{where}: its run is not in the bundle")
         self.need(ids.is_ulid(doc.get("event_id")), f"{where}: no valid event id")
         self.need(_is_time(doc.get("created_at")) and _is_time(doc.get("updated_at")), f"{where}: bad times")
@@ -506,7 +650,7 @@ class _Rows:
         return Step.from_doc(doc)
 
     def event(self, doc: dict[str, Any], runs: set[str], blobs: set[str]) -> Event:
-        where = f"events.jsonl: event {doc.get('id')!r}"
+        where = f"events.jsonl: event {_shown(doc.get('id'))}"
         self.need(ids.is_ulid(doc.get("id")), f"{where}: no valid id")
         self.need(doc.get("run_id") in runs, f"{where}: its run is not in the bundle")
         self.need(doc.get("state") in _STATES, f"{where}: bad state")
@@ -555,11 +699,14 @@ class _Rows:
             and (doc.get("base") is None or isinstance(doc["base"], str))
             and isinstance(doc.get("data"), str)
         )
-        self.need(ok, f"blobs.jsonl: blob {digest!r} is malformed")
+        self.need(ok, f"blobs.jsonl: blob {_shown(digest)} is malformed")
         try:
-            return Blob.from_doc(doc)
+            blob = Blob.from_doc(doc)
         except ValueError:
             raise self.reader.refuse(f"blobs.jsonl: blob {digest} data is not base64") from None
+        problem = _blob_problem(blob)
+        self.need(problem is None, f"blobs.jsonl: blob {digest}: {problem}")
+        return blob
 
 
 def verify(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -622,7 +769,10 @@ def _verify(reader: _Reader) -> None:
 def _check_blobs(blobs: dict[str, Blob], reader: _Reader) -> None:
     """Every blob must decode (through its delta chain, all in the bundle) to text hashing to its name.
 
-    Walks each chain from its full copy down, depth first, so every blob is decoded once.
+    Walks each chain from its full copy down, depth first, so every blob is decoded once. A
+    text is held as pieces (slices of the inflated middles of its chain), never joined: a
+    delta shares its base's bytes, so a deep, bushy tree of deltas over one large text holds
+    that text once, not once per level.
     """
     children: dict[str | None, list[str]] = {}
     for name, blob in blobs.items():
@@ -630,21 +780,45 @@ def _check_blobs(blobs: dict[str, Blob], reader: _Reader) -> None:
         if base is not None and base not in blobs:
             raise reader.refuse(f"blobs.jsonl: delta base {base} is not in the bundle")
         children.setdefault(base, []).append(name)
-    stack: list[tuple[str, bytes | None]] = [(name, None) for name in children.get(None, [])]
+    #: (blob, its base's text as pieces, their total length, the base's depth)
+    stack: list[tuple[str, list[memoryview], int, int]] = [(n, [], 0, -1) for n in children.get(None, [])]
     done = 0
     while stack:
-        name, base_data = stack.pop()
+        name, base_text, base_len, base_depth = stack.pop()
         blob = blobs[name]
-        try:
-            data = codestore.decode(blob.data, blob.prefix, blob.suffix, base_data, limit=blob.size)
+        if blob.depth != base_depth + 1 or blob.prefix + blob.suffix > base_len:
+            raise reader.refuse(f"blobs.jsonl: blob {name} does not fit its delta base (corrupted or edited)")
+        try:  # inflated to at most what its size leaves for it: a bomb stops there
+            middle = codestore.decode(blob.data, 0, 0, None, limit=blob.size - blob.prefix - blob.suffix)
         except (zlib.error, ValueError):
             raise reader.refuse(f"blobs.jsonl: blob {name} does not decompress (corrupted)") from None
-        if codestore.text_hash(data) != name or len(data) != blob.size:
+        pieces = [
+            *_cut(base_text, 0, blob.prefix),
+            memoryview(middle),
+            *_cut(base_text, base_len - blob.suffix, base_len),
+        ]
+        sha = hashlib.sha256()
+        for piece in pieces:
+            sha.update(piece)
+        if sha.hexdigest() != name or sum(map(len, pieces)) != blob.size:
             raise reader.refuse(f"blobs.jsonl: blob {name} does not hash to its name (corrupted or edited)")
         done += 1
-        stack.extend((child, data) for child in children.get(name, ()))
+        stack.extend((child, pieces, blob.size, blob.depth) for child in children.get(name, ()))
     if done != len(blobs):
         raise reader.refuse("blobs.jsonl: some delta chains loop")
+
+
+def _cut(pieces: list[memoryview], start: int, end: int) -> list[memoryview]:
+    """Bytes ``start:end`` of the text made of ``pieces``, as slices of them (nothing copied)."""
+    out, at = [], 0
+    for piece in pieces:
+        lo, hi = max(start - at, 0), min(end - at, len(piece))
+        if lo < hi:
+            out.append(piece[lo:hi])
+        at += len(piece)
+        if at >= end:
+            break
+    return out
 
 
 # -- importing -----------------------------------------------------------------
