@@ -62,7 +62,7 @@ import struct
 import time
 import zipfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -230,11 +230,17 @@ def _write_members(
             for row in snap.execute(f"SELECT e.* FROM events e WHERE {' AND '.join(where)} ORDER BY e.seq", params):
                 put(row)
             for rid in list(touched):  # repeat each run's create, so any bundle imports on its own
-                for row in snap.execute(
+                create = snap.execute(
                     "SELECT * FROM events WHERE run_id = ? AND kind = 'create_run' AND seq <= ?", (rid, max_seq)
-                ):
-                    if row["id"] not in included:
-                        put(row)
+                ).fetchone()
+                if create is None:
+                    if not snap.execute("SELECT remote_only FROM runs WHERE id = ?", (rid,)).fetchone()[0]:
+                        raise JournalDamaged(  # import would refuse the bundle: say so before the air gap
+                            f"run {rid} has lost its create event (a repaired journal?): it cannot be bundled;"
+                            " bundle the other runs with --run-id"
+                        )
+                elif create["id"] not in included:
+                    put(create)
             members["events.jsonl"] = events.close()
 
             steps = _Writer(zf, "steps.jsonl", opened)
@@ -640,7 +646,7 @@ class _Rows:
             where,
         )
 
-    def step(self, doc: dict[str, Any], runs: set[str], blobs: set[str]) -> Step:
+    def step(self, doc: dict[str, Any], runs: Container[str], blobs: set[str]) -> Step:
         where = f"steps.jsonl: step {_shown(doc.get('step'))} of run {_shown(doc.get('run_id'))}"
         self.need(doc.get("run_id") in runs, f"{where}: its run is not in the bundle")
         self.need(ids.is_ulid(doc.get("event_id")), f"{where}: no valid event id")
@@ -649,7 +655,7 @@ class _Rows:
         self.code(doc.get("code"), blobs, where)
         return Step.from_doc(doc)
 
-    def event(self, doc: dict[str, Any], runs: set[str], blobs: set[str]) -> Event:
+    def event(self, doc: dict[str, Any], runs: Container[str], blobs: set[str]) -> Event:
         where = f"events.jsonl: event {_shown(doc.get('id'))}"
         self.need(ids.is_ulid(doc.get("id")), f"{where}: no valid id")
         self.need(doc.get("run_id") in runs, f"{where}: its run is not in the bundle")
@@ -726,11 +732,18 @@ def _verify(reader: _Reader) -> None:
     """Read every member once and check everything; nothing is kept but ids and blob names."""
     m = reader.manifest
     rows = _Rows(reader)
-    runs: set[str] = set()
+    #: run id -> remote-only (a run logged to a server id: it has no create)
+    runs: dict[str, bool] = {}
+    server_ids: set[str] = set()
     for doc in reader.rows("runs.jsonl"):
         run = rows.run(doc)
         rows.need(run.id not in runs, f"runs.jsonl: run {run.id} appears twice")
-        runs.add(run.id)
+        rows.need(run.server_id or not run.remote_only, f"runs.jsonl: remote-only run {run.id} has no server id")
+        if run.server_id:  # else both would merge into one run here, with two creates
+            rows.need(run.server_id not in server_ids, f"runs.jsonl: server id {run.server_id} names two runs")
+            server_ids.add(run.server_id)
+        runs[run.id] = run.remote_only
+    server_ids.clear()
 
     blobs: dict[str, Blob] = {}
     for doc in reader.rows("blobs.jsonl"):
@@ -752,6 +765,11 @@ def _verify(reader: _Reader) -> None:
         if event.kind == CREATE:
             rows.need(event.run_id not in creates, f"events.jsonl: run {event.run_id} has two creates")
             creates.add(event.run_id)
+    for rid, remote_only in runs.items():  # sync sends a run's create first; without one it waits forever
+        if remote_only:
+            rows.need(rid not in creates, f"events.jsonl: remote-only run {rid} has a create")
+        else:
+            rows.need(rid in creates, f"events.jsonl: run {rid} has no create (a bundle carries every run's)")
 
     counts = m.get("counts") or {}
     actual = {
@@ -910,13 +928,17 @@ class _Merge:
     has it on the same server run (then it keeps ``delivered`` / ``superseded``),
     or a newer state of its step is already here (``superseded``). A create for
     a run that already has a different create here is refused: one run id, one
-    create.
+    create. A run that ends up with the bundle's server id has its create
+    settled as delivered: the server has that run.
 
     Written in transactions of ``batch`` rows, so loggers wait at most one batch
-    (not a whole 100k-event bundle) for the lock; steps before events, so a
-    step's newest state is known before its events are queued. An interrupted
-    merge is finished by importing the bundle again: the import is recorded only
-    at the end, and every row merges by id.
+    (not a whole 100k-event bundle) for the lock. Blobs first; then every run
+    with its create and step 0 in one transaction, so that however the import
+    is interrupted no run lacks its create and no server id comes without its
+    create settled (either would leave sync with a create it can never send);
+    then steps before events, so a step's newest state is known before its
+    events are queued. An interrupted merge is finished by importing the bundle
+    again: the import is recorded only at the end, and every row merges by id.
     """
 
     def __init__(self, journal: Journal, reader: _Reader, bundle_id: str):
@@ -931,29 +953,28 @@ class _Merge:
     def run(self, source: str, batch: int) -> dict[str, Any]:
         journal, out = self.journal, self.out
         runs = [Run.from_doc(doc) for doc in self.reader.rows("runs.jsonl")]
-        self._check_creates({run.id: self._match(journal.conn, run)[0] for run in runs})
+        creates = self._check_creates({run.id: self._match(journal.conn, run)[0] for run in runs})
+        self._merge_member("blobs.jsonl", self._blob, batch)
         with journal.write() as conn:
-            self._runs(conn, runs)
-        members: tuple[tuple[str, Any], ...] = (
-            ("blobs.jsonl", self._blob),
-            ("steps.jsonl", self._step),
-            ("events.jsonl", self._event),
-        )
-        for member, merge in members:
-            chunk: list[dict[str, Any]] = []
-            for doc in self.reader.rows(member):
-                chunk.append(doc)
-                if len(chunk) >= batch:
-                    self._commit(chunk, merge)
-                    chunk = []
-            if chunk:
-                self._commit(chunk, merge)
+            self._runs(conn, runs, creates)
+        self._merge_member("steps.jsonl", self._step, batch)
+        self._merge_member("events.jsonl", self._event, batch)
         with journal.write() as conn:
             conn.execute(
                 "INSERT OR IGNORE INTO imports (bundle_id, source, imported_at, events) VALUES (?, ?, ?, ?)",
                 (out["bundle_id"], source, time.time(), out["events_new"]),
             )
         return out
+
+    def _merge_member(self, member: str, merge: Any, batch: int) -> None:
+        chunk: list[dict[str, Any]] = []
+        for doc in self.reader.rows(member):
+            chunk.append(doc)
+            if len(chunk) >= batch:
+                self._commit(chunk, merge)
+                chunk = []
+        if chunk:
+            self._commit(chunk, merge)
 
     def _commit(self, chunk: list[dict[str, Any]], merge: Any) -> None:
         with self.journal.write() as conn:
@@ -968,48 +989,57 @@ class _Merge:
             row = conn.execute("SELECT id, server_id FROM runs WHERE server_id = ?", (run.server_id,)).fetchone()
         return (row[0], row[1]) if row is not None else (None, None)
 
-    def _runs(self, conn: sqlite3.Connection, runs: list[Run]) -> None:
-        out = self.out
+    def _runs(self, conn: sqlite3.Connection, runs: list[Run], creates: dict[str, dict[str, Any]]) -> None:
         for run in runs:
-            local, local_sid = self._match(conn, run)
-            if local is None:
-                now = time.time()
-                self.journal.insert_run(
-                    conn, replace(run, created_at=run.created_at or now, updated_at=run.updated_at or now)
-                )
-                self.mapping[run.id], self.same_server[run.id] = run.id, bool(run.server_id)
-                out["runs_new"] += 1
-                continue
-            self.mapping[run.id] = local
-            out["runs_known"] += 1
-            sid = run.server_id
-            if sid and local_sid is None:
-                if conn.execute("SELECT 1 FROM runs WHERE server_id = ?", (sid,)).fetchone():
-                    out["conflicts"].append(f"run {run.id}: server id {sid} already belongs to another run here")
-                else:
-                    conn.execute("UPDATE runs SET server_id = ? WHERE id = ?", (sid, local))
-                    local_sid = sid
-                    out["server_ids_adopted"] += 1
-            elif sid and local_sid != sid:
-                out["conflicts"].append(
-                    f"run {run.id}: the bundle's box synced it as {sid}, this box as {local_sid}; "
-                    f"new steps go to {local_sid}"
-                )
-            self.same_server[local] = bool(sid) and local_sid == sid
+            self._run(conn, run)
+            if run.id in creates:
+                self._create(conn, creates[run.id])
 
-    def _check_creates(self, matched: dict[str, str | None]) -> None:
+    def _run(self, conn: sqlite3.Connection, run: Run) -> None:
+        out = self.out
+        local, local_sid = self._match(conn, run)
+        if local is None:
+            now = time.time()
+            self.journal.insert_run(
+                conn, replace(run, created_at=run.created_at or now, updated_at=run.updated_at or now)
+            )
+            self.mapping[run.id], self.same_server[run.id] = run.id, bool(run.server_id)
+            out["runs_new"] += 1
+            return
+        self.mapping[run.id] = local
+        out["runs_known"] += 1
+        sid = run.server_id
+        if sid and local_sid is None:
+            if conn.execute("SELECT 1 FROM runs WHERE server_id = ?", (sid,)).fetchone():
+                out["conflicts"].append(f"run {run.id}: server id {sid} already belongs to another run here")
+            else:
+                conn.execute("UPDATE runs SET server_id = ? WHERE id = ?", (sid, local))
+                local_sid = sid
+                out["server_ids_adopted"] += 1
+        elif sid and local_sid != sid:
+            out["conflicts"].append(
+                f"run {run.id}: the bundle's box synced it as {sid}, this box as {local_sid}; "
+                f"new steps go to {local_sid}"
+            )
+        self.same_server[local] = bool(sid) and local_sid == sid
+
+    def _check_creates(self, matched: dict[str, str | None]) -> dict[str, dict[str, Any]]:
         """One run id, one create: a bundle's create for a run that has another create here is forged
-        or damaged. Checked before anything is written, so a refused bundle leaves no trace."""
+        or damaged. Checked before anything is written, so a refused bundle leaves no trace.
+        Returns each bundle run's create, to merge with its run."""
+        creates: dict[str, dict[str, Any]] = {}
         for doc in self.reader.rows("events.jsonl"):
-            local = matched.get(doc["run_id"])
-            if doc["kind"] != CREATE or local is None:
+            if doc["kind"] != CREATE:
                 continue
-            other = outbox.other_create(self.journal.conn, local, doc["id"])
+            creates[doc["run_id"]] = doc
+            local = matched.get(doc["run_id"])
+            other = outbox.other_create(self.journal.conn, local, doc["id"]) if local else None
             if other is not None:
                 raise self.reader.refuse(
                     f"events.jsonl: run {doc['run_id']} already has another create here ({other}):"
                     " a forged or damaged bundle"
                 )
+        return creates
 
     def _blob(self, conn: sqlite3.Connection, doc: dict[str, Any]) -> None:
         self.out["blobs_new"] += self.journal.put_blob(conn, Blob.from_doc(doc))
@@ -1022,17 +1052,37 @@ class _Merge:
         )
         self.out["steps_updated"] += self.journal.upsert_step(conn, step)
 
-    def _event(self, conn: sqlite3.Connection, doc: dict[str, Any]) -> None:
+    def _create(self, conn: sqlite3.Connection, doc: dict[str, Any]) -> None:
+        """A run's create and its step 0, in the transaction that merged the run."""
         event = Event.from_doc(doc)
         run_id = self.mapping[event.run_id]
         event = replace(event, run_id=run_id, created_at=event.created_at or time.time())
-        newer = event.kind != CREATE and self.journal.has_newer_step(conn, run_id, event.step or 0, event.id)
+        carried = self.same_server.get(run_id, False)
+        if carried:
+            # The run has the bundle's server id here, so the server has it: its create is
+            # settled whatever state the bundle gives it (a box killed while importing an
+            # earlier bundle can ship it pending). Left unsent it would never be sent (sync
+            # skips the create of a run with a server id), and every later sync would exit 4.
+            event = replace(event, state=outbox.DELIVERED)
+        state = outbox.import_event(conn, event, carried=carried, newer_step=False)
+        if state is None:
+            self.out["events_known"] += 1
+            return
+        # The baseline, also for a bundle that carries the create but not step 0's row.
+        self.out["steps_updated"] += self.journal.upsert_step(conn, event.as_step())
+        self.out["events_new"] += 1
+        self.out["events_pending"] += state == outbox.PENDING
+
+    def _event(self, conn: sqlite3.Connection, doc: dict[str, Any]) -> None:
+        if doc["kind"] == CREATE:
+            return  # merged with its run
+        event = Event.from_doc(doc)
+        run_id = self.mapping[event.run_id]
+        event = replace(event, run_id=run_id, created_at=event.created_at or time.time())
+        newer = self.journal.has_newer_step(conn, run_id, event.step or 0, event.id)
         state = outbox.import_event(conn, event, carried=self.same_server.get(run_id, False), newer_step=newer)
         if state is None:
             self.out["events_known"] += 1
             return
-        if event.kind == CREATE:
-            # A bundle that carries a create but not step 0's row still gets its baseline.
-            self.journal.insert_baseline(conn, event.as_step())
         self.out["events_new"] += 1
         self.out["events_pending"] += state == outbox.PENDING
