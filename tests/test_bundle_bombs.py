@@ -312,16 +312,21 @@ def test_a_delta_chain_deeper_than_a_journal_makes_is_refused(tmp_path, good):
         assert b.query("SELECT count(*) FROM blobs")[0][0] == 0
 
 
-@pytest.mark.parametrize("kind", ["a FIFO", "a character device"])
+@pytest.mark.parametrize("kind", ["a FIFO", "a character device", "a directory"])
 def test_a_file_that_is_not_a_regular_file_is_refused_without_reading(tmp_path, cli, kind):
+    target = tmp_path / "bundle.weco"
     if kind == "a FIFO":
-        target = tmp_path / "bundle.weco"
         os.mkfifo(target)  # nothing ever writes to it: opening it for reading would wait forever
+    elif kind == "a directory":
+        target.mkdir()
     else:
         target = Path("/dev/zero")
     result = cli("observe", "import", str(target), timeout=30)
     assert result.returncode == 2, result.stderr
-    assert result.stderr == f"error: bundle {target} refused, nothing imported: it is not a regular file\n"
+    if kind == "a directory":
+        assert result.stderr == f"error: {target} is a directory, not a bundle file\n"
+    else:
+        assert result.stderr == f"error: bundle {target} refused, nothing imported: it is not a regular file\n"
 
 
 def test_a_bundle_with_other_data_around_it_is_refused_before_it_is_copied(tmp_path, good, cli):

@@ -51,9 +51,9 @@ they write lands in the next bundle.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import os
-import shutil
 import re
 import socket
 import sqlite3
@@ -130,15 +130,18 @@ def write_bundle(
     *,
     run_ref: str | None = None,
     everything: bool = False,
+    sign: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """Write a bundle of what is not yet bundled (or ``everything``) and record it; return a summary.
 
-    With nothing new, writes no file and returns ``events == 0``.
+    With nothing new, writes no file and returns ``events == 0``. ``sign``: a key
+    file (see :func:`load_key`); the bundle then carries an HMAC of its manifest.
 
     >>> summary = write_bundle(journal, tmp / "all.weco", everything=True)  # --all
     >>> summary["runs"], summary["steps"], summary["events"]
     (1, 5, 6)
     """
+    key = load_key(sign) if sign is not None else None
     run_id = journal.require_run(run_ref)["id"] if run_ref else None
     out_path = Path(out_path)
     if out_path.is_dir():
@@ -171,12 +174,13 @@ def write_bundle(
                 "blobs": 0,
                 "bytes": 0,
                 "incremental": not everything,
+                "signed_by": None,
             }
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             with os.fdopen(fd, "wb") as raw:
                 manifest = _write_members(
-                    snap, raw, where, params, run_id, everything, bundle_id, max_seq, journal.path
+                    snap, raw, where, params, run_id, everything, bundle_id, max_seq, journal.path, key
                 )
                 raw.flush()
                 os.fsync(raw.fileno())
@@ -197,6 +201,7 @@ def write_bundle(
         **manifest["counts"],
         "bytes": out_path.stat().st_size,
         "incremental": not everything,
+        "signed_by": key.id if key else None,
     }
 
 
@@ -210,6 +215,7 @@ def _write_members(
     bundle_id: str,
     max_seq: int,
     source: Path,
+    key: BundleKey | None,
 ) -> dict[str, Any]:
     included: set[str] = set()
     touched: dict[str, None] = {}
@@ -300,13 +306,96 @@ def _write_members(
                 "members": members,
             }
             manifest["checksum"] = _manifest_checksum(manifest)
-            zf.writestr(MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
+            manifest_bytes = json.dumps(manifest, indent=2, sort_keys=True).encode()
+            zf.writestr(MANIFEST, manifest_bytes)
+            if key is not None:
+                zf.comment = key.signature(manifest_bytes)
         except BaseException:
             for writer in opened:  # else closing the zip file raises and hides the real error
                 if not writer.stream.closed:
                     writer.stream.close()
             raise
     return manifest
+
+
+# -- signing ------------------------------------------------------------------
+# The checksums catch damage, not a forger: whoever edits a bundle can recompute them.
+# A site that carries bundles over an untrusted path shares a secret key between the
+# boxes; ``bundle --sign KEY`` stores an HMAC-SHA256 of the manifest (which holds the
+# sha256 of every member, all checked on import) and ``import --verify-key KEY`` (or
+# WECO_OBSERVE_BUNDLE_KEY) refuses a bundle without a valid one. The signature lives in
+# the zip's comment, not in a member: format version 1 stays as it was, and a
+# receiver older than signing still imports a signed bundle (without checking it).
+
+SIGNATURE_FORMAT = "weco-observe-bundle-signature"
+#: what the HMAC covers besides the manifest's bytes: this purpose and version, nothing else
+_SIGNED_PREFIX = b"weco-observe bundle manifest, signature v1\n"
+#: a key file holds at least this many hex digits (256 bits)
+_KEY_HEX = 64
+
+
+class BundleKey:
+    """A shared secret that signs and verifies bundles; ``id`` names it without revealing it."""
+
+    def __init__(self, secret: bytes, path: Path):
+        self.secret = secret
+        self.path = path
+        self.id = hashlib.sha256(b"weco-observe bundle key id\n" + secret).hexdigest()[:16]
+
+    def hmac(self, manifest: bytes) -> str:
+        return hmac.new(self.secret, _SIGNED_PREFIX + manifest, hashlib.sha256).hexdigest()
+
+    def signature(self, manifest: bytes) -> bytes:
+        """The zip comment of a bundle whose manifest is ``manifest``."""
+        doc = {"format": SIGNATURE_FORMAT, "algorithm": "hmac-sha256", "key_id": self.id, "hmac": self.hmac(manifest)}
+        return json.dumps(doc, sort_keys=True).encode()
+
+
+def load_key(path: str | os.PathLike[str]) -> BundleKey:
+    """Read a bundle key file: at least 64 hex digits (``openssl rand -hex 32``), in a regular
+    file owned by you that no one else may read or write (0600 or 0400). Anything else is refused
+    with a one-line InvalidInput: a key others can read signs nothing.
+    """
+    path = Path(path).expanduser()
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise InvalidInput(f"no key file {path}: make one with `(umask 077; openssl rand -hex 32 > {path})`") from None
+    except OSError as exc:
+        raise InvalidInput(f"cannot read key file {path}: {exc.strerror}") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise InvalidInput(f"key file {path} is not a regular file")
+    with os.fdopen(fd, "rb") as f:
+        if info.st_uid != os.getuid():
+            raise InvalidInput(
+                f"key file {path} belongs to another user (uid {info.st_uid}): use a key file of your own"
+            )
+        if info.st_mode & 0o077:
+            raise InvalidInput(
+                f"key file {path} has mode {stat.S_IMODE(info.st_mode):04o}, so others may read or change it:"
+                f" chmod 600 {path}"
+            )
+        data = f.read(4097)
+    text = data.strip()
+    if (
+        len(data) > 4096
+        or len(text) < _KEY_HEX
+        or len(text) % 2
+        or not all(c in b"0123456789abcdefABCDEF" for c in text)
+    ):
+        raise InvalidInput(
+            f"key file {path} is not a bundle key: it must hold at least {_KEY_HEX} hex digits,"
+            " as `openssl rand -hex 32` writes"
+        )
+    return BundleKey(bytes.fromhex(text.decode()), path)
+
+
+def _required_key(verify_key: str | os.PathLike[str] | None) -> BundleKey | None:
+    """The key an import must verify with: the one given, else ``$WECO_OBSERVE_BUNDLE_KEY``'s."""
+    path = verify_key if verify_key is not None else Settings.load().bundle_key
+    return load_key(path) if path is not None else None
 
 
 # -- reading and verifying ----------------------------------------------------
@@ -383,7 +472,7 @@ def _blob_problem(blob: Blob) -> str | None:
 class _Reader:
     """The members of an open bundle, each checked against the zip's sizes and the manifest as it is read."""
 
-    def __init__(self, path: Path, shown: Path | None = None):
+    def __init__(self, path: Path, shown: Path | None = None, key: BundleKey | None = None):
         self.path = shown or path  # the name the user gave, for messages
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # O_NONBLOCK: a FIFO must not hang the import
@@ -391,14 +480,15 @@ class _Reader:
             raise InvalidInput(f"no bundle file {path}") from None
         except OSError as exc:
             raise self.refuse(f"it cannot be read ({exc.strerror})") from None
-        self.file = os.fdopen(fd, "rb")
-        try:
-            info = os.fstat(fd)
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            os.close(fd)
             if stat.S_ISDIR(info.st_mode):
                 raise InvalidInput(f"{path} is a directory, not a bundle file")
-            if not stat.S_ISREG(info.st_mode):
-                raise self.refuse("it is not a regular file")
-            self.size = info.st_size
+            raise self.refuse("it is not a regular file")
+        self.file = os.fdopen(fd, "rb")
+        self.size = info.st_size
+        try:
             directory = _directory(self.file, self.size)
             if directory is not None and (directory[0] > _MAX_ENTRIES or directory[1] > _MAX_DIRECTORY):
                 raise self.refuse(
@@ -420,6 +510,7 @@ class _Reader:
                 self.manifest_bytes = stream.read(MAX_MANIFEST + 1)
             if len(self.manifest_bytes) > MAX_MANIFEST:
                 raise self.refuse(f"its manifest is over {MAX_MANIFEST >> 10} KiB (not a bundle)")
+            self.signature = self._check_signature(key)
             self.manifest = json.loads(self.manifest_bytes, parse_constant=_no_constant)
             self._check_manifest(names)
         except BundleInvalid:  # (a ValueError too: it must not be caught as one below)
@@ -428,6 +519,26 @@ class _Reader:
         except (zipfile.BadZipFile, OSError, EOFError, ValueError, RecursionError, zlib.error) as exc:
             self.close()
             raise self.refuse(f"its manifest is unreadable ({type(exc).__name__})") from None
+
+    def _check_signature(self, key: BundleKey | None) -> dict[str, Any] | None:
+        """``{"key_id", "verified"}`` of the signature in the zip's comment, or None. With ``key``, a
+        bundle that is unsigned, signed with another key, or changed since it was signed is refused."""
+        try:
+            doc = json.loads(self.zf.comment) if self.zf.comment else None
+        except (ValueError, RecursionError):
+            doc = None
+        if not (isinstance(doc, dict) and doc.get("format") == SIGNATURE_FORMAT and isinstance(doc.get("key_id"), str)):
+            doc = None
+        if key is None:
+            return None if doc is None else {"key_id": _one_line(doc["key_id"], 32), "verified": False}
+        if doc is None:
+            raise self.refuse(f"it is not signed, and imports here must be signed with key {key.id} ({key.path})")
+        if doc["key_id"] != key.id:
+            raise self.refuse(f"it is signed with key {_shown(doc['key_id'])}, not with {key.id} ({key.path})")
+        good = doc.get("algorithm") == "hmac-sha256" and isinstance(doc.get("hmac"), str)
+        if not (good and hmac.compare_digest(doc["hmac"].encode(), key.hmac(self.manifest_bytes).encode())):
+            raise self.refuse("its signature does not match: it was changed after it was signed")
+        return {"key_id": key.id, "verified": True}
 
     def refuse(self, why: str) -> BundleInvalid:
         return BundleInvalid(f"bundle {self.path} refused, nothing imported: {_one_line(why)}")
@@ -715,12 +826,13 @@ class _Rows:
         return blob
 
 
-def verify(path: str | os.PathLike[str]) -> dict[str, Any]:
+def verify(path: str | os.PathLike[str], *, verify_key: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """Check a bundle completely without importing it; return its manifest.
 
-    Raises BundleInvalid (exit 2) saying what is wrong.
+    Raises BundleInvalid (exit 2) saying what is wrong. With ``verify_key`` (or
+    ``$WECO_OBSERVE_BUNDLE_KEY``) it must also carry a valid signature by that key.
     """
-    reader = _Reader(Path(path))
+    reader = _Reader(Path(path), key=_required_key(verify_key))
     try:
         _verify(reader)
         return reader.manifest
@@ -843,8 +955,14 @@ def _cut(pieces: list[memoryview], start: int, end: int) -> list[memoryview]:
 
 
 def _source(manifest: dict[str, Any]) -> str | None:
+    """``host:journal`` the bundle says it comes from, if that is short printable text (it is
+    printed to a terminal and stored)."""
     src = manifest.get("source")
-    return f"{src.get('host')}:{src.get('journal')}" if isinstance(src, dict) else None
+    if not isinstance(src, dict):
+        return None
+    host, where = src.get("host"), src.get("journal")
+    ok = all(isinstance(v, str) and len(v) <= 4096 and v.isprintable() for v in (host, where))
+    return f"{host}:{where}" if ok else None
 
 
 def _remove_stale_copies(journal: Journal) -> None:
@@ -871,17 +989,26 @@ def _merge_summary(bundle_id: str) -> dict[str, Any]:
         "events_known": 0,
         "events_pending": 0,
         "conflicts": [],
+        "signature": None,
     }
 
 
-def import_bundle(journal: Journal, path: str | os.PathLike[str], *, batch: int = 2000) -> dict[str, Any]:
+def import_bundle(
+    journal: Journal,
+    path: str | os.PathLike[str],
+    *,
+    batch: int = 2000,
+    verify_key: str | os.PathLike[str] | None = None,
+) -> dict[str, Any]:
     """Verify a bundle, then merge it into ``journal``; return what changed.
 
     Raises BundleInvalid (and imports nothing) for a truncated, corrupted,
     edited or foreign file. Importing the same bundle again returns
     ``already_imported: True`` and changes nothing. ``sync --bundle`` calls this
     and then syncs. The merge commits every ``batch`` rows; an interrupted
-    import is completed by importing the same file again.
+    import is completed by importing the same file again. With ``verify_key``
+    (a key file; default ``$WECO_OBSERVE_BUNDLE_KEY``) an unsigned bundle, or one
+    not signed by that key, is refused.
 
     >>> write_bundle(journal, tmp / "box-a.weco", everything=True)["events"]
     6
@@ -889,28 +1016,36 @@ def import_bundle(journal: Journal, path: str | os.PathLike[str], *, batch: int 
     ...     import_bundle(other, tmp / "box-a.weco")["events_pending"]
     6
     """
-    with _Reader(Path(path)) as reader:
-        m = reader.manifest
+    key = _required_key(verify_key)
+    with _Reader(Path(path), key=key) as first:
+        m = first.manifest
         if journal.query("SELECT 1 FROM imports WHERE bundle_id = ?", (m["bundle_id"],)):
             summary = _merge_summary(m["bundle_id"])
-            summary.update(already_imported=True, path=str(path), source=_source(m))
+            summary.update(already_imported=True, path=str(path), source=_source(m), signature=first.signature)
             return summary
-    # Verify and merge a private copy, so the file cannot change between the check and the
-    # merge (which commits in batches, to keep loggers waiting briefly).
-    _remove_stale_copies(journal)
-    copy = journal.files.import_copy(ids.ulid())
-    try:
+        # Verify and merge a private copy of the file just checked (the same open file, so the
+        # same inode, no more bytes than it had), so it cannot change between the check and the
+        # merge, which commits in batches to keep loggers waiting briefly.
+        _remove_stale_copies(journal)
+        copy = journal.files.import_copy(ids.ulid())
         try:
             fd = os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-            with open(path, "rb") as src, os.fdopen(fd, "wb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 20)
+            with os.fdopen(fd, "wb") as dst:
+                first.file.seek(0)
+                left = first.size
+                while left and (chunk := first.file.read(min(left, 1 << 20))):
+                    dst.write(chunk)
+                    left -= len(chunk)
         except OSError as exc:
+            copy.unlink(missing_ok=True)
             raise JournalUnavailable(f"cannot copy bundle {path} next to the journal to import it: {exc}") from None
-        with _Reader(copy, shown=Path(path)) as reader:
+    try:
+        with _Reader(copy, shown=Path(path), key=key) as reader:
             _verify(reader)
             m = reader.manifest
             source = _source(m)
             summary = _Merge(journal, reader, m["bundle_id"]).run(source or "", batch)
+            summary["signature"] = reader.signature
     finally:
         copy.unlink(missing_ok=True)
     summary["path"] = str(path)
