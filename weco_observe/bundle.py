@@ -742,12 +742,12 @@ class _Rows:
         missing = [h for h in (code or {}).values() if h not in blobs]
         self.need(not missing, f"{where}: code blob {missing[:1]} is not in the bundle")
 
-    def step_fields(self, doc: dict[str, Any], where: str) -> None:
+    def step_fields(self, doc: dict[str, Any], where: str, status: Any) -> None:
         self.need(_text(doc.get("description")), f"{where}: a description that is not text")
         self.valid(
             lambda: validate.check_step_args(
                 doc.get("step"),
-                doc.get("status", "completed"),
+                status,
                 doc.get("description"),
                 doc.get("metrics"),
                 None,
@@ -762,7 +762,7 @@ class _Rows:
         self.need(doc.get("run_id") in runs, f"{where}: its run is not in the bundle")
         self.need(ids.is_ulid(doc.get("event_id")), f"{where}: no valid event id")
         self.need(_is_time(doc.get("created_at")) and _is_time(doc.get("updated_at")), f"{where}: bad times")
-        self.step_fields(doc, where)
+        self.step_fields(doc, where, doc.get("status"))  # a step row always has one
         self.code(doc.get("code"), blobs, where)
         return Step.from_doc(doc)
 
@@ -802,7 +802,7 @@ class _Rows:
                 set(payload) <= {"step", "status", "description", "metrics", "code", "parent_step", "metadata"},
                 f"{where}: malformed step event",
             )
-            self.step_fields(payload, where)
+            self.step_fields(payload, where, payload.get("status", "completed"))  # (as Step.from_payload reads it)
             self.code(payload.get("code"), blobs, where)
         return Event.from_doc(doc)
 
