@@ -25,14 +25,24 @@ it touches and the full chain of every blob it names, so it can be imported
 without the bundles before it (an incremental bundle still holds only the steps
 changed since the previous one).
 
-Import copies the file next to the journal (so it cannot change under it) and
-verifies the copy completely before it writes anything: the zip's own CRCs, every
+A bundle is untrusted input. Import caps every size from the zip's own
+directory before a byte is inflated (a small file can inflate to gigabytes),
+copies the file next to the journal (so it cannot change under it) and verifies
+the copy completely before it writes anything: the zip's own CRCs, every
 member's sha256 and line count against the manifest, the manifest's own
-checksum, every row's shape, that every event and step names a run in the
-bundle, that every code hash names a blob in the bundle, and that every blob
-decodes to text whose sha256 is its name. Then it merges in transactions of a
-few thousand rows, so loggers on the receiving box wait briefly; the import is
-recorded last, so an import that was killed is completed by running it again.
+checksum, every row by the CLI's rules (``validate.py``), every id by its shape
+(a server id becomes part of a request path), that every event and step names a
+run in the bundle and every code hash a blob in the bundle, that each run has
+its one create, and that every blob decodes to text whose sha256 is its name.
+Then it merges in transactions of a few thousand rows, so loggers on the
+receiving box wait briefly; each run with its create, so no interruption leaves
+a run sync cannot finish; the import is recorded last, so an import that was
+killed is completed by running it again.
+
+The checksums catch damage, not a forger, who can recompute them: ``--sign``
+adds an HMAC of the manifest with a key the boxes share (in the zip's comment,
+so the format stays version 1), and ``--verify-key`` or
+``$WECO_OBSERVE_BUNDLE_KEY`` makes import insist on it (docs/bundles.md).
 
 The server id: a run's identity is its local id, which travels in the bundle; a
 server id is the sending box's knowledge that the run already exists on the
