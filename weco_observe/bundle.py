@@ -428,7 +428,7 @@ _MEMBER_RATIO = {"blobs.jsonl": 16}
 _RATIO_FLOOR = 1 << 20
 #: a code blob's text may inflate past MAX_RATIO up to this size (an ordinary source file)
 _BLOB_RATIO_FLOOR = MAX_LINE
-#: a bundle's zip directory lists its five or six members in a few hundred bytes
+#: a bundle's zip directory lists its five members in a few hundred bytes
 _MAX_ENTRIES, _MAX_DIRECTORY = len(MEMBERS) + 2, 64 << 10
 #: bytes of the file outside every member (zip headers, directory, comment)
 _MAX_SLACK = 256 << 10
