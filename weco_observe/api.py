@@ -74,11 +74,20 @@ def create_path() -> str:
 def steps_path(run_id: str) -> str:
     """``POST`` here upserts a step of run ``run_id`` (a server id, escaped as one path segment).
 
+    An id that is not one short, safe path segment (``ids.is_server_id``) is refused
+    with ApiRejected, before any request: it came from a crafted bundle or a damaged
+    journal, and it must never steer an authenticated request elsewhere.
+
     >>> steps_path("5b7e0c1a-2222-4333-8444-555566667777")
     '/external/runs/5b7e0c1a-2222-4333-8444-555566667777/steps'
     """
     from urllib.parse import quote
 
+    from .ids import is_server_id
+
+    if not is_server_id(run_id):
+        reason = f"{str(run_id)[:80]!r} is not a valid server run id (a crafted bundle or a damaged journal?)"
+        raise ApiRejected(f"refused to send: {reason}", detail=reason)
     return f"{CREATE_PATH}/{quote(run_id, safe='')}/steps"
 
 

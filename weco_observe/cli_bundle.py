@@ -45,6 +45,9 @@ def import_lines(s: dict[str, Any]) -> list[str]:
             + ("its new steps go to the same server run" if one else "their new steps go to the same server runs")
         )
     lines.extend(f"warning: {c}" for c in s["conflicts"])
+    signature = s.get("signature")
+    if signature and signature["verified"]:
+        lines.append(f"signature verified: key {signature['key_id']}")
     return lines
 
 
@@ -56,6 +59,14 @@ def bundle_cmd(
     everything: Annotated[
         bool, typer.Option("--all", help="Everything, not only what no earlier bundle holds.")
     ] = False,
+    sign: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--sign",
+            metavar="KEYFILE",
+            help="Sign the bundle with this key file (0600; make one with `openssl rand -hex 32`).",
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Write runs, steps, code and events not yet bundled to one file, for a box with no network.
@@ -63,12 +74,13 @@ def bundle_cmd(
     Carry the file to a machine that reaches the API and run
     `weco observe sync --bundle FILE` (or `weco observe import FILE`) there.
     The next bundle holds only what was logged since this one (--all: everything).
+    With --sign, the receiver can check with --verify-key that no one changed it on the way.
     """
     from . import bundle, store
     from .settings import Settings
 
     with store.reader(Settings.load()) as journal:
-        summary = bundle.write_bundle(journal, output, run_ref=run_id, everything=everything)
+        summary = bundle.write_bundle(journal, output, run_ref=run_id, everything=everything, sign=sign)
     if as_json:
         print(json.dumps(summary, indent=2))
     elif summary["events"] == 0:
@@ -81,6 +93,7 @@ def bundle_cmd(
             # Still "1 runs": tests/test_bundle.py asserts that text; move to plural() together with that test.
             f"wrote {summary['path']} ({_kib(summary['bytes'])}): {summary['runs']} runs, "
             f"{summary['steps']} steps, {summary['events']} events, {summary['blobs']} code blobs"
+            + (f", signed with key {summary['signed_by']}" if summary["signed_by"] else "")
         )
         print(
             f"on a machine that reaches the API: weco observe sync --bundle {Path(summary['path']).name}",
@@ -90,6 +103,14 @@ def bundle_cmd(
 
 def import_cmd(
     file: Annotated[Path, typer.Argument(help="A bundle written by `weco observe bundle`.")],
+    verify_key: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--verify-key",
+            metavar="KEYFILE",
+            help="Refuse the bundle unless it is signed with this key file (default: $WECO_OBSERVE_BUNDLE_KEY).",
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Verify a bundle and merge it into this journal (queued for the next sync).
@@ -101,7 +122,7 @@ def import_cmd(
     from .settings import Settings
 
     with store.reader(Settings.load(), wait=None) as journal:
-        summary = bundle.import_bundle(journal, file)
+        summary = bundle.import_bundle(journal, file, verify_key=verify_key)
     if as_json:
         print(json.dumps(summary, indent=2))
     else:

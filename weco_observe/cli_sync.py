@@ -124,6 +124,14 @@ def sync_command(
         bool, typer.Option("--no-wait", help="Exit (code 8) instead of waiting when another sync is running.")
     ] = False,
     workers: Annotated[int, typer.Option("--workers", min=1, max=64, help="Runs sent in parallel.")] = 8,
+    verify_key: Annotated[
+        Optional[str],
+        typer.Option(
+            "--verify-key",
+            metavar="KEYFILE",
+            help="Refuse a --bundle file unless it is signed with this key file (as $WECO_OBSERVE_BUNDLE_KEY does).",
+        ),
+    ] = None,
 ) -> None:
     """Send pending runs and steps to the Weco API (retrying; nothing is ever lost or deleted).
 
@@ -135,6 +143,16 @@ def sync_command(
     """
     from . import replay
 
+    if verify_key is not None:
+        # The import reads $WECO_OBSERVE_BUNDLE_KEY through the settings, at call time: the flag sets it
+        # for this one command (replay.command, which calls the import, takes no key of its own).
+        import os
+
+        from .errors import InvalidInput
+
+        if not bundles:
+            raise InvalidInput("--verify-key checks --bundle files: give one or more with --bundle FILE")
+        os.environ["WECO_OBSERVE_BUNDLE_KEY"] = verify_key
     if dry_run:
         if bundles:
             from .errors import InvalidInput

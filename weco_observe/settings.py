@@ -208,6 +208,8 @@ class Settings:
     runtime_dir: Path | None
     home: Path
     env_api_key: str | None = field(repr=False)
+    #: ``$WECO_OBSERVE_BUNDLE_KEY``: a key file; every bundle import must then be signed with it
+    bundle_key: Path | None = None
 
     @classmethod
     def load(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -230,6 +232,9 @@ class Settings:
             runtime_dir=Path(env["XDG_RUNTIME_DIR"]) if env.get("XDG_RUNTIME_DIR") else None,
             home=Path(env.get("HOME") or os.path.expanduser("~")),
             env_api_key=env.get("WECO_API_KEY"),
+            bundle_key=Path(env["WECO_OBSERVE_BUNDLE_KEY"]).expanduser()
+            if env.get("WECO_OBSERVE_BUNDLE_KEY")
+            else None,
         )
 
     # -- where things live ---------------------------------------------------------
