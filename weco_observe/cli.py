@@ -342,9 +342,12 @@ def log(
         with journal:
             result = journal.log_step(**kwargs)
             backlog = getattr(journal, "backlog", 0) >= MERGE_BACKLOG
+            notes = _log_notes(journal, kwargs, result)
     except errors.JournalUnavailable as exc:
         _unwritable(exc, "log_step", kwargs, strict, f"step {kwargs['step']}")
         return
+    for note in notes:  # even with --quiet: the step was journaled, but maybe not where it was meant to go
+        print(f"weco-observe: note: {note}", file=sys.stderr)
     if not quiet:
         parent = result["parent_step"]
         where = (
@@ -356,6 +359,20 @@ def log(
         print(f"weco-observe: step {result['step']} {done} ({where})", file=sys.stderr)
     _trigger_sync(backlog)
     _done()
+
+
+def _log_notes(journal: Any, kwargs: dict[str, Any], result: dict[str, Any]) -> list[str]:
+    """What ``log`` should point out about a step it journaled (see ``notices.py``). The step is
+    journaled by now: a note that cannot be worked out is left out, never an error."""
+    notes = []
+    try:
+        if result.get("run_first_seen"):
+            from . import notices
+
+            notes.append(notices.first_seen_server_id(journal, kwargs["run"], result.get("run_id")))
+    except errors.JournalUnavailable:
+        pass
+    return notes
 
 
 def status(

@@ -103,8 +103,20 @@ class WecoObserver:
                 raise JournalUnavailable(message) from None
             self._warn(message)
             return kwargs
+        if op == "log_step" and result.get("run_first_seen"):
+            self._note_first_seen(journal, kwargs["run"], result.get("run_id"))
         background.trigger(self._path, self._api_key)
         return result
+
+    def _note_first_seen(self, journal: Any, ref: str, run_id: str | None) -> None:
+        """Warn that ``ref`` became a remote-only run (maybe a mistyped server id); never raises otherwise."""
+        from . import notices
+
+        try:
+            note = notices.first_seen_server_id(journal, ref, run_id)
+        except JournalUnavailable:
+            return
+        self._warn(note, stacklevel=5)
 
     # -- API ------------------------------------------------------------------
 

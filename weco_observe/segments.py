@@ -537,7 +537,7 @@ class SegmentWriter:
             "blobs": blobs,
         }
         self._publish(view.ref, doc, event_id)
-        return _result(state, updated=prev is not None)
+        return _result(state, updated=prev is not None, run_first_seen=not view.known and not view.steps)
 
 
 def _code(code: Mapping[str, str], known: set[str]) -> tuple[CodeRef, dict[str, str]]:
@@ -554,7 +554,7 @@ def _code(code: Mapping[str, str], known: set[str]) -> tuple[CodeRef, dict[str, 
     return CodeRef.from_manifest(manifest) or CodeRef(()), blobs
 
 
-def _result(step: Step, *, updated: bool) -> dict[str, Any]:
+def _result(step: Step, *, updated: bool, run_first_seen: bool = False) -> dict[str, Any]:
     return {
         "run_id": step.run_id,
         "step": step.step,
@@ -562,6 +562,7 @@ def _result(step: Step, *, updated: bool) -> dict[str, Any]:
         "parent_step": step.parent_step,
         "event_id": step.event_id,
         "updated": updated,
+        "run_first_seen": run_first_seen,
     }
 
 

@@ -1,0 +1,113 @@
+"""A new user's first hour (issue 10, items 12 and 13): what a newcomer typing from the guide runs into.
+
+Each test drives the real parts: real journals, the CLI as a subprocess, the emulator as an HTTP server.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+
+from emulator_fixtures import emulator  # noqa: F401
+from weco_observe import WecoObserver, WecoObserveWarning
+from weco_observe.journal import Journal
+from weco_observe.segments import SegmentWriter
+from weco_observe.settings import Settings
+
+
+def _typo(server_id: str) -> str:
+    """``server_id`` with its last hex digit changed: one character off."""
+    last = server_id[-1]
+    return server_id[:-1] + ("0" if last != "0" else "1")
+
+
+def _notes(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("weco-observe: note:")]
+
+
+# -- 12. a mistyped server run id ------------------------------------------------------------
+
+
+@pytest.fixture
+def synced_run(cli, emulator, tmp_path):
+    """A run made with `init`, synced: ``(local id, server id)``."""
+    (tmp_path / "train.py").write_text("x = 1\n")
+    local = cli.ok("observe", "init", "--name", "sweep", "--metric", "loss", "--source", "train.py").stdout.strip()
+    cli.ok("observe", "sync", env=emulator.env())
+    server = emulator.runs().popitem()[0]
+    return local, server
+
+
+def test_log_to_a_server_id_never_seen_says_so_once_and_names_the_run_it_is_one_typo_from(cli, synced_run):
+    local, server = synced_run
+    typo = _typo(server)
+    result = cli.ok("observe", "log", "--run-id", typo, "--step", "1", "--metrics", '{"loss": 1.0}')
+    (note,) = _notes(result.stderr)
+    assert typo in note and "never seen" in note and "remote-only" in note and "checks it only at sync" in note
+    assert note.endswith(f"did you mean {server} (run {local} 'sweep')?")
+    # the step is journaled all the same (logging never refuses), and the next log to it is quiet
+    again = cli.ok("observe", "log", "--run-id", typo, "--step", "2", "--metrics", '{"loss": 0.9}')
+    assert _notes(again.stderr) == []
+    # the real server id and the local id are known: no note
+    for ref in (server, local):
+        assert _notes(cli.ok("observe", "log", "--run-id", ref, "--step", "3").stderr) == []
+    # --quiet silences the progress line, not the note
+    other = _typo(typo)
+    quiet = cli.ok("observe", "log", "--run-id", other, "--step", "1", "--quiet")
+    assert len(_notes(quiet.stderr)) == 1 and quiet.stderr.count("\n") == 1
+
+
+def test_a_server_id_nothing_resembles_gets_the_note_without_a_guess(cli):
+    result = cli.ok("observe", "log", "--run-id", "5b7e0c1a-2222-4333-8444-555566667777", "--step", "1")
+    (note,) = _notes(result.stderr)
+    assert "never seen" in note and "did you mean" not in note
+
+
+def test_the_sdk_warns_the_same_way_at_the_callers_line(emulator, monkeypatch):
+    for name, value in emulator.env().items():
+        monkeypatch.setenv(name, value)
+    with WecoObserver() as obs:
+        made = obs.create_run(source_code={"a.py": "a"}, primary_metric="loss", name="mine")
+        assert obs.flush(timeout=30)
+        server = made.server_id
+        typo = server[:-2] + server[-1] + server[-2]  # two neighbours swapped
+        if typo == server:
+            typo = _typo(server)
+        run = obs.run(typo)
+        with pytest.warns(WecoObserveWarning, match="never seen") as caught:
+            first = run.log_step(1, metrics={"loss": 1.0})
+        assert len(caught) == 1 and caught[0].filename == __file__
+        assert f"did you mean {server} (run {made.run_id} 'mine')?" in str(caught[0].message)
+        assert first is not None and first["run_first_seen"] is True
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert run.log_step(2)["run_first_seen"] is False
+            assert made.log_step(1)["run_first_seen"] is False
+
+
+def test_log_step_results_say_whether_the_run_was_first_seen_in_both_modes(journal_path, monkeypatch):
+    server = "5b7e0c1a-2222-4333-8444-555566667777"
+    with Journal(journal_path) as j:
+        local = j.create_run(source_code={"a.py": "a"}, metric="loss")
+        assert j.log_step(local, 1)["run_first_seen"] is False
+        assert j.log_step(server, 1)["run_first_seen"] is True
+        assert j.log_step(server, 2)["run_first_seen"] is False
+    monkeypatch.setenv("WECO_OBSERVE_SHARED_FS", "1")  # cluster mode: the segment writer has the same key
+    cluster = journal_path.parent / "cluster" / "journal.db"
+    writer = SegmentWriter(cluster, settings=Settings.load())
+    other = "6c8f1d2b-3333-4444-8555-666677778888"
+    assert writer.log_step(other, 1)["run_first_seen"] is True
+    assert writer.log_step(other, 2)["run_first_seen"] is False
+    local = writer.create_run(source_code={"a.py": "a"}, metric="loss")
+    assert writer.log_step(local, 1)["run_first_seen"] is False
+    writer.close()
+
+
+def test_cluster_mode_names_a_near_run_not_merged_yet(cli):
+    shared = {"WECO_OBSERVE_SHARED_FS": "1"}
+    server = "5b7e0c1a-2222-4333-8444-555566667777"
+    assert len(_notes(cli.ok("observe", "log", "--run-id", server, "--step", "1", env=shared).stderr)) == 1
+    result = cli.ok("observe", "log", "--run-id", _typo(server), "--step", "1", env=shared)
+    (note,) = _notes(result.stderr)
+    assert note.endswith(f"did you mean {server}?")  # a segment folder of a remote-only run, not merged yet
