@@ -5,12 +5,14 @@ Each test drives the real parts: real journals, the CLI as a subprocess, the emu
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import pytest
 
 from emulator_fixtures import emulator  # noqa: F401
 from weco_observe import WecoObserver, WecoObserveWarning
+from weco_observe.errors import EXIT_REJECTED
 from weco_observe.journal import Journal
 from weco_observe.segments import SegmentWriter
 from weco_observe.settings import Settings
@@ -111,3 +113,95 @@ def test_cluster_mode_names_a_near_run_not_merged_yet(cli):
     result = cli.ok("observe", "log", "--run-id", _typo(server), "--step", "1", env=shared)
     (note,) = _notes(result.stderr)
     assert note.endswith(f"did you mean {server}?")  # a segment folder of a remote-only run, not merged yet
+
+
+def _status(cli) -> dict:
+    return json.loads(cli.ok("observe", "status", "--json").stdout)
+
+
+def test_a_mistyped_run_rejected_at_sync_can_be_discarded_and_sync_exits_0_again(cli, emulator, synced_run):
+    local, server = synced_run
+    typo = _typo(server)
+    for step in (1, 2, 3):
+        cli.ok("observe", "log", "--run-id", typo, "--step", str(step), "--metrics", '{"loss": 1.0}')
+    cli.ok("observe", "log", "--run-id", local, "--step", "1", "--metrics", '{"loss": 0.5}')
+    result = cli("observe", "sync", env=emulator.env())
+    assert result.returncode == EXIT_REJECTED, result.stderr
+    assert cli("observe", "sync", env=emulator.env()).returncode == EXIT_REJECTED  # and again: no way out before
+    text = cli.ok("observe", "status").stdout
+    assert "not found" in text and "weco observe discard --rejected" in text
+
+    gave_up = cli.ok("observe", "discard", "--rejected")
+    lines = gave_up.stderr.splitlines()
+    assert lines[0] == "discarded 3 rejected events (kept in the journal, marked discarded, never sent)"
+    assert lines[1].endswith(f"(server id {typo}): 3")
+    assert lines[-1] == "left: 0 pending, 0 rejected, 0 blocked"
+    assert cli("observe", "sync", env=emulator.env()).returncode == 0
+    # nothing deleted: the steps and their events are all still in the journal
+    status = _status(cli)
+    assert status["events"]["discarded"] == 3 and status["events"]["rejected"] == 0 and status["steps"] == 5
+    assert "3 discarded" in cli.ok("observe", "status").stdout
+    again = cli.ok("observe", "discard", "--rejected")
+    assert again.stderr.splitlines()[0] == "nothing to discard: no rejected events"
+
+
+def test_discard_takes_one_run_and_leaves_the_others_rejected(cli, emulator, synced_run):
+    _, server = synced_run
+    first, second = _typo(server), _typo(_typo(server))
+    for ref in (first, second):
+        cli.ok("observe", "log", "--run-id", ref, "--step", "1")
+    assert cli("observe", "sync", env=emulator.env()).returncode == EXIT_REJECTED
+    result = json.loads(cli.ok("observe", "discard", "--rejected", "--run-id", first, "--json").stdout)
+    assert result["rejected"] == 1 and [r["server_id"] for r in result["runs"]] == [first]
+    assert result["left"] == {"pending": 0, "rejected": 1, "blocked": 0}
+    assert cli("observe", "sync", env=emulator.env()).returncode == EXIT_REJECTED
+    cli.ok("observe", "discard", "--rejected", "--run-id", second)
+    assert cli("observe", "sync", env=emulator.env()).returncode == 0
+
+
+def test_discard_needs_to_be_told_what(cli):
+    result = cli("observe", "discard")
+    assert result.returncode == 2
+    assert result.stderr == "error: say what to discard: `weco observe discard --rejected [--run-id ID]`\n"
+
+
+def test_steps_behind_a_rejected_create_exit_6_not_4_and_discard_gives_up_the_whole_run(cli, emulator, tmp_path):
+    """Steps behind a rejected create wait for the user, not the network: exit 6, never 4."""
+    (tmp_path / "train.py").write_text("x = 1\n")
+    good = cli.ok("observe", "init", "--name", "good", "--metric", "loss", "--source", "train.py").stdout.strip()
+    bad = cli.ok("observe", "init", "--name", "bad", "--metric", "loss", "--source", "train.py").stdout.strip()
+    for run in (good, bad):
+        for step in (1, 2):
+            cli.ok("observe", "log", "--run-id", run, "--step", str(step), "--metrics", '{"loss": 1.0}')
+    emulator.reject = lambda path, body: "metric not allowed" if body.get("name") == "bad" else None
+    result = cli("observe", "sync", "--json", env=emulator.env())
+    summary = json.loads(result.stdout)
+    assert result.returncode == EXIT_REJECTED, result.stderr
+    assert (summary["pending"], summary["blocked"], summary["rejected_total"]) == (0, 2, 1)
+    assert "blocked:        2 pending events of runs whose create was rejected" in cli.ok("observe", "status").stdout
+    assert cli("observe", "sync", env=emulator.env()).returncode == EXIT_REJECTED
+
+    gave_up = cli.ok("observe", "discard", "--rejected").stderr.splitlines()
+    assert gave_up[0] == (
+        "discarded 1 rejected event and 2 events waiting behind a discarded create"
+        " (kept in the journal, marked discarded, never sent)"
+    )
+    assert cli("observe", "sync", env=emulator.env()).returncode == 0
+    # a step logged later to the given-up run cannot be sent either: 6 again, and discard takes it too
+    cli.ok("observe", "log", "--run-id", bad, "--step", "3")
+    result = cli("observe", "sync", "--json", env=emulator.env())
+    assert result.returncode == EXIT_REJECTED and json.loads(result.stdout)["blocked"] == 1
+    assert "1 event waiting behind" in cli.ok("observe", "discard", "--rejected").stderr
+    assert cli("observe", "sync", env=emulator.env()).returncode == 0
+    assert [r["name"] for r in emulator.runs().values()] == ["good"]
+
+
+def test_discard_leaves_pending_events_alone(cli, emulator, synced_run):
+    local, server = synced_run
+    cli.ok("observe", "log", "--run-id", _typo(server), "--step", "1")
+    assert cli("observe", "sync", env=emulator.env()).returncode == EXIT_REJECTED
+    cli.ok("observe", "log", "--run-id", local, "--step", "1", "--metrics", '{"loss": 0.5}')
+    lines = cli.ok("observe", "discard", "--rejected").stderr.splitlines()
+    assert lines[-1] == "left: 1 pending, 0 rejected, 0 blocked (`weco observe sync` sends what is pending)"
+    assert cli("observe", "sync", env=emulator.env()).returncode == 0
+    assert emulator.runs()[server]["steps"][1]["metrics"] == {"loss": 0.5}

@@ -43,6 +43,7 @@ OBSERVE_COMMANDS = {
     "log": "cli:log",
     "status": "cli:status",
     "sync": "cli_sync:sync_command",
+    "discard": "cli_sync:discard_command",
     "merge": "cli_sync:merge_command",
     "emulator": "cli_sync:emulator_command",
     "runs": "cli_views:runs",
@@ -387,12 +388,14 @@ def status(
     path = settings.journal_path
     mode = store.mode(settings)
     events, problems, version, runs, steps = dict.fromkeys(outbox.STATES, 0), outbox.problems(None), None, 0, 0
+    blocked = 0
     if path.exists() or not mode.shared:
         # status reads and never merges: in cluster mode through the seqlock, from any host
         journal = SharedReader(path, settings=settings) if mode.shared else Journal(path, settings=settings)
         with journal:
             events = outbox.counts(journal)
             problems = outbox.problems(journal)
+            blocked = outbox.count_blocked(journal)
             version = journal.schema_version()
             runs, steps = journal.query("SELECT (SELECT count(*) FROM runs), (SELECT count(*) FROM steps)")[0]
     rejected = problems["rejected"]
@@ -419,6 +422,7 @@ def status(
         "pending_with_errors": problems["retrying"],
         "last_error": problems["last_error"],
         "rejected": rejected,
+        "blocked": blocked,
         "possible_duplicates": problems["possible_duplicates"],
         "spill_files": len(spill.pending(path)),
         "api_key_configured": key_source is not None,
@@ -478,6 +482,16 @@ def status(
     for r in rejected:
         what = "create" if r["kind"] == "create_run" else f"step {r['step']}"
         lines.append(f"rejected:       {r['run_id']} {what}: {r['last_error']}")
+    if blocked:
+        lines.append(
+            f"blocked:        {plural(blocked, 'pending event')} of runs whose create was rejected or discarded"
+            " cannot be sent"
+        )
+    if ev["rejected"] or blocked:
+        lines.append(
+            "                fix the cause and `weco observe sync --retry-rejected`,"
+            " or give up on them: `weco observe discard --rejected [--run-id ID]`"
+        )
     print("\n".join(lines))
 
 
