@@ -205,3 +205,85 @@ def test_discard_leaves_pending_events_alone(cli, emulator, synced_run):
     assert lines[-1] == "left: 1 pending, 0 rejected, 0 blocked (`weco observe sync` sends what is pending)"
     assert cli("observe", "sync", env=emulator.env()).returncode == 0
     assert emulator.runs()[server]["steps"][1]["metrics"] == {"loss": 0.5}
+
+
+# -- 13. the skill the guide's sentence asks for ------------------------------------------------------
+
+GUIDE_SENTENCE = "Use the weco skill to monitor the experiments."
+
+#: The official Weco skill's front matter as `weco setup claude-code` of the official client installs it
+#: (WecoAI/weco-skill, SKILL.md), with a body of its own.
+OFFICIAL_SKILL = (
+    "---\nname: weco\ndescription: >-\n  Use Weco for ANY code optimization task. When the user wants to make"
+    " code faster,\n  improve accuracy, reduce latency, lower cost, minimize memory usage, or optimize\n  any"
+    " measurable metric - activate this skill.\n---\n\n# Weco AI Code Optimization\n\nUse `weco run` or"
+    " `weco observe`.\n"
+)
+
+
+def _front_matter(path):
+    yaml = pytest.importorskip("yaml")  # the parser agents' loaders resemble: the front matter must be YAML
+    text = path.read_text()
+    assert text.startswith("---\n")
+    return yaml.safe_load(text.split("---\n")[1])
+
+
+def test_the_guides_sentence_leads_an_agent_to_our_skill(cli, tmp_path):
+    result = cli.ok("observe", "setup", "claude-code")
+    path = tmp_path / "home" / ".claude" / "skills" / "weco" / "SKILL.md"
+    assert result.stderr == f"installed {path}\n"
+    meta = _front_matter(path)
+    # an agent picks a skill by its name and description: "the weco skill" is the name, and the
+    # description says what the sentence asks for, in its words
+    assert meta["name"] == "weco" == path.parent.name  # the Agent Skills format: the name is the folder's
+    assert "weco skill" in GUIDE_SENTENCE and "monitor the experiments" in GUIDE_SENTENCE
+    assert "monitor the experiments" in meta["description"] and "weco observe" in meta["description"]
+    assert len(meta["description"]) <= 1024 and len(meta["name"]) <= 64  # the format's limits
+
+
+def test_an_official_weco_skill_is_never_overwritten_ours_goes_beside_it(cli, tmp_path):
+    skills = tmp_path / "home" / ".claude" / "skills"
+    official = skills / "weco" / "SKILL.md"
+    official.parent.mkdir(parents=True)
+    official.write_text(OFFICIAL_SKILL)
+    (official.parent / "references").mkdir()
+    (official.parent / "references" / "monitor.md").write_text("weco run status\n")
+    ours = skills / "weco-observe" / "SKILL.md"
+    for args in ((), ("--force",)):  # not even --force replaces it
+        result = cli.ok("observe", "setup", "claude-code", *args)
+        assert official.read_text() == OFFICIAL_SKILL
+        assert (official.parent / "references" / "monitor.md").read_text() == "weco run status\n"
+        lines = result.stderr.splitlines()
+        assert lines[0] in (f"installed {ours}", f"unchanged {ours}")
+        assert lines[1].startswith(f"note: the official Weco skill is installed at {official}: left as it is;")
+        meta = _front_matter(ours)
+        assert meta["name"] == "weco-observe" == ours.parent.name
+        assert "monitor the experiments" in meta["description"].lower()
+
+
+def test_our_skill_moves_to_the_guides_name_and_leaves_no_second_copy(cli, tmp_path):
+    skills = tmp_path / "home" / ".cursor" / "skills"
+    old = skills / "weco-observe" / "SKILL.md"
+    cli.ok("observe", "setup", "cursor")
+    old.parent.mkdir(parents=True, exist_ok=True)  # what an earlier release installed
+    old.write_text(
+        "---\nname: weco-observe\ndescription: old\n---\n<!-- written by `weco observe setup`;"
+        " rerun it to update this file -->\nold\n"
+    )
+    result = cli.ok("observe", "setup", "cursor")
+    assert result.stderr.splitlines() == [
+        f"unchanged {skills / 'weco' / 'SKILL.md'}",
+        f"note: removed our older copy at {old}",
+    ]
+    assert not old.parent.exists()
+
+
+def test_a_skill_of_someone_elses_is_replaced_only_with_force(cli, tmp_path):
+    path = tmp_path / "home" / ".agents" / "skills" / "weco" / "SKILL.md"
+    path.parent.mkdir(parents=True)
+    path.write_text("---\nname: weco\ndescription: my notes on the weather\n---\nmine\n")
+    result = cli("observe", "setup", "codex")
+    assert result.returncode == 2 and "was not written by weco observe" in result.stderr
+    assert path.read_text().endswith("mine\n")
+    assert cli.ok("observe", "setup", "codex", "--force").stderr == f"updated {path}\n"
+    assert _front_matter(path)["name"] == "weco"
