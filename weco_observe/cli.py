@@ -408,6 +408,9 @@ def status(
         key_source = settings.api_key_source
     except errors.InvalidInput as exc:
         key_problem = str(exc)
+    from ._weco_alias import which
+
+    gives, origin = which()
     info = {
         "journal": str(path),
         "mode": "cluster" if mode.shared else "local",
@@ -431,6 +434,8 @@ def status(
         "base_url": settings.base_url,
         "auto_sync": settings.auto_sync and key_source is not None,
         "auto_sync_setting": settings.auto_sync,
+        # what the guide's `from weco.observe import WecoObserver` gives in this Python
+        "weco_observe_import": {"gives": gives, "origin": origin, "python": sys.executable},
     }
     if as_json:
         print(json.dumps(info, indent=2))
@@ -463,6 +468,15 @@ def status(
         ),
         f"api base url:   {info['base_url']}",
         f"auto-sync:      {auto}",
+        "weco.observe:   "
+        + (
+            "weco-observe's (`from weco.observe import WecoObserver` works; the official weco package is not installed)"
+            if gives == "weco-observe"
+            else f"the official weco package's ({origin}): it wins over weco-observe's alias"
+            if gives == "official"
+            else f"not importable in {sys.executable}: use `from weco_observe import WecoObserver`"
+            " (the alias comes with an installed weco-observe)"
+        ),
     ]
     if info["pending_with_errors"]:
         lines.append(
