@@ -287,3 +287,55 @@ def test_a_skill_of_someone_elses_is_replaced_only_with_force(cli, tmp_path):
     assert path.read_text().endswith("mine\n")
     assert cli.ok("observe", "setup", "codex", "--force").stderr == f"updated {path}\n"
     assert _front_matter(path)["name"] == "weco"
+
+
+# -- 13. doctor's wording ----------------------------------------------------------------------
+
+
+def _damaged_journal(journal_path) -> None:
+    """A journal of one run (one code blob) whose header miscounts its free pages: integrity_check reports it
+    (on two lines, "*** in database main ***" first), while every row still reads."""
+    with Journal(journal_path) as j:
+        run = j.create_run(source_code={"train.py": "x = 1\n"}, metric="loss")
+        j.log_step(run, 1, metrics={"loss": 1.0})
+    data = bytearray(journal_path.read_bytes())
+    data[36:40] = (7).to_bytes(4, "big")  # the header's count of freelist pages
+    journal_path.write_bytes(bytes(data))
+
+
+def test_doctor_prints_one_line_per_finding_even_quoting_sqlites_report(cli, journal_path):
+    _damaged_journal(journal_path)
+    result = cli("observe", "doctor")
+    assert result.returncode == 7, result.stderr
+    lines = result.stdout.splitlines()
+    assert any("*** in database main ***;" in line for line in lines)  # SQLite's report, on one line
+    for line in lines:
+        assert line.split()[0] in ("ok", "warn", "error"), f"a finding spilt over lines: {line!r}"
+
+
+def test_doctor_says_1_run_and_1_code_blob(cli, journal_path, tmp_path):
+    (tmp_path / "train.py").write_text("x = 1\n")
+    cli.ok("observe", "init", "--metric", "loss", "--source", "train.py")
+    assert "ok    code         1 code blob, all readable" in cli.ok("observe", "doctor").stdout
+    journal_path.unlink()
+    for extra in ("-wal", "-shm"):
+        journal_path.with_name(journal_path.name + extra).unlink(missing_ok=True)
+    _damaged_journal(journal_path)
+    repaired = cli.ok("observe", "doctor", "--repair").stdout
+    assert "now holds 1 run, 2 steps, 2 events, 1 code blob (" in repaired, repaired
+
+
+def test_every_commands_summary_is_one_line():
+    """The summary in `--help`'s command list is the docstring's first paragraph: one line, or the list breaks."""
+    import typer
+
+    from weco_observe import cli as cli_module
+
+    def walk(command, path):
+        yield path, command
+        for name in getattr(command, "list_commands", lambda ctx: [])(None):
+            yield from walk(command.get_command(None, name), f"{path} {name}")
+
+    for path, command in walk(typer.main.get_command(cli_module.app), "weco"):
+        summary = (command.help or "").strip().split("\n\n")[0]
+        assert "\n" not in summary, f"`{path}`: {summary!r}"

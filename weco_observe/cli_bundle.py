@@ -118,9 +118,9 @@ def doctor_cmd(
     ] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Check the journal: integrity, schema version, WAL size, orphaned code blobs,
-    permissions, and whether it sits on a network filesystem.
+    """Check the journal: integrity, schema, code blobs, WAL size, permissions and filesystem.
 
+    Reports orphaned or missing code blobs, and a journal on a network filesystem.
     Exits 7 when the journal is damaged (then run `weco observe doctor --repair`).
     """
     from . import doctor, errors
