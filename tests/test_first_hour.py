@@ -339,3 +339,45 @@ def test_every_commands_summary_is_one_line():
     for path, command in walk(typer.main.get_command(cli_module.app), "weco"):
         summary = (command.help or "").strip().split("\n\n")[0]
         assert "\n" not in summary, f"`{path}`: {summary!r}"
+
+
+# -- 13. the SDK's messages name its keyword arguments, the CLI's its flags -------------------
+
+SDK_BAD_STEPS = {
+    "metrics": (dict(step=1, metrics="fast"), "metrics must be a JSON object"),
+    "metric value": (dict(step=1, metrics={"loss": "low"}), "metrics: metric 'loss' must be a number"),
+    "step": (dict(step=-1), "step must be 0 or more"),
+    "status": (dict(step=1, status="kept"), "unknown status 'kept'"),
+    "parent below": (dict(step=2, parent_step=2), "parent_step 2 must be lower than step 2"),
+    "parent missing": (dict(step=5, parent_step=4), "parent step 4: run "),
+    "code": (dict(step=1, code={}), "code must be a non-empty dict"),
+    "metadata": (dict(step=1, metadata={"f": object()}), "metadata must be JSON-serialisable"),
+    "description": (dict(step=1, description=3), "description must be a string"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SDK_BAD_STEPS))
+def test_the_sdks_warnings_name_its_keyword_arguments(journal_path, case):
+    kwargs, expected = SDK_BAD_STEPS[case]
+    with WecoObserver() as obs:
+        run = obs.create_run(source_code={"a.py": "a"}, primary_metric="loss")
+        with pytest.warns(WecoObserveWarning) as caught:
+            assert run.log_step(**kwargs) is None
+    (message,) = [str(w.message) for w in caught]
+    assert expected in message and "--" not in message, message
+
+
+def test_create_run_names_primary_metric(journal_path):
+    with WecoObserver() as obs, pytest.warns(WecoObserveWarning) as caught:
+        assert not obs.create_run(source_code={"a.py": "a"}, primary_metric="")
+    message = str(caught[0].message)
+    assert "primary_metric must name the primary metric, e.g. primary_metric='val_bpb'" in message, message
+
+
+def test_the_cli_still_names_its_flags(cli, tmp_path):
+    (tmp_path / "a.py").write_text("a = 1\n")
+    run = cli.ok("observe", "init", "--metric", "loss", "--source", "a.py").stdout.strip()
+    result = cli("observe", "log", "--run-id", run, "--step", "1", "--metrics", "[1]")
+    assert result.returncode == 2 and result.stderr.startswith("error: --metrics must be a JSON object")
+    result = cli("observe", "log", "--run-id", run, "--step", "2", "--parent-step", "2")
+    assert result.returncode == 2 and "--parent-step 2 must be lower than --step 2" in result.stderr

@@ -32,6 +32,34 @@ class WecoObserveWarning(UserWarning):
     """Something was not recorded as asked (bad input, or the journal was unavailable)."""
 
 
+def _check(op: str, kwargs: dict[str, Any]) -> None:
+    """The journal's own checks, first, so that a message names the SDK's keyword arguments
+    (``metrics``, ``primary_metric``), not the CLI's flags the journal's would name."""
+    from . import validate
+
+    get = kwargs.get
+    if op == "create_run":
+        validate.check_run_args(
+            get("source_code"),
+            get("metric"),
+            get("name"),
+            get("additional_instructions"),
+            get("metadata"),
+            names=validate.SDK_NAMES,
+        )
+    else:
+        validate.check_step_args(
+            get("step"),
+            get("status"),
+            get("description"),
+            get("metrics"),
+            get("code"),
+            get("parent_step"),
+            get("metadata"),
+            names=validate.SDK_NAMES,
+        )
+
+
 class WecoObserver:
     """Entry point of the SDK. ``api_key`` is used only by the background syncer and is never stored.
 
@@ -77,6 +105,7 @@ class WecoObserver:
     def _record(self, op: str, kwargs: dict[str, Any]) -> Any:
         """Run one journal write; on bad input warn (or raise), on an unavailable journal spill."""
         try:
+            _check(op, kwargs)
             journal = self._open()
             result = journal.create_run(**kwargs) if op == "create_run" else journal.log_step(**kwargs)
         except InvalidInput as exc:
