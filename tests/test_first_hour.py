@@ -381,3 +381,52 @@ def test_the_cli_still_names_its_flags(cli, tmp_path):
     assert result.returncode == 2 and result.stderr.startswith("error: --metrics must be a JSON object")
     result = cli("observe", "log", "--run-id", run, "--step", "2", "--parent-step", "2")
     assert result.returncode == 2 and "--parent-step 2 must be lower than --step 2" in result.stderr
+
+
+# -- 13. a step without the run's primary metric ------------------------------------------------
+
+
+def test_log_without_the_primary_metric_is_journaled_with_a_note(cli, tmp_path, journal_path):
+    (tmp_path / "train.py").write_text("x = 1\n")
+    run = cli.ok("observe", "init", "--metric", "val_bpb", "--source", "train.py").stdout.strip()
+
+    def log(*args: str) -> list[str]:
+        return _notes(cli.ok("observe", "log", "--run-id", run, *args).stderr)
+
+    assert log("--step", "1", "--metrics", '{"val_bpb": 2.3, "memory_gb": 11}') == []
+    assert log("--step", "2", "--metrics", '{"memory_gb": 11}') == [
+        "weco-observe: note: step 2: --metrics lack the run's primary metric 'val_bpb'"
+        " (the dashboard ranks steps by it); given: memory_gb"
+    ]
+    # logged again: the new metrics replace the old ones, so the step loses its rank
+    (relog,) = log("--step", "1", "--metrics", '{"VAL_BPB": 2.3}')
+    assert relog.endswith("given: VAL_BPB (did you mean 'val_bpb' for 'VAL_BPB'?)")
+    # a failed step need not have it; no metrics, or none at all, say nothing either
+    assert log("--step", "3", "--status", "failed", "--metrics", '{"memory_gb": 80}') == []
+    assert log("--step", "4", "--metrics", "{}") == []
+    assert log("--step", "5", "--description", "no metrics yet") == []
+    with Journal(journal_path) as j:
+        steps = {s["step"]: s["metrics"] for s in j.steps(j.require_run(run)["id"])}
+    assert steps[1] == {"VAL_BPB": 2.3} and steps[2] == {"memory_gb": 11}  # journaled as given
+
+
+def test_a_remote_only_runs_metric_is_unknown_so_no_metric_note(cli):
+    server = "5b7e0c1a-2222-4333-8444-555566667777"
+    cli.ok("observe", "log", "--run-id", server, "--step", "1", "--metrics", '{"x": 1}')
+    assert _notes(cli.ok("observe", "log", "--run-id", server, "--step", "2", "--metrics", '{"x": 1}').stderr) == []
+
+
+def test_the_sdk_warns_about_a_missing_primary_metric(journal_path):
+    with WecoObserver() as obs:
+        run = obs.create_run(source_code={"a.py": "a"}, primary_metric="val_bpb")
+        with pytest.warns(WecoObserveWarning, match="metrics lack the run's primary metric 'val_bpb'") as caught:
+            stored = run.log_step(1, metrics={"memory_gb": 1.0})
+        assert stored is not None and caught[0].filename == __file__
+        assert "--metrics" not in str(caught[0].message)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            run.log_step(2, metrics={"val_bpb": 2.0})
+            run.log_step(3, status="failed", metrics={"memory_gb": 80.0})
+            obs.run(run.run_id).log_step(4, metrics={"val_bpb": 1.9})  # an opened run knows its metric too
+        with pytest.warns(WecoObserveWarning, match="primary metric"):
+            obs.run(run.run_id).log_step(5, metrics={"memory_gb": 2.0})

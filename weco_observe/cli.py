@@ -371,6 +371,15 @@ def _log_notes(journal: Any, kwargs: dict[str, Any], result: dict[str, Any]) -> 
             from . import notices
 
             notes.append(notices.first_seen_server_id(journal, kwargs["run"], result.get("run_id")))
+        elif kwargs["metrics"] and kwargs["status"] != "failed":
+            run = journal.find_run(result["run_id"])
+            if run is not None and run["metric"] is not None and run["metric"] not in kwargs["metrics"]:
+                from . import notices  # only when there is something to say: `log` imports little
+
+                note = notices.missing_primary_metric(
+                    run["metric"], kwargs["metrics"], kwargs["status"], kwargs["step"], "--metrics"
+                )
+                notes += [note] if note else []
     except errors.JournalUnavailable:
         pass
     return notes

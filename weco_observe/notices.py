@@ -7,19 +7,28 @@ right): the CLI prints the note on stderr and the SDK gives a
 - A ``--run-id`` that is a server run id this journal has never seen becomes a
   *remote-only* run, checked only when ``sync`` sends it. When it is one
   character off a server id the journal knows (a typo), the note says which.
+- A step whose metrics lack the run's primary metric (logged for the first
+  time or again: a re-log's metrics replace the old ones): the dashboard ranks
+  steps and draws its chart by that metric, so the step drops out of both. Only
+  when metrics are given and not empty, and the run's metric is known (not for
+  a remote-only run). A failed step is exempt: a crash or an out-of-memory
+  error often leaves nothing to measure, and a failed step is never ranked.
 
 Only the standard library: ``weco observe log`` imports this only when it has
 something to say.
 
     >>> one_edit_apart("5b7e0c1a-2222-4333-8444-555566667777", "5b7e0c1a-2222-4333-8444-555566667778")
     True
+    >>> missing_primary_metric("val_bpb", {"memory_gb": 11.0}, "completed", 3, "--metrics")
+    "step 3: --metrics lack the run's primary metric 'val_bpb' (the dashboard ranks steps by it); given: memory_gb"
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["first_seen_server_id", "near_server_ids", "one_edit_apart"]
+__all__ = ["first_seen_server_id", "missing_primary_metric", "near_server_ids", "one_edit_apart"]
 
 
 def _canonical(run_id: str) -> str:
@@ -97,3 +106,19 @@ def first_seen_server_id(writer: Any, ref: str, run_id: str | None = None) -> st
         ]
         text += f"; did you mean {' or '.join(shown)}?"
     return text
+
+
+def missing_primary_metric(
+    metric: str | None, metrics: Mapping[str, Any] | None, status: str, step: int, name: str
+) -> str | None:
+    """The note for a step whose ``metrics`` (a non-empty object, given as argument ``name``) lack the run's
+    primary ``metric``; None when there is nothing to say (no metrics given, the run's metric is not known,
+    or the step failed)."""
+    if not metrics or metric is None or metric in metrics or status == "failed":
+        return None
+    given = ", ".join(sorted(metrics))
+    hint = next((f" (did you mean {metric!r} for {m!r}?)" for m in metrics if m.lower() == metric.lower()), "")
+    return (
+        f"step {step}: {name} lack the run's primary metric {metric!r} (the dashboard ranks steps by it);"
+        f" given: {given}{hint}"
+    )

@@ -272,7 +272,7 @@ class ObserveRun:
                 stacklevel=3,
             )
             return None
-        return self._observer._record(
+        result = self._observer._record(
             "log_step",
             {
                 "run": self.run_id,
@@ -286,6 +286,13 @@ class ObserveRun:
                 "event_id": ids.ulid(),
             },
         )
+        if result is not None and metrics and self.primary_metric not in (None, *metrics):
+            from .notices import missing_primary_metric
+
+            note = missing_primary_metric(self.primary_metric, metrics, status, step, "metrics")
+            if note:  # journaled all the same
+                self._observer._warn(note, stacklevel=3)
+        return result
 
     def flush(self, timeout: float | None = 30.0) -> bool:
         """Wait for delivery of everything pending (see :meth:`WecoObserver.flush`)."""
