@@ -134,7 +134,7 @@ def test_tree_rule_matches_the_model(calls):
         model: dict[int, tuple[str, int | None]] = {0: ("completed", None)}
         for step, status, parent_step in calls:
             if parent_step is not None and (parent_step >= step or parent_step not in model):
-                with pytest.raises(InvalidInput, match="--parent-step"):
+                with pytest.raises(InvalidInput, match="parent.step"):
                     j.log_step(run, step, status=status, parent_step=parent_step)
                 continue
             if parent_step is not None:

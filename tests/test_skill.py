@@ -15,11 +15,11 @@ from weco_observe import skill
 )
 def test_setup_writes_the_skill_once(cli, tmp_path, agent, folder):
     home = tmp_path / "home"
-    path = home / folder / "weco-observe" / "SKILL.md"
+    path = home / folder / "weco" / "SKILL.md"
     result = cli.ok("observe", "setup", agent)
     assert result.stderr.strip() == f"installed {path}"
     text = path.read_text()
-    assert text.startswith("---\nname: weco-observe\ndescription: ")
+    assert text.startswith("---\nname: weco\ndescription: ")
     assert cli.ok("observe", "setup", agent).stderr.strip() == f"unchanged {path}"
     assert path.read_text() == text
 
@@ -27,7 +27,7 @@ def test_setup_writes_the_skill_once(cli, tmp_path, agent, folder):
 def test_the_skill_teaches_the_loop(cli):
     text = cli.ok("observe", "setup", "claude-code", "--print").stdout
     front, body = text.split("---\n")[1], text.split("---\n", 2)[2]
-    assert "name: weco-observe" in front and "description:" in front
+    assert "name: weco\n" in front and "description:" in front
     for needle in (
         "weco observe init",
         "weco observe log",
@@ -43,9 +43,9 @@ def test_the_skill_teaches_the_loop(cli):
 
 
 def test_setup_updates_its_own_older_file_but_not_someone_elses(cli, tmp_path):
-    path = tmp_path / "home" / ".claude" / "skills" / "weco-observe" / "SKILL.md"
+    path = tmp_path / "home" / ".claude" / "skills" / "weco" / "SKILL.md"
     path.parent.mkdir(parents=True)
-    path.write_text(f"---\nname: weco-observe\n---\n{skill.MARKER}\nold version\n")
+    path.write_text(f"---\nname: weco\n---\n{skill.MARKER}\nold version\n")
     assert cli.ok("observe", "setup", "claude-code").stderr.startswith("updated ")
     assert "old version" not in path.read_text()
 
@@ -59,7 +59,7 @@ def test_setup_updates_its_own_older_file_but_not_someone_elses(cli, tmp_path):
 
 def test_setup_into_the_project_and_unknown_agents(cli, tmp_path):
     result = cli.ok("observe", "setup", "cursor", "--project")
-    assert (tmp_path / ".cursor" / "skills" / "weco-observe" / "SKILL.md").is_file()
+    assert (tmp_path / ".cursor" / "skills" / "weco" / "SKILL.md").is_file()
     assert str(tmp_path) in result.stderr
     result = cli("observe", "setup", "vim")
     assert result.returncode == 2

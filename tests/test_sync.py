@@ -202,7 +202,11 @@ def test_rejected_create_blocks_only_its_own_run(emulator, journal_path):
     runs = make_workload(journal_path, runs=3, steps=4)
     emulator.reject = lambda path, body: "bad run" if body.get("name") == "run 1" else None
     result = _sync(journal_path, emulator)
-    assert result.exit_code == EXIT_PENDING and result.rejected_total == 1
+    # its steps wait for the user (fix and retry, or discard), not for the network: 6, not 4
+    assert result.exit_code == EXIT_REJECTED and result.rejected_total == 1
+    with Journal(journal_path) as j:
+        steps = j.query("SELECT count(*) FROM events WHERE run_id = ? AND kind = 'log_step'", (runs[1],))[0][0]
+    assert result.pending == 0 and result.blocked == steps >= 4
     blocked = [r for r in result.runs if r.blocked]
     assert [r.run_id for r in blocked] == [runs[1]] and "bad run" in blocked[0].blocked
     assert len(emulator.runs()) == 2

@@ -43,6 +43,7 @@ OBSERVE_COMMANDS = {
     "log": "cli:log",
     "status": "cli:status",
     "sync": "cli_sync:sync_command",
+    "discard": "cli_sync:discard_command",
     "merge": "cli_sync:merge_command",
     "emulator": "cli_sync:emulator_command",
     "runs": "cli_views:runs",
@@ -357,9 +358,12 @@ def log(
         with journal:
             result = journal.log_step(**kwargs)
             backlog = getattr(journal, "backlog", 0) >= MERGE_BACKLOG
+            notes = _log_notes(journal, kwargs, result)
     except errors.JournalUnavailable as exc:
         _unwritable(exc, "log_step", kwargs, strict, f"step {kwargs['step']}")
         return
+    for note in notes:  # even with --quiet: the step was journaled, but maybe not where it was meant to go
+        print(f"weco-observe: note: {note}", file=sys.stderr)
     if not quiet:
         parent = result["parent_step"]
         where = (
@@ -371,6 +375,29 @@ def log(
         print(f"weco-observe: step {result['step']} {done} ({where})", file=sys.stderr)
     _trigger_sync(backlog)
     _done()
+
+
+def _log_notes(journal: Any, kwargs: dict[str, Any], result: dict[str, Any]) -> list[str]:
+    """What ``log`` should point out about a step it journaled (see ``notices.py``). The step is
+    journaled by now: a note that cannot be worked out is left out, never an error."""
+    notes = []
+    try:
+        if result.get("run_first_seen"):
+            from . import notices
+
+            notes.append(notices.first_seen_server_id(journal, kwargs["run"], result.get("run_id")))
+        elif kwargs["metrics"] and kwargs["status"] != "failed":
+            run = journal.find_run(result["run_id"])
+            if run is not None and run["metric"] is not None and run["metric"] not in kwargs["metrics"]:
+                from . import notices  # only when there is something to say: `log` imports little
+
+                note = notices.missing_primary_metric(
+                    run["metric"], kwargs["metrics"], kwargs["status"], kwargs["step"], "--metrics"
+                )
+                notes += [note] if note else []
+    except errors.JournalUnavailable:
+        pass
+    return notes
 
 
 def status(
@@ -385,12 +412,14 @@ def status(
     path = settings.journal_path
     mode = store.mode(settings)
     events, problems, version, runs, steps = dict.fromkeys(outbox.STATES, 0), outbox.problems(None), None, 0, 0
+    blocked = 0
     if path.exists() or not mode.shared:
         # status reads and never merges: in cluster mode through the seqlock, from any host
         journal = SharedReader(path, settings=settings) if mode.shared else Journal(path, settings=settings)
         with journal:
             events = outbox.counts(journal)
             problems = outbox.problems(journal)
+            blocked = outbox.count_blocked(journal)
             version = journal.schema_version()
             runs, steps = journal.query("SELECT (SELECT count(*) FROM runs), (SELECT count(*) FROM steps)")[0]
     rejected = problems["rejected"]
@@ -403,6 +432,9 @@ def status(
         key_source = settings.api_key_source
     except errors.InvalidInput as exc:
         key_problem = str(exc)
+    from ._weco_alias import which
+
+    gives, origin = which()
     info = {
         "journal": str(path),
         "mode": "cluster" if mode.shared else "local",
@@ -417,6 +449,7 @@ def status(
         "pending_with_errors": problems["retrying"],
         "last_error": problems["last_error"],
         "rejected": rejected,
+        "blocked": blocked,
         "possible_duplicates": problems["possible_duplicates"],
         "spill_files": len(spill.pending(path)),
         "api_key_configured": key_source is not None,
@@ -425,6 +458,8 @@ def status(
         "base_url": settings.base_url,
         "auto_sync": settings.auto_sync and key_source is not None,
         "auto_sync_setting": settings.auto_sync,
+        # what the guide's `from weco.observe import WecoObserver` gives in this Python
+        "weco_observe_import": {"gives": gives, "origin": origin, "python": sys.executable},
     }
     if as_json:
         print(json.dumps(info, indent=2))
@@ -457,6 +492,15 @@ def status(
         ),
         f"api base url:   {info['base_url']}",
         f"auto-sync:      {auto}",
+        "weco.observe:   "
+        + (
+            "weco-observe's (`from weco.observe import WecoObserver` works; the official weco package is not installed)"
+            if gives == "weco-observe"
+            else f"the official weco package's ({origin}): it wins over weco-observe's alias"
+            if gives == "official"
+            else f"not importable in {sys.executable}: use `from weco_observe import WecoObserver`"
+            " (the alias comes with an installed weco-observe)"
+        ),
     ]
     if info["pending_with_errors"]:
         lines.append(
@@ -476,6 +520,16 @@ def status(
     for r in rejected:
         what = "create" if r["kind"] == "create_run" else f"step {r['step']}"
         lines.append(f"rejected:       {r['run_id']} {what}: {r['last_error']}")
+    if blocked:
+        lines.append(
+            f"blocked:        {plural(blocked, 'pending event')} of runs whose create was rejected or discarded"
+            " cannot be sent"
+        )
+    if ev["rejected"] or blocked:
+        lines.append(
+            "                fix the cause and `weco observe sync --retry-rejected`,"
+            " or give up on them: `weco observe discard --rejected [--run-id ID]`"
+        )
     print("\n".join(lines))
 
 

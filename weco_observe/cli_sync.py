@@ -135,11 +135,14 @@ def sync_command(
 ) -> None:
     """Send pending runs and steps to the Weco API (retrying; nothing is ever lost or deleted).
 
-    Exit codes: 0 all delivered; 4 events still pending (API unreachable or failing, or it
-    asked to be retried later: the time is printed);
-    5 the API refused the key (run `weco login`); 6 some events were rejected
-    (see `weco observe status`); 8 another sync is running (--no-wait);
-    78 WECO_BASE_URL is wrong (malformed, refused, or not the Weco API): nothing was sent or marked.
+    Exit codes say what is still actionable: 0 nothing (all delivered; discarded
+    events count for nothing); 4 events a later sync can send (API unreachable or
+    failing, or it asked to be retried later: the time is printed); 5 the API refused the key (run `weco login`);
+    6 events only you can move: rejected by the API, or blocked behind a run's
+    rejected create (see `weco observe status`; fix the cause and sync
+    --retry-rejected, or give up: `weco observe discard --rejected`);
+    8 another sync is running (--no-wait); 78 WECO_BASE_URL is wrong (malformed,
+    refused, or not the Weco API): nothing was sent or marked.
     """
     from . import replay
 
@@ -289,3 +292,52 @@ def merge_command(
         print(f"warning: {problem}", file=sys.stderr)
     for kept in result.kept:
         print(f"kept {kept}: its run's create is not in the journal yet", file=sys.stderr)
+
+
+def discard_command(
+    rejected: Annotated[
+        bool, typer.Option("--rejected", help="Give up on the events the API rejected (required: say what).")
+    ] = False,
+    run_id: Annotated[
+        Optional[str], typer.Option("--run-id", help="Only this run's (local or server id, or a unique prefix).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a machine-readable summary on stdout.")] = False,
+) -> None:
+    """Give up on rejected events: keep them in the journal, marked discarded, and never send them.
+
+    For a mistyped server run id, say, whose steps the server will never take. A run
+    whose create was rejected is given up whole: its steps waiting behind the create
+    are discarded too. Nothing is deleted (`weco observe status` counts them), and
+    `sync` no longer exits 6 for them.
+    """
+    from . import replay
+    from .errors import InvalidInput
+
+    if not rejected:
+        raise InvalidInput("say what to discard: `weco observe discard --rejected [--run-id ID]`")
+    result = replay.discard(run_id)
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    left = result["left"]
+    if not result["rejected"] and not result["blocked"]:
+        print(f"nothing to discard: no rejected events{f' in run {run_id}' if run_id else ''}", file=sys.stderr)
+    else:
+        print(
+            f"discarded {plural(result['rejected'], 'rejected event')}"
+            + (
+                f" and {plural(result['blocked'], 'event')} waiting behind a discarded create"
+                if result["blocked"]
+                else ""
+            )
+            + " (kept in the journal, marked discarded, never sent)",
+            file=sys.stderr,
+        )
+        for run in result["runs"]:
+            label = run["run_id"] + (f" (server id {run['server_id']})" if run["server_id"] else "")
+            print(f"  {label}: {run['rejected']}", file=sys.stderr)
+    print(
+        f"left: {left['pending']} pending, {left['rejected']} rejected, {left['blocked']} blocked"
+        + (" (`weco observe sync` sends what is pending)" if left["pending"] else ""),
+        file=sys.stderr,
+    )

@@ -146,13 +146,24 @@ def setup(
     project: Annotated[
         bool, typer.Option("--project", help="Install into this project's folder instead of your home.")
     ] = False,
-    force: Annotated[bool, typer.Option("--force", help="Overwrite a SKILL.md that was not written by us.")] = False,
+    force: Annotated[
+        bool,
+        typer.Option("--force", help="Overwrite a SKILL.md written by neither us nor Weco (Weco's: never)."),
+    ] = False,
 ) -> None:
-    """Install the weco-observe skill so your coding agent logs its experiments by itself."""
+    """Install the weco skill so your coding agent monitors its experiments by itself.
+
+    It goes to the agent's skills folder as `weco`, the name the guide's "Use the
+    weco skill to monitor the experiments" asks for. An official Weco skill there
+    is never overwritten (not even with --force): ours then goes beside it as
+    `weco-observe`, and a note says so.
+    """
     from . import skill
 
     if print_only:
         sys.stdout.write(skill.skill_text(agent))
         return
-    path, outcome = skill.install(agent, project=project, force=force)
-    print(f"{outcome} {path}", file=sys.stderr)
+    done = skill.install(agent, project=project, force=force)
+    print(f"{done.outcome} {done.path}", file=sys.stderr)
+    for note in done.notes:
+        print(f"note: {note}", file=sys.stderr)

@@ -52,6 +52,8 @@ _PROBE_LIMIT = 100_000  # rowids probed past a damaged page when the table's end
 
 
 def _check(name: str, level: str, message: str) -> dict[str, str]:
+    # one line, whatever it quotes (SQLite's integrity_check report spans several)
+    message = "; ".join(part.strip() for part in message.splitlines() if part.strip())
     return {"name": name, "level": level, "message": message}
 
 
@@ -224,13 +226,18 @@ def _code(ctx: _Context) -> list[dict[str, str]]:
         ctx.damaged = True
         what = []
         if broken:
-            what.append(f"{len(broken)} code blobs do not decode to the text they name")
+            what.append(f"{_n(len(broken), 'code blob does', 'code blobs do')} not decode to the text they name")
         if missing:  # sync cannot send those steps: as much damage as a blob that does not decode
-            what.append(f"{len(missing)} code blobs are named but missing")
+            what.append(f"{_n(len(missing), 'code blob is', 'code blobs are')} named but missing")
         if bad_payloads:
-            what.append(f"{len(bad_payloads)} events' payloads are unreadable or disagree with their steps")
+            what.append(
+                _n(len(bad_payloads), "event's payload is", "events' payloads are")
+                + " unreadable or disagree with their steps"
+            )
         if bad_rows:
-            what.append(f"{bad_rows} step or run rows hold bytes that are not what was written")
+            what.append(
+                f"{_n(bad_rows, 'step or run row holds', 'step or run rows hold')} bytes that are not what was written"
+            )
         out.append(_check("code", "error", "; ".join(what) + ": run `weco observe doctor --repair`"))
     if orphans:
         size = sum(stored[h] for h in orphans)
@@ -238,10 +245,13 @@ def _code(ctx: _Context) -> list[dict[str, str]]:
             _check(
                 "code",
                 "warn",
-                f"{len(orphans)} orphaned code blobs ({size} bytes) that no step, event or delta names; harmless, kept",
+                f"{_n(len(orphans), 'orphaned code blob', 'orphaned code blobs')} ({size} bytes) that no step, event"
+                " or delta names; harmless, kept",
             )
         )
-    return out or [_check("code", "ok", f"{len(stored)} code blobs, all readable, none orphaned or missing")]
+    return out or [
+        _check("code", "ok", f"{_n(len(stored), 'code blob', 'code blobs')}, all readable, none orphaned or missing")
+    ]
 
 
 def _wal(ctx: _Context) -> list[dict[str, str]]:
@@ -319,15 +329,16 @@ def _segments(ctx: _Context) -> list[dict[str, str]]:
     if not found["files"]:
         return []
     out = []
-    size = f"{found['records']} records, {found['bytes'] / 1024:.0f} KiB"
-    summary = f"{found['files']} segment files ({size}) wait to be merged"
+    size = f"{_n(found['records'], 'record', 'records')}, {found['bytes'] / 1024:.0f} KiB"
+    summary = _n(found["files"], f"segment file ({size}) waits", f"segment files ({size}) wait") + " to be merged"
     out.append(_check("segments", "ok", summary + " (the next sync, view or `weco observe merge` merges them)"))
     if found["torn"]:
         out.append(
             _check(
                 "segments",
                 "warn",
-                f"{len(found['torn'])} torn or damaged records will be skipped when merged ({found['torn'][0]})",
+                f"{_n(len(found['torn']), 'torn or damaged record', 'torn or damaged records')} will be skipped"
+                f" when merged ({found['torn'][0]})",
             )
         )
     if found["abandoned"]:
@@ -335,7 +346,7 @@ def _segments(ctx: _Context) -> list[dict[str, str]]:
             _check(
                 "segments",
                 "warn",
-                f"{len(found['abandoned'])} segments were left open by writers that are gone"
+                f"{_n(len(found['abandoned']), 'segment was', 'segments were')} left open by writers that are gone"
                 f" ({found['abandoned'][0]}); the next merge takes what they hold",
             )
         )
@@ -352,7 +363,8 @@ def _spill(ctx: _Context) -> list[dict[str, str]]:
             _check(
                 "spill",
                 "warn",
-                f"{len(waiting)} spill files wait to be imported (the next successful init, log or sync imports them)",
+                f"{_n(len(waiting), 'spill file waits', 'spill files wait')} to be imported"
+                " (the next successful init, log or sync imports them)",
             )
         )
     refused = spill.refused(ctx.path)
@@ -362,8 +374,9 @@ def _spill(ctx: _Context) -> list[dict[str, str]]:
             _check(
                 "spill",
                 "warn",
-                f"{len(refused)} files in a spill folder will never be imported ({path}: {why}); remove them"
-                " if you did not put them there",
+                f"{_n(len(refused), 'file', 'files')} in a spill folder will never be imported ({path}: {why});"
+                + (" remove it if you did not put it there" if len(refused) == 1 else " remove them")
+                + ("" if len(refused) == 1 else " if you did not put them there"),
             )
         )
     return out
@@ -1119,32 +1132,46 @@ def _insert(conn: sqlite3.Connection, table: str, rows: Iterable[dict[str, Any]]
     conn.executemany(sql, ([row.get(c) for c in cols] for row in rows))
 
 
+def _n(count: int, one: str, many: str) -> str:
+    """``_n(1, "step", "steps")`` is "1 step"; ``_n(2, "file waits", "files wait")`` is "2 files wait"."""
+    return f"{count} {one if count == 1 else many}"
+
+
 def describe_repair(r: dict[str, Any]) -> str:
     t, rb = r["tables"], r["rebuilt"]
     lines = [
         (
-            f"repaired: {r['journal']} now holds {t['runs']} runs, {t['steps']} steps, {t['events']} events, "
-            f"{t['blobs']} code blobs (read around {r['damaged_ranges']} damaged ranges)"
+            f"repaired: {r['journal']} now holds {_n(t['runs'], 'run', 'runs')}, {_n(t['steps'], 'step', 'steps')},"
+            f" {_n(t['events'], 'event', 'events')}, {_n(t['blobs'], 'code blob', 'code blobs')}"
+            f" (read around {_n(r['damaged_ranges'], 'damaged range', 'damaged ranges')})"
         )
     ]
     if rb.get("steps") or rb.get("runs"):
-        lines.append(f"rebuilt from their events: {rb.get('steps', 0)} steps, {rb.get('runs', 0)} runs")
+        lines.append(
+            f"rebuilt from their events: {_n(rb.get('steps', 0), 'step', 'steps')},"
+            f" {_n(rb.get('runs', 0), 'run', 'runs')}"
+        )
     if rb.get("damaged_rows"):
-        lines.append(f"{rb['damaged_rows']} step or run rows held damaged bytes: rebuilt from their events")
+        lines.append(
+            f"{_n(rb['damaged_rows'], 'step or run row', 'step or run rows')} held damaged bytes:"
+            " rebuilt from their events"
+        )
     if rb.get("payloads"):
         lines.append(
-            f"rebuilt {rb['payloads']} damaged event payloads (unreadable, or not what their step's row holds)"
-            " from the steps and runs they describe"
+            f"rebuilt {_n(rb['payloads'], 'damaged event payload', 'damaged event payloads')}"
+            " (unreadable, or not what their step's row holds) from the steps and runs they describe"
         )
     if rb.get("bad_events"):
         lines.append(
-            f"dropped {rb['bad_events']} unreadable events (older states of their steps, or beyond rebuilding)"
+            f"dropped {_n(rb['bad_events'], 'unreadable event', 'unreadable events')}"
+            " (older states of their steps, or beyond rebuilding)"
         )
     if rb.get("requeued"):
-        lines.append(f"{rb['requeued']} events sync had refused as damaged here wait to be sent again")
+        lines.append(f"{_n(rb['requeued'], 'event', 'events')} sync had refused as damaged here wait to be sent again")
     if rb.get("lost_files"):
         lines.append(
-            f"{rb['lost_files']} code files' text was damaged beyond reading: a note saying so stands in their place"
+            f"{_n(rb['lost_files'], 'code file', 'code files')}' text was damaged beyond reading:"
+            " a note saying so stands in their place"
         )
     lines.append(f"the damaged file is kept as {r['kept']}")
     return "\n".join(lines)

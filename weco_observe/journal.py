@@ -425,11 +425,12 @@ class Journal:
         outbox.enqueue(conn, Event.create(run, manifest, event_id=event_id))
         return True
 
-    def _run_for_log(self, conn: sqlite3.Connection, ref: str, now: float) -> tuple[str, bool]:
-        """``(local run id, remote_only)`` for ``--run-id ref``; an unknown server id becomes a remote-only run."""
+    def _run_for_log(self, conn: sqlite3.Connection, ref: str, now: float) -> tuple[str, bool, bool]:
+        """``(local run id, remote_only, first_seen)`` for ``--run-id ref``; an unknown server id becomes a
+        remote-only run (``first_seen``: made by this call)."""
         row = conn.execute("SELECT id, remote_only FROM runs WHERE id = ? OR server_id = ?", (ref, ref)).fetchone()
         if row is not None:
-            return row[0], bool(row[1])
+            return row[0], bool(row[1]), False
         if not ids.looks_like_server_id(ref):
             raise UnknownRun(
                 f"unknown --run-id {ref!r}: use the id printed by `weco observe init` "
@@ -437,7 +438,7 @@ class Journal:
             )
         run = Run(id=ids.new_run_id(), server_id=ref, remote_only=True, created_at=now, updated_at=now)
         conn.execute(_INSERT_RUN, run.to_row())
-        return run.id, True
+        return run.id, True, True
 
     # -- steps ----------------------------------------------------------------
 
@@ -465,8 +466,9 @@ class Journal:
         ``run`` is a local id or a server id; an unknown server id becomes a
         remote-only run. Fields left as None keep the step's previous value when
         the step is logged again (the API's upsert does the same). Returns the
-        stored state: ``run_id``, ``step``, ``status``, ``parent_step``, ``event_id``
-        and ``updated`` (the step existed before).
+        stored state: ``run_id``, ``step``, ``status``, ``parent_step``, ``event_id``,
+        ``updated`` (the step existed before) and ``run_first_seen`` (``run`` was a
+        server id this journal had never seen: this call made it a remote-only run).
         """
         description, metrics, code, metadata = validate.check_step_args(
             step, status, description, metrics, code, parent_step, metadata
@@ -503,7 +505,7 @@ class Journal:
             row = conn.execute("SELECT run_id, step FROM steps WHERE event_id = ?", (event_id,)).fetchone()
             done = self._step(conn, row[0], row[1]) if row else None
             return _result(done, updated=False) if done else {"event_id": event_id}
-        run_id, remote_only = self._run_for_log(conn, run, now)
+        run_id, remote_only, first_seen = self._run_for_log(conn, run, now)
         prev = self._step(conn, run_id, step)
         parent = treerule.resolve(
             step,
@@ -536,7 +538,7 @@ class Journal:
         conn.execute(_UPSERT_STEP, state.to_row())
         outbox.enqueue(conn, Event.log(state))
         conn.execute("UPDATE runs SET updated_at = ? WHERE id = ?", (now, run_id))
-        return _result(state, updated=prev is not None)
+        return _result(state, updated=prev is not None, run_first_seen=first_seen)
 
     @staticmethod
     def _step_exists(conn: sqlite3.Connection, run_id: str, step: int) -> bool:
@@ -605,7 +607,7 @@ class Journal:
         return [Step.from_row(row).to_doc() for row in rows]
 
 
-def _result(step: Step, *, updated: bool) -> dict[str, Any]:
+def _result(step: Step, *, updated: bool, run_first_seen: bool = False) -> dict[str, Any]:
     return {
         "run_id": step.run_id,
         "step": step.step,
@@ -613,6 +615,7 @@ def _result(step: Step, *, updated: bool) -> dict[str, Any]:
         "parent_step": step.parent_step,
         "event_id": step.event_id,
         "updated": updated,
+        "run_first_seen": run_first_seen,
     }
 
 

@@ -27,7 +27,12 @@ States (a real column since migration m003)::
   ``metadata.weco_observe_local_id`` is this run's local id.
 - ``rejected``: the API refused it (a 4xx other than auth), with the reason in ``last_error``.
 - ``superseded``: a step event older than a delivered state of the same step: never sent.
-- ``discarded``: a rejected event the user gave up on. Kept; nothing is ever deleted.
+- ``discarded``: a rejected event the user gave up on (``weco observe discard --rejected``), or an
+  unsent event of a run whose create was: with no run on the server it can never be sent. Kept;
+  nothing is ever deleted.
+
+An unsent event of a run whose create is ``rejected`` or ``discarded`` is *blocked*: no sync can
+send it until the create is fixed and retried (``sync --retry-rejected``) or the run given up.
 
 ``last_error`` is the last failure's message, for people; no code parses it.
 """
@@ -59,6 +64,7 @@ __all__ = [
     "UNSENT",
     "begin_create",
     "bundle_state",
+    "count_blocked",
     "count_rejected",
     "count_unsent",
     "counts",
@@ -104,6 +110,8 @@ UNSENT = (PENDING, IN_FLIGHT, AMBIGUOUS)
 SENT = (DELIVERED, POSSIBLE_DUPLICATE)
 
 _UNSENT = "('pending', 'in_flight', 'ambiguous')"
+#: runs whose create will not be sent: their other events cannot be sent either
+_BLOCKED_RUNS = "(SELECT run_id FROM events WHERE kind = 'create_run' AND state IN ('rejected', 'discarded'))"
 _MAX_ERROR = 2000
 
 
@@ -291,6 +299,14 @@ def count_unsent(journal: Journal, run_id: str | None = None, after_seq: int = 0
 def count_rejected(journal: Journal, run_id: str | None = None) -> int:
     where, params = _run_filter(run_id)
     return _one(journal, f"SELECT count(*) FROM events WHERE state = 'rejected'{where}", params)
+
+
+def count_blocked(journal: Journal, run_id: str | None = None) -> int:
+    """Unsent events that no sync can send: those of runs whose create was rejected or discarded."""
+    where, params = _run_filter(run_id)
+    return _one(
+        journal, f"SELECT count(*) FROM events WHERE state IN {_UNSENT}{where} AND run_id IN {_BLOCKED_RUNS}", params
+    )
 
 
 def run_states(journal: Journal, run_id: str) -> dict[str, int]:
@@ -490,11 +506,21 @@ def requeue_rejected(journal: Journal, run_id: str | None = None) -> int:
         return conn.execute(f"UPDATE events SET state = 'pending' WHERE state = 'rejected'{where}", params).rowcount
 
 
-def discard_rejected(journal: Journal, run_id: str | None = None) -> int:
-    """Give up on rejected events: they become ``discarded`` (kept, never sent); return how many."""
+def discard_rejected(journal: Journal, run_id: str | None = None) -> tuple[int, int]:
+    """Give up on rejected events, in one transaction: they become ``discarded`` (kept, never sent), and so
+    do the unsent events of runs whose create is discarded (they could never be sent). Returns
+    ``(rejected events discarded, blocked events discarded)``."""
     where, params = _run_filter(run_id)
     with journal.write() as conn:
-        return conn.execute(f"UPDATE events SET state = 'discarded' WHERE state = 'rejected'{where}", params).rowcount
+        rejected = conn.execute(
+            f"UPDATE events SET state = 'discarded' WHERE state = 'rejected'{where}", params
+        ).rowcount
+        blocked = conn.execute(
+            f"UPDATE events SET state = 'discarded' WHERE state IN {_UNSENT}{where} AND run_id IN"
+            " (SELECT run_id FROM events WHERE kind = 'create_run' AND state = 'discarded')",
+            params,
+        ).rowcount
+    return rejected, blocked
 
 
 def bundle_state(state: str) -> str:

@@ -114,8 +114,12 @@ class PassResult:
     superseded: int = 0
     rejected: int = 0
     failed: int = 0
+    #: unsent events a later sync can still send (not counting ``blocked``)
     pending: int = 0
     rejected_total: int = 0
+    #: unsent events of runs whose create was rejected or discarded: no sync sends them until the
+    #: create is fixed (``--retry-rejected``) or they are given up (``weco observe discard --rejected``)
+    blocked: int = 0
     possible_duplicates: int = 0
     auth_failed: bool = False
     #: the server asked not to be retried before this time (epoch seconds; from ``Retry-After``)
@@ -131,6 +135,10 @@ class PassResult:
 
     @property
     def exit_code(self) -> int:
+        """What is still actionable, and by whom: 78 the configuration (``WECO_BASE_URL``); 5 the key
+        (``weco login``); 4 events a later sync can send (wait, then sync again); 6 events only the user
+        can move (rejected, or blocked behind a rejected create: fix the cause and ``sync
+        --retry-rejected``, or ``discard --rejected``); else 0. Discarded events count for nothing."""
         from .errors import EXIT_AUTH, EXIT_CONFIG, EXIT_OK, EXIT_PENDING, EXIT_REJECTED
 
         if self.misconfigured:
@@ -139,7 +147,7 @@ class PassResult:
             return EXIT_AUTH
         if self.pending:
             return EXIT_PENDING
-        if self.rejected_total:
+        if self.rejected_total or self.blocked:
             return EXIT_REJECTED
         return EXIT_OK
 
@@ -159,6 +167,7 @@ class PassResult:
             setattr(self, key, getattr(self, key) + getattr(one, key))
         self.pending = one.pending
         self.rejected_total = one.rejected_total
+        self.blocked = one.blocked
         self.auth_failed = self.auth_failed or one.auth_failed
         self.misconfigured = self.misconfigured or one.misconfigured
         self.unreachable = one.unreachable
@@ -348,7 +357,8 @@ class Replayer:
             step_pool.shutdown(wait=True)
             self._step_pool = None
             self.flush_marks()
-        result.pending = outbox.count_unsent(self.journal, run_id)
+        result.blocked = outbox.count_blocked(self.journal, run_id)
+        result.pending = outbox.count_unsent(self.journal, run_id) - result.blocked
         result.rejected_total = outbox.count_rejected(self.journal, run_id)
         result.elapsed = time.monotonic() - start
         result.runs = run_summaries(self.journal, run_ids, self.dashboard_url)
@@ -570,6 +580,8 @@ def run_summaries(journal: Journal, run_ids: list[str], dashboard_url: str | Non
             summary.possible_duplicate = create.state == outbox.POSSIBLE_DUPLICATE
             if create.state == outbox.REJECTED:
                 summary.blocked = f"create rejected: {create.last_error}"
+            elif create.state == outbox.DISCARDED and summary.pending:
+                summary.blocked = "its create was discarded (`weco observe discard --rejected` gives these up too)"
         if run.server_id:
             summary.dashboard = f"{dashboard}/runs/{run.server_id}"
         out.append(summary)
@@ -716,7 +728,7 @@ def drain(
             reason = "stopped"
             break
         if need_pass:
-            pending = outbox.count_unsent(journal, run_id)
+            pending = outbox.count_unsent(journal, run_id) - outbox.count_blocked(journal, run_id)
             progress = progress_factory(pending) if progress_factory and pending else None
             one = sync(
                 journal,
@@ -949,3 +961,37 @@ def dry_run(run_ref: str | None = None) -> list[dict[str, Any]]:
     with store.reader(Settings.load()) as journal:
         run_id = journal.require_run(run_ref)["id"] if run_ref else None
         return plan(journal, run_id)
+
+
+def discard(run_ref: str | None = None) -> dict[str, Any]:
+    """Give up on rejected events (``weco observe discard --rejected``): they stay in the journal,
+    marked ``discarded``, and are never sent; so are the unsent events of a run whose create is
+    discarded. Holds the journal as a sync does, so no sync is sending meanwhile.
+
+    Returns ``{"rejected": n, "blocked": n, "runs": [{run_id, server_id, name, rejected}], "left":
+    {"pending": n, "rejected": n, "blocked": n}}``: what was discarded, by run, and what the whole
+    journal still holds unsent.
+    """
+    from . import store
+
+    settings = Settings.load()
+    with store.exclusive(settings, "discard", timeout=settings.busy_timeout) as held:
+        journal = held.journal
+        run_id = journal.require_run(run_ref)["id"] if run_ref else None
+        by_run = {
+            rid: n
+            for (rid, state), n in outbox.unsent_and_rejected_by_run(journal, run_id).items()
+            if state == outbox.REJECTED
+        }
+        rejected, blocked = outbox.discard_rejected(journal, run_id)
+        runs = []
+        for rid, n in sorted(by_run.items()):
+            run = journal.run(rid)
+            runs.append({"run_id": rid, "server_id": run.server_id, "name": run.name, "rejected": n})
+        still_blocked = outbox.count_blocked(journal)
+        left = {
+            "pending": outbox.count_unsent(journal) - still_blocked,
+            "rejected": outbox.count_rejected(journal),
+            "blocked": still_blocked,
+        }
+    return {"rejected": rejected, "blocked": blocked, "runs": runs, "left": left}

@@ -32,6 +32,34 @@ class WecoObserveWarning(UserWarning):
     """Something was not recorded as asked (bad input, or the journal was unavailable)."""
 
 
+def _check(op: str, kwargs: dict[str, Any]) -> None:
+    """The journal's own checks, first, so that a message names the SDK's keyword arguments
+    (``metrics``, ``primary_metric``), not the CLI's flags the journal's would name."""
+    from . import validate
+
+    get = kwargs.get
+    if op == "create_run":
+        validate.check_run_args(
+            get("source_code"),
+            get("metric"),
+            get("name"),
+            get("additional_instructions"),
+            get("metadata"),
+            names=validate.SDK_NAMES,
+        )
+    else:
+        validate.check_step_args(
+            get("step"),
+            get("status"),
+            get("description"),
+            get("metrics"),
+            get("code"),
+            get("parent_step"),
+            get("metadata"),
+            names=validate.SDK_NAMES,
+        )
+
+
 class WecoObserver:
     """Entry point of the SDK. ``api_key`` is used only by the background syncer and is never stored.
 
@@ -77,6 +105,7 @@ class WecoObserver:
     def _record(self, op: str, kwargs: dict[str, Any]) -> Any:
         """Run one journal write; on bad input warn (or raise), on an unavailable journal spill."""
         try:
+            _check(op, kwargs)
             journal = self._open()
             result = journal.create_run(**kwargs) if op == "create_run" else journal.log_step(**kwargs)
         except InvalidInput as exc:
@@ -103,8 +132,20 @@ class WecoObserver:
                 raise JournalUnavailable(message) from None
             self._warn(message)
             return kwargs
+        if op == "log_step" and result.get("run_first_seen"):
+            self._note_first_seen(journal, kwargs["run"], result.get("run_id"))
         background.trigger(self._path, self._api_key)
         return result
+
+    def _note_first_seen(self, journal: Any, ref: str, run_id: str | None) -> None:
+        """Warn that ``ref`` became a remote-only run (maybe a mistyped server id); never raises otherwise."""
+        from . import notices
+
+        try:
+            note = notices.first_seen_server_id(journal, ref, run_id)
+        except JournalUnavailable:
+            return
+        self._warn(note, stacklevel=5)
 
     # -- API ------------------------------------------------------------------
 
@@ -234,7 +275,7 @@ class ObserveRun:
                 stacklevel=3,
             )
             return None
-        return self._observer._record(
+        result = self._observer._record(
             "log_step",
             {
                 "run": self.run_id,
@@ -248,6 +289,13 @@ class ObserveRun:
                 "event_id": ids.ulid(),
             },
         )
+        if result is not None and metrics and self.primary_metric not in (None, *metrics):
+            from .notices import missing_primary_metric
+
+            note = missing_primary_metric(self.primary_metric, metrics, status, step, "metrics")
+            if note:  # journaled all the same
+                self._observer._warn(note, stacklevel=3)
+        return result
 
     def flush(self, timeout: float | None = 30.0) -> bool:
         """Wait for delivery of everything pending (see :meth:`WecoObserver.flush`)."""

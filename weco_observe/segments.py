@@ -293,6 +293,10 @@ class _RunView:
         self.metric, self.maximize = (row.get("metric"), row.get("maximize")) if row else (created or (None, None))
         self.server_id: str | None = row.get("server_id")
 
+    def has_steps(self) -> bool:
+        """Any host has written a step of this run (merged or not)."""
+        return bool(self.merged.steps) or any(part.steps for part in self.parts)
+
     def latest(self, n: int) -> tuple[str, str, Step | None] | None:
         """``(status, event id, the Step if a segment holds it)`` of step ``n``'s latest event."""
         best: tuple[str, str, Step | None] | None = None
@@ -693,7 +697,7 @@ class SegmentWriter:
             "blobs": blobs,
         }
         self._publish(view.ref, doc, event_id)
-        return _result(state, updated=prev is not None)
+        return _result(state, updated=prev is not None, run_first_seen=not view.known and not view.has_steps())
 
 
 def _hashes(code: Mapping[str, str]) -> dict[str, str]:
@@ -711,7 +715,7 @@ def _code(
     return CodeRef.from_manifest(dict(digests)) or CodeRef(()), blobs
 
 
-def _result(step: Step, *, updated: bool) -> dict[str, Any]:
+def _result(step: Step, *, updated: bool, run_first_seen: bool = False) -> dict[str, Any]:
     return {
         "run_id": step.run_id,
         "step": step.step,
@@ -719,6 +723,7 @@ def _result(step: Step, *, updated: bool) -> dict[str, Any]:
         "parent_step": step.parent_step,
         "event_id": step.event_id,
         "updated": updated,
+        "run_first_seen": run_first_seen,
     }
 
 

@@ -48,7 +48,7 @@ def resolve(
     if parent_step is not None:
         if not remote_only and not exists(parent_step):
             raise InvalidInput(
-                f"--parent-step {parent_step}: run {run} has no step {parent_step}; "
+                f"parent step {parent_step}: run {run} has no step {parent_step}; "
                 "log that step first or pick an existing one"
             )
         return parent_step

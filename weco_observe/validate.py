@@ -11,6 +11,11 @@ can produce and which SQLite, JSON files and HTTP all refuse), JSON is at most
 recursion long before it means anything), and a source file is a regular file
 of at most ``--max-source-mb`` (read with that bound, so ``/dev/zero`` or a
 FIFO never hangs or fills memory).
+
+A message names each argument as its caller calls it: the CLI's flags
+(``--metrics``, :data:`CLI_NAMES`, the default) or the SDK's keyword arguments
+(``metrics=``, :data:`SDK_NAMES`). Each check takes that name (``flag``,
+``name``), and ``check_run_args``/``check_step_args`` a ``names`` table.
 """
 
 from __future__ import annotations
@@ -33,6 +38,28 @@ DEFAULT_MAX_SOURCE_MB = 50
 STATUSES = ("completed", "failed")
 _GOALS = {"max": True, "maximize": True, "min": False, "minimize": False}
 
+#: What the CLI calls each argument of ``create_run``/``log_step`` in its messages: its flags.
+CLI_NAMES = {
+    "step": "--step",
+    "status": "--status",
+    "description": "--description",
+    "metrics": "--metrics",
+    "code": "--source/--sources",
+    "parent_step": "--parent-step",
+    "metadata": "--metadata",
+    "source_code": "--source/--sources",
+    "metric": "--metric",
+    "name": "--name",
+    "additional_instructions": "--additional-instructions",
+}
+#: What the SDK calls them: its keyword arguments (``create_run(primary_metric=...)``).
+SDK_NAMES = {**{key: key for key in CLI_NAMES}, "metric": "primary_metric"}
+
+
+def _example(name: str, value: str) -> str:
+    """How the caller would pass ``value`` as ``name``: ``--metric val_bpb`` or ``primary_metric='val_bpb'``."""
+    return f"{name} {value}" if name.startswith("--") else f"{name}={value!r}"
+
 
 def goal_to_maximize(goal: str) -> bool:
     """``max``/``maximize`` -> True, ``min``/``minimize`` -> False (case-insensitive)."""
@@ -42,9 +69,9 @@ def goal_to_maximize(goal: str) -> bool:
         raise InvalidInput(f"unknown --goal {goal!r}: use one of max, maximize, min, minimize") from None
 
 
-def check_status(status: Any) -> str:
+def check_status(status: Any, flag: str = "--status") -> str:
     if status not in STATUSES:
-        raise InvalidInput(f"unknown --status {status!r}: use 'completed' or 'failed'")
+        raise InvalidInput(f"unknown {flag} {status!r}: use 'completed' or 'failed'")
     return status
 
 
@@ -75,7 +102,8 @@ def parse_step(text: str, flag: str = "--step") -> int:
 def check_metrics(metrics: Any, flag: str = "--metrics") -> dict[str, float]:
     """Metrics are an object of metric name -> finite number (booleans are not numbers)."""
     if not isinstance(metrics, Mapping):
-        raise InvalidInput(f"{flag} must be a JSON object of name -> number, e.g. '{{\"val_bpb\": 1.03}}'")
+        example = """'{"val_bpb": 1.03}'""" if flag.startswith("--") else """{"val_bpb": 1.03}"""
+        raise InvalidInput(f"{flag} must be a JSON object of name -> number, e.g. {example}")
     out: dict[str, float] = {}
     for name, value in metrics.items():
         if not isinstance(name, str) or not name:
@@ -310,18 +338,27 @@ def _read_source(raw: str, max_bytes: int) -> bytes:
 
 
 def check_run_args(
-    source_code: Any, metric: Any, name: Any = None, additional_instructions: Any = None, metadata: Any = None
+    source_code: Any,
+    metric: Any,
+    name: Any = None,
+    additional_instructions: Any = None,
+    metadata: Any = None,
+    *,
+    names: Mapping[str, str] = CLI_NAMES,
 ) -> tuple[dict[str, str], str | None, str | None, dict[str, Any]]:
-    """Every check of a ``create_run`` that needs no journal; returns (code, name, instructions, metadata)."""
-    code = check_code(source_code, "source_code")
+    """Every check of a ``create_run`` that needs no journal; returns (code, name, instructions, metadata).
+    ``names``: what the caller calls each argument (:data:`CLI_NAMES` or :data:`SDK_NAMES`)."""
+    code = check_code(source_code, names["source_code"])
     if not isinstance(metric, str) or not metric.strip():
-        raise InvalidInput("--metric must name the primary metric, e.g. --metric val_bpb")
-    check_text(metric, "--metric")
+        raise InvalidInput(
+            f"{names['metric']} must name the primary metric, e.g. {_example(names['metric'], 'val_bpb')}"
+        )
+    check_text(metric, names["metric"])
     return (
         code,
-        check_text(name, "name"),
-        check_text(additional_instructions, "additional_instructions"),
-        check_metadata(metadata) if metadata else {},
+        check_text(name, names["name"]),
+        check_text(additional_instructions, names["additional_instructions"]),
+        check_metadata(metadata, names["metadata"]) if metadata else {},
     )
 
 
@@ -333,19 +370,23 @@ def check_step_args(
     code: Any = None,
     parent_step: Any = None,
     metadata: Any = None,
+    *,
+    names: Mapping[str, str] = CLI_NAMES,
 ) -> tuple[str | None, dict[str, float] | None, dict[str, str] | None, dict[str, Any] | None]:
     """Every check of a ``log_step`` that needs no journal (not: does the parent step exist);
-    returns (description, metrics, code, metadata), None where not given."""
-    check_step(step)
-    check_status(status)
-    description = check_text(description, "description")
-    metrics = check_metrics(metrics) if metrics is not None else None
-    code = check_code(code, "--source/code") if code is not None else None
+    returns (description, metrics, code, metadata), None where not given.
+    ``names``: what the caller calls each argument (:data:`CLI_NAMES` or :data:`SDK_NAMES`)."""
+    check_step(step, names["step"])
+    check_status(status, names["status"])
+    description = check_text(description, names["description"])
+    metrics = check_metrics(metrics, names["metrics"]) if metrics is not None else None
+    code = check_code(code, names["code"]) if code is not None else None
     if parent_step is not None:
-        check_step(parent_step, "--parent-step")
+        check_step(parent_step, names["parent_step"])
         if parent_step >= step:
             raise InvalidInput(
-                f"--parent-step {parent_step} must be lower than --step {step}: a parent comes before its child"
+                f"{names['parent_step']} {parent_step} must be lower than {names['step']} {step}:"
+                " a parent comes before its child"
             )
-    metadata = check_metadata(metadata) if metadata is not None else None
+    metadata = check_metadata(metadata, names["metadata"]) if metadata is not None else None
     return description, metrics, code, metadata
