@@ -870,9 +870,11 @@ def _verify(reader: _Reader) -> None:
     rows = _Rows(reader)
     #: run id -> remote-only (a run logged to a server id: it has no create)
     runs: dict[str, bool] = {}
+    run_rows: dict[str, Run] = {}
     server_ids: set[str] = set()
     for doc in reader.rows("runs.jsonl"):
         run = rows.run(doc)
+        run_rows[run.id] = run
         rows.need(run.id not in runs, f"runs.jsonl: run {run.id} appears twice")
         rows.need(run.server_id or not run.remote_only, f"runs.jsonl: remote-only run {run.id} has no server id")
         if run.server_id:  # else both would merge into one run here, with two creates
@@ -889,13 +891,25 @@ def _verify(reader: _Reader) -> None:
     names = set(blobs)
     blobs.clear()
 
+    # A step row holds the state its event's payload holds (they are written together): keep what each
+    # row says, small (a digest; step 0 whole, for its run's create), to hold each event against it.
+    stated: dict[str, str | Step] = {}
     for doc in reader.rows("steps.jsonl"):
-        rows.step(doc, runs, names)
+        step = rows.step(doc, runs, names)
+        stated[step.event_id] = step if step.step == 0 else _digest(step.payload())
 
     seen: set[str] = set()
     creates: set[str] = set()
     for doc in reader.rows("events.jsonl"):
         event = rows.event(doc, runs, names)
+        row = stated.get(event.id)
+        if row is not None:
+            differs = (
+                disagrees(event, row, run_rows.get(event.run_id))
+                if isinstance(row, Step)
+                else event.kind != CREATE and _digest(event.payload) != row
+            )
+            rows.need(not differs, f"events.jsonl: event {event.id} is not the state its step row holds")
         rows.need(event.id not in seen, f"events.jsonl: event {event.id} appears twice")
         seen.add(event.id)
         if event.kind == CREATE:
@@ -918,6 +932,11 @@ def _verify(reader: _Reader) -> None:
         all(counts.get(k) == v for k, v in actual.items()),
         f"the manifest's counts {counts} do not match the members {actual}",
     )
+
+
+def _digest(payload: Any) -> str:
+    """A short fingerprint of a payload, equal exactly when the payloads are equal as JSON objects."""
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, allow_nan=False).encode()).hexdigest()[:32]
 
 
 def _check_blobs(blobs: dict[str, Blob], reader: _Reader) -> None:
