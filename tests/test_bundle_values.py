@@ -247,12 +247,6 @@ def test_an_interrupted_import_never_leaves_a_run_sync_cannot_finish(box_a, box_
     assert invariants(box_b) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="replay.py Replayer._sync_run skips the create of a run that has a server id and never settles it:"
-    " the create stays pending and every sync exits 4 ('last error: None'). Reported to the lead (replay.py"
-    " is another engineer's); bundles no longer produce this state, but a journal may already hold it.",
-)
 def test_sync_settles_a_run_whose_create_is_unsent_but_whose_server_id_is_known(tmp_path, cli, emulator):  # noqa: F811
     server_run = emulator.create_run({"a.py": "x = 1\n"}, "loss")
     path = tmp_path / "box" / "journal.db"

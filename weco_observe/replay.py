@@ -408,6 +408,12 @@ class Replayer:
             server_id = self._send_create(run_id, create)
             if server_id is None:
                 return
+        else:
+            create = outbox.create_of(journal, run_id)
+            if create is not None and create.state in outbox.UNSENT:
+                # The server already holds this run (an import, or an attempt cut short after the id was
+                # stored): sending the create again would make a second run, so it is settled as delivered.
+                outbox.create_delivered(journal, create.id, run_id, server_id)
         done_upto: dict[int, int] = {}
         cursor = 0
         while True:
