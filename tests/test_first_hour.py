@@ -430,3 +430,24 @@ def test_the_sdk_warns_about_a_missing_primary_metric(journal_path):
             obs.run(run.run_id).log_step(4, metrics={"val_bpb": 1.9})  # an opened run knows its metric too
         with pytest.warns(WecoObserveWarning, match="primary metric"):
             obs.run(run.run_id).log_step(5, metrics={"memory_gb": 2.0})
+
+
+# -- 13. the emulator's dashboard links ---------------------------------------------------------
+
+
+def test_the_dashboard_link_sync_prints_for_the_emulator_opens_a_page_of_the_run(cli, emulator, tmp_path):
+    import re
+
+    import httpx
+
+    (tmp_path / "train.py").write_text("x = 1\n")
+    run = cli.ok("observe", "init", "--name", "<sweep>", "--metric", "loss", "--source", "train.py").stdout.strip()
+    cli.ok("observe", "log", "--run-id", run, "--step", "1", "--metrics", '{"loss": 0.25}', "--description", "a&b")
+    synced = cli.ok("observe", "sync", env=emulator.env())
+    (link,) = re.findall(r"https?://\S+/runs/\S+", synced.stdout + synced.stderr)
+    assert link.startswith(emulator.env()["WECO_DASHBOARD_URL"])
+    page = httpx.get(link, timeout=10)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "&lt;sweep&gt;" in page.text and "<sweep>" not in page.text  # the run's own text is escaped
+    assert "<td>1</td><td>0</td><td>completed</td>" in page.text and "a&amp;b" in page.text
+    assert httpx.get(link.rsplit("/", 1)[0] + "/no-such-run", timeout=10).status_code == 404

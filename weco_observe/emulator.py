@@ -54,6 +54,8 @@ DEFAULT_API_KEY = "weco-emulator-key"
 
 _STEPS_PATH = re.compile(r"^/v1/external/runs/([^/]+)/steps/?$")
 _RUN_PATH = re.compile(r"^/v1/external/runs/([^/]+)/?$")
+#: the dashboard link ``sync`` prints for a run (``WECO_DASHBOARD_URL`` from :meth:`Emulator.env`)
+_PAGE_PATH = re.compile(r"^/dashboard/runs/([^/]+)/?$")
 
 
 @dataclass
@@ -414,6 +416,12 @@ class _Handler(BaseHTTPRequestHandler):
             }
             self._send(200, state)
             return
+        page = _PAGE_PATH.match(path)
+        if page:  # the link sync prints: a minimal page, so it is never a 404 (no key: it is on loopback)
+            run = emu.runs().get(page.group(1))
+            status = 200 if run is not None else 404
+            self._send(status, raw=run_page(page.group(1), run).encode(), content_type="text/html; charset=utf-8")
+            return
         match = _RUN_PATH.match(path)
         if match and self._authorized():
             run = emu.runs().get(match.group(1))
@@ -509,3 +517,43 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, raw=b"<html>OK</html>", content_type="text/html")
             return
         self._send(200, {"run_id": result} if steps is None else result)
+
+
+def run_page(run_id: str, run: dict[str, Any] | None) -> str:
+    """A minimal HTML page for one emulated run: its steps as the server holds them.
+
+    >>> "not found" in run_page("x", None)
+    True
+    >>> page = run_page("r1", {"name": "<b>", "metric_name": "loss", "maximize": False, "steps": {
+    ...     0: {"step": 0, "status": "completed", "parent_step": None, "metrics": None, "description": None}}})
+    >>> "&lt;b&gt;" in page and "<td>0</td>" in page
+    True
+    """
+    from html import escape
+
+    if run is None:
+        body = f"<p>run {escape(run_id)} not found on this emulator</p>"
+        return f"<!doctype html><meta charset=utf-8><title>not found</title>{body}"
+    rows = "".join(
+        "<tr>"
+        + "".join(
+            f"<td>{escape('' if value is None else str(value))}</td>"
+            for value in (
+                step["step"],
+                step.get("parent_step"),
+                step["status"],
+                json.dumps(step.get("metrics")) if step.get("metrics") else None,
+                step.get("description"),
+            )
+        )
+        + "</tr>"
+        for _, step in sorted(run["steps"].items(), key=lambda item: int(item[0]))
+    )
+    goal = "maximize" if run.get("maximize") else "minimize"
+    return (
+        f"<!doctype html><meta charset=utf-8><title>{escape(str(run.get('name') or run_id))}</title>"
+        f"<h1>{escape(str(run.get('name') or run_id))}</h1>"
+        f"<p>Weco API emulator: run {escape(run_id)}, {escape(goal)} {escape(str(run.get('metric_name')))}</p>"
+        "<table><tr><th>step</th><th>parent</th><th>status</th><th>metrics</th><th>description</th></tr>"
+        f"{rows}</table>"
+    )
