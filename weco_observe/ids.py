@@ -9,6 +9,7 @@ made in one process are strictly increasing even within one millisecond.
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 
@@ -43,9 +44,17 @@ def new_run_id() -> str:
     return LOCAL_RUN_PREFIX + ulid()
 
 
+#: 26 lowercase Crockford base32 characters, the first at most 7 (48 bits of milliseconds lead)
+_ULID = re.compile(r"[0-7][0-9a-hjkmnp-tv-z]{25}")
+
+
 def is_ulid(value: object) -> bool:
-    """True for a ULID as :func:`ulid` makes them (26 lowercase Crockford base32 characters)."""
-    return isinstance(value, str) and len(value) == 26 and all(c in _ALPHABET for c in value) and value[0] <= "7"
+    """True for a ULID as :func:`ulid` makes them (26 lowercase Crockford base32 characters).
+
+    >>> is_ulid(ulid()), is_ulid("8" + "0" * 25), is_ulid("0" * 25 + "u"), is_ulid("0" * 26 + "\\n")
+    (True, False, False, False)
+    """
+    return isinstance(value, str) and _ULID.fullmatch(value) is not None
 
 
 def is_local_run_id(value: object) -> bool:

@@ -130,12 +130,19 @@ def _run_filter(run_id: str | None, column: str = "run_id") -> tuple[str, tuple[
 # -- writing new events (inside the journal's transaction) ---------------------------------
 
 
+_INSERT_EVENT = (
+    f"INSERT INTO events ({', '.join(Event.NEW_COLUMNS)}) VALUES ({', '.join('?' * len(Event.NEW_COLUMNS))})"
+)
+
+
 def enqueue(conn: sqlite3.Connection, event: Event) -> None:
     """Add a new event (``pending``, or the state it carries) in the caller's transaction."""
-    conn.execute(
-        f"INSERT INTO events ({', '.join(Event.NEW_COLUMNS)}) VALUES ({', '.join('?' * len(Event.NEW_COLUMNS))})",
-        event.to_row(),
-    )
+    conn.execute(_INSERT_EVENT, event.to_row())
+
+
+def enqueue_many(conn: sqlite3.Connection, events: list[Event]) -> None:
+    """:func:`enqueue` for many events, in their order (a merge's batch: one statement)."""
+    conn.executemany(_INSERT_EVENT, [event.to_row() for event in events])
 
 
 def known(conn: sqlite3.Connection, event_id: str) -> bool:

@@ -795,9 +795,14 @@ def merge(journal: Any, *, batch: int = 2000, now: float | None = None) -> Merge
     blocked: set[str] = set()
 
     def record_progress(conn: Any) -> None:
-        for _path, key, parsed, _done in reads:
-            if key not in blocked and not parsed.gone and parsed.end != progress.get(key, 0):
-                conn.execute(_UPSERT_PROGRESS, (key, parsed.end, now))
+        conn.executemany(
+            _UPSERT_PROGRESS,
+            [
+                (key, parsed.end, now)
+                for _path, key, parsed, _done in reads
+                if key not in blocked and not parsed.gone and parsed.end != progress.get(key, 0)
+            ],
+        )
         conn.executemany("DELETE FROM segment_progress WHERE name = ?", stale)
 
     runs: dict[str, str | None] = {}  # ref -> the run's local id here (None: its create is not merged)
@@ -815,7 +820,7 @@ def merge(journal: Any, *, batch: int = 2000, now: float | None = None) -> Merge
                     blocked.add(key)
                 else:
                     result.problems.append(f"{key}: {outcome}")
-            applying.touch_runs()
+            applying.finish()
             if i + batch >= len(docs):
                 record_progress(conn)
     moved = any(not p.gone and p.end != progress.get(key, 0) for _path, key, p, _done in reads)
@@ -882,6 +887,8 @@ class _Applying:
         self.runs = runs
         self.known = known
         self.touched: dict[str, float] = {}
+        #: the batch's new events, in order: inserted together by :meth:`finish`
+        self.events: list[Event] = []
 
     def _run_id(self, ref: str) -> str | None:
         if ref not in self.runs:
@@ -912,7 +919,7 @@ class _Applying:
                 journal.insert_run(conn, run)
             _store(journal, conn, step.code, texts, None)
             journal.insert_baseline(conn, step)
-            outbox.enqueue(conn, event)
+            self.events.append(event)
             self.known.add(event.id)
             self.runs[run.id] = run.id
             return "applied"
@@ -931,14 +938,17 @@ class _Applying:
             _store(journal, conn, step.code, texts, journal._code_at_or_below(conn, run_id, at))
         stored = journal.merge_step(conn, step)  # False: a newer event of this step is here already
         state = outbox.PENDING if stored else outbox.SUPERSEDED
-        outbox.enqueue(conn, event if event.state == state else replace(event, state=state))
+        self.events.append(event if event.state == state else replace(event, state=state))
         self.known.add(event.id)
         if stored:
             self.touched[run_id] = max(self.touched.get(run_id, 0.0), step.updated_at)
         return "applied"
 
-    def touch_runs(self) -> None:
-        """Move each run's last activity forward to its newest stored step, as ``upsert_step`` does."""
+    def finish(self) -> None:
+        """Insert the batch's events, then move each run's last activity forward to its newest stored
+        step, as ``upsert_step`` does."""
+        outbox.enqueue_many(self.conn, self.events)
+        self.events.clear()
         self.conn.executemany(
             "UPDATE runs SET updated_at = max(updated_at, ?) WHERE id = ?",
             [(at, run_id) for run_id, at in self.touched.items()],
