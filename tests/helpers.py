@@ -18,3 +18,30 @@ def totals(journal) -> dict[str, int]:
         "superseded": counts["superseded"],
         "discarded": counts["discarded"],
     }
+
+
+def run_with_steps(
+    writer,
+    steps: int,
+    *,
+    metric: str = "loss",
+    maximize: bool = False,
+    name: str | None = None,
+    source: dict[str, str] | None = None,
+    code=None,
+    metrics=None,
+) -> str:
+    """Create a run with ``writer`` (an open Journal or a SegmentWriter) and log steps 1..``steps``; its id.
+
+    ``source``: step 0's code (default ``{"train.py": "x = 0\\n"}``). ``code(i)``: step i's code dict,
+    or None to leave it unchanged (default: unchanged). ``metrics(i)``: step i's metrics (default
+    ``{metric: 1 / i}``)."""
+    run = writer.create_run(source_code=source or {"train.py": "x = 0\n"}, metric=metric, maximize=maximize, name=name)
+    for i in range(1, steps + 1):
+        writer.log_step(
+            run,
+            i,
+            metrics=metrics(i) if metrics else {metric: 1 / i},
+            code=code(i) if code else None,
+        )
+    return run

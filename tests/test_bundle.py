@@ -15,7 +15,7 @@ import sys
 import zipfile
 from pathlib import Path
 
-from helpers import totals
+from helpers import run_with_steps, totals
 import pytest
 
 from weco_observe import bundle
@@ -377,9 +377,10 @@ def test_bundle_output_errors(boxes, tmp_path):
 def test_verify_accepts_a_library_written_bundle(tmp_path):
     """The library API: write_bundle / verify / import_bundle, without the CLI."""
     with Journal(tmp_path / "a" / "journal.db") as a:
-        run = a.create_run(source_code={"m.py": "y = 1\n"}, metric="acc", maximize=True)
-        for i in range(1, 40):
-            a.log_step(run, i, metrics={"acc": i / 40}, code={"m.py": f"y = {i}\n" + "pad\n" * 100})
+        run = run_with_steps(
+            a, 39, metric="acc", maximize=True, source={"m.py": "y = 1\n"},
+            metrics=lambda i: {"acc": i / 40}, code=lambda i: {"m.py": f"y = {i}\n" + "pad\n" * 100},
+        )  # fmt: skip
         written = bundle.write_bundle(a, tmp_path / "a.weco")
     assert written["events"] == 40 and written["blobs"] == 40
     manifest = bundle.verify(tmp_path / "a.weco")
@@ -474,9 +475,7 @@ def test_an_import_killed_midway_is_completed_by_importing_again(boxes, tmp_path
 
     with Journal(tmp_path / "big" / "journal.db") as big:
         big.conn.execute("PRAGMA synchronous=OFF")
-        run = big.create_run(source_code={"train.py": "x = 0\n"}, metric="loss")
-        for i in range(1, 8000):
-            big.log_step(run, i, metrics={"loss": 1 / i}, code={"train.py": f"x = {i}\n"} if i % 50 == 0 else None)
+        run_with_steps(big, 7999, code=lambda i: {"train.py": f"x = {i}\n"} if i % 50 == 0 else None)
         bundle.write_bundle(big, tmp_path / "big.weco")
     want = journal_state(tmp_path / "big" / "journal.db")
     b = boxes("b")

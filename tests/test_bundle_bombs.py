@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from helpers import run_with_steps
 from zipbombs import Deflated, Member, deflate, deflate_repeat, store, write_zip
 
 from weco_observe import bundle, codestore
@@ -87,9 +88,10 @@ def good(tmp_path_factory) -> tuple[dict[str, bytes], dict]:
     """The members and manifest of a real bundle: a run with code changes over a few steps."""
     root = tmp_path_factory.mktemp("good")
     with Journal(root / "a" / "journal.db") as a:
-        run = a.create_run(source_code={"train.py": "lr = 0.1\n" * 40}, metric="loss", name="exp")
-        for i in range(1, 6):
-            a.log_step(run, i, metrics={"loss": 1 / i}, code={"train.py": f"lr = {i}\n" + "lr = 0.2\n" * 40})
+        run_with_steps(
+            a, 5, name="exp", source={"train.py": "lr = 0.1\n" * 40},
+            code=lambda i: {"train.py": f"lr = {i}\n" + "lr = 0.2\n" * 40},
+        )  # fmt: skip
         bundle.write_bundle(a, root / "a.weco")
     with zipfile.ZipFile(root / "a.weco") as zf:
         members = {n: zf.read(n) for n in bundle.MEMBERS}

@@ -7,7 +7,7 @@ import sqlite3
 import time
 import uuid
 
-from helpers import totals
+from helpers import run_with_steps, totals
 import pytest
 
 from weco_observe import outbox
@@ -205,8 +205,6 @@ def test_outbox_state_transitions(j):
 
 
 def test_iter_query_streams_everything(j):
-    run = j.create_run(source_code={"a.py": "a"}, metric="m")
-    for step in range(1, 1201):
-        j.log_step(run, step)
+    run_with_steps(j, 1200)
     seen = [r["step"] for r in j.iter_query("SELECT step FROM events WHERE kind = 'log_step' ORDER BY seq", batch=100)]
     assert seen == list(range(1, 1201))
