@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
+
 import subprocess
 import sys
 from pathlib import Path
+
+#: end to end: every CLI call here is a real process (kills, signals, start-up, entry points)
+pytestmark = pytest.mark.subprocess_cli
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "agent_loop.py"
 

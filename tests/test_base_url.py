@@ -255,7 +255,7 @@ def test_a_stored_unsafe_server_id_is_never_put_in_a_path(cli, journal_path):
     assert result.returncode == EXIT_REJECTED, result.stderr
     assert _states(journal_path) == {"delivered": 1, "rejected": 2}
     status = json.loads(cli.ok("observe", "status", "--json").stdout)
-    assert all("server id" in r["last_error"] for r in status["rejected"])
+    assert all("not a valid server run id" in r["last_error"] for r in status["rejected"])
 
 
 def test_check_base_url_raises_the_configuration_error():

@@ -336,7 +336,7 @@ BAD_LOG = {
     "huge-step": (["--step", "9" * 30], "--step"),
     "unicode-digit-step": (["--step", "²"], "--step"),
     "unknown-status": (["--status", "kept"], "--status"),
-    "parent-not-in-run": (["--parent-step", "7"], "--parent-step"),
+    "parent-not-in-run": (["--parent-step", "7"], "parent step 7: run "),  # worded for the CLI and the SDK alike
     "parent-not-below": (["--parent-step", "9"], "--parent-step"),
     "negative-parent": (["--parent-step", "-2"], "--parent-step"),
     "missing-source": (["--source", "nope.py"], "nope.py"),

@@ -22,6 +22,9 @@ from weco_observe import cli as cli_module
 from weco_observe import outbox
 from weco_observe.journal import Journal
 
+#: end to end: every CLI call here is a real process (kills, signals, start-up, entry points)
+pytestmark = pytest.mark.subprocess_cli
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -57,15 +60,15 @@ def run_id(cli, tmp_path: Path) -> str:
 
 
 def test_weco_setup_installs_the_skill_like_weco_observe_setup(cli, tmp_path):
-    skill = tmp_path / "home" / ".claude" / "skills" / "weco-observe" / "SKILL.md"
+    skill = tmp_path / "home" / ".claude" / "skills" / "weco" / "SKILL.md"
     result = cli.ok("setup", "claude-code")
     assert result.stderr.strip() == f"installed {skill}"
-    assert skill.read_text().startswith("---\nname: weco-observe\n")
+    assert skill.read_text().startswith("---\nname: weco\n")
     assert cli.ok("observe", "setup", "claude-code").stderr.strip() == f"unchanged {skill}"
     # the same flags: --print, --project
     assert cli.ok("setup", "cursor", "--print").stdout == cli.ok("observe", "setup", "cursor", "--print").stdout
     cli.ok("setup", "codex", "--project")
-    assert (tmp_path / ".agents" / "skills" / "weco-observe" / "SKILL.md").is_file()
+    assert (tmp_path / ".agents" / "skills" / "weco" / "SKILL.md").is_file()
 
 
 # -- 2. a bare group prints its help and succeeds -------------------------------

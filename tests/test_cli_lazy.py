@@ -31,6 +31,9 @@ import typer.main
 before = set(sys.modules)
 from weco_observe import cli
 
+#: end to end: every CLI call here is a real process (kills, signals, start-up, entry points)
+pytestmark = pytest.mark.subprocess_cli
+
 built = []
 build = typer.main.get_command_from_info
 

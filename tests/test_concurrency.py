@@ -11,6 +11,8 @@ locked", spill or warning fails the test.
 
 from __future__ import annotations
 
+import pytest
+
 import json
 import os
 import subprocess
@@ -20,6 +22,9 @@ import time
 
 from helpers import totals
 from weco_observe.journal import Journal
+
+#: end to end: every CLI call here is a real process (kills, signals, start-up, entry points)
+pytestmark = pytest.mark.subprocess_cli
 
 WRITERS = 8
 STEPS = 250

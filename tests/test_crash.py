@@ -13,6 +13,8 @@ Loops are bounded in count and in time.
 
 from __future__ import annotations
 
+import pytest
+
 import os
 import random
 import signal
@@ -24,6 +26,9 @@ import time
 from pathlib import Path
 
 from weco_observe.journal import Journal
+
+#: end to end: every CLI call here is a real process (kills, signals, start-up, entry points)
+pytestmark = pytest.mark.subprocess_cli
 
 SEED = int(os.environ.get("WECO_CRASH_SEED", "0")) or random.randrange(1 << 30)
 

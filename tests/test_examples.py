@@ -13,6 +13,9 @@ import pytest
 
 from weco_observe.journal import Journal
 
+#: end to end: every CLI call here is a real process (kills, signals, start-up, entry points)
+pytestmark = pytest.mark.subprocess_cli
+
 EXAMPLES = Path(__file__).parents[1] / "examples"
 
 

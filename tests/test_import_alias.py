@@ -19,6 +19,9 @@ import pytest
 
 import weco_observe
 
+#: end to end: every CLI call here is a real process (kills, signals, start-up, entry points)
+pytestmark = pytest.mark.subprocess_cli
+
 #: The project under test: the checkout the imported weco_observe comes from (PYTHONPATH picks it;
 #: to run these against another release), else this test's own checkout.
 ROOT = next(

@@ -14,6 +14,9 @@ import pytest
 
 from weco_observe.journal import Journal
 
+#: end to end: every CLI call here is a real process (kills, signals, start-up, entry points)
+pytestmark = pytest.mark.subprocess_cli
+
 KEY = "wk-test-" + uuid.uuid4().hex
 ENV_KEY = "wk-env-" + uuid.uuid4().hex
 

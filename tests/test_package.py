@@ -11,6 +11,9 @@ import pytest
 import weco_observe
 from weco_observe import errors, journal, migrations
 
+#: end to end: every CLI call here is a real process (kills, signals, start-up, entry points)
+pytestmark = pytest.mark.subprocess_cli
+
 
 @pytest.mark.parametrize("module", [weco_observe, errors])
 def test_all_is_sorted_and_importable(module):

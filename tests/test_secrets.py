@@ -414,7 +414,10 @@ def test_the_background_syncer_refuses_plain_http_or_warns_in_its_log(cli, emula
         "WECO_OBSERVE_AUTO_SYNC": "1",
         "WECO_OBSERVE_SYNC_LINGER": "0.2",
     }
-    run = _journal_some(cli, tmp_path, env=env)
+    # Journal with auto-sync off, then start exactly one syncer: with one per call, a second one
+    # started late (a loaded machine) could still hold the journal when the test moves on.
+    run = _journal_some(cli, tmp_path, env={**env, "WECO_OBSERVE_AUTO_SYNC": "0"})
+    cli.ok("observe", "log", "--run-id", run, "--step", "1", "--metrics", '{"loss": 0.4}', env=env)
     assert _wait_for(lambda: synclock.in_cooldown(journal_path)), "the syncer set no cooldown"
     assert _wait_for(lambda: not synclock.running(journal_path))
     log = (journal_path.parent / "autosync.log").read_text()

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from weco_observe import outbox
-from weco_observe import WecoObserver
+from weco_observe import WecoObserver, WecoObserveWarning
 from weco_observe.journal import Journal
 
 
@@ -271,7 +271,8 @@ def test_best_step_rules(tmp_path):
         run = obs.create_run(source_code={"a.py": "x\n"}, primary_metric="score", maximize=True)
         run.log_step(1, metrics={"score": 5})
         run.log_step(2, metrics={"score": 9}, status="failed")
-        run.log_step(3, metrics={"other": 100})
+        with pytest.warns(WecoObserveWarning, match="lack the run's primary metric 'score'"):
+            run.log_step(3, metrics={"other": 100})
         run.log_step(4, metrics={"score": 5})
         run.log_step(5, metrics={"score": 4.5})
         dotted = obs.create_run(source_code={"a.py": "x\n"}, primary_metric="val.loss (avg)")

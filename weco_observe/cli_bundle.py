@@ -139,10 +139,10 @@ def doctor_cmd(
     ] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Check the journal: integrity, schema version, code and payloads, WAL size, orphaned code
-    blobs, permissions, and whether it sits on a network filesystem.
+    """Check the journal: integrity, schema, code, payloads, WAL, permissions and filesystem.
 
-    Exits 7 when the journal is damaged (then run `weco observe doctor --repair`), 9 when
+    Reports orphaned or missing code blobs, unreadable payloads, and a journal on a network
+    filesystem. Exits 7 when the journal is damaged (then run `weco observe doctor --repair`), 9 when
     another process holds it locked, 10 when it or its folder is read-only for you, 8 when
     --repair found a syncer holding it. Only damage is ever repaired.
     """

@@ -334,6 +334,8 @@ class Emulator:
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    #: socketserver's default backlog is 5: 200 clients connecting at once had connections refused
+    request_queue_size = 256
 
     def __init__(self, *args: Any, **kwargs: Any):
         self._sockets: set[socket.socket] = set()

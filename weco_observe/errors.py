@@ -90,8 +90,7 @@ class BundleInvalid(InvalidInput):
 
 
 class JournalDamaged(WecoObserveError, ValueError):
-    """The journal is damaged (its integrity check, a code blob or a payload); ``weco observe doctor --repair``
-    salvages it. A ValueError: a damaged row is bad data, refused where it is read."""
+    """The journal is damaged (integrity, a code blob or a payload): ``doctor --repair`` salvages it; a ValueError."""
 
     exit_code = EXIT_DAMAGED
 
