@@ -222,3 +222,26 @@ def test_an_owner_killed_while_taking_the_lock_leaves_nothing_anyone_must_wait_f
     os.utime(left, (time.time() - 3600, time.time() - 3600))
     lock.release()
     assert list(db.parent.glob("journal.db.owner*")) == []  # tidied once clearly abandoned
+
+
+def test_a_rename_refused_the_way_sftp_refuses_it_means_another_took_the_lock(db, monkeypatch):
+    # sshfs answers a rename onto an existing folder with EPERM (SFTP's generic "failure"), not
+    # EEXIST or ENOTEMPTY: seen in test_cluster when two merges raced for the lock.
+    import errno
+
+    from weco_observe import ownerlock
+
+    rename = os.rename
+
+    def another_owner_first(src, dst):
+        if str(dst).endswith("journal.db.owner"):
+            os.mkdir(dst)
+            _as_other_host(Path(dst))
+            raise PermissionError(errno.EPERM, "Operation not permitted")
+        return rename(src, dst)
+
+    monkeypatch.setattr(ownerlock.os, "rename", another_owner_first)
+    lock = OwnerLock(db)
+    assert not lock.try_acquire("merge") and not lock.held
+    assert lock.holder()["host"] == "another-node"
+    assert [p.name for p in db.parent.iterdir() if ".new-" in p.name] == []  # its staging folder is gone

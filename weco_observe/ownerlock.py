@@ -155,6 +155,8 @@ class OwnerLock:
                 shutil.rmtree(staging, ignore_errors=True)
                 if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
                     continue  # another process took it first
+                if exc.errno in (errno.EPERM, errno.EACCES, errno.EBUSY) and os.path.lexists(self.path):
+                    continue  # the same, said as SFTP does (sshfs: a rename onto a folder is a "failure")
                 raise
             break
         else:
@@ -269,6 +271,7 @@ class OwnerLock:
         seen = (holder.get("token"), holder.get("beat"))
         seen_at = start
         asked = False
+        named = holder  # the last owner.json read whole, to name the owner in a message
         try:
             while True:
                 time.sleep(poll)
@@ -287,8 +290,10 @@ class OwnerLock:
                         return
                 if should_stop is not None and should_stop():
                     raise SyncBusy("stopped while waiting for the journal's owner")
+                if holder:
+                    named = holder
                 if deadline is not None and time.monotonic() > deadline:
-                    raise SyncBusy(_busy(holder))
+                    raise SyncBusy(_busy(holder or named))  # owner.json may be mid-rewrite: the last one read
         finally:
             if asked and not self.held:
                 (self.path / _YIELD).unlink(missing_ok=True)
