@@ -17,6 +17,9 @@ from pathlib import Path
 
 import pytest
 
+#: end to end: every CLI call here is a real process (start-up and imports are what is tested)
+pytestmark = pytest.mark.subprocess_cli
+
 OTHER_COMMAND_MODULES = ("weco_observe.cli_sync", "weco_observe.cli_views", "weco_observe.cli_bundle")
 # Libraries only other commands need (pydantic: typer 0.29 parses through it).
 LIBRARIES = ("httpx", "pydantic", "sqlite_utils", "tenacity")
@@ -30,9 +33,6 @@ import json, sys
 import typer.main
 before = set(sys.modules)
 from weco_observe import cli
-
-#: end to end: every CLI call here is a real process (kills, signals, start-up, entry points)
-pytestmark = pytest.mark.subprocess_cli
 
 built = []
 build = typer.main.get_command_from_info
