@@ -32,7 +32,6 @@ Only the standard library is imported: this runs on the ``weco observe log`` hot
 from __future__ import annotations
 
 import os
-import secrets
 import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -164,7 +163,7 @@ def output_file(path: str | os.PathLike[str], *, text: bool = True) -> Iterator[
     is left behind if it raises. A symlink at ``path`` is replaced, not followed."""
     path = Path(path)
     mode = output_mode(path)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.urandom(6).hex()}.tmp")  # not `secrets`: `log` imports this module
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         os.fchmod(fd, mode)  # exactly this mode, whatever the umask
