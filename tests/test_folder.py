@@ -327,3 +327,47 @@ def test_a_page_whose_name_resolves_to_127_0_0_2_cannot_read_the_runs(tmp_path, 
     finally:
         driver.quit()
         server.stop()
+
+
+# -- issue 9, item 5: another user plants spill files in the shared temp dir -----------------------
+
+
+def test_another_user_cannot_inject_runs_through_the_fallback_spill_folder(victim: OtherUser, world: Path):
+    """The attack from issue 9, as another local user would make it: in a shared temp dir (1777) the
+    attacker pre-creates the victim's fallback spill folder ``weco-observe-spill-<uid>``, mode 0777, and
+    drops a spill file there naming the victim's journal. Replaying it would put a run of the
+    attacker's in the victim's journal, queued to sync with the victim's key. It is refused, with a
+    warning, and left in place; the victim's own call is journaled as usual."""
+    from weco_observe import ids
+
+    shared_tmp = world / "tmp"
+    shared_tmp.mkdir()
+    shared_tmp.chmod(0o1777)
+    planted = shared_tmp / f"weco-observe-spill-{victim.uid}"
+    assert as_attacker("mkdir", "-m", "0777", str(planted)).returncode == 0
+    journal = victim.home / "weco-data" / "journal.db"
+    forged = {
+        "op": "create_run",
+        "journal": os.path.realpath(journal),
+        "kwargs": {
+            "source_code": {"evil.py": "import os  # the attacker's code\n"},
+            "metric": "loss",
+            "maximize": False,
+            "name": "injected",
+            "run_id": ids.new_run_id(),
+            "event_id": ids.ulid(),
+        },
+    }
+    (world / "forged.json").write_text(json.dumps(forged))
+    (world / "forged.json").chmod(0o644)
+    copied = as_attacker("cp", str(world / "forged.json"), str(planted / f"{ids.ulid()}.json"))
+    assert copied.returncode == 0, copied.stderr
+    env = {"TMPDIR": str(shared_tmp)}
+    first = victim.cli("observe", "init", "--metric", "loss", "--source", "train.py", env=env)
+    assert first.returncode == 0, first.stderr
+    again = victim.cli("observe", "log", "--run-id", first.stdout.strip(), "--step", "1", env=env)
+    assert again.returncode == 0, again.stderr
+    runs = json.loads(victim.cli("observe", "runs", "--json", env=env).stdout)
+    assert [r["name"] for r in runs] == [None] and "injected" not in json.dumps(runs)
+    assert "spill" in first.stderr and str(planted) in first.stderr  # refused, with a warning naming it
+    assert len(list(planted.glob("*.json"))) == 1  # left in place, not applied, not deleted
