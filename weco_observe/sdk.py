@@ -81,6 +81,9 @@ class WecoObserver:
         self._path = Path(journal_path) if journal_path is not None else Settings.load().journal_path
         self.strict = strict
         self._journal: Any = None
+        #: read when the journal is first opened, and kept: building one costs more than a durable
+        #: ``log_step`` without it (the background-sync check after each call reads it)
+        self._settings: Settings | None = None
         self._lock = threading.Lock()
 
     # -- plumbing -------------------------------------------------------------
@@ -96,7 +99,8 @@ class WecoObserver:
             if self._journal is None:
                 from . import store
 
-                self._journal = store.writer(Settings.load(), self._path, append=True)
+                self._settings = Settings.load()
+                self._journal = store.writer(self._settings, self._path, append=True)
             return self._journal
 
     def _warn(self, message: str, stacklevel: int = 4) -> None:
@@ -134,7 +138,7 @@ class WecoObserver:
             return kwargs
         if op == "log_step" and result.get("run_first_seen"):
             self._note_first_seen(journal, kwargs["run"], result.get("run_id"))
-        background.trigger(self._path, self._api_key)
+        background.trigger(self._path, self._api_key, self._settings)
         return result
 
     def _note_first_seen(self, journal: Any, ref: str, run_id: str | None) -> None:
