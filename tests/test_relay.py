@@ -471,6 +471,36 @@ def test_the_official_client_logs_a_run_through_the_relay(relays, relay_data, of
         assert j.read_code(json.loads(held["steps"][1]["code"])) == {str(src): "lr = 0.05\n"}
 
 
+OFFICIAL_SDK = """
+import json, sys
+from weco.observe import WecoObserver
+obs = WecoObserver()
+run = obs.create_run(name="sdk", source_code={"train.py": "lr = 0.1\\n"}, primary_metric="loss", maximize=False)
+run.log_step(step=1, status="completed", description="lower lr", metrics={"loss": 0.3},
+             code={"train.py": "lr = 0.05\\n"})
+run.log_step(step=2, status="failed", description="oom", metrics={"loss": 9.0})
+print(json.dumps({"run_id": run.run_id}))
+"""
+
+
+def test_the_official_sdk_logs_a_run_through_the_relay(relays, relay_data, official_weco, tmp_path):
+    """The guide's SDK code, run by the official package (its own `weco.observe`, not ours)."""
+    key = add_key(relay_data, "official-sdk")
+    relay = relays(relay_data)
+    python = official_weco.with_name("python")
+    env = {**os.environ, **relay.env(key)}
+    env.pop("PYTHONPATH", None)
+    done = subprocess.run([str(python), "-c", OFFICIAL_SDK], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    run_id = json.loads(done.stdout.strip().splitlines()[-1])["run_id"]
+    held = relay_state(relay_data)[run_id]
+    assert held["name"] == "sdk" and held["key_name"] == "official-sdk" and held["metric"] == "loss"
+    assert {n: s["status"] for n, s in held["steps"].items()} == {0: "completed", 1: "completed", 2: "failed"}
+    assert json.loads(held["steps"][1]["metrics"]) == {"loss": 0.3} and held["steps"][2]["description"] == "oom"
+    with Journal(relay_data / "journal.db") as j:
+        assert j.read_code(json.loads(held["steps"][1]["code"])) == {"train.py": "lr = 0.05\n"}
+
+
 def test_a_host_that_only_looks_like_loopback_needs_a_key(relay_data):
     for host in ("127.example.org", "localhost.example.org"):
         refused = relay_cli(relay_data, "--host", host, "--port", "0")
