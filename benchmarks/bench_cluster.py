@@ -204,26 +204,7 @@ def cli_section(venv: Path, work: Path, lines: list[str], reps: int) -> None:
     envs = {}
     for mode, flag in (("cluster", "1"), ("local", "0")):
         envs[mode] = {**isolated_env(folder / mode), "WECO_OBSERVE_SHARED_FS": flag}
-    runs = {
-        mode: subprocess.run(
-            [weco, "observe", "init", "--metric", "loss", "-s", "train.py"],
-            env=env,
-            cwd=folder,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        for mode, env in envs.items()
-    }
-    wall: dict[str, list[float]] = {"cluster": [], "local": []}
-    cpu: dict[str, list[float]] = {"cluster": [], "local": []}
-    for step in range(1, reps + 1):
-        lines[step % len(lines)] = f"param = {step}\n"
-        src.write_text("".join(lines))
-        for mode in ("cluster", "local") if step % 2 else ("local", "cluster"):
-            argv = [weco, "observe", "log", "--run-id", runs[mode], "--step", str(step), "-s", "train.py"]
-            argv += ["--metrics", f'{{"loss": {1 / step}}}', "-q"]
-            wall[mode].append(timed(argv, envs[mode], folder, cpu[mode]))
+    wall, cpu = interleaved_logs(weco, envs, folder, src, lines, reps)
     ratio = median(wall["cluster"]) / median(wall["local"])
     table(
         f"(b) `weco observe log`, 13 KB source, {reps} interleaved runs each, local disk",
@@ -301,26 +282,7 @@ def sshfs_section(venv: Path, work: Path, lines: list[str], reps: int, steps: in
             }
             for env in envs.values():  # the host's HOME and TMPDIR on its own disk, as on a node
                 env.update(HOME=str(folder), TMPDIR=str(folder))
-            runs = {
-                mode: subprocess.run(
-                    [weco, "observe", "init", "--metric", "loss", "-s", "train.py"],
-                    env=env,
-                    cwd=folder,
-                    capture_output=True,
-                    text=True,
-                    check=True,
-                ).stdout.strip()
-                for mode, env in envs.items()
-            }
-            wall: dict[str, list[float]] = {"cluster": [], "local": []}
-            cpu: dict[str, list[float]] = {"cluster": [], "local": []}
-            for step in range(1, reps + 1):
-                lines[step % len(lines)] = f"param = {step}\n"
-                src.write_text("".join(lines))
-                for mode in ("cluster", "local") if step % 2 else ("local", "cluster"):
-                    argv = [weco, "observe", "log", "--run-id", runs[mode], "--step", str(step), "-s", "train.py"]
-                    argv += ["--metrics", f'{{"loss": {1 / step}}}', "-q"]
-                    wall[mode].append(timed(argv, envs[mode], folder, cpu[mode]))
+            wall, cpu = interleaved_logs(weco, envs, folder, src, lines, reps)
             sdk = {}
             for mode, env in envs.items():
                 sdk[mode] = in_venv(venv, SSHFS_SDK, {**env, "WECO_OBSERVE_DIR": env["WECO_OBSERVE_DIR"] + "-sdk"},
@@ -352,6 +314,34 @@ def sshfs_section(venv: Path, work: Path, lines: list[str], reps: int, steps: in
         f"\ncluster / local: `log` {median(wall['cluster']) / median(wall['local']):.2f}x, "
         f"`log_step` p50 {median(sdk['cluster']['times']) / median(sdk['local']['times']):.2f}x"
     )
+
+
+def interleaved_logs(
+    weco: str, envs: dict[str, dict[str, str]], folder: Path, src: Path, lines: list[str], reps: int
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """`init` once per mode, then `reps` CLI `log`s per mode, the modes interleaved (the order swapped
+    every step), each step changing one line of ``src``: (wall times, CPU times) by mode."""
+    runs = {
+        mode: subprocess.run(
+            [weco, "observe", "init", "--metric", "loss", "-s", src.name],
+            env=env,
+            cwd=folder,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        for mode, env in envs.items()
+    }
+    wall: dict[str, list[float]] = {mode: [] for mode in envs}
+    cpu: dict[str, list[float]] = {mode: [] for mode in envs}
+    for step in range(1, reps + 1):
+        lines[step % len(lines)] = f"param = {step}\n"
+        src.write_text("".join(lines))
+        for mode in ("cluster", "local") if step % 2 else ("local", "cluster"):
+            argv = [weco, "observe", "log", "--run-id", runs[mode], "--step", str(step), "-s", src.name]
+            argv += ["--metrics", f'{{"loss": {1 / step}}}', "-q"]
+            wall[mode].append(timed(argv, envs[mode], folder, cpu[mode]))
+    return wall, cpu
 
 
 def main() -> None:
