@@ -313,15 +313,13 @@ with store.exclusive(Settings.load(), "merge") as held:
 """
 
 
-def test_an_owner_killed_mid_commit_is_repaired_by_the_next_owner_even_with_nothing_to_merge(
-    settings, journal_path, monkeypatch
-):
+def owner_killed_mid_commit(settings) -> str:
+    """A journal with one run, whose owner was then `kill -9`ed inside a write (MID_COMMIT); the run's id."""
     import signal
     import subprocess
     import sys
 
-    w = SegmentWriter(settings=settings)
-    run = w.create_run(source_code=CODE, metric="loss", name="kept")
+    run = SegmentWriter(settings=settings).create_run(source_code=CODE, metric="loss", name="kept")
     merged(settings)
     owner = subprocess.Popen([sys.executable, "-c", MID_COMMIT], stdout=subprocess.PIPE, text=True)
     try:
@@ -330,6 +328,13 @@ def test_an_owner_killed_mid_commit_is_repaired_by_the_next_owner_even_with_noth
         owner.send_signal(signal.SIGKILL)
         owner.wait(30)
         owner.stdout.close()
+    return run
+
+
+def test_an_owner_killed_mid_commit_is_repaired_by_the_next_owner_even_with_nothing_to_merge(
+    settings, journal_path, monkeypatch
+):
+    run = owner_killed_mid_commit(settings)
     assert read_seq(journal_path.with_name("journal.db.seq")) % 2 == 1  # it died with the counter odd
     assert merged(settings).applied == 0  # nothing to merge, but the journal is the owner's now
     assert read_seq(journal_path.with_name("journal.db.seq")) % 2 == 0
@@ -368,20 +373,7 @@ def test_a_merge_commits_once_and_an_idle_merge_commits_nothing(settings, journa
 def test_writers_do_not_wait_for_an_owner_that_died_mid_commit_when_no_new_owner_comes(
     settings, journal_path, monkeypatch
 ):
-    import signal
-    import subprocess
-    import sys
-
-    w = SegmentWriter(settings=settings)
-    run = w.create_run(source_code=CODE, metric="loss", name="kept")
-    merged(settings)
-    owner = subprocess.Popen([sys.executable, "-c", MID_COMMIT], stdout=subprocess.PIPE, text=True)
-    try:
-        assert owner.stdout is not None and owner.stdout.readline() == "mid-commit\n"
-    finally:
-        owner.send_signal(signal.SIGKILL)
-        owner.wait(30)
-        owner.stdout.close()
+    run = owner_killed_mid_commit(settings)
     monkeypatch.setenv("WECO_OBSERVE_BUSY_TIMEOUT", "10")
     started = time.monotonic()
     # no sync, view or merge runs: the writers themselves see that the owner is dead (same host: its pid)
