@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sqlite3
+from pathlib import Path
+
 
 def totals(journal) -> dict[str, int]:
     """Runs, steps and events by state of an open journal (pending counts every unsent state)."""
@@ -45,3 +48,16 @@ def run_with_steps(
             code=code(i) if code else None,
         )
     return run
+
+
+def dump(db: Path) -> dict[str, list[tuple]]:
+    """Every row of every table of the SQLite file ``db``, sorted: two dumps are equal iff nothing was
+    written (``{}`` when there is no file)."""
+    if not db.exists():
+        return {}
+    conn = sqlite3.connect(db)
+    try:
+        tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]
+        return {t: sorted(conn.execute(f'SELECT * FROM "{t}"').fetchall(), key=repr) for t in tables}
+    finally:
+        conn.close()

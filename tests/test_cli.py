@@ -9,26 +9,14 @@ and `status`.
 from __future__ import annotations
 
 import json
-import sqlite3
 import uuid
 from pathlib import Path
 
 import pytest
+from helpers import dump
 
 from weco_observe import outbox
 from weco_observe.journal import SCHEMA_VERSION, Journal
-
-
-def dump(db: Path) -> dict[str, list[tuple]]:
-    """Every row of every table, sorted: two dumps are equal iff nothing was written."""
-    if not db.exists():
-        return {}
-    conn = sqlite3.connect(db)
-    try:
-        tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]
-        return {t: sorted(conn.execute(f'SELECT * FROM "{t}"').fetchall(), key=repr) for t in tables}
-    finally:
-        conn.close()
 
 
 @pytest.fixture

@@ -22,23 +22,13 @@ import warnings
 from pathlib import Path
 
 import pytest
+from helpers import dump
 
 from weco_observe import InvalidInput, WecoObserver, WecoObserveWarning, spill
 
 #: "café" as Latin-1: the child's argv holds "caf\udce9"
 LATIN1 = b"caf\xe9"
 DEEP = '{"a": ' + "[" * 60_000 + "]" * 60_000 + "}"
-
-
-def dump(db: Path) -> dict[str, list[tuple]]:
-    if not db.exists():
-        return {}
-    conn = sqlite3.connect(db)
-    try:
-        tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]
-        return {t: sorted(conn.execute(f'SELECT * FROM "{t}"').fetchall(), key=repr) for t in tables}
-    finally:
-        conn.close()
 
 
 def _limit_memory() -> None:

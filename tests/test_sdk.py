@@ -9,22 +9,12 @@ import sqlite3
 import subprocess
 import sys
 import uuid
-from pathlib import Path
 
-from helpers import totals
+from helpers import dump, totals
 import pytest
 
 from weco_observe import InvalidInput, ObserveRun, UnknownRun, WecoObserver, WecoObserveWarning
 from weco_observe.journal import Journal
-
-
-def dump(db: Path) -> dict[str, list[tuple]]:
-    conn = sqlite3.connect(db)
-    try:
-        tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]
-        return {t: sorted(conn.execute(f'SELECT * FROM "{t}"').fetchall(), key=repr) for t in tables}
-    finally:
-        conn.close()
 
 
 @pytest.fixture
