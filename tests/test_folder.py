@@ -10,21 +10,18 @@ against an older release.
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
-import re
 import shutil
-import signal
 import stat
 import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from cluster_fixtures import OtherUser, second_user  # noqa: F401
+from test_ui import UI
 
 import weco_observe
 
@@ -244,37 +241,14 @@ def test_a_failed_export_leaves_no_file(cli, tmp_path, a_run):
 # -- the UI's Host check on every loopback address ------------------------------------------
 
 
-class Server:
+class Server(UI):
+    """``weco observe ui --host HOST``, asked with any ``Host`` header."""
+
     def __init__(self, cwd: Path, host: str):
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "weco_observe", "observe", "ui", "--host", host, "--port", "0"],
-            cwd=cwd,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        self.banner = self.proc.stderr.readline()
-        match = re.search(r"http://(\[[0-9a-f:]+\]|[\d.]+):(\d+)/", self.banner)
-        assert match, f"no URL in {self.banner!r}"
-        self.host, self.port = match.group(1).strip("[]"), int(match.group(2))
+        super().__init__(cwd, "--host", host)
 
     def get(self, path: str, host_header: str) -> int:
-        conn = http.client.HTTPConnection(self.host, self.port, timeout=10)
-        try:
-            conn.request("GET", path, headers={"Host": host_header})
-            return conn.getresponse().status
-        finally:
-            conn.close()
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGINT)
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.proc.stdout.close()
-        self.proc.stderr.close()
+        return self.request(path, headers={"Host": host_header})[0]
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "127.5.6.7", "::1"])

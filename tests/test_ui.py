@@ -28,10 +28,10 @@ class UI:
             text=True,
             env=dict(os.environ),
         )
-        line = self.proc.stderr.readline()  # the server prints its URL once it is listening
-        match = re.search(r"http://([\d.]+):(\d+)/", line)
-        assert match, f"no URL in {line!r}"
-        self.host, self.port = match.group(1), int(match.group(2))
+        self.banner = self.proc.stderr.readline()  # the server prints its URL once it is listening
+        match = re.search(r"http://(\[[0-9a-f:]+\]|[\d.]+):(\d+)/", self.banner)
+        assert match, f"no URL in {self.banner!r}"
+        self.host, self.port = match.group(1).strip("[]"), int(match.group(2))
         self.url = match.group(0)
 
     def request(self, path: str, method: str = "GET", headers: dict | None = None) -> tuple[int, dict, bytes]:
