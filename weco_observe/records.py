@@ -679,15 +679,7 @@ def _check_payload(kind: str, payload: Mapping[str, Any], step: int | None) -> N
         if payload.get("step") != step:
             raise InvalidInput(f"step {payload.get('step')!r} is not the event's step {step}")
         args = step_args_from_wire(payload)
-        validate.check_step_args(
-            args["step"],
-            args["status"],
-            args["description"],
-            args["metrics"],
-            args["code"],
-            args["parent_step"],
-            args["metadata"],
-        )
+        validate.check_step_args(**args)
         manifest = payload.get("code") or {}
     if not all(
         isinstance(h, str) and len(h) == 64 and all(c in "0123456789abcdef" for c in h) for h in manifest.values()

@@ -326,15 +326,7 @@ class RelayStore:
     def log_step(self, relay_id: str, body: dict[str, Any]) -> concurrent.futures.Future[Any]:
         args = step_args_from_wire(body)
         step = args["step"]
-        description, metrics, code, metadata = validate.check_step_args(
-            step,
-            args["status"],
-            args["description"],
-            args["metrics"],
-            args["code"],
-            args["parent_step"],
-            args["metadata"],
-        )
+        description, metrics, code, metadata = validate.check_step_args(**args)
         journal = self.journal
 
         def apply(conn: sqlite3.Connection) -> dict[str, Any]:
