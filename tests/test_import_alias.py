@@ -72,6 +72,15 @@ def test_the_pth_line_imports_one_small_module_at_start_up_and_then_gives_ours(t
     assert result.stdout.splitlines() == ["['_weco_observe_alias']", "True"]  # not weco_observe, nor importlib
 
 
+def test_the_pth_line_is_silent_when_the_finder_is_gone(tmp_path):
+    """An editable install whose checkout was deleted: every start-up in the venv runs the line."""
+    line = _alias_constants()["PTH_LINE"]
+    result = _run(
+        sys.executable, f"exec({line!r})\nimport sys\nprint('_weco_observe_alias' in sys.modules)", tmp_path, "-S"
+    )
+    assert (result.returncode, result.stderr, result.stdout) == (0, "", "False\n")
+
+
 # -- the finder, in fresh interpreters ----------------------------------------------------------
 
 
@@ -266,3 +275,7 @@ def test_an_editable_install_has_the_alias_too(tmp_path, index_reachable):
     assert result.returncode == 0, result.stderr
     module, where = result.stdout.split()
     assert module == "weco_observe.sdk" and Path(where).is_relative_to(project)  # the checkout itself
+
+    shutil.rmtree(project)  # the checkout deleted: the venv's interpreters still start without a word
+    result = _run(python, "print('started')", work)
+    assert (result.returncode, result.stderr, result.stdout) == (0, "", "started\n")

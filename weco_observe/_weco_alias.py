@@ -34,8 +34,14 @@ if TYPE_CHECKING:
     from types import ModuleType
 
 PTH_NAME = "weco_observe_alias.pth"
-#: The ``.pth`` line; ``setup.py`` reads it from here.
-PTH_LINE = "import _weco_observe_alias; _weco_observe_alias.install()\n"
+#: The ``.pth`` line; ``setup.py`` reads it from here. ``site`` executes a line that starts with
+#: ``import`` and prints a traceback for any error, at every start-up of every interpreter in the
+#: environment: so a finder that is gone (an editable install whose checkout was deleted or moved)
+#: must cost nothing but the alias, not a traceback. The inner ``exec`` of a three-line ``try`` adds
+#: about 60 us of compiling to each start-up (``benchmarks/bench_import_alias.py`` measures the whole line).
+PTH_LINE = (
+    'import sys; exec("try: import _weco_observe_alias as a\\nexcept ImportError: a = None\\nif a: a.install()")\n'
+)
 #: The finder's module, at the top of site-packages beside the ``.pth`` file.
 FINDER_MODULE = "_weco_observe_alias"
 #: The alias modules' ``__spec__.origin``.
