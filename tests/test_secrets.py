@@ -453,3 +453,30 @@ def test_sync_redacts_what_an_older_journal_already_holds(cli, emulator, journal
     assert json.loads(as_json.stdout)["runs"][0]["blocked"].startswith("create rejected: bad token")
     for result in (human, as_json):
         assert_no_key(result.stdout + result.stderr, "sync's output")
+
+
+def test_status_redacts_what_an_older_journal_already_holds(cli, journal_path):
+    """The same for status: a rejected event's reason and a pending event's last error, as stored."""
+    from emulator_fixtures import make_workload
+
+    make_workload(journal_path, runs=1, steps=2, relog=False)
+    conn = sqlite3.connect(journal_path)
+    with conn:
+        conn.execute(
+            "UPDATE events SET state = 'rejected', last_error = ? WHERE kind = 'create_run'",
+            (f'bad token "{KEY}"',),
+        )
+        conn.execute(
+            "UPDATE events SET attempts = 1, last_error = ? WHERE kind = 'log_step'",
+            (f"502 from proxy: Authorization: Bearer {json_escaped(KEY)}",),
+        )
+    conn.close()
+    env = {"WECO_API_KEY": KEY}
+    human = cli("observe", "status", env=env)
+    as_json = cli("observe", "status", "--json", env=env)
+    assert "rejected:" in human.stdout and "bad token" in human.stdout, human.stdout
+    info = json.loads(as_json.stdout)
+    assert info["last_error"] == f"502 from proxy: Authorization: Bearer {MASK}"
+    assert info["rejected"][0]["last_error"] == f'bad token "{MASK}"'
+    for result in (human, as_json):
+        assert_no_key(result.stdout + result.stderr, "status's output")
