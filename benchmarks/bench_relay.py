@@ -3,11 +3,12 @@
     python benchmarks/bench_relay.py            # full sizes (about two minutes)
     python benchmarks/bench_relay.py --quick    # small sizes, a smoke run
 
-The load comes from a separate process (relay_loadgen.py, aiohttp), as boxes would
-sync: each client creates a run, then posts steps with 13 KB of code one at a time.
+The load comes from a separate process (relay_loadgen.py: bare keep-alive HTTP/1.1
+connections on uvloop), as boxes would sync: each client creates a run, then posts
+steps with 13 KB of code one at a time.
 
 1. Ceiling: a hello-world ASGI app on the same uvicorn (httptools, uvloop), same
-   requests, 200 and 20 clients.
+   requests, 200 and 20 clients; and 200 on aiohttp's client, as the issue measured it.
 2. Relay ingest: 200 clients x 50 steps, as fast as answered; then every acknowledged
    step is looked up in the relay's journal (durable).
 3. Latency at a steady 500 steps/s (paced, 50 clients): p50 / p99.
@@ -53,7 +54,15 @@ async def app(scope, receive, send):
 
 
 def loadgen(
-    url: str, key: str, clients: int, steps: int, *, rate: float | None = None, hello: bool = False, ids: bool = False
+    url: str,
+    key: str,
+    clients: int,
+    steps: int,
+    *,
+    rate: float | None = None,
+    hello: bool = False,
+    ids: bool = False,
+    aiohttp: bool = False,
 ) -> dict:
     cmd = [sys.executable, str(HERE / "relay_loadgen.py"), url, key, "--clients", str(clients), "--steps", str(steps)]
     if rate:
@@ -62,6 +71,8 @@ def loadgen(
         cmd.append("--hello")
     if ids:
         cmd.append("--ids")
+    if aiohttp:
+        cmd.append("--aiohttp")
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     if done.returncode != 0:
         raise SystemExit(f"load generator failed: {done.stderr[-2000:]}")
@@ -83,6 +94,12 @@ def stop(proc: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (``/proc/PID/stat``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -137,6 +154,7 @@ def main() -> None:
         time.sleep(1.5)
         ceiling200 = loadgen("http://127.0.0.1:8499/v1", "k", clients, steps, hello=True)
         ceiling20 = loadgen("http://127.0.0.1:8499/v1", "k", 20, steps * clients // 20, hello=True)
+        ceiling_aiohttp = loadgen("http://127.0.0.1:8499/v1", "k", clients, steps, hello=True, aiohttp=True)
         stop(proc)
         rows.append(
             (
@@ -152,18 +170,28 @@ def main() -> None:
                 f"p99 {ceiling20['p99_ms']} ms",
             )
         )
+        rows.append(
+            (
+                "the same, 200 clients on aiohttp's client",
+                f"{ceiling_aiohttp['steps_per_s']:,.0f} steps/s",
+                "the issue's load generator: it, not the server, is the limit here",
+            )
+        )
 
         # 2-4. the relay
         data = root / "relay"
         proc, url, key = relay(data)
+        cpu_before = cpu_seconds(proc.pid)
         ingest = loadgen(url, key, clients, steps, ids=True)
+        cpu_per_step = (cpu_seconds(proc.pid) - cpu_before) / max(1, ingest["steps_acked"] + clients)
         kept = durable(data, ingest["acked"])
         ratio = ingest["steps_per_s"] / ceiling200["steps_per_s"]
         rows.append(
             (
                 f"relay ingest, {clients} clients x {steps} steps, 13 KB code",
                 f"{ingest['steps_per_s']:,.0f} steps/s ({ratio:.2f}x the ceiling)",
-                f"{kept}/{ingest['steps_acked']} acknowledged steps durable; errors {ingest['errors'] or 'none'}",
+                f"{kept}/{ingest['steps_acked']} acknowledged steps durable; errors {ingest['errors'] or 'none'};"
+                f" relay CPU {cpu_per_step * 1000:.2f} ms a request",
             )
         )
         paced = loadgen(url, key, 50, 40 if args.quick else 100, rate=500)
