@@ -19,9 +19,9 @@ from weco_observe.settings import Settings
 
 
 def _typo(server_id: str) -> str:
-    """``server_id`` with its last hex digit changed: one character off."""
-    last = server_id[-1]
-    return server_id[:-1] + ("0" if last != "0" else "1")
+    """``server_id`` with its last hex digit changed: one character off. Applied twice, it is off from
+    both (0 -> 1 -> 2, anything else -> 0 -> 1), so a second typo never lands back on the real id."""
+    return server_id[:-1] + {"0": "1", "1": "2"}.get(server_id[-1], "0")
 
 
 def _notes(stderr: str) -> list[str]:

@@ -8,18 +8,22 @@ across mounts) is in test_cluster.py.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sqlite3
 import threading
 import time
+import zlib
 from pathlib import Path
 
 import pytest
+from helpers import dump
 
 from weco_observe import outbox, segments, store
 from weco_observe.errors import InvalidInput, JournalUnavailable, UnknownRun
 from weco_observe.journal import Journal, SharedReader, read_seq, write_seq
+from weco_observe.records import CodeRef, Event, Run, Step
 from weco_observe.segments import SegmentWriter, decode, encode
 from weco_observe.settings import Settings
 
@@ -466,3 +470,120 @@ def test_a_long_lived_writer_sees_what_other_hosts_merged_since_its_last_step(se
         5: "failed",
         6: "completed",
     }
+
+
+# -- record formats, and records the merge refuses -------------------------------------------
+
+
+def rewrite(folder: Path, change) -> None:
+    """Re-encode every record of every segment file under ``folder`` through ``change(doc) -> doc``."""
+    for path in sorted(folder.rglob("*.seg")):
+        path.write_bytes(b"".join(encode(change(doc)) for doc in decode(path.read_bytes()).records))
+
+
+def as_version_1(doc: dict) -> dict:
+    """A record as format 1 wrote it: the outbox event carried beside the step (or the run)."""
+    step = Step.from_doc(doc["step"])
+    if doc["op"] == "run":
+        event = Event.create(Run.from_doc(doc["run"]), step.code or CodeRef(()), event_id=step.event_id)
+    else:
+        event = Event.log(step)
+    return {**doc, "v": 1, "event": event.to_doc()}
+
+
+def test_records_of_format_1_merge_as_the_current_format_does(settings, journal_path, tmp_path):
+    writer = SegmentWriter(settings=settings)
+    run = writer.create_run(source_code=CODE, metric="loss")
+    writer.log_step(run, 1, metrics={"loss": 0.5}, code={"train.py": CODE["train.py"] + "x = 1\n"})
+    writer.log_step(run, 2, status="failed", description="nan", metadata={"gpu": "a100"})
+    old = tmp_path / "old" / "journal.db"
+    shutil.copytree(journal_path.parent / "segments", old.parent / "segments")
+    rewrite(old.parent / "segments", as_version_1)
+    assert all(d["v"] == 1 for p in old.parent.rglob("*.seg") for d in decode(p.read_bytes()).records)
+    results = []
+    for path in (journal_path, old):
+        with store.exclusive(settings, "merge", journal_path=path) as held:
+            results.append(held.merged)
+    assert [(r.applied, r.problems) for r in results] == [(3, []), (3, [])]
+    now, then = dump(journal_path), dump(old)
+    assert [now[t] for t in ("runs", "steps", "events", "blobs")] == [
+        then[t] for t in ("runs", "steps", "events", "blobs")
+    ]
+
+
+def test_a_record_of_a_newer_format_keeps_its_file_for_a_newer_owner(settings, journal_path):
+    writer = SegmentWriter(settings=settings)
+    run = writer.create_run(source_code=CODE, metric="loss")
+    writer.log_step(run, 1, metrics={"loss": 0.5})
+    folder = journal_path.parent / "segments" / run
+    newest = sorted(folder.iterdir())[-1]
+    newest.write_bytes(newest.read_bytes() + encode({"v": segments.VERSION + 1, "op": "step", "what": "?"}))
+    result = merged(settings)
+    assert result.applied == 2 and result.kept == [f"{run}/{newest.name}"]
+    assert any("newer format" in p for p in result.problems)
+    assert newest.exists() and sorted(steps_of(settings, run)) == [0, 1]
+    assert merged(settings).known == 1  # read again, and again kept: nothing lost, nothing doubled
+    assert newest.exists()
+
+
+HOSTILE = {
+    "a metric that is not finite": lambda d: d["step"]["metrics"].update(loss=float("nan")),
+    "a metric that is not a number": lambda d: d["step"]["metrics"].update(loss="low"),
+    "metrics that are not an object": lambda d: d["step"].update(metrics=[]),
+    "an unknown status": lambda d: d["step"].update(status="bogus"),
+    "a step that is text": lambda d: d["step"].update(step="1"),
+    "a step past SQLite's integers": lambda d: d["step"].update(step=2**64),
+    "a parent after its child": lambda d: d["step"].update(parent_step=5),
+    "a lone surrogate": lambda d: d["step"].update(description="\ud800"),
+    "metadata nested too deeply": lambda d: d["step"].update(metadata=deep(150)),
+    "a time that is text": lambda d: d["step"].update(updated_at="soon"),
+    "a time that is infinite": lambda d: d["step"].update(created_at=float("inf")),
+    "a malformed event id": lambda d: d["step"].update(event_id="../x"),
+    "a code hash that is not a sha256": lambda d: d["step"].update(code={"train.py": "abc"}),
+    "code whose text is not its hash": lambda d: d["blobs"].update(
+        {d["step"]["code"]["train.py"]: segments._blob_doc("print('forged')\n")}
+    ),
+    "a run folder that is not an id": lambda d: d.update(ref="../../etc"),
+    "a step that is not an object": lambda d: d.update(step=["not", "a", "step"]),
+}
+
+
+def deep(levels: int) -> dict:
+    value: dict = {}
+    for _ in range(levels):
+        value = {"a": value}
+    return value
+
+
+def forge(doc: dict, how) -> dict:
+    how(doc)
+    return doc
+
+
+def forged(doc: dict) -> bytes:
+    """A record line with a valid CRC around any JSON (NaN, escaped lone surrogates: what ``encode`` refuses)."""
+    body = json.dumps(doc).encode()
+    return b"%08x %s\n" % (zlib.crc32(body), body)
+
+
+@pytest.mark.parametrize("how", sorted(HOSTILE))
+def test_a_record_log_would_refuse_is_skipped_and_reported_and_never_stored(settings, journal_path, how):
+    writer = SegmentWriter(settings=settings)
+    run = writer.create_run(source_code=CODE, metric="loss")
+    merged(settings)
+    before = dump(journal_path)
+    writer.log_step(run, 1, metrics={"loss": 0.5}, code={"train.py": CODE["train.py"] + "y = 2\n"})
+    writer.log_step(run, 2, metrics={"loss": 0.4})
+    first = sorted((journal_path.parent / "segments" / run).iterdir())[0]
+    doc = decode(first.read_bytes()).records[0]
+    first.write_bytes(forged(forge(doc, HOSTILE[how])))
+    result = merged(settings)
+    assert result.applied == 1 and len(result.problems) == 1 and "skipped" in result.problems[0], result.problems
+    after = dump(journal_path)
+    assert [r for r in after["steps"] if r not in before["steps"]] == [
+        r for r in after["steps"] if r[1] == 2
+    ]  # step 2 only
+    assert len(after["events"]) == len(before["events"]) + 1
+    with store.reader(settings) as journal:
+        for row in journal.query("SELECT * FROM events"):
+            Event.from_row(row).checked()  # every body the journal holds passes the CLI's rules

@@ -714,10 +714,6 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_time(value: Any) -> bool:
-    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1e11)
-
-
 def _text(value: Any) -> bool:
     return value is None or (isinstance(value, str) and validate.is_encodable(value))
 
@@ -741,8 +737,8 @@ class _Rows:
         self.need(
             all(_text(doc.get(k)) for k in ("name", "metric", "additional_instructions"))
             and all(doc.get(k) in (None, 0, 1) for k in ("maximize", "remote_only"))
-            and _is_time(doc.get("created_at"))
-            and _is_time(doc.get("updated_at")),
+            and validate.is_time(doc.get("created_at"))
+            and validate.is_time(doc.get("updated_at")),
             f"{where}: a field of the wrong type",
         )
         self.valid(lambda: validate.check_metadata(doc["metadata"]) if doc.get("metadata") is not None else None, where)
@@ -785,7 +781,8 @@ class _Rows:
         where = f"steps.jsonl: step {_shown(doc.get('step'))} of run {_shown(doc.get('run_id'))}"
         self.need(doc.get("run_id") in runs, f"{where}: its run is not in the bundle")
         self.need(ids.is_ulid(doc.get("event_id")), f"{where}: no valid event id")
-        self.need(_is_time(doc.get("created_at")) and _is_time(doc.get("updated_at")), f"{where}: bad times")
+        times = (doc.get("created_at"), doc.get("updated_at"))
+        self.need(all(validate.is_time(t) for t in times), f"{where}: bad times")
         self.step_fields(doc, where, doc.get("status"))  # a step row always has one
         self.code(doc.get("code"), blobs, where)
         return Step.from_doc(doc)
@@ -796,7 +793,7 @@ class _Rows:
         self.need(doc.get("run_id") in runs, f"{where}: its run is not in the bundle")
         self.need(doc.get("state") in _STATES, f"{where}: bad state")
         self.need(doc.get("kind") in EVENT_KINDS, f"{where}: bad kind")
-        self.need(_is_time(doc.get("created_at")), f"{where}: bad created_at")
+        self.need(validate.is_time(doc.get("created_at")), f"{where}: bad created_at")
         payload = doc.get("payload")
         if not isinstance(payload, dict):
             raise self.reader.refuse(f"{where}: payload is not an object")

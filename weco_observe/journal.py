@@ -581,10 +581,11 @@ class Journal:
         conn.execute("UPDATE runs SET updated_at = max(updated_at, ?) WHERE id = ?", (step.updated_at, step.run_id))
         return True
 
-    def merge_step(self, conn: sqlite3.Connection, step: Step) -> bool:
-        """Cluster-mode merges: ``upsert_step`` in one statement, leaving the run's last activity to
-        the caller (once per batch, not per step). True if stored."""
-        return conn.execute(_UPSERT_STEP_IF_NEWER, step.to_row()).rowcount > 0
+    def merge_steps(self, conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
+        """Cluster-mode merges: ``upsert_step`` for a batch of step rows (``Step.to_row``) in one
+        statement, each kept out where a newer event set the step already; the runs' last activity
+        is left to the caller (once per batch, not per step)."""
+        conn.executemany(_UPSERT_STEP_IF_NEWER, rows)
 
     def insert_baseline(self, conn: sqlite3.Connection, step: Step) -> None:
         """Step 0 from a create, unless the run already has a step 0."""

@@ -11,11 +11,14 @@ server id, that server id (both are safe as a folder name: ``ids.is_local_run_id
 and ``ids.is_server_id``).
 
 **A record** is one line: eight hex digits of the CRC-32 of the JSON that follows,
-a space, the JSON, ``\\n``. The JSON is ``{"v": 1, "op": "run" | "step", "ref":
-<run>, "run": Run doc, "step": Step doc, "event": Event doc, "blobs": {hash:
-base64 of the zlib-compressed text}}``: the records of ``records.py``, plus the
-code texts the run does not hold yet. A line cut short, or whose CRC does not
-match, is a torn record: skipped and reported, never fatal.
+a space, the JSON, ``\\n``. The JSON is ``{"v": 2, "op": "run" | "step", "ref":
+<run>, "run": Run doc, "step": Step doc, "blobs": {hash: base64 of the
+zlib-compressed text}}``: the records of ``records.py``, plus the code texts the
+run does not hold yet. The outbox event is made from the step (``Event.log``) or
+the run (``Event.create``) when the record is merged, as ``log`` makes it; version
+1 records also carried it as ``"event"``, which is read past. A line
+cut short, or whose CRC does not match, is a torn record: skipped and reported,
+never fatal. A record of a newer version keeps its file for a newer owner.
 
 **Writers** (:class:`SegmentWriter`) never take a lock and never write
 ``journal.db``. Each ``log`` resolves the step's parent with the tree rule over
@@ -41,7 +44,7 @@ import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from . import ids, outbox, treerule, validate
 from .errors import JournalUnavailable, UnknownRun
@@ -51,7 +54,9 @@ from .settings import Settings
 
 __all__ = ["MergeResult", "SegmentWriter", "backlog", "check_files", "merge", "read_records"]
 
-VERSION = 1
+#: the record format written; version 1 (with an ``"event"`` doc as well) is still read
+VERSION = 2
+_READ = (1, 2)
 #: an abandoned ``.open`` file from another host (its writer cannot be asked) is sealed after this long unchanged
 ABANDONED = 24 * 3600.0
 #: a ``.tmp`` file older than this is a writer that died before acknowledging: removed
@@ -85,6 +90,8 @@ class Parsed:
     tail: int = 0
     #: the file could not be read to its end (removed or renamed meanwhile): nothing is known of it
     gone: bool = False
+    #: records of a newer format than this code reads (a newer writer): the file is kept for a newer owner
+    newer: int = 0
 
 
 def decode(data: bytes, offset: int = 0) -> Parsed:
@@ -112,12 +119,15 @@ def decode(data: bytes, offset: int = 0) -> Parsed:
             out.torn.append(f"byte {where}: checksum mismatch")
             continue
         try:
-            doc = json.loads(body)
+            doc = json.loads(body.decode("utf-8"))
         except (ValueError, RecursionError):
             out.torn.append(f"byte {where}: not JSON")
             continue
-        if not isinstance(doc, dict) or doc.get("v") != VERSION or doc.get("op") not in ("run", "step"):
-            out.torn.append(f"byte {where}: not a record of this version")
+        if not isinstance(doc, dict) or doc.get("v") not in _READ or doc.get("op") not in ("run", "step"):
+            if isinstance(doc, dict) and isinstance(doc.get("v"), int) and doc["v"] > VERSION:
+                out.newer += 1
+            else:
+                out.torn.append(f"byte {where}: not a record of this version")
             continue
         out.records.append(doc)
 
@@ -624,14 +634,12 @@ class SegmentWriter:
         )
         manifest, blobs = _code(code, _hashes(code), lambda digest: False)
         step = Step.baseline(run_id, manifest, event_id=event_id, at=now)
-        event = Event.create(run, manifest, event_id=event_id)
         doc = {
             "v": VERSION,
             "op": "run",
             "ref": run_id,
             "run": run.to_doc(),
             "step": step.to_doc(),
-            "event": event.to_doc(),
             "blobs": blobs,
         }
         self._publish(run_id, doc, event_id)
@@ -693,7 +701,6 @@ class SegmentWriter:
             "op": "step",
             "ref": view.ref,
             "step": state.to_doc(),
-            "event": Event.log(state).to_doc(),
             "blobs": blobs,
         }
         self._publish(view.ref, doc, event_id)
@@ -792,7 +799,9 @@ def merge(journal: Any, *, batch: int = 2000, now: float | None = None) -> Merge
     docs.sort(key=lambda kd: kd[1].get("op") != "run")
     listed = {key for _path, key, _parsed, _done in reads}
     stale = [(key,) for key in progress if key not in listed]  # files removed by an earlier merge
-    blocked: set[str] = set()
+    # a file with records of a newer format is kept whole (and re-read) until a newer owner merges it
+    blocked = {key for _path, key, parsed, _done in reads if parsed.newer}
+    result.problems.extend(f"{k}: records of a newer format, kept for a newer weco-observe" for k in sorted(blocked))
 
     def record_progress(conn: Any) -> None:
         conn.executemany(
@@ -808,10 +817,7 @@ def merge(journal: Any, *, batch: int = 2000, now: float | None = None) -> Merge
     runs: dict[str, str | None] = {}  # ref -> the run's local id here (None: its create is not merged)
     for i in range(0, len(docs), batch):
         with journal.write() as conn:
-            chunk = docs[i : i + batch]
-            applying = _Applying(journal, conn, runs, outbox.known_ids(conn, [_event_id(d) for _key, d in chunk]))
-            for key, doc in chunk:
-                outcome = applying.apply(doc)
+            for key, outcome in _Applying(journal, conn, runs).apply(docs[i : i + batch]):
                 if outcome == "applied":
                     result.applied += 1
                 elif outcome == "known":
@@ -820,7 +826,6 @@ def merge(journal: Any, *, batch: int = 2000, now: float | None = None) -> Merge
                     blocked.add(key)
                 else:
                     result.problems.append(f"{key}: {outcome}")
-            applying.finish()
             if i + batch >= len(docs):
                 record_progress(conn)
     moved = any(not p.gone and p.end != progress.get(key, 0) for _path, key, p, _done in reads)
@@ -870,25 +875,75 @@ def _tidy(partition: Path, now: float) -> None:
         pass
 
 
-def _event_id(doc: dict[str, Any]) -> str:
-    event = doc.get("event")
-    return str(event.get("id", "")) if isinstance(event, dict) else ""
+class _Record(NamedTuple):
+    """What one segment record sets, checked: the step (step 0 for a create), the run of a create,
+    the event (made from them, as the writer made it), and the code texts it carries."""
+
+    key: str
+    ref: str
+    step: Step
+    event: Event
+    run: Run | None
+    texts: dict[str, str]
+
+
+def _record(key: str, doc: dict[str, Any]) -> _Record | str:
+    """The record ``doc`` holds, or why it is skipped.
+
+    It is checked by the rules ``init`` and ``log`` apply before anything is stored, so a damaged
+    or forged record (the CRC is no signature) never reaches the journal: the event's body by
+    :meth:`Event.check`, the fields only the row has (times, ids, a falsy value the body leaves
+    out) here. The event is made from the step, not read: a version 1 record also carries it, and
+    the two could disagree (``doctor`` would call that damage)."""
+    try:
+        ref, fields = doc["ref"], doc["step"]
+        for name in ("metrics", "metadata", "code"):  # a falsy one is not in the event's body
+            if not (fields.get(name) is None or isinstance(fields[name], dict)):
+                return "a record with a field of the wrong type, skipped"
+        if not (validate.is_time(fields.get("created_at")) and validate.is_time(fields.get("updated_at"))):
+            return "a record with a field of the wrong type, skipped"
+        step = Step.from_doc(fields)
+        texts = {digest: _blob_text(encoded) for digest, encoded in (doc.get("blobs") or {}).items()}
+    except (KeyError, TypeError, ValueError, AttributeError, zlib.error) as exc:
+        return f"a damaged record ({type(exc).__name__}), skipped"
+    if not ids.is_ulid(step.event_id) or not (ids.is_local_run_id(ref) or ids.is_server_id(ref)):
+        return "a record with malformed ids, skipped"
+    try:
+        event = Event.log(step)
+        run = None
+        if doc["op"] == "run":
+            event.check()  # its step 0 is stored too
+            run = Run.from_doc(doc["run"])
+            if run.id != ref or step.run_id != ref or run.server_id is not None or run.remote_only or step.step:
+                return "a run record that does not describe a new run, skipped"
+            if not (validate.is_time(run.created_at) and validate.is_time(run.updated_at)):
+                return "a record with a field of the wrong type, skipped"
+            if not (run.metadata is None or isinstance(run.metadata, dict)):
+                return "a record with a field of the wrong type, skipped"
+            event = Event.create(run, step.code or CodeRef(()), event_id=step.event_id)
+        event.check()
+        if texts:
+            validate.check_code(texts, "code")  # text, without NUL bytes
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        return f"a record that `log` would refuse ({exc}), skipped"
+    return _Record(key, ref, step, event, run, texts)
 
 
 class _Applying:
-    """Applies records in one transaction of the merge, with what a batch can share: the ids of the
-    events already journaled (one query for the batch, not one per record), the local id of each
-    run (looked up once per merge), and the runs' last activity (one update per run, not per step).
-    A step is stored with one statement that keeps a newer state already there."""
+    """Applies one batch of records in one transaction of the merge, sharing what a batch can: the
+    ids of the events already journaled, and the event that set each step the batch logs (one query
+    per batch, or per run of it, not one per record), the local id of each run (looked up once per
+    merge), and the writes (one ``executemany`` each for the steps, the events and the runs' last
+    activity). A step is stored unless a newer event set it, stored or earlier in the batch."""
 
-    def __init__(self, journal: Any, conn: Any, runs: dict[str, str | None], known: set[str]):
+    def __init__(self, journal: Any, conn: Any, runs: dict[str, str | None]):
         self.journal = journal
         self.conn = conn
         self.runs = runs
-        self.known = known
-        self.touched: dict[str, float] = {}
-        #: the batch's new events, in order: inserted together by :meth:`finish`
-        self.events: list[Event] = []
+        #: (run, step) -> the event id of its state: stored, or set earlier in this batch
+        self.newest: dict[tuple[str, int], str] = {}
+        #: (run, step) -> its code, for the steps this batch stores (delta bases, as in the journal)
+        self.codes: dict[tuple[str, int], CodeRef] = {}
 
     def _run_id(self, ref: str) -> str | None:
         if ref not in self.runs:
@@ -896,73 +951,119 @@ class _Applying:
             self.runs[ref] = row[0] if row is not None else None
         return self.runs[ref]
 
-    def apply(self, doc: dict[str, Any]) -> str:
-        """Apply one record: "applied", "known", "no run", or why it was skipped."""
-        journal, conn = self.journal, self.conn
-        try:
-            event = Event.from_doc(doc["event"])
-            step = Step.from_doc(doc["step"])
-            ref = doc["ref"]
-            texts = {digest: _blob_text(encoded) for digest, encoded in (doc.get("blobs") or {}).items()}
-        except (KeyError, TypeError, ValueError, zlib.error, UnicodeDecodeError) as exc:
-            return f"a damaged record ({type(exc).__name__}), skipped"
-        if not ids.is_ulid(event.id) or not (ids.is_local_run_id(ref) or ids.is_server_id(ref)):
-            return "a record with malformed ids, skipped"
-        if event.id in self.known:
-            return "known"
-        if doc["op"] == "run":
-            try:
-                run = Run.from_doc(doc["run"])
-            except (KeyError, TypeError, ValueError) as exc:
-                return f"a damaged run record ({type(exc).__name__}), skipped"
-            if conn.execute("SELECT 1 FROM runs WHERE id = ?", (run.id,)).fetchone() is None:
-                journal.insert_run(conn, run)
-            _store(journal, conn, step.code, texts, None)
-            journal.insert_baseline(conn, step)
-            self.events.append(event)
-            self.known.add(event.id)
-            self.runs[run.id] = run.id
-            return "applied"
-        run_id = self._run_id(ref)
-        if run_id is None:
-            if ids.is_local_run_id(ref):
-                return "no run"  # its create is not merged (a torn or missing record): keep the file
-            run_id = ids.new_run_id()  # first seen by its server id, on another host: a remote-only run
-            at = step.created_at
-            journal.insert_run(conn, Run(id=run_id, server_id=ref, remote_only=True, created_at=at, updated_at=at))
-            self.runs[ref] = run_id
-        if step.run_id != run_id:
-            step, event = replace(step, run_id=run_id), replace(event, run_id=run_id)
-        if step.code and any(digest in texts for _path, digest in step.code.files):
-            at = step.parent_step if step.parent_step is not None else step.step
-            _store(journal, conn, step.code, texts, journal._code_at_or_below(conn, run_id, at))
-        stored = journal.merge_step(conn, step)  # False: a newer event of this step is here already
-        state = outbox.PENDING if stored else outbox.SUPERSEDED
-        self.events.append(event if event.state == state else replace(event, state=state))
-        self.known.add(event.id)
-        if stored:
-            self.touched[run_id] = max(self.touched.get(run_id, 0.0), step.updated_at)
-        return "applied"
-
-    def finish(self) -> None:
-        """Insert the batch's events, then move each run's last activity forward to its newest stored
-        step, as ``upsert_step`` does."""
-        outbox.enqueue_many(self.conn, self.events)
-        self.events.clear()
+    def apply(self, docs: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, str]]:
+        """Apply a batch, runs first: ``(file, outcome)`` per record, the outcome "applied", "known",
+        "no run" (its create is not merged: keep the file), or why it was skipped."""
+        out: list[tuple[str, str]] = []
+        records: list[_Record] = []
+        for key, doc in docs:
+            record = _record(key, doc)
+            if isinstance(record, str):
+                out.append((key, record))
+            else:
+                records.append(record)
+        known = outbox.known_ids(self.conn, [r.event.id for r in records])
+        events: list[Event] = []
+        steps: list[_Record] = []
+        for record in records:
+            if record.event.id in known:
+                out.append((record.key, "known"))
+                continue
+            known.add(record.event.id)
+            if record.run is not None:
+                outcome = self._create(record)
+                if outcome == "applied":
+                    events.append(record.event)
+                out.append((record.key, outcome))
+                continue
+            run_id = self._run_id(record.ref)
+            if run_id is None:
+                if ids.is_local_run_id(record.ref):
+                    out.append((record.key, "no run"))  # its create is not merged (torn or missing): keep the file
+                    continue
+                run_id = ids.new_run_id()  # first seen by its server id, on another host: a remote-only run
+                first = record.step.created_at
+                run = Run(id=run_id, server_id=record.ref, remote_only=True, created_at=first, updated_at=first)
+                self.journal.insert_run(self.conn, run)
+                self.runs[record.ref] = run_id
+            if record.step.run_id != run_id:
+                step = replace(record.step, run_id=run_id)
+                record = record._replace(step=step, event=replace(record.event, run_id=run_id))
+            steps.append(record)
+        self._read_newest(steps)
+        rows: list[tuple[Any, ...]] = []
+        touched: dict[str, float] = {}
+        for record in steps:
+            step = record.step
+            outcome = self._store(record) if record.texts else "applied"
+            out.append((record.key, outcome))
+            if outcome != "applied":
+                continue
+            which = (step.run_id, step.step)
+            if step.event_id > self.newest.get(which, ""):
+                self.newest[which] = step.event_id
+                if step.code:
+                    self.codes[which] = step.code
+                rows.append(step.to_row())
+                touched[step.run_id] = max(touched.get(step.run_id, 0.0), step.updated_at)
+                events.append(record.event)
+            else:  # a newer event of this step is here already
+                events.append(replace(record.event, state=outbox.SUPERSEDED))
+        self.journal.merge_steps(self.conn, rows)
+        outbox.enqueue_many(self.conn, events)
+        # the runs' last activity moves forward to their newest stored step, as ``upsert_step`` does
         self.conn.executemany(
-            "UPDATE runs SET updated_at = max(updated_at, ?) WHERE id = ?",
-            [(at, run_id) for run_id, at in self.touched.items()],
+            "UPDATE runs SET updated_at = max(updated_at, ?) WHERE id = ?", [(at, rid) for rid, at in touched.items()]
         )
-        self.touched.clear()
+        return out
 
+    def _create(self, record: _Record) -> str:
+        """Apply a create at once: its run and step 0 (unless there), and its code."""
+        assert record.run is not None
+        conn = self.conn
+        if conn.execute("SELECT 1 FROM runs WHERE id = ?", (record.run.id,)).fetchone() is None:
+            self.journal.insert_run(conn, record.run)
+        outcome = self._store(record) if record.texts else "applied"
+        if outcome == "applied":
+            self.journal.insert_baseline(conn, record.step)
+            self.runs[record.run.id] = record.run.id
+        return outcome
 
-def _store(journal: Any, conn: Any, code: CodeRef | None, texts: dict[str, str], base: CodeRef | None) -> None:
-    """Store the texts a record carries for its manifest (the others are in the journal already)."""
-    if not code:
-        return
-    carried = {path: texts[digest] for path, digest in code.files if digest in texts}
-    if carried:
-        journal.store_code(conn, carried, base)
+    def _read_newest(self, records: list[_Record]) -> None:
+        """Which event set each step the batch logs (and the journal holds): one query per run and
+        500 steps."""
+        wanted: dict[str, set[int]] = {}
+        for record in records:
+            at = (record.step.run_id, record.step.step)
+            if at not in self.newest:
+                wanted.setdefault(at[0], set()).add(at[1])
+        for run_id, numbers in wanted.items():
+            listed = sorted(numbers)
+            for i in range(0, len(listed), 500):
+                chunk = listed[i : i + 500]
+                marks = ", ".join("?" * len(chunk))
+                for step, event_id in self.conn.execute(
+                    f"SELECT step, event_id FROM steps WHERE run_id = ? AND step IN ({marks})", (run_id, *chunk)
+                ):
+                    self.newest[(run_id, step)] = event_id
+
+    def _store(self, record: _Record) -> str:
+        """Store the code texts a record carries for its step (the others are in the journal already),
+        each as a delta against the code of the step it follows: "applied", or why it was skipped."""
+        step = record.step
+        if not step.code:
+            return "applied"
+        carried = {path: record.texts[digest] for path, digest in step.code.files if digest in record.texts}
+        if not carried:
+            return "applied"
+        base = None
+        if record.run is None:
+            at = step.parent_step if step.parent_step is not None else step.step
+            base = self.codes.get((step.run_id, at)) or self.journal._code_at_or_below(self.conn, step.run_id, at)
+        stored = self.journal.store_code(self.conn, carried, base).manifest()
+        if any(stored[path] != digest for path, digest in step.code.files if path in carried):
+            return "a record whose code does not match its hashes, skipped"
+        return "applied"
 
 
 def check_files(files: JournalFiles, now: float | None = None) -> dict[str, Any]:

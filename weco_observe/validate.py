@@ -250,6 +250,11 @@ def _first_surrogate(text: str) -> str:
     return next((f"U+{ord(c):04X} at {i}" for i, c in enumerate(text) if "\ud800" <= c <= "\udfff"), "?")
 
 
+def is_time(value: Any) -> bool:
+    """None, or a plausible epoch time in seconds (a number, not a boolean, before the year 5138)."""
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1e11)
+
+
 def check_run_ref(ref: Any, flag: str = "--run-id") -> str:
     """A run id or prefix as given: non-empty UTF-8 text (it is looked up, never trusted further)."""
     if not isinstance(ref, str) or not ref:
