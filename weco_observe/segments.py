@@ -54,8 +54,13 @@ from .settings import Settings
 
 __all__ = ["MergeResult", "SegmentWriter", "backlog", "check_files", "merge", "read_records"]
 
-#: the record format written; version 1 (with an ``"event"`` doc as well) is still read
-VERSION = 2
+#: The record format written: 1, which carries the outbox event beside the step (or the run).
+#: Owners of every release merge it, and on a cluster the hosts run whatever release their
+#: venv has: an owner that does not read a record's format skips it as torn and removes its
+#: file once the rest is merged, so a writer must not write a format before every owner reads it.
+VERSION = 1
+#: The formats merged. 2 is 1 without the event (the merge makes the event from the step in
+#: both): half the JSON to decode. Once the owners in use all read 2, writers can switch to it.
 _READ = (1, 2)
 #: an abandoned ``.open`` file from another host (its writer cannot be asked) is sealed after this long unchanged
 ABANDONED = 24 * 3600.0
@@ -124,7 +129,7 @@ def decode(data: bytes, offset: int = 0) -> Parsed:
             out.torn.append(f"byte {where}: not JSON")
             continue
         if not isinstance(doc, dict) or doc.get("v") not in _READ or doc.get("op") not in ("run", "step"):
-            if isinstance(doc, dict) and isinstance(doc.get("v"), int) and doc["v"] > VERSION:
+            if isinstance(doc, dict) and isinstance(doc.get("v"), int) and doc["v"] > max(_READ):
                 out.newer += 1
             else:
                 out.torn.append(f"byte {where}: not a record of this version")
@@ -640,6 +645,7 @@ class SegmentWriter:
             "ref": run_id,
             "run": run.to_doc(),
             "step": step.to_doc(),
+            "event": Event.create(run, manifest, event_id=event_id).to_doc(),
             "blobs": blobs,
         }
         self._publish(run_id, doc, event_id)
@@ -701,6 +707,7 @@ class SegmentWriter:
             "op": "step",
             "ref": view.ref,
             "step": state.to_doc(),
+            "event": Event.log(state).to_doc(),
             "blobs": blobs,
         }
         self._publish(view.ref, doc, event_id)
