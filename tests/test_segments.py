@@ -8,6 +8,7 @@ across mounts) is in test_cluster.py.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -554,6 +555,18 @@ HOSTILE = {
     "a run folder that is not an id": lambda d: d.update(ref="../../etc"),
     "a step that is not an object": lambda d: d.update(step=["not", "a", "step"]),
 }
+
+
+def test_a_carried_blob_that_inflates_past_its_bound_is_refused_before_it_is_inflated(monkeypatch):
+    monkeypatch.setattr(segments, "_INFLATE_FLOOR", 1 << 20)
+    real = "".join(f"x_{i} = {i * 7919 % 1000}\n" for i in range(120_000))  # 1.6 MiB that compresses ~5x
+    assert segments._blob_text(segments._blob_doc(real)) == real
+    bomb = base64.b64encode(zlib.compress(b"a" * (8 << 20), 9)).decode()  # 8 KiB -> 8 MiB
+    with pytest.raises(ValueError, match="inflates past 1 MiB"):
+        segments._blob_text(bomb)
+    cut = base64.b64encode(zlib.compress(real.encode())[:-10]).decode()
+    with pytest.raises(ValueError, match="cut short"):
+        segments._blob_text(cut)
 
 
 def deep(levels: int) -> dict:

@@ -137,8 +137,23 @@ def decode(data: bytes, offset: int = 0) -> Parsed:
         out.records.append(doc)
 
 
+#: A carried code blob inflates to at most this, or to ``_INFLATE_RATIO`` times its compressed
+#: size when that is more: a zlib bomb in a damaged or forged record costs bounded memory and
+#: time, while real code (which compresses 3-20x) of any size still merges.
+_INFLATE_FLOOR = 256 << 20
+_INFLATE_RATIO = 200
+
+
 def _blob_text(encoded: str) -> str:
-    return zlib.decompress(base64.b64decode(encoded, validate=True)).decode("utf-8")
+    data = base64.b64decode(encoded, validate=True)
+    limit = max(_INFLATE_FLOOR, _INFLATE_RATIO * len(data))
+    inflater = zlib.decompressobj()
+    text = inflater.decompress(data, limit + 1)
+    if len(text) > limit or inflater.unconsumed_tail:
+        raise ValueError(f"a code blob inflates past {limit >> 20} MiB")
+    if not inflater.eof:
+        raise ValueError("a code blob is cut short")
+    return text.decode("utf-8")
 
 
 def _blob_doc(text: str) -> str:
