@@ -291,6 +291,10 @@ class WecoClient:
                 raise ApiMisconfigured(
                     f"WECO_OBSERVE_CA_BUNDLE {settings.ca_bundle}: not a readable PEM file of CA certificates ({exc})"
                 ) from None
+        if transport is None:  # the standard library's http.client: a quarter of httpcore's CPU (transport.py)
+            from .transport import StdlibTransport
+
+            transport = StdlibTransport(verify=verify, max_connections=max_connections)
         self._client = httpx.Client(
             base_url=self.base_url,
             verify=verify,
