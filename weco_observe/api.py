@@ -31,6 +31,7 @@ an answer or from httpx goes through :func:`~weco_observe.redact.redact`.
 from __future__ import annotations
 
 import email.utils
+import functools
 import json
 import math
 import sys
@@ -71,6 +72,7 @@ def create_path() -> str:
     return CREATE_PATH
 
 
+@functools.lru_cache(maxsize=4096)  # a sync sends every step of a run to one path
 def steps_path(run_id: str) -> str:
     """``POST`` here upserts a step of run ``run_id`` (a server id, escaped as one path segment).
 

@@ -503,7 +503,7 @@ class Replayer:
         """Send the latest state of ``ev``'s step; False if the rest of the run must wait."""
         journal = self.journal
         try:
-            target = outbox.current_state_event(journal, run_id, ev["step"], ev["seq"])
+            target = outbox.current_state_event(ev)
         except _DAMAGE as exc:
             outbox.rejected(journal, ev["id"], f"{DAMAGED} ({type(exc).__name__} reading its payload)", attempts=0)
             self._tick(rejected=1)
