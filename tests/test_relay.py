@@ -268,6 +268,60 @@ def test_boxes_sync_to_the_relay_and_it_forwards_upstream_exactly_once(relays, r
     assert health["ok"] and health["pending_upstream"] == 0
 
 
+def test_forwarding_honours_429_and_retry_after_and_sends_each_step_once(relays, relay_data, emulator, tmp_path):
+    """The upstream rate-limits a third of the requests: the forwarding process waits as asked and
+    gets everything there once (a 429 stores nothing, so one post per step means no resend)."""
+    emulator.set_faults(rate_limit_rate=0.3, retry_after=0.3, seed=11)
+    key = add_key(relay_data, "box")
+    relay = relays(relay_data, "--upstream", emulator.base_url, env={"WECO_API_KEY": emulator.api_key})
+    data, run = make_box(tmp_path, "box", 30, src=tmp_path / "a.py")
+    synced = cli(data, "sync", env=relay.env(key))
+    assert synced.returncode == 0, synced.stderr
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and httpx.get(relay.url + "/healthz").json()["pending_upstream"]:
+        time.sleep(0.2)
+    assert emulator.stats().get("status_429", 0) > 0
+    (upstream,) = emulator.runs().values()
+    _server, steps = box_steps(data, run)
+    assert sorted(upstream["steps"]) == sorted(steps)
+    assert all(s["posts"] == 1 for n, s in upstream["steps"].items() if n != 0)
+
+
+def _children(pid: int) -> set[int]:
+    """Live processes whose parent is ``pid`` (Linux /proc)."""
+    out = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, ppid = stat.read_text().rsplit(")", 1)[1].split()[:2]
+        except (OSError, ValueError):
+            continue
+        if int(ppid) == pid and state != "Z":
+            out.add(int(stat.parent.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_the_forwarding_process_ends_with_a_killed_relay(relays, relay_data, emulator):
+    """Forwarding runs in a process of its own; a ``kill -9`` of the relay must not leave it sending."""
+    relay = relays(relay_data, "--upstream", emulator.base_url, env={"WECO_API_KEY": emulator.api_key})
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not _children(relay.proc.pid):
+        time.sleep(0.1)
+    forwarders = _children(relay.proc.pid)
+    assert forwarders
+    relay.kill()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and any(_alive(pid) for pid in forwarders):
+        time.sleep(0.1)
+    assert not any(_alive(pid) for pid in forwarders)
+
+
 def test_kill_9_of_the_relay_while_four_boxes_sync_loses_and_doubles_nothing(relays, relay_data, tmp_path):
     key = add_key(relay_data, "site")
     boxes = [make_box(tmp_path, f"box-{i}", 40, src=tmp_path / f"s{i}.py") for i in range(4)]

@@ -31,6 +31,7 @@ an answer or from httpx goes through :func:`~weco_observe.redact.redact`.
 from __future__ import annotations
 
 import email.utils
+import functools
 import json
 import math
 import sys
@@ -71,6 +72,7 @@ def create_path() -> str:
     return CREATE_PATH
 
 
+@functools.lru_cache(maxsize=4096)  # a sync sends every step of a run to one path
 def steps_path(run_id: str) -> str:
     """``POST`` here upserts a step of run ``run_id`` (a server id, escaped as one path segment).
 
@@ -291,19 +293,28 @@ class WecoClient:
                 raise ApiMisconfigured(
                     f"WECO_OBSERVE_CA_BUNDLE {settings.ca_bundle}: not a readable PEM file of CA certificates ({exc})"
                 ) from None
-        self._client = httpx.Client(
-            base_url=self.base_url,
-            verify=verify,
-            headers={"Authorization": f"Bearer {key}", "User-Agent": USER_AGENT, "Accept": "application/json"},
-            timeout=httpx.Timeout(read_timeout, connect=connect_timeout),
-            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
-            transport=transport,
-            follow_redirects=False,
-            trust_env=False,
+        if transport is None:  # the standard library's http.client: a quarter of httpcore's CPU (transport.py)
+            from .transport import StdlibTransport
+
+            transport = StdlibTransport(verify=verify, max_connections=max_connections)
+        # Requests go straight to the transport, not through an httpx.Client: its layer (merging
+        # URLs, default headers, cookies, redirect and auth flows, none of which is used here) cost
+        # 0.3 ms of CPU per request against 0.09 ms for building the request, which at 50 ms round trips
+        # and 32 in flight is GIL time the relay's forwarding and sync are short of (issue 11).
+        self._transport = transport
+        self._headers = httpx.Headers(
+            {
+                "Authorization": f"Bearer {key}",
+                "User-Agent": USER_AGENT,
+                "Accept": "application/json",
+                "Content-Type": "application/json",
+            }
         )
+        self._extensions = {"timeout": httpx.Timeout(read_timeout, connect=connect_timeout).as_dict()}
+        self._urls: dict[str, httpx.URL] = {}
 
     def close(self) -> None:
-        self._client.close()
+        self._transport.close()
 
     def __enter__(self) -> WecoClient:
         return self
@@ -315,7 +326,15 @@ class WecoClient:
         content = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
         error: ApiError
         try:
-            response = self._client.post(path, content=content, headers={"Content-Type": "application/json"})
+            request = httpx.Request(
+                "POST", self._url(path), headers=self._headers, content=content, extensions=self._extensions
+            )
+            response = self._transport.handle_request(request)
+            response.request = request
+            try:
+                response.read()
+            finally:
+                response.close()
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
             error = ApiTransient(f"cannot connect to {self.base_url}: {self._why(exc)}", unreachable=True)
         except httpx.TimeoutException as exc:
@@ -331,6 +350,15 @@ class WecoClient:
         # Raised without the httpx exception as its cause: a printed traceback would show that
         # exception's text, key and all.
         raise error from None
+
+    def _url(self, path: str) -> httpx.URL:
+        """The URL of an endpoint, parsed once per path (a sync's requests go to one path per run)."""
+        url = self._urls.get(path)
+        if url is None:
+            if len(self._urls) > 4096:
+                self._urls.clear()
+            url = self._urls[path] = httpx.URL(self.base_url + path)
+        return url
 
     def _why(self, exc: BaseException) -> str:
         """An httpx exception as text fit to store: httpx quotes header lines and the request in its

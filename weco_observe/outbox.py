@@ -222,14 +222,17 @@ def _against_step(journal: Journal, event: Event, step: int) -> Event:
     """``event``, marked damaged when the step row that names it holds another state (a flipped byte
     in one copy: neither is sent until ``doctor --repair`` rebuilds the event from the step)."""
     rows = _rows(journal, "SELECT * FROM steps WHERE run_id = ? AND step = ?", (event.run_id, step))
-    if rows and any(isinstance(v, DamagedText) for v in tuple(rows[0])):
+    runs = _rows(journal, "SELECT * FROM runs WHERE id = ?", (event.run_id,)) if rows and event.kind == CREATE else []
+    return _checked_against(event, rows[0] if rows else None, runs[0] if runs else None)
+
+
+def _checked_against(event: Event, step_row: Any, run_row: Any = None) -> Event:
+    """:func:`_against_step` on rows already read (``run_row`` for a create only)."""
+    if step_row is not None and any(isinstance(step_row[k], DamagedText) for k in step_row.keys()):
         return event  # the step's row is the damaged copy (doctor says so); the event is what was logged
     try:
-        state = Step.from_row(rows[0]) if rows else None
-        run = None
-        if event.kind == CREATE:
-            runs = _rows(journal, "SELECT * FROM runs WHERE id = ?", (event.run_id,))
-            run = Run.from_row(runs[0]) if runs else None
+        state = Step.from_row(step_row) if step_row is not None else None
+        run = Run.from_row(run_row) if run_row is not None else None
     except ValueError:  # the step's or run's row is the damaged copy: doctor says so; the event is fine
         return event
     if state is not None and disagrees(event, state, run):
@@ -241,30 +244,41 @@ def _against_step(journal: Journal, event: Event, step: int) -> Event:
     return event
 
 
+_EVENT_COLUMNS = (
+    "seq", "id", "run_id", "kind", "step", "payload", "state", "attempts", "unanswered", "last_error", "created_at",
+    "delivered_at",
+)  # fmt: skip
+# Each unsent step event with the event its step row names (the step's current state) and that row,
+# so a page of steps is read in one query, not three per step: under 32 sending threads those
+# queries queued on the journal's one connection (issue 11).
+_STEP_PAGE = (
+    "SELECT e.*, CASE WHEN json_valid(e.payload) THEN json_extract(e.payload, '$.parent_step') IS NULL"
+    " ELSE 1 END AS chained, "
+    + ", ".join(f"c.{col} AS c_{col}" for col in _EVENT_COLUMNS)
+    + ", "
+    + ", ".join(f"s.{col} AS s_{col}" for col in Step.COLUMNS)
+    + " FROM events e LEFT JOIN steps s ON s.run_id = e.run_id AND s.step = e.step"
+    " LEFT JOIN events c ON c.id = s.event_id"
+    f" WHERE e.state IN {_UNSENT} AND e.run_id = ? AND e.kind = 'log_step' AND e.seq > ? ORDER BY e.seq LIMIT ?"
+)
+
+
 def steps_to_send(journal: Journal, run_id: str, after_seq: int, limit: int) -> list[sqlite3.Row]:
-    """A page of a run's unsent step events after ``after_seq``: ``seq, id, step, chained`` (``chained``:
-    sent without a parent, left to the server's auto-chaining)."""
-    return _rows(
-        journal,
-        # json_valid first: a damaged payload must not fail the page (the event is rejected when sent)
-        "SELECT seq, id, step, CASE WHEN json_valid(payload) THEN json_extract(payload, '$.parent_step') IS NULL"
-        " ELSE 1 END AS chained FROM events"
-        f" WHERE state IN {_UNSENT} AND run_id = ? AND kind = 'log_step' AND seq > ? ORDER BY seq LIMIT ?",
-        (run_id, after_seq, limit),
-    )
+    """A page of a run's unsent step events after ``after_seq``: the event's columns, ``chained`` (sent
+    without a parent, left to the server's auto-chaining; a damaged payload reads as chained and is
+    rejected when sent), and its step's current state for :func:`current_state_event`."""
+    return _rows(journal, _STEP_PAGE, (run_id, after_seq, limit))
 
 
-def current_state_event(journal: Journal, run_id: str, step: int, fallback_seq: int) -> Event:
-    """The event holding a step's current state (the step row names it; a bundle import can make
-    that an event with a lower seq than the one being sent), else the event at ``fallback_seq``."""
-    rows = _rows(
-        journal,
-        "SELECT e.* FROM steps s JOIN events e ON e.id = s.event_id WHERE s.run_id = ? AND s.step = ?",
-        (run_id, step),
-    )
-    if rows and rows[0]["kind"] == LOG:
-        return _against_step(journal, Event.from_row(rows[0]), step)
-    return Event.from_row(_rows(journal, "SELECT * FROM events WHERE seq = ?", (fallback_seq,))[0])
+def current_state_event(row: sqlite3.Row) -> Event:
+    """The event holding the current state of a page row's step (the step row names it; a bundle
+    import can make that an event with a lower seq than the row's), else the row's own event.
+    Marked damaged when it disagrees with its step's row (see :func:`_against_step`)."""
+    if row["c_kind"] != LOG:
+        return Event.from_row(row)
+    current = Event.from_row({col: row[f"c_{col}"] for col in _EVENT_COLUMNS})
+    step = {col: row[f"s_{col}"] for col in Step.COLUMNS} if row["s_run_id"] is not None else None
+    return _checked_against(current, step)
 
 
 def plan_events(journal: Journal, run_id: str) -> Iterator[tuple[Event, Event | None]]:

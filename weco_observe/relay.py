@@ -22,8 +22,8 @@ upstream with the ordinary replay engine when a gateway opens.
   to relay never makes a duplicate; steps upsert.
 - **Keys** (``relay_keys``): stored as SHA-256 hashes; each run records the key that
   made it (``relay_runs``), which the dashboard shows as the box or user.
-- **Upstream**: a thread drains the journal to ``--upstream`` with ``replay.drain``,
-  backing off quietly while the route is down.
+- **Upstream**: a process of its own drains the journal to ``--upstream`` with
+  ``replay.drain``, backing off quietly while the route is down.
 
 The relay's own tables live in a migration set of their own, so a box's journal
 never has them. This module needs the ``server`` extra (uvicorn); nothing on a
@@ -356,66 +356,127 @@ class RelayStore:
 
 
 class Forwarder:
-    """Drains the relay's journal to an upstream Weco API (or another relay) while the relay runs."""
+    """Drains the relay's journal to an upstream Weco API (or another relay) while the relay runs.
 
-    def __init__(self, data_dir: Path, upstream: str, key: str, *, log: Callable[[str], None], workers: int = 32):
+    From a process of its own: forwarding is Python work per step (building each request,
+    reading code blobs, the outbox's transitions) in many threads, and in the relay's
+    process those threads took the GIL from the event loop and the writer thread. In
+    bench_relay.py section 5 the boxes' syncs into the relay then took 8 s of the 10 s
+    it took to get 2,020 steps upstream. The process stops when asked (``stop``), and of
+    itself when the relay is gone (a ``kill -9``), so it never sends for a dead relay;
+    its log lines come back through a pipe to the relay's log.
+    """
+
+    #: requests in flight upstream. At 50 ms a round trip, 32 forwarded ~490 steps/s and 64 ~600/s, at the
+    #: same CPU per step (bench_relay.py, forwarding a backlog, 2026-11-26); the upstream's 429 and
+    #: Retry-After still pace them all.
+    WORKERS = 64
+
+    def __init__(self, data_dir: Path, upstream: str, key: str, *, log: Callable[[str], None], workers: int = WORKERS):
         self.data_dir = Path(data_dir)
         self.upstream = upstream
         self.key = key
         self.log = log
         self.workers = workers
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="weco-relay-upstream", daemon=True)
-        self.last: Any = None
+        self._process: Any = None
+        self._stop: Any = None
+        self._logs: Any = None
+        self._log_thread = threading.Thread(target=self._relay_logs, name="weco-relay-upstream-log", daemon=True)
 
     def start(self) -> Forwarder:
-        self._thread.start()
+        import multiprocessing
+
+        # spawn, not fork: the relay has threads (the writer, uvicorn's), which a fork would copy mid-step
+        context = multiprocessing.get_context("spawn")
+        self._stop = context.Event()
+        self._logs, child_logs = context.Pipe(duplex=False)
+        self._process = context.Process(
+            target=_forward,
+            args=(str(self.data_dir), self.upstream, self.key, self.workers, self._stop, child_logs),
+            name="weco-relay-upstream",
+            daemon=True,
+        )
+        self._process.start()
+        child_logs.close()  # the child's end: our copy closed, the pipe ends when the child does
+        self._log_thread.start()
         return self
 
     def stop(self) -> None:
+        """Let the requests in flight finish (as a ``sync`` does on SIGTERM), then end the process."""
+        if self._process is None:
+            return
         self._stop.set()
-        self._thread.join(timeout=30)
+        self._process.join(timeout=30)
+        if self._process.is_alive():
+            self._process.terminate()
+            self._process.join(timeout=5)
+        self._log_thread.join(timeout=5)
 
-    def _run(self) -> None:
-        from .api import WecoClient
-        from .replay import DrainPolicy, PassResult, drain
-        from .synclock import SyncLock
-
-        def on_pass(result: PassResult) -> None:
-            self.last = result
-            self.log(
-                f"upstream: {result.delivered} delivered, {result.pending} pending"
-                + (f", {result.rejected} rejected" if result.rejected else "")
-            )
-
-        lock = SyncLock(self.data_dir / "journal.db")
-        while not self._stop.is_set():
-            if not lock.try_acquire("relay-upstream"):
-                self._stop.wait(5)  # a `weco observe sync` on the relay's data is running: let it
-                continue
+    def _relay_logs(self) -> None:
+        while True:
             try:
-                with (
-                    Journal(self.data_dir / "journal.db") as journal,
-                    WecoClient(self.upstream, self.key, max_connections=self.workers) as client,
-                ):
-                    done = drain(
-                        journal,
-                        client,
-                        DrainPolicy(poll=0.5, backoff=1.0, max_backoff=60.0, passes=1),
-                        should_stop=self._stop.is_set,
-                        on_pass=on_pass,
-                        workers=self.workers,
-                        step_window=self.workers,
-                    )
-                if done.reason not in ("stopped", "idle"):
-                    # the upstream refused the key or is not the Weco API: retrying at once would hammer it
-                    self.log(f"upstream: stopped ({done.reason}): {done.total.last_error}; trying again in 5 minutes")
-                    self._stop.wait(300)
-            except Exception as exc:  # never let the relay die of its upstream
-                self.log(f"upstream: {type(exc).__name__}: {exc}")
-                self._stop.wait(5)
-            finally:
-                lock.release()
+                message = self._logs.recv()
+            except (EOFError, OSError):
+                return
+            self.log(message)
+
+
+def _forward(data_dir: str, upstream: str, key: str, workers: int, stop: Any, logs: Any) -> None:
+    """The forwarding process: ``replay.drain`` of the relay's journal, for as long as the relay runs."""
+    import multiprocessing
+
+    from .api import WecoClient
+    from .replay import DrainPolicy, PassResult, drain
+    from .synclock import SyncLock
+
+    parent = multiprocessing.parent_process()
+
+    def stopping() -> bool:
+        return stop.is_set() or (parent is not None and not parent.is_alive())
+
+    def pause(seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while not stopping() and (left := end - time.monotonic()) > 0:
+            stop.wait(min(left, 1.0))
+
+    def log(message: str) -> None:
+        try:
+            logs.send(message)
+        except OSError:  # the relay is gone
+            pass
+
+    def on_pass(result: PassResult) -> None:
+        log(
+            f"upstream: {result.delivered} delivered, {result.pending} pending"
+            + (f", {result.rejected} rejected" if result.rejected else "")
+        )
+
+    path = Path(data_dir) / "journal.db"
+    lock = SyncLock(path)
+    while not stopping():
+        if not lock.try_acquire("relay-upstream"):
+            pause(5)  # a `weco observe sync` on the relay's data is running: let it
+            continue
+        try:
+            with Journal(path) as journal, WecoClient(upstream, key, max_connections=workers) as client:
+                done = drain(
+                    journal,
+                    client,
+                    DrainPolicy(poll=0.5, backoff=1.0, max_backoff=60.0, passes=1),
+                    should_stop=stopping,
+                    on_pass=on_pass,
+                    workers=workers,
+                    step_window=workers,
+                )
+            if done.reason not in ("stopped", "idle"):
+                # the upstream refused the key or is not the Weco API: retrying at once would hammer it
+                log(f"upstream: stopped ({done.reason}): {done.total.last_error}; trying again in 5 minutes")
+                pause(300)
+        except Exception as exc:  # never let the relay lose its upstream to one error
+            log(f"upstream: {type(exc).__name__}: {exc}")
+            pause(5)
+        finally:
+            lock.release()
 
 
 # -- the ASGI application ------------------------------------------------------------------------

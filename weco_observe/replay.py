@@ -49,12 +49,13 @@ syncs in bounded memory.
 
 from __future__ import annotations
 
+import queue
 import random
 import threading
 import time
 import zlib
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -438,30 +439,38 @@ class Replayer:
         a parent (left to the server's auto-chaining: a remote-only run's step whose
         parent this journal never knew) waits for every earlier one and goes alone.
         """
-        inflight: set[Future[bool]] = set()
+        # Finished sends come back through a queue (a done-callback), not wait(FIRST_COMPLETED): that
+        # installs and removes a waiter on every future in flight for each step sent, under their locks.
+        finished: queue.SimpleQueue[Future[bool]] = queue.SimpleQueue()
+        inflight = 0
         ok = True
 
-        def drain_inflight(all_: bool) -> None:
+        def settle(most: int) -> None:
+            """Take the sends that finished, waiting for more until at most ``most`` are in flight."""
             nonlocal inflight, ok
-            while inflight and (all_ or len(inflight) >= self.step_window):
-                done, inflight = wait(inflight, return_when=FIRST_COMPLETED)
-                for future in done:
-                    ok = future.result() and ok
+            while inflight > most or not finished.empty():
+                future = finished.get()
+                inflight -= 1
+                ok = future.result() and ok
 
         try:
             for ev in batch:
                 if not ok or self._halted():
                     break
                 if self._step_pool is None or self.step_window <= 1 or (ev["chained"] and ev["step"] != 0):
-                    drain_inflight(all_=True)
+                    settle(0)
                     if not ok:
                         break
                     ok = self._send_step(run_id, server_id, ev, done_upto)
                     continue
-                drain_inflight(all_=False)
-                inflight.add(self._step_pool.submit(self._send_step, run_id, server_id, ev, done_upto))
+                settle(self.step_window - 1)
+                if not ok:
+                    break
+                future = self._step_pool.submit(self._send_step, run_id, server_id, ev, done_upto)
+                inflight += 1
+                future.add_done_callback(finished.put)
         finally:
-            drain_inflight(all_=True)
+            settle(0)
         if self._halted():
             raise _Halt()
         return ok
@@ -503,7 +512,7 @@ class Replayer:
         """Send the latest state of ``ev``'s step; False if the rest of the run must wait."""
         journal = self.journal
         try:
-            target = outbox.current_state_event(journal, run_id, ev["step"], ev["seq"])
+            target = outbox.current_state_event(ev)
         except _DAMAGE as exc:
             outbox.rejected(journal, ev["id"], f"{DAMAGED} ({type(exc).__name__} reading its payload)", attempts=0)
             self._tick(rejected=1)
