@@ -40,6 +40,33 @@ def test_requests_share_a_kept_alive_connection(emulator):
     assert emulator.stats()["steps_posted"] == 20
 
 
+def test_connections_on_descriptors_past_1023_are_reused_too(emulator):
+    """A busy relay has many files open; the idle check must not take a high descriptor for dead."""
+    import os
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip(f"the descriptor limit is {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
+    held = []
+    try:
+        while not held or held[-1] < 1100:
+            held.append(os.dup(0))
+        with WecoClient(emulator.base_url, emulator.api_key) as client:
+            run = client.create_run({"source_code": CODE, "metric_name": "loss", "maximize": False})
+            used = []
+            for n in range(1, 4):
+                client.log_step(run, {"step": n, "status": "completed"})
+                used += [conn for idle in client._transport._idle.values() for conn, _ in idle]
+            assert len(used) == 3 and used[0].sock.fileno() > 1023
+            assert used[1] is used[0] and used[2] is used[0]  # one connection, kept
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
 def test_a_connection_the_server_closed_while_idle_is_not_reused(emulator):
     with WecoClient(emulator.base_url, emulator.api_key) as client:
         run = client.create_run({"source_code": CODE, "metric_name": "loss", "maximize": False})

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import hashlib
 import hmac
 import json
@@ -440,10 +441,8 @@ def _forward(data_dir: str, upstream: str, key: str, workers: int, stop: Any, lo
             stop.wait(min(left, 1.0))
 
     def log(message: str) -> None:
-        try:
+        with contextlib.suppress(OSError):  # the relay is gone
             logs.send(message)
-        except OSError:  # the relay is gone
-            pass
 
     def on_pass(result: PassResult) -> None:
         log(

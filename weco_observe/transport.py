@@ -174,6 +174,8 @@ def _readable(conn: http.client.HTTPConnection) -> bool:
     if sock is None:
         return True
     try:
-        return bool(select.select([sock], [], [], 0)[0])
+        poller = select.poll()  # not select.select: it refuses descriptors past 1023, which a busy relay has
+        poller.register(sock, select.POLLIN)
+        return bool(poller.poll(0))
     except (OSError, ValueError):
         return True
