@@ -432,20 +432,25 @@ def test_the_background_syncer_refuses_plain_http_or_warns_in_its_log(cli, emula
     assert_server_matches_journal(emulator, journal_path)
 
 
-def test_sync_redacts_what_an_older_journal_already_holds(cli, emulator, journal_path):
-    """A journal written before redaction may hold an echoed key in last_error; sync's summary
-    and --json print it (a rejected create's reason) without the key."""
+def _as_an_older_release_left_it(journal_path: Path, create_error: str, step_error: str | None = None) -> None:
+    """A run with a step, its create rejected with ``create_error`` (and its step retried after
+    ``step_error``), stored as is: what a release before redaction may have written."""
     from emulator_fixtures import make_workload
 
-    emulator.api_key = KEY
     make_workload(journal_path, runs=1, steps=1, relog=False)
     conn = sqlite3.connect(journal_path)
     with conn:
-        conn.execute(
-            "UPDATE events SET state = 'rejected', last_error = ? WHERE kind = 'create_run'",
-            (f'bad token "{KEY}" and {json_escaped(KEY)}',),
-        )
+        conn.execute("UPDATE events SET state = 'rejected', last_error = ? WHERE kind = 'create_run'", (create_error,))
+        if step_error is not None:
+            conn.execute("UPDATE events SET attempts = 1, last_error = ? WHERE kind = 'log_step'", (step_error,))
     conn.close()
+
+
+def test_sync_redacts_what_an_older_journal_already_holds(cli, emulator, journal_path):
+    """A journal written before redaction may hold an echoed key in last_error; sync's summary
+    and --json print it (a rejected create's reason) without the key."""
+    emulator.api_key = KEY
+    _as_an_older_release_left_it(journal_path, f'bad token "{KEY}" and {json_escaped(KEY)}')
     env = {"WECO_BASE_URL": emulator.base_url, "WECO_API_KEY": KEY}
     human = cli("observe", "sync", env=env)
     as_json = cli("observe", "sync", "--json", env=env)
@@ -457,20 +462,9 @@ def test_sync_redacts_what_an_older_journal_already_holds(cli, emulator, journal
 
 def test_status_redacts_what_an_older_journal_already_holds(cli, journal_path):
     """The same for status: a rejected event's reason and a pending event's last error, as stored."""
-    from emulator_fixtures import make_workload
-
-    make_workload(journal_path, runs=1, steps=2, relog=False)
-    conn = sqlite3.connect(journal_path)
-    with conn:
-        conn.execute(
-            "UPDATE events SET state = 'rejected', last_error = ? WHERE kind = 'create_run'",
-            (f'bad token "{KEY}"',),
-        )
-        conn.execute(
-            "UPDATE events SET attempts = 1, last_error = ? WHERE kind = 'log_step'",
-            (f"502 from proxy: Authorization: Bearer {json_escaped(KEY)}",),
-        )
-    conn.close()
+    _as_an_older_release_left_it(
+        journal_path, f'bad token "{KEY}"', f"502 from proxy: Authorization: Bearer {json_escaped(KEY)}"
+    )
     env = {"WECO_API_KEY": KEY}
     human = cli("observe", "status", env=env)
     as_json = cli("observe", "status", "--json", env=env)
