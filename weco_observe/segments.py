@@ -35,6 +35,7 @@ its records are committed, and an ``.open`` file only once its writer is gone.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import socket
@@ -208,10 +209,8 @@ def read_records(path: Path, offset: int = 0) -> Parsed:
     except OSError:
         return Parsed(end=offset, gone=True)
     finally:
-        try:
+        with contextlib.suppress(OSError):
             os.close(fd)
-        except OSError:
-            pass
     return decode(b"".join(chunks), offset)
 
 
@@ -404,14 +403,10 @@ class SegmentWriter:
         torn last record, from a write that failed, is reported and skipped by the merge)."""
         fd, path = self._open.pop(ref)
         self._written.pop(path.name, None)
-        try:
+        with contextlib.suppress(OSError):
             os.close(fd)
-        except OSError:
-            pass
-        try:
+        with contextlib.suppress(OSError):  # left .open: the owner merges it once this process is gone
             os.rename(path, path.with_suffix(".seg"))
-        except OSError:
-            pass  # still .open: the owner merges it once this process is gone
 
     def __enter__(self) -> SegmentWriter:
         return self
@@ -766,9 +761,9 @@ def _write_all(fd: int, data: bytes) -> None:
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some network filesystems refuse fsync on a directory; their metadata ops are synchronous
+        # some network filesystems refuse fsync on a directory; their metadata operations are synchronous
+        with contextlib.suppress(OSError):
+            os.fsync(fd)
     finally:
         os.close(fd)
 
@@ -886,15 +881,11 @@ def _tidy(partition: Path, now: float) -> None:
     for name in names:
         if name.startswith(".") and name.endswith(".tmp"):
             path = partition / name
-            try:
+            with contextlib.suppress(OSError):
                 if now - path.stat().st_mtime > STALE_TMP:
                     path.unlink()
-            except OSError:
-                pass
-    try:
+    with contextlib.suppress(OSError):
         partition.rmdir()  # only when empty; a writer that raced us re-creates it
-    except OSError:
-        pass
 
 
 class _Record(NamedTuple):
@@ -1117,8 +1108,6 @@ def check_files(files: JournalFiles, now: float | None = None) -> dict[str, Any]
         except OSError:
             tmps = []
         for name in tmps:
-            try:
+            with contextlib.suppress(OSError):
                 out["stale_tmp"] += now - (partition / name).stat().st_mtime > STALE_TMP
-            except OSError:
-                pass
     return out

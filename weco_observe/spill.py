@@ -25,6 +25,7 @@ Spill files never contain the API key.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import stat
@@ -215,11 +216,11 @@ def pending(journal_path: str | os.PathLike[str] | None = None) -> list[Path]:
         if why is not None:
             continue
         try:
-            if not _meant_for(_read(path), target):
-                continue
+            meant = _meant_for(_read(path), target)
         except (OSError, ValueError):
-            pass  # unreadable: replay reports it
-        out.append(path)
+            meant = True  # unreadable: kept in the list, so replay reports it
+        if meant:
+            out.append(path)
     return sorted(out, key=lambda p: p.name)
 
 
@@ -260,14 +261,10 @@ def replay(journal: Journal) -> int:
             continue
         except (OSError, ValueError, TypeError, InvalidInput) as exc:
             _warn(f"could not import spill file {path}: {exc}; kept as {path.name}.bad")
-            try:
+            with contextlib.suppress(OSError):
                 path.rename(path.with_name(path.name + ".bad"))
-            except OSError:
-                pass
             continue
-        try:
+        with contextlib.suppress(OSError):
             path.unlink()
-        except OSError:
-            pass
         done += 1
     return done
