@@ -38,7 +38,20 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import REPO, clean_up, ensure_venv, in_venv, isolated_env, median, ms, pct, source_13k, table, verdict
+from common import (
+    REPO,
+    clean_up,
+    ensure_venv,
+    in_venv,
+    init_run,
+    isolated_env,
+    median,
+    ms,
+    pct,
+    source_13k,
+    table,
+    verdict,
+)
 
 SDK = """
 import json, os, sqlite3, sys, time
@@ -321,17 +334,7 @@ def interleaved_logs(
 ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """`init` once per mode, then `reps` CLI `log`s per mode, the modes interleaved (the order swapped
     every step), each step changing one line of ``src``: (wall times, CPU times) by mode."""
-    runs = {
-        mode: subprocess.run(
-            [weco, "observe", "init", "--metric", "loss", "-s", src.name],
-            env=env,
-            cwd=folder,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        for mode, env in envs.items()
-    }
+    runs = {mode: init_run(weco, env, folder, src.name) for mode, env in envs.items()}
     wall: dict[str, list[float]] = {mode: [] for mode in envs}
     cpu: dict[str, list[float]] = {mode: [] for mode in envs}
     for step in range(1, reps + 1):

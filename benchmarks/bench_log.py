@@ -25,7 +25,20 @@ import resource
 import tempfile
 from pathlib import Path
 
-from common import clean_up, ensure_venv, in_venv, isolated_env, median, ms, pct, source_13k, table, verdict, wall
+from common import (
+    clean_up,
+    ensure_venv,
+    in_venv,
+    init_run,
+    isolated_env,
+    median,
+    ms,
+    pct,
+    source_13k,
+    table,
+    verdict,
+    wall,
+)
 
 BUILD = """
 import json, sys, time
@@ -96,19 +109,7 @@ def main() -> None:
     empty_env = isolated_env(work / "empty")
     big_env = isolated_env(work / "big")
 
-    def init(env: dict[str, str]) -> str:
-        import subprocess
-
-        return subprocess.run(
-            [weco, "observe", "init", "--metric", "loss", "-s", "train.py"],
-            env=env,
-            cwd=work,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-
-    run_empty = init(empty_env)
+    run_empty = init_run(weco, empty_env, work, "train.py")
     built = in_venv(venv, BUILD, big_env, str(src), str(work / "big" / "journal.db"), str(args.big))
     run_big = built["run"]
 

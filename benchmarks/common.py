@@ -67,6 +67,18 @@ def wall(argv: Sequence[str], env: dict[str, str], cwd: Path | None = None) -> f
     return elapsed
 
 
+def init_run(weco: str, env: dict[str, str], cwd: Path, source: str) -> str:
+    """``weco observe init --metric loss -s SOURCE`` in ``cwd``: the new run's id."""
+    return subprocess.run(
+        [weco, "observe", "init", "--metric", "loss", "-s", source],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+
+
 def in_venv(venv: Path, code: str, env: dict[str, str], *args: str) -> dict:
     """Run ``code`` with the venv's interpreter; it prints one JSON object, returned here.
 
