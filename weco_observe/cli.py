@@ -435,13 +435,6 @@ def status(
     from ._weco_alias import which
 
     gives, origin = which()
-    # Journals written before redaction may hold an echoed key in last_error; the key read above
-    # (registered by Settings) is masked in what is shown.
-    from .redact import redact
-
-    for r in rejected:
-        r["last_error"] = redact(r["last_error"]) if r["last_error"] else r["last_error"]
-    last_error = redact(problems["last_error"]) if problems["last_error"] else None
     info = {
         "journal": str(path),
         "mode": "cluster" if mode.shared else "local",
@@ -454,7 +447,7 @@ def status(
         "steps": steps,
         "events": events,
         "pending_with_errors": problems["retrying"],
-        "last_error": last_error,
+        "last_error": problems["last_error"],
         "rejected": rejected,
         "blocked": blocked,
         "possible_duplicates": problems["possible_duplicates"],
@@ -468,8 +461,12 @@ def status(
         # what the guide's `from weco.observe import WecoObserver` gives in this Python
         "weco_observe_import": {"gives": gives, "origin": origin, "python": sys.executable},
     }
+    # Journals written before redaction may hold an echoed key in last_error: what is shown goes
+    # through redact, as sync's output does (the key read above is registered by Settings).
+    from .redact import redact, redact_values
+
     if as_json:
-        print(json.dumps(info, indent=2))
+        print(json.dumps(redact_values(info), indent=2))
         return
     ev = info["events"]
     unsent = sum(ev[state] for state in outbox.UNSENT)
@@ -537,7 +534,7 @@ def status(
             "                fix the cause and `weco observe sync --retry-rejected`,"
             " or give up on them: `weco observe discard --rejected [--run-id ID]`"
         )
-    print("\n".join(lines))
+    print(redact("\n".join(lines)))
 
 
 def _mode_text(mode: Any) -> str:

@@ -86,20 +86,6 @@ def _summary_lines(result: Any) -> list[str]:
     return lines
 
 
-def _redacted(value: Any) -> Any:
-    """Every string in a JSON-able value through ``redact`` (values, not the JSON text: a mask
-    must never land inside an escape sequence)."""
-    from .redact import redact
-
-    if isinstance(value, str):
-        return redact(value)
-    if isinstance(value, list):
-        return [_redacted(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _redacted(v) for k, v in value.items()}
-    return value
-
-
 def sync_command(
     run_id: Annotated[
         Optional[str], typer.Option("--run-id", help="Sync only this run (local or server id, or a unique prefix).")
@@ -199,12 +185,12 @@ def sync_command(
         progress_factory=None if as_json else _progress_bar,
         on_pass=on_pass,
     )
-    from .redact import redact
+    from .redact import redact, redact_values
 
     # The errors in a result come from servers and were redacted when stored; this is the last
     # line of defence for what a journal written by an older version may hold.
     if as_json:
-        print(json.dumps(_redacted(result.to_json()), indent=2))
+        print(json.dumps(redact_values(result.to_json()), indent=2))
     else:
         if result.imports:
             from .cli_bundle import import_lines

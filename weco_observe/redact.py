@@ -28,8 +28,9 @@ from __future__ import annotations
 
 import re
 import threading
+from typing import Any
 
-__all__ = ["MASK", "redact", "register"]
+__all__ = ["MASK", "redact", "redact_values", "register"]
 
 #: what a key is replaced with
 MASK = "<api key>"
@@ -86,3 +87,20 @@ def redact(text: str, *secrets: str | None) -> str:
     for pattern in patterns:
         text = pattern.sub(MASK, text)
     return text
+
+
+def redact_values(value: Any) -> Any:
+    """Every string in a JSON-able value through :func:`redact` (the values, not the JSON text: a
+    mask must never land inside an escape sequence). For ``--json`` output built from the journal.
+
+    >>> register("wk-abc123")
+    >>> redact_values({"last_error": ["key wk-abc123"], "n": 1})
+    {'last_error': ['key <api key>'], 'n': 1}
+    """
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, list):
+        return [redact_values(v) for v in value]
+    if isinstance(value, dict):
+        return {k: redact_values(v) for k, v in value.items()}
+    return value
