@@ -245,3 +245,61 @@ def test_a_rename_refused_the_way_sftp_refuses_it_means_another_took_the_lock(db
     assert not lock.try_acquire("merge") and not lock.held
     assert lock.holder()["host"] == "another-node"
     assert [p.name for p in db.parent.iterdir() if ".new-" in p.name] == []  # its staging folder is gone
+
+
+PAUSED_WHILE_BREAKING = r"""
+import os, sys, time
+from weco_observe import ownerlock
+
+rename = os.rename
+
+def paused(src, dst):  # the breaker has made its marker and is about to move the dead owner aside
+    if ".stale-" in str(dst):
+        print("breaking", flush=True)
+        time.sleep(120)
+    return rename(src, dst)
+
+ownerlock.os.rename = paused
+ownerlock.OwnerLock(sys.argv[1]).try_acquire("merge")
+"""
+
+
+def test_a_breaker_killed_mid_break_on_this_host_does_not_block_the_next_owner(db):
+    # seen in test_cluster's kill -9 workload: a merger killed between making the break marker and
+    # moving the dead owner aside left a marker that made every later owner wait 150 s
+    import signal
+
+    dead_owner = subprocess.run(
+        [sys.executable, "-c", f"from weco_observe.ownerlock import OwnerLock; OwnerLock({str(db)!r}).try_acquire()"],
+        timeout=60,
+    )
+    assert dead_owner.returncode == 0
+    breaker = subprocess.Popen(
+        [sys.executable, "-c", PAUSED_WHILE_BREAKING, str(db)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert breaker.stdout is not None and breaker.stdout.readline() == "breaking\n"
+    finally:
+        breaker.send_signal(signal.SIGKILL)
+        breaker.wait(30)
+        breaker.stdout.close()
+    assert list(db.parent.glob("journal.db.owner.break-*"))  # what the killed breaker left
+    lock = OwnerLock(db)
+    started = time.monotonic()
+    lock.acquire("merge", timeout=5, poll=0.05)
+    assert time.monotonic() - started < 2
+    lock.release()
+    assert list(db.parent.glob("journal.db.owner.break-*")) == []
+
+
+def test_a_live_breaker_s_marker_is_respected(db):
+    lock_dir = db.with_name("journal.db.owner")
+    lock_dir.mkdir()
+    _as_other_host(lock_dir)
+    marker = db.with_name("journal.db.owner.break-abc123")
+    marker.mkdir()  # this process is the breaker: alive, on this host
+    (marker / "owner.json").write_text(json.dumps({"host": os.uname().nodename, "pid": os.getpid(), "token": "x"}))
+    lock = OwnerLock(db, stale=0.2)
+    with pytest.raises(SyncBusy, match="another-node"):
+        lock.acquire("sync", timeout=1, poll=0.05)  # the owner is stale, but someone is breaking it
+    assert lock_dir.exists() and marker.exists()

@@ -27,6 +27,7 @@ See docs/cluster.md for the whole design.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -303,17 +304,8 @@ class OwnerLock:
         if not isinstance(token, str) or not token.isalnum():
             token = "unknown"
         marker = self.path.with_name(f"{self.path.name}.break-{token}")
-        try:
-            os.mkdir(marker, 0o700)
-        except FileExistsError:
-            try:  # a breaker that died mid-break leaves its marker: clear it when it is old
-                if time.time() - marker.stat().st_mtime > 5 * self.stale:
-                    os.rmdir(marker)
-            except OSError:
-                pass
+        if not self._claim_marker(marker):
             return  # another waiter is breaking it
-        except OSError:
-            return
         try:
             aside = self.path.with_name(f"{self.path.name}.stale-{token}-{secrets.token_hex(4)}")
             try:
@@ -329,10 +321,58 @@ class OwnerLock:
                 return
             shutil.rmtree(aside, ignore_errors=True)
         finally:
-            try:
+            with contextlib.suppress(OSError):
+                (marker / _INFO).unlink()
                 os.rmdir(marker)
+
+    def _claim_marker(self, marker: Path) -> bool:
+        """Make the break marker, saying who made it. A marker whose maker died on this host
+        (killed mid-break) is cleared at once; one from another host, or not yet signed, once it
+        is clearly abandoned (5 x :data:`STALE`)."""
+        for _ in range(2):
+            try:
+                os.mkdir(marker, 0o700)
+            except FileExistsError:
+                if not self._clear_abandoned(marker):
+                    return False
+                continue
             except OSError:
-                pass
+                return False
+            with contextlib.suppress(OSError):
+                self._sign(marker)
+            return True
+        return False
+
+    def _sign(self, marker: Path) -> None:
+        blob = json.dumps({"host": _host(), "pid": os.getpid(), "token": secrets.token_hex(8)}).encode()
+        fd = os.open(marker / _INFO, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        try:
+            os.write(fd, blob)
+        finally:
+            os.close(fd)
+
+    def _clear_abandoned(self, marker: Path) -> bool:
+        by = _read_info(marker)
+        if by is not None and by.get("host") == _host():
+            abandoned = not _pid_alive(by.get("pid"))
+        else:
+            try:
+                abandoned = time.time() - marker.stat().st_mtime > 5 * self.stale
+            except OSError:
+                return True  # gone meanwhile: try again
+        if not abandoned:
+            return False
+        aside = self.path.with_name(f"{self.path.name}.stale-{marker.name.rsplit('.', 1)[-1]}-{secrets.token_hex(4)}")
+        try:
+            os.rename(marker, aside)  # one waiter clears it; the others find it gone or fresh
+        except OSError:
+            return False
+        if _read_info(aside) != by:  # a live breaker made it anew between our look and the move
+            with contextlib.suppress(OSError):
+                os.rename(aside, marker)
+            return False
+        shutil.rmtree(aside, ignore_errors=True)
+        return True
 
 
 def _touch(path: Path) -> bool:
