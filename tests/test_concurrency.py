@@ -128,3 +128,46 @@ def test_concurrent_first_use_creates_one_journal(tmp_path, journal_path):
         assert {r["id"] for r in j.query("SELECT id FROM runs")} == run_ids
         assert len(j.query("SELECT name FROM _sqlite_migrations")) == j.schema_version()
     assert not (journal_path.parent / "spill").exists()
+
+
+def test_a_second_journal_opened_in_a_process_keeps_the_first_ones_locks(tmp_path):
+    """Opening a Journal must not open and close journal.db itself: closing any descriptor of a file
+    drops every POSIX lock the process holds on it, SQLite's included. Another process closing its
+    connection then believed it was the last one and deleted the WAL from under the open ones, so
+    later commits went to an unlinked file (seen with a relay, which holds three connections, and a
+    `serve keys add` run beside it)."""
+    from weco_observe.records import Run
+
+    path = tmp_path / "journal.db"
+    first = Journal(path)
+    first.query("SELECT count(*) FROM runs")  # a reader's shared lock, as a long-lived server holds
+    second = Journal(path)  # the relay's store, reader and key check, or ui's journal and views
+    try:
+        other = subprocess.run(
+            [sys.executable, "-c", f"from weco_observe.journal import Journal; Journal({str(path)!r}).close()"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert other.returncode == 0, other.stderr
+        assert (tmp_path / "journal.db-wal").exists()  # still there: the open connections use it
+        with first.write() as conn:
+            now = time.time()
+            run = Run(id="r1", name="n", metric="m", maximize=False, created_at=now, updated_at=now)
+            first.create_run_in(conn, run, {"train.py": "x = 1\n"}, "01ARZ3NDEKTSV4RRFFQ69G5FAV")
+    finally:
+        second.close()
+        first.close()
+    fresh = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from weco_observe.journal import Journal;"
+            " print(Journal(sys.argv[1]).query('SELECT id FROM runs')[0][0])",
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert fresh.stdout.strip() == "r1", fresh.stderr

@@ -31,6 +31,7 @@ Only the standard library is imported: this runs on the ``weco observe log`` hot
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from collections.abc import Iterator
@@ -179,10 +180,15 @@ def output_file(path: str | os.PathLike[str], *, text: bool = True) -> Iterator[
 
 
 def private_file(path: Path) -> None:
-    """Create ``path`` 0600 if missing (before SQLite or a logger creates it with the umask's mode)."""
+    """Create ``path`` 0600 if missing (before SQLite or a logger creates it with the umask's mode).
+
+    An existing file is not opened: closing any descriptor of a file drops every POSIX lock the
+    process holds on it, and SQLite's connections in this process may hold some (the journal's)."""
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     except FileExistsError:
+        if stat.S_ISLNK(os.lstat(path).st_mode):  # refused as opening it with O_NOFOLLOW would be
+            raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), str(path)) from None
         return
     os.close(fd)
 
@@ -227,6 +233,17 @@ class JournalFiles:
     def migrate_lock(self) -> Path:
         """Serialises the first open (switch to WAL, migrations) in local mode."""
         return self._beside(".migrate-lock")
+
+    @property
+    def write_lock(self) -> Path:
+        """Local mode, a relay's journal: its writer processes queue on this flock for each
+        transaction, woken at once, instead of on SQLite's busy handler, which sleeps."""
+        return self._beside(".write-lock")
+
+    @property
+    def dashboard_version(self) -> Path:
+        """A relay's dashboard: a counter its worker processes move when they see the journal change."""
+        return self._beside(".dashboard-version")
 
     @property
     def sync_lock(self) -> Path:
@@ -308,6 +325,8 @@ class JournalFiles:
             self.shm,
             self.rollback,
             self.migrate_lock,
+            self.write_lock,
+            self.dashboard_version,
             self.sync_lock,
             self.sync_yield,
             self.sync_cooldown,
