@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import sqlite3
 import os
 import re
 import signal
@@ -333,7 +334,7 @@ def test_a_session_expires_when_idle_and_at_its_hard_limit(cli, relay_data):
             assert state(busy) == 200
         now[0] = started + app.session_max + 1
         assert state(busy) == 401
-        assert app._sessions == {}  # ended sessions are dropped, not kept
+        assert app._auth.execute("SELECT count(*) FROM relay_sessions").fetchone()[0] == 0  # dropped, not kept
     finally:
         app.shutdown()
 
@@ -355,3 +356,68 @@ def test_the_runs_list_is_computed_once_per_version_and_again_after_a_commit(cli
         assert app._api_data(["runs"], {}) is second
     finally:
         app.shutdown()
+
+
+def test_sessions_live_in_the_journal_so_a_restart_keeps_them_and_a_logout_ends_them_everywhere(
+    cli, tmp_path, relay_data
+):
+    key = keys_add(cli, relay_data, "viewer", read_only=True)
+    first = RelayProcess(relay_data, tmp_path)
+    try:
+        status, headers, _ = first.login(key)
+        assert status == 303
+        cookie = _session(headers)
+        assert _json(first, "/api/state", cookie)["viewer"] == "viewer"
+    finally:
+        first.stop()
+    with sqlite3.connect(relay_data / "journal.db") as conn:  # only the cookie's hash is kept
+        (stored,) = conn.execute("SELECT id FROM relay_sessions").fetchone()
+    assert stored != cookie.split("=", 1)[1] and len(stored) == 64
+    second = RelayProcess(relay_data, tmp_path)
+    try:
+        assert _json(second, "/api/state", cookie)["viewer"] == "viewer"  # the restart kept it
+        status, _, _ = second.request("/logout", "POST", {"cookie": cookie, "sec-fetch-site": "same-origin"})
+        assert status == 303
+        assert second.request("/api/state", headers={"cookie": cookie})[0] == 401
+    finally:
+        second.stop()
+
+
+def test_every_worker_answers_the_same_version_and_each_sees_the_others_commits(cli, relay_data):
+    """Two apps on one journal, as `serve --workers 2` runs them: the page may be answered by either,
+    so the version must be one number, and move for a commit whichever worker made it."""
+    from weco_observe.relay import Relay
+
+    apps = [Relay(relay_data, log=lambda line: None) for _ in range(2)]
+    for app in apps:
+        app.startup()
+    try:
+        a, b = apps
+        start = a._version()
+        assert b._version() == a._version() == b._version()  # not one count per process
+        steady = a._version()
+        body = {"source_code": {"a.py": "x = 1\n"}, "metric_name": "loss", "maximize": False, "name": "on a"}
+        a.store.create(body, "box-a").result(timeout=10)
+        moved = b._version()
+        assert moved > steady and a._version() >= moved  # b saw a's commit; a's own shows too
+        settled = a._version()
+        assert b._version() == settled == a._version()  # then it stays put
+        assert [r["name"] for r in b._api_data(["runs"], {})] == ["on a"]
+        assert start <= steady
+    finally:
+        for app in apps:
+            app.shutdown()
+
+
+def test_a_relay_journal_from_before_sessions_gains_their_table(relay_data):
+    from weco_observe.relay import keys_add as add, open_journal
+
+    key = add(relay_data, "viewer")
+    with sqlite3.connect(relay_data / "journal.db") as conn:  # as the relay left it before r002
+        conn.execute("DROP TABLE relay_sessions")
+        conn.execute("DELETE FROM _sqlite_migrations WHERE name = 'r002_sessions'")
+        assert {r[0] for r in conn.execute("SELECT name FROM _sqlite_migrations")} >= {"r001_keys_and_runs"}
+    with open_journal(relay_data) as journal:
+        assert journal.query("SELECT count(*) FROM relay_sessions")[0][0] == 0
+        assert journal.query("SELECT name FROM relay_keys")[0][0] == "viewer"
+    assert key.startswith("wor_")

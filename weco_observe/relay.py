@@ -35,9 +35,11 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import fcntl
 import hashlib
 import hmac
 import json
+import os
 import queue
 import secrets
 import sqlite3
@@ -73,6 +75,8 @@ SESSION_MAX = 7 * 86400
 LOGIN_BODY = 4096
 #: sessions kept at most (only holders of a valid key can make one; the oldest go first)
 MAX_SESSIONS = 10_000
+#: a session's last use is written at most this often (it ends after SESSION_IDLE without one)
+SESSION_SEEN_EVERY = 60
 
 
 # -- the relay's own tables ----------------------------------------------------------------
@@ -95,6 +99,15 @@ def _migrate(conn: sqlite3.Connection) -> None:
         db.execute(
             "CREATE TABLE relay_runs (run_id TEXT PRIMARY KEY REFERENCES runs(id), relay_id TEXT NOT NULL UNIQUE,"
             " key_name TEXT, origin_local_id TEXT UNIQUE, created_at REAL NOT NULL)"
+        )
+
+    @relay_migrations()
+    def r002_sessions(db: Database) -> None:
+        """Dashboard sessions (only the cookie's hash), so every worker process knows them, and a
+        restart no longer logs everyone out."""
+        db.execute(
+            "CREATE TABLE relay_sessions (id TEXT PRIMARY KEY, key_hash TEXT NOT NULL,"
+            " created_at REAL NOT NULL, seen_at REAL NOT NULL)"
         )
 
     relay_migrations.apply(Database(conn))
@@ -158,9 +171,10 @@ def _check_key(conn: sqlite3.Connection, token: str) -> tuple[str, bool] | None:
     return row[0], bool(row[1])
 
 
-def open_journal(data_dir: Path, settings: Settings | None = None) -> Journal:
+def open_journal(data_dir: Path, settings: Settings | None = None, *, write_lock: bool = False) -> Journal:
     """The relay's journal, with its tables. Refused on a shared filesystem: the relay writes its
-    journal directly, many times a second, which only a local disk allows (docs/cluster.md)."""
+    journal directly, many times a second, which only a local disk allows (docs/cluster.md).
+    ``write_lock``: queue on the journal's flock for each transaction (the relay's own writers)."""
     from . import store
 
     settings = settings or Settings.load()
@@ -169,10 +183,10 @@ def open_journal(data_dir: Path, settings: Settings | None = None) -> Journal:
         raise InvalidInput(
             f"--data {data_dir} is on a filesystem other hosts share: give the relay a folder on a local disk"
         )
-    journal = Journal(path, settings=settings)
+    journal = Journal(path, settings=settings, write_lock=write_lock)
     with journal._lock:  # the relay's tables, once; the migrations lock their own transaction
         have = {r[0] for r in journal.conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        if "relay_runs" not in have:
+        if not {"relay_runs", "relay_sessions"} <= have:
             _migrate(journal.conn)
     return journal
 
@@ -196,15 +210,6 @@ def keys_revoke(data_dir: Path, name: str) -> None:
 
 
 @dataclass
-class _Session:
-    """A dashboard login: which key opened it (by hash, so a revocation ends it), and when."""
-
-    key_hash: str
-    created: float
-    seen: float
-
-
-@dataclass
 class _Op:
     """One request for the writer thread: ``apply(conn)`` runs in the group's transaction."""
 
@@ -218,7 +223,7 @@ class RelayStore:
     def __init__(self, data_dir: Path, settings: Settings | None = None):
         self.settings = settings or Settings.load()
         self.data_dir = Path(data_dir)
-        self.journal = open_journal(self.data_dir, self.settings)
+        self.journal = open_journal(self.data_dir, self.settings, write_lock=True)
         self._queue: queue.Queue[_Op | None] = queue.Queue()
         self._thread = threading.Thread(target=self._writer, name="weco-relay-writer", daemon=True)
         self._thread.start()
@@ -457,7 +462,10 @@ def _forward(data_dir: str, upstream: str, key: str, workers: int, stop: Any, lo
             pause(5)  # a `weco observe sync` on the relay's data is running: let it
             continue
         try:
-            with Journal(path) as journal, WecoClient(upstream, key, max_connections=workers) as client:
+            with (
+                Journal(path, write_lock=True) as journal,
+                WecoClient(upstream, key, max_connections=workers) as client,
+            ):
                 done = drain(
                     journal,
                     client,
@@ -514,8 +522,6 @@ class Relay:
         self._log = log or (lambda line: print(line, file=sys.stderr, flush=True))
         self.store: RelayStore | None = None
         self.forwarder: Forwarder | None = None
-        # SHA-256 of the session cookie -> its session; in memory, so a restart logs everyone out
-        self._sessions: dict[str, _Session] = {}
         self.session_idle = SESSION_IDLE
         self.session_max = SESSION_MAX
         self._clock = time.time  # tests move it to expire sessions
@@ -524,6 +530,8 @@ class Relay:
         self._auth: sqlite3.Connection | None = None
         self._reader: Journal | None = None
         self._page: bytes | None = None
+        self._version_fd: int | None = None
+        self._seen_change: int | None = None
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -531,6 +539,9 @@ class Relay:
         self.store = RelayStore(self.data_dir)
         self._auth = sqlite3.connect(str(self.data_dir / "journal.db"), check_same_thread=False)
         self._reader = Journal(self.data_dir / "journal.db")
+        self._version_fd = os.open(
+            self._reader.files.dashboard_version, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+        )
         if self.upstream and self.upstream_key:
             self.forwarder = Forwarder(self.data_dir, self.upstream, self.upstream_key, log=self.log).start()
 
@@ -544,6 +555,8 @@ class Relay:
             self._auth.close()
         if self._reader is not None:
             self._reader.close()
+        if self._version_fd is not None:
+            os.close(self._version_fd)
 
     def log(self, message: str) -> None:
         self._log(json.dumps({"ts": time.time(), "event": message}) if self.json_log else message)
@@ -642,7 +655,7 @@ class Relay:
         if method == "POST" and parts == ["login"]:
             return await self._login(scope, headers, receive)
         if method == "POST" and parts == ["logout"]:
-            return self._logout(scope, headers)
+            return await self._logout(scope, headers)
         if method in ("GET", "HEAD"):
             return await self._dashboard(parts, scope, headers)
         raise _HttpError(405 if parts[:1] in (["api"], []) else 404, "not found")
@@ -703,29 +716,42 @@ class Relay:
 
     # -- the dashboard --------------------------------------------------------------------
 
-    def _viewer(self, headers: dict[str, str]) -> str | None:
+    async def _viewer(self, headers: dict[str, str]) -> str | None:
         """The key behind a dashboard request (a session cookie, or a Bearer key), None if none.
 
-        The key is looked up on every request, so revoking it (``keys revoke``, from any
-        process) ends its sessions at their next request, as it does for the API."""
-        assert self._auth is not None
+        Sessions live in the journal (``relay_sessions``), so every worker process sees a login
+        and a logout. The key is looked up on every request, so revoking it (``keys revoke``,
+        from any process) ends its sessions at their next request, as it does for the API."""
+        assert self._auth is not None and self.store is not None
         sid = self._session_id(headers)
-        session = self._sessions.get(sid) if sid else None
-        if sid and session is not None:
+        if sid:
             now = self._clock()
-            if now - session.seen <= self.session_idle and now - session.created <= self.session_max:
-                row = self._auth.execute(
-                    "SELECT name FROM relay_keys WHERE hash = ? AND revoked_at IS NULL", (session.key_hash,)
-                ).fetchone()
-                if row is not None:
-                    session.seen = now
-                    return str(row[0])
-            del self._sessions[sid]  # expired, or its key was revoked
+            row = self._auth.execute(
+                "SELECT k.name, s.created_at, s.seen_at FROM relay_sessions s JOIN relay_keys k"
+                " ON k.hash = s.key_hash AND k.revoked_at IS NULL WHERE s.id = ?",
+                (sid,),
+            ).fetchone()
+            if row is not None and now - row[2] <= self.session_idle and now - row[1] <= self.session_max:
+                if now - row[2] >= SESSION_SEEN_EVERY:  # the page polls every 1.5 s: not a commit each time
+                    await asyncio.wrap_future(
+                        self.store.submit(
+                            lambda conn: conn.execute("UPDATE relay_sessions SET seen_at = ? WHERE id = ?", (now, sid))
+                        )
+                    )
+                return str(row[0])
+            if row is not None or self._auth.execute("SELECT 1 FROM relay_sessions WHERE id = ?", (sid,)).fetchone():
+                await self._end_session(sid)  # expired, or its key was revoked
         auth = headers.get("authorization", "")
         if auth.startswith("Bearer "):
             found = _check_key(self._auth, auth[7:].strip())
             return found[0] if found else None
         return None
+
+    async def _end_session(self, sid: str) -> None:
+        assert self.store is not None
+        await asyncio.wrap_future(
+            self.store.submit(lambda conn: conn.execute("DELETE FROM relay_sessions WHERE id = ?", (sid,)))
+        )
 
     @staticmethod
     def _session_id(headers: dict[str, str]) -> str | None:
@@ -753,38 +779,46 @@ class Relay:
         if found is None:
             return 401, _LOGIN_HEADERS, _login_page("That key is not valid here.").encode(), "-"
         now = self._clock()
-        self._prune_sessions(now)
         token = secrets.token_urlsafe(32)
-        self._sessions[_hash(token)] = _Session(key_hash=_hash(key), created=now, seen=now)
+        idle, hard = self.session_idle, self.session_max
+
+        def apply(conn: sqlite3.Connection) -> None:
+            conn.execute("DELETE FROM relay_sessions WHERE seen_at < ? OR created_at < ?", (now - idle, now - hard))
+            conn.execute(  # only holders of a valid key can make one; past the cap, the oldest go first
+                "DELETE FROM relay_sessions WHERE id IN"
+                " (SELECT id FROM relay_sessions ORDER BY created_at DESC LIMIT -1 OFFSET ?)",
+                (MAX_SESSIONS - 1,),
+            )
+            conn.execute(
+                "INSERT INTO relay_sessions (id, key_hash, created_at, seen_at) VALUES (?, ?, ?, ?)",
+                (_hash(token), _hash(key), now, now),
+            )
+
+        assert self.store is not None
+        await asyncio.wrap_future(self.store.submit(apply))
         return 303, {"location": "/", "set-cookie": self._cookie(token, self.session_max)}, b"", found[0]
 
-    def _logout(self, scope: dict[str, Any], headers: dict[str, str]) -> tuple[int, dict[str, str], bytes, str]:
+    async def _logout(self, scope: dict[str, Any], headers: dict[str, str]) -> tuple[int, dict[str, str], bytes, str]:
         # SameSite=Strict already keeps the cookie off another site's POST; the origin check is the
         # same rule as /login's, for browsers that predate SameSite.
         if not _same_origin(scope, headers):
             raise _HttpError(403, "log out from this relay's own page")
         sid = self._session_id(headers)
-        self._sessions.pop(sid or "", None)
+        if sid:
+            await self._end_session(sid)
         return 303, {"location": "/", "set-cookie": self._cookie("", 0)}, b"", "-"
-
-    def _prune_sessions(self, now: float) -> None:
-        for sid, session in list(self._sessions.items()):
-            if now - session.seen > self.session_idle or now - session.created > self.session_max:
-                del self._sessions[sid]
-        while len(self._sessions) >= MAX_SESSIONS:  # dicts keep insertion order: the oldest first
-            del self._sessions[next(iter(self._sessions))]
 
     async def _dashboard(
         self, parts: list[str], scope: dict[str, Any], headers: dict[str, str]
     ) -> tuple[int, dict[str, str], bytes, str]:
-        who = self._viewer(headers)
+        who = await self._viewer(headers)
         if who is None:
             if parts[:1] == ["api"]:
                 raise _HttpError(
                     401, "open the dashboard with a key first", {"www-authenticate": 'Bearer realm="weco-observe"'}
                 )
             # A cookie that opens nothing any more: say why the key is asked for again.
-            ended = "Your session has ended (it expired, the relay restarted, or its key was revoked): paste a key."
+            ended = "Your session has ended (it expired, you logged out, or its key was revoked): paste a key."
             return 200, _LOGIN_HEADERS, _login_page(ended if self._session_id(headers) else "").encode(), "-"
         if not parts:
             if self._page is None:
@@ -801,15 +835,30 @@ class Relay:
         return 200, _JSON, json.dumps(data, ensure_ascii=False).encode("utf-8"), who
 
     def _version(self) -> int:
-        """Moves whenever the relay's journal changes, which is when the page refetches.
+        """Moves whenever the relay's journal changes, which is when the page refetches; the same
+        number from every worker process.
 
-        ``PRAGMA data_version`` on the reader's connection moves when any other
-        connection commits: the writer thread's, the upstream forwarder's, a ``keys
-        revoke`` in another process. The store's own counter is added so a group
-        commit shows even before this connection has looked again."""
-        journal = self._reader
-        assert journal is not None
-        return int(journal.query("PRAGMA data_version")[0][0]) + (self.store.commits if self.store else 0)
+        ``PRAGMA data_version`` on this process's reader moves when any other connection
+        commits: its worker siblings' writers, the upstream forwarder, a ``keys revoke`` in
+        another process; the store's own counter is added so a group commit shows even before
+        this connection has looked again. But it is this connection's own count, so it is not
+        what the page is shown: a worker that sees it move bumps a counter all workers share
+        (``journal.db.dashboard-version``) and every worker answers that. Each change is seen
+        by each worker, so a page may refetch once more than it had to, never too few times."""
+        journal, fd = self._reader, self._version_fd
+        assert journal is not None and fd is not None
+        change = int(journal.query("PRAGMA data_version")[0][0]) + (self.store.commits if self.store else 0)
+        moved = change != self._seen_change
+        fcntl.flock(fd, fcntl.LOCK_EX if moved else fcntl.LOCK_SH)
+        try:
+            value = int.from_bytes(os.pread(fd, 8, 0), "little")
+            if moved:
+                value += 1
+                os.pwrite(fd, value.to_bytes(8, "little"), 0)
+                self._seen_change = change
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        return value
 
     def _api_data(self, parts: list[str], query: dict[str, list[str]]) -> Any:
         """The ui's JSON API over the relay's journal, each run with the key that made it and its relay id."""
