@@ -187,9 +187,11 @@ def test_a_create_sent_again_after_a_lost_answer_gets_the_same_run(relays, relay
     assert len(relay_state(relay_data)) == 2
 
 
-def test_a_revoked_key_is_refused_mid_stream(relays, relay_data):
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_revoked_key_is_refused_mid_stream(relays, relay_data, workers):
+    # with 2 workers, each remembers the keys it has seen: the revocation must reach both
     key = add_key(relay_data, "box-a")
-    relay = relays(relay_data)
+    relay = relays(relay_data, "--workers", workers)
     with httpx.Client(base_url=relay.base_url, headers={"Authorization": f"Bearer {key}"}) as http:
         run_id = http.post(
             "/external/runs", json={"source_code": {"a": "x"}, "metric_name": "m", "maximize": False}
@@ -201,6 +203,9 @@ def test_a_revoked_key_is_refused_mid_stream(relays, relay_data):
             f"/external/runs/{run_id}/steps", json={"step": 2, "status": "completed"}
         )  # same connection
         assert refused.status_code == 401
+    for _ in range(8):  # new connections, which either worker may take
+        with httpx.Client(base_url=relay.base_url, headers={"Authorization": f"Bearer {key}"}) as fresh:
+            assert fresh.post(f"/external/runs/{run_id}/steps", json={"step": 3}).status_code == 401
     assert sorted(relay_state(relay_data)[run_id]["steps"]) == [0, 1]
     listed = relay_cli(relay_data, "keys", "list", "--json")
     assert [(k["name"], k["revoked_at"] is not None) for k in json.loads(listed.stdout)] == [("box-a", True)]
@@ -300,6 +305,18 @@ def _children(pid: int) -> set[int]:
     return out
 
 
+def _workers(pid: int) -> set[int]:
+    """The serving processes of ``serve --workers N`` (not multiprocessing's resource tracker)."""
+    out = set()
+    for child in _children(pid):
+        try:
+            if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
+                out.add(child)
+        except OSError:
+            continue
+    return out
+
+
 def _alive(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
@@ -322,12 +339,14 @@ def test_the_forwarding_process_ends_with_a_killed_relay(relays, relay_data, emu
     assert not any(_alive(pid) for pid in forwarders)
 
 
-def test_kill_9_of_the_relay_while_four_boxes_sync_loses_and_doubles_nothing(relays, relay_data, tmp_path):
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_kill_9_of_the_relay_while_four_boxes_sync_loses_and_doubles_nothing(relays, relay_data, tmp_path, workers):
     key = add_key(relay_data, "site")
     boxes = [make_box(tmp_path, f"box-{i}", 40, src=tmp_path / f"s{i}.py") for i in range(4)]
     rng = random.Random(7)
     for _round in range(3):
-        relay = relays(relay_data)
+        relay = relays(relay_data, "--workers", workers)
+        serving = _children(relay.proc.pid)
         procs = [
             subprocess.Popen(
                 [sys.executable, "-m", "weco_observe", "observe", "sync", "--workers", "2"],
@@ -343,7 +362,11 @@ def test_kill_9_of_the_relay_while_four_boxes_sync_loses_and_doubles_nothing(rel
         for p in procs:
             _out, err = p.communicate(timeout=120)
             assert "Traceback" not in err, err
-    relay = relays(relay_data)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and any(_alive(pid) for pid in serving):
+            time.sleep(0.1)
+        assert not any(_alive(pid) for pid in serving), "a worker outlived its killed relay"
+    relay = relays(relay_data, "--workers", workers)
     for data, _run in boxes:
         final = cli(data, "sync", env=relay.env(key))
         assert final.returncode == 0, final.stderr
@@ -356,9 +379,10 @@ def test_kill_9_of_the_relay_while_four_boxes_sync_loses_and_doubles_nothing(rel
     conn.close()
 
 
-def test_sigterm_finishes_requests_in_flight(relays, relay_data, tmp_path):
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_sigterm_finishes_requests_in_flight(relays, relay_data, tmp_path, workers):
     key = add_key(relay_data, "box")
-    relay = relays(relay_data)
+    relay = relays(relay_data, "--workers", workers)
     answered: list[int] = []
     stop = threading.Event()
     with httpx.Client(base_url=relay.base_url, headers={"Authorization": f"Bearer {key}"}) as http:
@@ -559,3 +583,59 @@ def test_a_host_that_only_looks_like_loopback_needs_a_key(relay_data):
     for host in ("127.example.org", "localhost.example.org"):
         refused = relay_cli(relay_data, "--host", host, "--port", "0")
         assert refused.returncode == 2 and "no key" in refused.stderr, (host, refused.stderr)
+
+
+def test_workers_share_one_port_one_journal_and_one_run_per_local_id(relays, relay_data):
+    """`serve --workers 2`: the same create sent at once on many connections (either worker may take
+    each) makes one run; steps from every connection land in it; a worker killed is replaced."""
+    key = add_key(relay_data, "box")
+    relay = relays(relay_data, "--workers", "2")
+    serving = _workers(relay.proc.pid)
+    assert len(serving) == 2
+    body = {
+        "source_code": {"a.py": "x = 1\n"},
+        "metric_name": "loss",
+        "maximize": False,
+        "metadata": {"weco_observe_local_id": "local-01m8bbbbbbbbbbbbbbbbbbbbbb"},
+    }
+    answers: list[str] = []
+
+    def create() -> None:
+        with httpx.Client(base_url=relay.base_url, headers={"Authorization": f"Bearer {key}"}) as http:
+            answers.append(http.post("/external/runs", json=body).json()["run_id"])
+
+    threads = [threading.Thread(target=create) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(answers) == 16 and len(set(answers)) == 1
+    run_id = answers[0]
+
+    def steps(first: int) -> None:
+        with httpx.Client(base_url=relay.base_url, headers={"Authorization": f"Bearer {key}"}) as http:
+            for n in range(first, first + 10):
+                assert http.post(f"/external/runs/{run_id}/steps", json={"step": n}).status_code == 200
+
+    threads = [threading.Thread(target=steps, args=(1 + 10 * i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(relay_state(relay_data)[run_id]["steps"]) == list(range(81))
+    assert len(relay_state(relay_data)) == 1
+
+    victim = min(serving)
+    os.kill(victim, 9)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and (len(_workers(relay.proc.pid) - {victim}) < 2):
+        time.sleep(0.1)
+    assert len(_workers(relay.proc.pid) - {victim}) == 2, "the killed worker was not replaced"
+    with httpx.Client(base_url=relay.base_url, headers={"Authorization": f"Bearer {key}"}) as http:
+        for n in range(81, 91):  # whichever worker takes them
+            assert http.post(f"/external/runs/{run_id}/steps", json={"step": n}).status_code == 200
+    assert relay.stop() == 0
+    log = "".join(relay.log)
+    assert f"worker {victim} exited (-9): starting another" in log, log
+    assert "stopped: every worker finished its requests and committed them" in log
+    assert sorted(relay_state(relay_data)[run_id]["steps"]) == list(range(91))

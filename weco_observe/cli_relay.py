@@ -57,6 +57,10 @@ def serve_command(
         bool, typer.Option("--insecure", help="Allow plain HTTP on a non-loopback address (keys travel in clear).")
     ] = False,
     json_log: Annotated[bool, typer.Option("--json-log", help="Access log as JSON lines, for log collectors.")] = False,
+    workers: Annotated[
+        int,
+        typer.Option("--workers", help="Serving processes on the one port (one core each; 2 doubles ingest)."),
+    ] = 1,
 ) -> None:
     """Serve the Weco external-runs API and a dashboard of every run (Ctrl-C or SIGTERM to stop).
 
@@ -96,6 +100,7 @@ def serve_command(
         tls_key=tls_key,
         insecure=insecure,
         json_log=json_log,
+        workers=workers,
         ready=ready,
     )
 

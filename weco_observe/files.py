@@ -246,6 +246,12 @@ class JournalFiles:
         return self._beside(".dashboard-version")
 
     @property
+    def keys_changed(self) -> Path:
+        """A relay's journal: replaced (a new inode) whenever its keys change, so a serving process
+        knows when the keys it remembers must be looked up again."""
+        return self._beside(".keys-changed")
+
+    @property
     def sync_lock(self) -> Path:
         """One syncer per journal (an flock in local mode); the file names the holder."""
         return self._beside(".sync-lock")
@@ -327,6 +333,7 @@ class JournalFiles:
             self.migrate_lock,
             self.write_lock,
             self.dashboard_version,
+            self.keys_changed,
             self.sync_lock,
             self.sync_yield,
             self.sync_cooldown,
