@@ -10,9 +10,10 @@ steps with 13 KB of code one at a time.
 1. Ceiling: a hello-world ASGI app on the same uvicorn (httptools, uvloop), same
    requests, 200 and 20 clients; and 200 on aiohttp's client, as the issue measured it.
 2. Relay ingest: 200 clients x 50 steps, as fast as answered; then every acknowledged
-   step is looked up in the relay's journal (durable).
+   step is looked up in the relay's journal (durable). With one serving process (the
+   default) and with ``--workers 2``; CPU per request summed over the relay's processes.
 3. Latency at a steady 500 steps/s (paced, 50 clients): p50 / p99.
-4. Peak RSS of the relay process.
+4. Peak RSS of the relay, every process of it.
 5. Forwarding upstream with 50 ms added per request (the emulator's latency fault): end
    to end while the boxes sync into the relay, and alone, a backlog the relay already holds.
 6. The emulator itself under the same load (5 and 200 clients), for comparison.
@@ -110,6 +111,18 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
+def tree(pid: int) -> list[int]:
+    """``pid`` and its children (``serve --workers N``: the workers and multiprocessing's tracker)."""
+    out = [pid]
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(stat.parent.name))
+        except (OSError, ValueError):
+            continue
+    return out
+
+
 def relay(data: Path, *flags: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str, str]:
     key = subprocess.run(
         [sys.executable, "-m", "weco_observe", "observe", "serve", "keys", "add", "bench", "--data", str(data)],
@@ -200,32 +213,42 @@ def main() -> None:
             )
         )
 
-        # 2-4. the relay
-        data = root / "relay"
-        proc, url, key = relay(data)
-        cpu_before = cpu_seconds(proc.pid)
-        ingest = loadgen(url, key, clients, steps, ids=True)
-        cpu_per_step = (cpu_seconds(proc.pid) - cpu_before) / max(1, ingest["steps_acked"] + clients)
-        kept = durable(data, ingest["acked"])
-        ratio = ingest["steps_per_s"] / ceiling200["steps_per_s"]
-        rows.append(
-            (
-                f"relay ingest, {clients} clients x {steps} steps, 13 KB code",
-                f"{ingest['steps_per_s']:,.0f} steps/s ({ratio:.2f}x the ceiling)",
-                f"{kept}/{ingest['steps_acked']} acknowledged steps durable; errors {ingest['errors'] or 'none'};"
-                f" relay CPU {cpu_per_step * 1000:.2f} ms a request",
+        # 2-4. the relay: one serving process (the default), then `--workers 2`
+        for workers in ("1", "2"):
+            data = root / f"relay-w{workers}"
+            proc, url, key = relay(data, "--workers", workers)
+            pids = tree(proc.pid)
+            cpu_before = sum(cpu_seconds(p) for p in pids)
+            ingest = loadgen(url, key, clients, steps, ids=True)
+            cpu_per_step = (sum(cpu_seconds(p) for p in pids) - cpu_before) / max(1, ingest["steps_acked"] + clients)
+            kept = durable(data, ingest["acked"])
+            ratio = ingest["steps_per_s"] / ceiling200["steps_per_s"]
+            label = "" if workers == "1" else f", --workers {workers}"
+            rows.append(
+                (
+                    f"relay ingest{label}, {clients} clients x {steps} steps, 13 KB code",
+                    f"{ingest['steps_per_s']:,.0f} steps/s ({ratio:.2f}x the ceiling)",
+                    f"{kept}/{ingest['steps_acked']} acknowledged steps durable; errors {ingest['errors'] or 'none'};"
+                    f" relay CPU {cpu_per_step * 1000:.2f} ms a request",
+                )
             )
-        )
-        paced = loadgen(url, key, 50, 40 if args.quick else 100, rate=500)
-        rows.append(
-            (
-                "relay latency at a steady 500 steps/s",
-                f"p50 {paced['p50_ms']} ms, p99 {paced['p99_ms']} ms",
-                f"max {paced['max_ms']} ms; errors {paced['errors'] or 'none'}",
+            paced = loadgen(url, key, 50, 40 if args.quick else 100, rate=500)
+            rows.append(
+                (
+                    f"relay latency{label} at a steady 500 steps/s",
+                    f"p50 {paced['p50_ms']} ms, p99 {paced['p99_ms']} ms",
+                    f"max {paced['max_ms']} ms; errors {paced['errors'] or 'none'}",
+                )
             )
-        )
-        rows.append(("relay peak RSS", f"{peak_rss_mb(proc.pid):.0f} MB", ""))
-        stop(proc)
+            rss = [peak_rss_mb(p) for p in pids]
+            rows.append(
+                (
+                    f"relay peak RSS{label}",
+                    f"{sum(rss):.0f} MB",
+                    "" if len(rss) == 1 else "all its processes: " + " + ".join(f"{r:.0f}" for r in rss),
+                )
+            )
+            stop(proc)
 
         # 5. forwarding at 50 ms a request: end to end, while the boxes sync into the relay
         backlog_clients, backlog_steps = (10, 20) if args.quick else (20, 100)

@@ -135,8 +135,8 @@ def test_a_failing_log_writes_nothing(j, journal_path):
     before = snapshot()
     original = j.store_code
 
-    def store_then_fail(conn, code, base):
-        original(conn, code, base)  # the blob row is written...
+    def store_then_fail(conn, code, base, digests=None):
+        original(conn, code, base, digests)  # the blob row is written...
         raise sqlite3.OperationalError("disk I/O error")  # ...then the disk fails
 
     j.store_code = store_then_fail

@@ -340,13 +340,21 @@ class Journal:
         manifest = code.manifest() if isinstance(code, CodeRef) else (code or {})
         return {path: self.read_blob(digest) for path, digest in manifest.items()}
 
-    def store_code(self, conn: sqlite3.Connection, code: Mapping[str, str], base: CodeRef | None) -> CodeRef:
-        """Store each file's text (once per content), as a delta against the same path in ``base``."""
+    def store_code(
+        self,
+        conn: sqlite3.Connection,
+        code: Mapping[str, str],
+        base: CodeRef | None,
+        digests: Mapping[str, str] | None = None,
+    ) -> CodeRef:
+        """Store each file's text (once per content), as a delta against the same path in ``base``.
+        ``digests``: each file's :func:`codestore.text_hash`, made by the caller outside the write
+        transaction (the relay's writers queue for it)."""
         manifest: dict[str, str] = {}
         base_files = base.manifest() if base else {}
         for path, text in code.items():
             data = text.encode("utf-8")
-            digest = codestore.text_hash(data)
+            digest = digests[path] if digests is not None else codestore.text_hash(data)
             manifest[path] = digest
             if digest in self._known_blobs:
                 continue
@@ -438,12 +446,19 @@ class Journal:
             self.create_run_in(conn, run, code, event_id)
         return run_id
 
-    def create_run_in(self, conn: sqlite3.Connection, run: Run, code: Mapping[str, str], event_id: str) -> bool:
+    def create_run_in(
+        self,
+        conn: sqlite3.Connection,
+        run: Run,
+        code: Mapping[str, str],
+        event_id: str,
+        code_digests: Mapping[str, str] | None = None,
+    ) -> bool:
         """``create_run`` in the caller's write transaction, its arguments already checked
         (the relay batches many calls in one commit). False if the event is already journaled."""
         if outbox.known(conn, event_id):
             return False
-        manifest = self.store_code(conn, code, None)
+        manifest = self.store_code(conn, code, None, code_digests)
         conn.execute(_INSERT_RUN, run.to_row())
         conn.execute(_UPSERT_STEP, Step.baseline(run.id, manifest, event_id=event_id, at=run.created_at).to_row())
         outbox.enqueue(conn, Event.create(run, manifest, event_id=event_id))
@@ -518,6 +533,7 @@ class Journal:
         *,
         check_parent: bool = True,
         fresh: bool = False,
+        code_digests: Mapping[str, str] | None = None,
     ) -> dict[str, Any]:
         """``log_step`` in the caller's write transaction, its arguments already checked.
 
@@ -545,7 +561,7 @@ class Journal:
             base = prev.code if prev is not None and prev.code else None
             if base is None:
                 base = self._code_at_or_below(conn, run_id, step if parent is None else parent)
-            manifest = self.store_code(conn, code, base)
+            manifest = self.store_code(conn, code, base, code_digests)
         state = Step(
             run_id=run_id,
             step=step,

@@ -48,13 +48,13 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote
 
-from . import ids, outbox, validate
+from . import codestore, ids, outbox, validate
 from .errors import InvalidInput, UnknownRun, WecoObserveError
 from .files import JournalFiles
 from .journal import Journal
@@ -250,6 +250,8 @@ class RelayStore:
         self._thread.start()
         self.commits = 0
         self.committed_ops = 0
+        #: relay id -> local run id, as committed (only the writer thread reads or fills it)
+        self._run_ids: dict[str, str] = {}
 
     # -- the writer ------------------------------------------------------------------
 
@@ -323,6 +325,10 @@ class RelayStore:
         origin = meta.get(LOCAL_ID_KEY) if meta else None
         origin = origin if isinstance(origin, str) and origin else None
         journal = self.journal
+        # ids made here, on the event loop: the writer holds the journal's write lock, which the
+        # other workers wait for, and its time there bounds the relay's ingest
+        run_id, event_id, relay_id = ids.new_run_id(), ids.ulid(), str(uuid.uuid4())
+        digests = _digests(code)
 
         def apply(conn: sqlite3.Connection) -> str:
             if origin is not None:
@@ -331,7 +337,7 @@ class RelayStore:
                     return str(row[0])  # the same box's create again, after a lost answer
             now = time.time()
             run = Run(
-                id=ids.new_run_id(),
+                id=run_id,
                 name=name,
                 metric=args["metric"],
                 maximize=args["maximize"],
@@ -340,8 +346,7 @@ class RelayStore:
                 created_at=now,
                 updated_at=now,
             )
-            journal.create_run_in(conn, run, code, ids.ulid())
-            relay_id = str(uuid.uuid4())
+            journal.create_run_in(conn, run, code, event_id, digests)
             conn.execute(
                 "INSERT INTO relay_runs (run_id, relay_id, key_name, origin_local_id, created_at) VALUES (?,?,?,?,?)",
                 (run.id, relay_id, key_name, origin, now),
@@ -355,14 +360,22 @@ class RelayStore:
         step = args["step"]
         description, metrics, code, metadata = validate.check_step_args(**args)
         journal = self.journal
+        event_id = ids.ulid()  # here, not under the write lock (see create)
+        digests = _digests(code) if code is not None else None
+        runs = self._run_ids
 
         def apply(conn: sqlite3.Connection) -> dict[str, Any]:
-            row = conn.execute("SELECT run_id FROM relay_runs WHERE relay_id = ?", (relay_id,)).fetchone()
-            if row is None:
-                raise UnknownRun(f"run {relay_id} not found")
+            run_id = runs.get(relay_id)
+            if run_id is None:
+                row = conn.execute("SELECT run_id FROM relay_runs WHERE relay_id = ?", (relay_id,)).fetchone()
+                if row is None:
+                    raise UnknownRun(f"run {relay_id} not found")
+                if len(runs) >= 100_000:
+                    runs.clear()
+                run_id = runs[relay_id] = str(row[0])  # never changes once committed (runs are kept)
             stored = journal.log_step_in(
                 conn,
-                row[0],
+                run_id,
                 step,
                 args["status"],
                 description,
@@ -370,13 +383,18 @@ class RelayStore:
                 code,
                 args["parent_step"],
                 metadata,
-                ids.ulid(),
+                event_id,
                 check_parent=False,
                 fresh=True,
+                code_digests=digests,
             )
             return {"run_id": relay_id, "step": step, "parent_step": stored["parent_step"]}
 
         return self.submit(apply)
+
+
+def _digests(code: Mapping[str, str]) -> dict[str, str]:
+    return {path: codestore.text_hash(text.encode("utf-8")) for path, text in code.items()}
 
 
 # -- upstream ------------------------------------------------------------------------------------
