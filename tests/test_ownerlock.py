@@ -204,16 +204,21 @@ ownerlock.OwnerLock(sys.argv[1]).try_acquire("sync")
 """
 
 
-def test_an_owner_killed_while_taking_the_lock_leaves_nothing_anyone_must_wait_for(db):
+def _killed_at(script: str, db: Path, cue: str) -> None:
+    """Run ``script`` on ``db`` until it prints ``cue`` (it then pauses), and kill -9 it there."""
     import signal
 
-    child = subprocess.Popen([sys.executable, "-c", PAUSED_WHILE_TAKING, str(db)], stdout=subprocess.PIPE, text=True)
+    child = subprocess.Popen([sys.executable, "-c", script, str(db)], stdout=subprocess.PIPE, text=True)
     try:
-        assert child.stdout is not None and child.stdout.readline() == "taking\n"
+        assert child.stdout is not None and child.stdout.readline() == cue + "\n"
     finally:
         child.send_signal(signal.SIGKILL)
         child.wait(30)
         child.stdout.close()
+
+
+def test_an_owner_killed_while_taking_the_lock_leaves_nothing_anyone_must_wait_for(db):
+    _killed_at(PAUSED_WHILE_TAKING, db, "taking")
     lock = OwnerLock(db, stale=30)
     started = time.monotonic()
     lock.acquire("sync", timeout=5, poll=0.05)  # a lock whose owner.json never came cannot be judged for 30 s
@@ -267,22 +272,12 @@ ownerlock.OwnerLock(sys.argv[1]).try_acquire("merge")
 def test_a_breaker_killed_mid_break_on_this_host_does_not_block_the_next_owner(db):
     # seen in test_cluster's kill -9 workload: a merger killed between making the break marker and
     # moving the dead owner aside left a marker that made every later owner wait 150 s
-    import signal
-
     dead_owner = subprocess.run(
         [sys.executable, "-c", f"from weco_observe.ownerlock import OwnerLock; OwnerLock({str(db)!r}).try_acquire()"],
         timeout=60,
     )
     assert dead_owner.returncode == 0
-    breaker = subprocess.Popen(
-        [sys.executable, "-c", PAUSED_WHILE_BREAKING, str(db)], stdout=subprocess.PIPE, text=True
-    )
-    try:
-        assert breaker.stdout is not None and breaker.stdout.readline() == "breaking\n"
-    finally:
-        breaker.send_signal(signal.SIGKILL)
-        breaker.wait(30)
-        breaker.stdout.close()
+    _killed_at(PAUSED_WHILE_BREAKING, db, "breaking")
     assert list(db.parent.glob("journal.db.owner.break-*"))  # what the killed breaker left
     lock = OwnerLock(db)
     started = time.monotonic()

@@ -233,6 +233,17 @@ def test_a_non_loopback_address_needs_a_key_and_tls(relay_data):
     assert no_tls.returncode == 2 and "without TLS" in no_tls.stderr
 
 
+def test_a_bad_worker_count_or_a_taken_port_is_a_one_line_error(relay_data, relays):
+    for bad in ("0", "33"):
+        refused = relay_cli(relay_data, "--port", "0", "--workers", bad)
+        assert refused.returncode == 2 and refused.stderr == "error: --workers must be between 1 and 32\n"
+    running = relays(relay_data)
+    port = running.url.rsplit(":", 1)[1]
+    taken = relay_cli(relay_data, "--port", port, "--workers", "2")
+    assert taken.returncode == 2 and taken.stderr.startswith(f"error: cannot listen on 127.0.0.1:{port}: ")
+    assert len(taken.stderr.splitlines()) == 1 and "Traceback" not in taken.stderr
+
+
 # -- boxes, the relay and upstream --------------------------------------------------------------
 
 

@@ -601,7 +601,7 @@ class Relay:
             os.close(self._version_fd)
 
     def log(self, message: str) -> None:
-        self._log(json.dumps({"ts": time.time(), "event": message}) if self.json_log else message)
+        self._log(_event_line(message, self.json_log))
 
     # -- ASGI ----------------------------------------------------------------------------
 
@@ -1170,7 +1170,10 @@ def _supervise(site: _Site, workers: int, upstream_key: str | None, ready: Calla
         )
     except OSError as exc:
         raise InvalidInput(f"cannot listen on {site.host}:{site.port}: {exc.strerror}; try --port 0") from None
-    log = _line_logger(site.json_log)
+
+    def log(message: str) -> None:
+        _stderr_line(_event_line(message, site.json_log))
+
     context = multiprocessing.get_context("spawn")  # this process has threads: a fork would copy them mid-step
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -1275,11 +1278,9 @@ def _die_with(parent: int) -> None:
         os._exit(1)
 
 
-def _line_logger(json_log: bool) -> Callable[[str], None]:
-    def log(message: str) -> None:
-        _stderr_line(json.dumps({"ts": time.time(), "event": message}) if json_log else message)
-
-    return log
+def _event_line(message: str, json_log: bool) -> str:
+    """A log line about the relay itself (not a request): as it is, or as JSON for collectors."""
+    return json.dumps({"ts": time.time(), "event": message}) if json_log else message
 
 
 def _stderr_line(line: str) -> None:
