@@ -34,7 +34,7 @@ from .errors import JournalUnavailable, SyncBusy
 from .files import private_dir
 from .settings import Settings
 
-__all__ = ["Exclusive", "exclusive", "is_shared", "mode", "reader", "sync_lock", "writer"]
+__all__ = ["Exclusive", "exclusive", "is_shared", "merge_if_free", "mode", "reader", "sync_lock", "writer"]
 
 
 def mode(settings: Settings, journal_path: Path | None = None) -> fsdetect.Mode:
@@ -135,6 +135,13 @@ def exclusive(
             journal.close()
     finally:
         lock.release()
+
+
+def merge_if_free(settings: Settings, purpose: str, journal_path: Path | None = None) -> Any:
+    """Cluster mode: merge what writers appended, unless another process holds the journal
+    (SyncBusy: it merges itself). Returns what the merge did; None in local mode."""
+    with exclusive(settings, purpose, journal_path=journal_path, wait=False) as held:
+        return held.merged
 
 
 @contextmanager

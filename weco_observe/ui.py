@@ -24,6 +24,7 @@ refused). A server bound elsewhere was exposed on purpose and takes any ``Host``
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import socket
@@ -190,11 +191,8 @@ def _merged_seq(journal: SharedReader | None, settings: Settings | None = None, 
     """Cluster mode: merge what writers appended when no other owner is busy, then the commit counter."""
     settings = settings or Settings.load()
     path = path or journal.path  # type: ignore[union-attr]
-    try:
-        with store.exclusive(settings, "view", journal_path=path, wait=False):
-            pass  # taking the journal merges it
-    except (SyncBusy, JournalUnavailable):
-        pass  # an owner is at work: it merges, and the counter moves when it commits
+    with contextlib.suppress(SyncBusy, JournalUnavailable):  # busy: its owner merges, and commits move the counter
+        store.merge_if_free(settings, "view", path)
     return read_seq(JournalFiles(path).commit_seq)
 
 
