@@ -784,21 +784,25 @@ class Relay:
         sid = self._session_id(headers)
         if sid:
             now = self._clock()
-            row = self._auth.execute(
-                "SELECT k.name, s.created_at, s.seen_at FROM relay_sessions s JOIN relay_keys k"
+            row = self._auth.execute(  # the key's name is NULL once it is revoked
+                "SELECT k.name, s.created_at, s.seen_at FROM relay_sessions s LEFT JOIN relay_keys k"
                 " ON k.hash = s.key_hash AND k.revoked_at IS NULL WHERE s.id = ?",
                 (sid,),
             ).fetchone()
-            if row is not None and now - row[2] <= self.session_idle and now - row[1] <= self.session_max:
-                if now - row[2] >= SESSION_SEEN_EVERY:  # the page polls every 1.5 s: not a commit each time
-                    await asyncio.wrap_future(
-                        self.store.submit(
-                            lambda conn: conn.execute("UPDATE relay_sessions SET seen_at = ? WHERE id = ?", (now, sid))
+            if row is not None:  # an unknown cookie writes nothing
+                name, created, seen = row
+                if name is None or now - seen > self.session_idle or now - created > self.session_max:
+                    await self._end_session(sid)  # expired, or its key was revoked
+                else:
+                    if now - seen >= SESSION_SEEN_EVERY:  # the page polls every 1.5 s: not a commit each time
+                        await asyncio.wrap_future(
+                            self.store.submit(
+                                lambda conn: conn.execute(
+                                    "UPDATE relay_sessions SET seen_at = ? WHERE id = ?", (now, sid)
+                                )
+                            )
                         )
-                    )
-                return str(row[0])
-            if row is not None or self._auth.execute("SELECT 1 FROM relay_sessions WHERE id = ?", (sid,)).fetchone():
-                await self._end_session(sid)  # expired, or its key was revoked
+                    return str(name)
         auth = headers.get("authorization", "")
         if auth.startswith("Bearer "):
             found = self._key(auth[7:].strip())
