@@ -24,7 +24,7 @@ from helpers import dump
 from weco_observe import outbox, segments, store
 from weco_observe.errors import InvalidInput, JournalUnavailable, UnknownRun
 from weco_observe.journal import Journal, SharedReader, read_seq, write_seq
-from weco_observe.records import Event
+from weco_observe.records import CodeRef, Event, Run, Step
 from weco_observe.segments import SegmentWriter, decode, encode
 from weco_observe.settings import Settings
 
@@ -438,6 +438,36 @@ def test_an_sdk_append_that_fails_halfway_never_costs_a_later_record(settings, j
     assert [p for p in result.problems if "torn" in p]  # the half record, reported and skipped
 
 
+def test_a_merge_pauses_the_cycle_collector_and_leaves_it_as_it_found_it(settings, monkeypatch):
+    import gc
+
+    writer = SegmentWriter(settings=settings)
+    run = writer.create_run(source_code=CODE, metric="loss")
+    seen = []
+    real = segments._Applying.apply
+
+    def apply(self, docs):
+        seen.append(gc.isenabled())
+        return real(self, docs)
+
+    monkeypatch.setattr(segments._Applying, "apply", apply)
+    writer.log_step(run, 1)
+    assert gc.isenabled() and merged(settings).applied == 2
+    gc.disable()
+    try:
+        writer.log_step(run, 2)
+        assert merged(settings).applied == 1
+        assert not gc.isenabled()  # an embedding program's choice is kept
+    finally:
+        gc.enable()
+    writer.log_step(run, 3)
+    monkeypatch.setattr(segments, "_merge", lambda *a, **k: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        segments.merge(None)
+    assert gc.isenabled()
+    assert seen == [False, False]
+
+
 def test_a_long_lived_writer_sees_what_other_hosts_merged_since_its_last_step(settings):
     sdk, other = SegmentWriter(settings=settings, append=True), SegmentWriter(settings=settings)
     run = other.create_run(source_code=CODE, metric="loss")
@@ -482,39 +512,45 @@ def rewrite(folder: Path, change) -> None:
         path.write_bytes(b"".join(encode(change(doc)) for doc in decode(path.read_bytes()).records))
 
 
-def as_version_2(doc: dict) -> dict:
-    """A record as format 2 carries it: format 1 without the outbox event."""
-    return {k: v for k, v in doc.items() if k != "event"} | {"v": 2}
+def as_version_1(doc: dict) -> dict:
+    """A record as format 1 carried it (every writer before format 2): the outbox event as well."""
+    step = Step.from_doc(doc["step"])
+    if doc["op"] == "run":
+        event = Event.create(Run.from_doc(doc["run"]), step.code or CodeRef(()), event_id=step.event_id)
+    else:
+        event = Event.log(step)
+    return doc | {"v": 1, "event": event.to_doc()}
 
 
-def test_the_written_format_is_1_which_every_earlier_owner_merges(settings, journal_path):
+def test_the_written_format_is_2_which_every_owner_with_cluster_mode_merges(settings, journal_path):
+    # Every release with cluster mode reads formats 1 and 2; the event copy that only 1 carries
+    # was half the JSON a merge decodes, and the merge makes the event from the step anyway.
     writer = SegmentWriter(settings=settings)
     run = writer.create_run(source_code=CODE, metric="loss")
     writer.log_step(run, 1, metrics={"loss": 0.5})
     docs = [
         d for p in sorted((journal_path.parent / "segments").rglob("*.seg")) for d in decode(p.read_bytes()).records
     ]
-    assert [(d["v"], d["op"], d["event"]["kind"]) for d in docs] == [(1, "run", "create_run"), (1, "step", "log_step")]
-    assert docs[1]["event"]["id"] == docs[1]["step"]["event_id"]
+    assert [(d["v"], d["op"], "event" in d) for d in docs] == [(2, "run", False), (2, "step", False)]
+    assert segments._READ == (1, 2)
 
 
-def test_records_of_format_2_merge_as_format_1_does(settings, journal_path, tmp_path):
+def test_records_of_format_1_from_earlier_writers_merge_as_format_2_does(settings, journal_path, tmp_path):
     writer = SegmentWriter(settings=settings)
     run = writer.create_run(source_code=CODE, metric="loss")
     writer.log_step(run, 1, metrics={"loss": 0.5}, code={"train.py": CODE["train.py"] + "x = 1\n"})
     writer.log_step(run, 2, status="failed", description="nan", metadata={"gpu": "a100"})
-    newer = tmp_path / "newer" / "journal.db"
-    shutil.copytree(journal_path.parent / "segments", newer.parent / "segments")
-    rewrite(newer.parent / "segments", as_version_2)
-    assert all(
-        d["v"] == 2 and "event" not in d for p in newer.parent.rglob("*.seg") for d in decode(p.read_bytes()).records
-    )
+    older = tmp_path / "older" / "journal.db"
+    shutil.copytree(journal_path.parent / "segments", older.parent / "segments")
+    rewrite(older.parent / "segments", as_version_1)
+    docs = [d for p in older.parent.rglob("*.seg") for d in decode(p.read_bytes()).records]
+    assert sorted((d["v"], d["event"]["kind"]) for d in docs) == [(1, "create_run"), (1, "log_step"), (1, "log_step")]
     results = []
-    for path in (journal_path, newer):
+    for path in (journal_path, older):
         with store.exclusive(settings, "merge", journal_path=path) as held:
             results.append(held.merged)
     assert [(r.applied, r.problems) for r in results] == [(3, []), (3, [])]
-    now, then = dump(journal_path), dump(newer)
+    now, then = dump(journal_path), dump(older)
     assert [now[t] for t in ("runs", "steps", "events", "blobs")] == [
         then[t] for t in ("runs", "steps", "events", "blobs")
     ]
