@@ -98,6 +98,61 @@ def assert_relay_holds_box(relay_data_dir: Path, box: Path, run: str) -> None:
             assert code == s["code_text"], n
 
 
+# -- durable before it answers ------------------------------------------------------------
+
+
+def test_a_request_is_answered_only_after_the_wal_holding_it_is_fsynced(relay_data, monkeypatch):
+    # The relay's commits leave the WAL's fsync to the writer, after the write lock is released
+    # (synchronous=NORMAL); the answer must still wait for it. kill -9 cannot tell the two apart
+    # (the page cache survives it), so the order is watched here.
+    from weco_observe import relay
+
+    store = relay.RelayStore(relay_data)
+    wal = relay_data / "journal.db-wal"
+    order: list[tuple[str, object]] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        real_fsync(fd)
+        order.append(("fsync", os.fstat(fd).st_ino))
+
+    monkeypatch.setattr(relay.os, "fsync", fsync)
+    try:
+        created = store.create({"source_code": {"a.py": CODE}, "metric_name": "loss", "maximize": False}, "box")
+        run = created.result(timeout=30)
+        order.append(("answered", run))
+        done = store.log_step(run, {"step": 1, "metrics": {"loss": 0.5}}).result(timeout=30)
+        order.append(("answered", done["step"]))
+        with pytest.raises(Exception, match="not found"):
+            store.log_step(str(uuid.uuid4()), {"step": 1}).result(timeout=30)  # a refused request fails alone
+        inode = wal.stat().st_ino
+        assert order[:4] == [("fsync", inode), ("answered", run), ("fsync", inode), ("answered", 1)]
+    finally:
+        store.close()
+
+
+def test_a_failed_fsync_answers_no_request_as_durable(relay_data, monkeypatch):
+    from weco_observe import relay
+    from weco_observe.errors import JournalUnavailable
+
+    store = relay.RelayStore(relay_data)
+    try:
+        run = store.create({"source_code": {"a.py": CODE}, "metric_name": "loss", "maximize": False}, "box")
+        run = run.result(timeout=30)
+
+        def fsync(fd: int) -> None:
+            raise OSError(5, "Input/output error")
+
+        monkeypatch.setattr(relay.os, "fsync", fsync)
+        with pytest.raises(JournalUnavailable, match="cannot fsync journal .*journal.db-wal: .*Input/output error"):
+            store.log_step(run, {"step": 1, "metrics": {"loss": 0.5}}).result(timeout=30)
+        monkeypatch.undo()
+        again = store.log_step(run, {"step": 1, "metrics": {"loss": 0.25}}).result(timeout=30)  # the box's retry
+        assert again == {"run_id": run, "step": 1, "parent_step": 0}
+    finally:
+        store.close()
+
+
 # -- the wire contract ---------------------------------------------------------------------
 
 
