@@ -77,10 +77,14 @@ def loadgen(
         cmd.append("--ids")
     if aiohttp:
         cmd.append("--aiohttp")
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    if done.returncode != 0:
-        raise SystemExit(f"load generator failed: {done.stderr[-2000:]}")
-    return json.loads(done.stdout)
+    # its answer (450 KB with --ids) goes through a file: once in a run, read from a pipe, it
+    # came back with a control character at byte 65,536, the pipe's size
+    with tempfile.TemporaryFile("w+") as answer:
+        done = subprocess.run(cmd, stdout=answer, stderr=subprocess.PIPE, text=True, timeout=900)
+        if done.returncode != 0:
+            raise SystemExit(f"load generator failed: {done.stderr[-2000:]}")
+        answer.seek(0)
+        return json.load(answer)
 
 
 def start(cmd: list[str], env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:

@@ -39,6 +39,28 @@ def test_unchanged_code_costs_nothing(j):
     assert (blob_bytes(j), j.query("SELECT count(*) AS n FROM blobs")[0]["n"]) == before
 
 
+def test_the_delta_base_is_looked_up_only_for_a_text_not_stored_yet(j, monkeypatch):
+    text = "".join(big_file())
+    run = j.create_run(source_code={"a.py": text}, metric="loss")
+    asked = []
+    real = Journal._code_at_or_below
+
+    def code_at_or_below(conn, run_id, step):
+        asked.append(step)
+        return real(conn, run_id, step)
+
+    monkeypatch.setattr(Journal, "_code_at_or_below", staticmethod(code_at_or_below))
+    j.log_step(run, 1, code={"a.py": text})  # the baseline's text, stored already: no base needed
+    assert asked == []
+    j.log_step(run, 2, code={"a.py": text + "x = 1\n"})
+    assert asked == [1]  # the parent's code is the base
+    (base,) = [r["base"] for r in j.query("SELECT base FROM blobs WHERE depth > 0")]
+    assert base == codestore.text_hash(text.encode())
+    j.log_step(run, 2, code={"a.py": text + "x = 2\n"})  # a re-log: the step's own code is the base
+    assert asked == [1]
+    assert len(j.query("SELECT 1 FROM blobs WHERE depth > 0 AND base = ?", (base,))) == 1
+
+
 def test_one_line_edit_costs_little(j):
     lines = big_file()
     run = j.create_run(source_code={"a.py": "".join(lines)}, metric="loss")

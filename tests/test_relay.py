@@ -131,6 +131,36 @@ def test_a_request_is_answered_only_after_the_wal_holding_it_is_fsynced(relay_da
         store.close()
 
 
+def test_steps_move_their_runs_last_activity_and_a_bad_request_fails_alone(relay_data):
+    # the relay moves a run's last activity once per group of requests, not per step
+    from weco_observe import relay
+
+    store = relay.RelayStore(relay_data)
+    try:
+        body = {"source_code": {"a.py": CODE}, "metric_name": "loss", "maximize": False}
+        a, b = (store.create(dict(body), "box").result(timeout=30) for _ in range(2))
+        conn = sqlite3.connect(relay_data / "journal.db")
+        query = "SELECT r.updated_at FROM runs r JOIN relay_runs rr ON rr.run_id = r.id WHERE rr.relay_id = ?"
+        created = {run: conn.execute(query, (run,)).fetchone()[0] for run in (a, b)}
+        time.sleep(0.05)
+        futures = [store.log_step(a, {"step": n, "metrics": {"loss": 1 / n}}) for n in range(1, 6)]
+        futures.insert(2, store.log_step(str(uuid.uuid4()), {"step": 1}))  # no such run: in the same group
+        with pytest.raises(Exception, match="not found"):
+            futures.pop(2).result(timeout=30)
+        for f in futures:
+            f.result(timeout=30)
+        moved = conn.execute(query, (a,)).fetchone()[0]
+        assert created[a] + 0.05 <= moved <= time.time()
+        assert conn.execute(query, (b,)).fetchone()[0] == created[b]  # untouched
+        steps = conn.execute(
+            "SELECT count(*) FROM steps s JOIN relay_runs rr ON rr.run_id = s.run_id WHERE rr.relay_id = ?", (a,)
+        )
+        assert steps.fetchone()[0] == 6  # the baseline and five steps
+        conn.close()
+    finally:
+        store.close()
+
+
 def test_a_failed_fsync_answers_no_request_as_durable(relay_data, monkeypatch):
     from weco_observe import relay
     from weco_observe.errors import JournalUnavailable

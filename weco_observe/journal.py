@@ -353,14 +353,15 @@ class Journal:
         self,
         conn: sqlite3.Connection,
         code: Mapping[str, str],
-        base: CodeRef | None,
+        base: CodeRef | Callable[[], CodeRef | None] | None,
         digests: Mapping[str, str] | None = None,
     ) -> CodeRef:
-        """Store each file's text (once per content), as a delta against the same path in ``base``.
+        """Store each file's text (once per content), as a delta against the same path in ``base``
+        (or in what ``base()`` returns, asked only when a text is new here).
         ``digests``: each file's :func:`codestore.text_hash`, made by the caller outside the write
         transaction (the relay's writers queue for it)."""
         manifest: dict[str, str] = {}
-        base_files = base.manifest() if base else {}
+        base_files: dict[str, str] | None = None
         for path, text in code.items():
             data = text.encode("utf-8")
             digest = digests[path] if digests is not None else codestore.text_hash(data)
@@ -368,6 +369,9 @@ class Journal:
             if digest in self._known_blobs:
                 continue
             if conn.execute("SELECT 1 FROM blobs WHERE hash = ?", (digest,)).fetchone() is None:
+                if base_files is None:
+                    found = base() if callable(base) else base
+                    base_files = found.manifest() if found else {}
                 base_hash = base_files.get(path)
                 base_data, base_depth = None, 0
                 if base_hash:
@@ -543,18 +547,27 @@ class Journal:
         check_parent: bool = True,
         fresh: bool = False,
         code_digests: Mapping[str, str] | None = None,
+        local_run: bool = False,
+        touch_run: bool = True,
     ) -> dict[str, Any]:
         """``log_step`` in the caller's write transaction, its arguments already checked.
 
         ``check_parent=False`` accepts a parent the run does not have yet, as the API
         does (a relay receives a box's steps several at a time, in any order). ``fresh``: the
-        caller made ``event_id`` just now, so it cannot be journaled already (one query less)."""
+        caller made ``event_id`` just now, so it cannot be journaled already (one query less).
+        ``local_run``: ``run`` is the local id of a run this journal holds, made by a create
+        (not remote-only), so it need not be looked up; the foreign keys still refuse one it
+        does not hold. ``touch_run=False``: the caller moves the run's last activity itself (a
+        relay, once per group of requests)."""
         now = time.time()
         if not fresh and outbox.known(conn, event_id):
             row = conn.execute("SELECT run_id, step FROM steps WHERE event_id = ?", (event_id,)).fetchone()
             done = self._step(conn, row[0], row[1]) if row else None
             return _result(done, updated=False) if done else {"event_id": event_id}
-        run_id, remote_only, first_seen = self._run_for_log(conn, run, now)
+        if local_run:
+            run_id, remote_only, first_seen = run, False, False
+        else:
+            run_id, remote_only, first_seen = self._run_for_log(conn, run, now)
         prev = self._step(conn, run_id, step)
         parent = treerule.resolve(
             step,
@@ -567,9 +580,8 @@ class Journal:
         )
         manifest = None
         if code is not None:
-            base = prev.code if prev is not None and prev.code else None
-            if base is None:
-                base = self._code_at_or_below(conn, run_id, step if parent is None else parent)
+            at = step if parent is None else parent
+            base = prev.code if prev is not None and prev.code else lambda: self._code_at_or_below(conn, run_id, at)
             manifest = self.store_code(conn, code, base, code_digests)
         state = Step(
             run_id=run_id,
@@ -586,7 +598,8 @@ class Journal:
         ).merged_with(prev)
         conn.execute(_UPSERT_STEP, state.to_row())
         outbox.enqueue(conn, Event.log(state))
-        conn.execute("UPDATE runs SET updated_at = ? WHERE id = ?", (now, run_id))
+        if touch_run:
+            conn.execute("UPDATE runs SET updated_at = ? WHERE id = ?", (now, run_id))
         return _result(state, updated=prev is not None, run_first_seen=first_seen)
 
     @staticmethod

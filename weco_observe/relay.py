@@ -258,6 +258,8 @@ class RelayStore:
         self.committed_ops = 0
         #: relay id -> local run id, as committed (only the writer thread reads or fills it)
         self._run_ids: dict[str, str] = {}
+        #: local run id -> the time of its newest step in the group being written (writer thread only)
+        self._touched: dict[str, float] = {}
 
     # -- the writer ------------------------------------------------------------------
 
@@ -295,7 +297,14 @@ class RelayStore:
                         continue
                     conn.execute("RELEASE op")
                     results.append((op, value, None))
+                # the runs' last activity, once per run and group instead of once per step
+                touched, self._touched = self._touched, {}
+                conn.executemany(
+                    "UPDATE runs SET updated_at = max(updated_at, ?) WHERE id = ?", [(t, r) for r, t in touched.items()]
+                )
         except BaseException as exc:  # the commit itself failed: nothing of the group is durable
+            self._touched.clear()
+            self._run_ids.clear()  # it may name a run whose create was in this group
             for op in batch:
                 op.future.set_exception(exc)
             return
@@ -421,7 +430,10 @@ class RelayStore:
                 check_parent=False,
                 fresh=True,
                 code_digests=digests,
+                local_run=True,
+                touch_run=False,
             )
+            self._touched[run_id] = time.time()
             return {"run_id": relay_id, "step": step, "parent_step": stored["parent_step"]}
 
         return self.submit(apply)
