@@ -24,7 +24,7 @@ from helpers import dump
 from weco_observe import outbox, segments, store
 from weco_observe.errors import InvalidInput, JournalUnavailable, UnknownRun
 from weco_observe.journal import Journal, SharedReader, read_seq, write_seq
-from weco_observe.records import CodeRef, Event, Run, Step
+from weco_observe.records import Event
 from weco_observe.segments import SegmentWriter, decode, encode
 from weco_observe.settings import Settings
 
@@ -512,45 +512,39 @@ def rewrite(folder: Path, change) -> None:
         path.write_bytes(b"".join(encode(change(doc)) for doc in decode(path.read_bytes()).records))
 
 
-def as_version_1(doc: dict) -> dict:
-    """A record as format 1 carried it (every writer before format 2): the outbox event as well."""
-    step = Step.from_doc(doc["step"])
-    if doc["op"] == "run":
-        event = Event.create(Run.from_doc(doc["run"]), step.code or CodeRef(()), event_id=step.event_id)
-    else:
-        event = Event.log(step)
-    return doc | {"v": 1, "event": event.to_doc()}
+def as_version_2(doc: dict) -> dict:
+    """A record as format 2 carries it: format 1 without the outbox event."""
+    return {k: v for k, v in doc.items() if k != "event"} | {"v": 2}
 
 
-def test_the_written_format_is_2_which_every_owner_with_cluster_mode_merges(settings, journal_path):
-    # Every release with cluster mode reads formats 1 and 2; the event copy that only 1 carries
-    # was half the JSON a merge decodes, and the merge makes the event from the step anyway.
+def test_the_written_format_is_1_which_every_earlier_owner_merges(settings, journal_path):
     writer = SegmentWriter(settings=settings)
     run = writer.create_run(source_code=CODE, metric="loss")
     writer.log_step(run, 1, metrics={"loss": 0.5})
     docs = [
         d for p in sorted((journal_path.parent / "segments").rglob("*.seg")) for d in decode(p.read_bytes()).records
     ]
-    assert [(d["v"], d["op"], "event" in d) for d in docs] == [(2, "run", False), (2, "step", False)]
-    assert segments._READ == (1, 2)
+    assert [(d["v"], d["op"], d["event"]["kind"]) for d in docs] == [(1, "run", "create_run"), (1, "step", "log_step")]
+    assert docs[1]["event"]["id"] == docs[1]["step"]["event_id"]
 
 
-def test_records_of_format_1_from_earlier_writers_merge_as_format_2_does(settings, journal_path, tmp_path):
+def test_records_of_format_2_merge_as_format_1_does(settings, journal_path, tmp_path):
     writer = SegmentWriter(settings=settings)
     run = writer.create_run(source_code=CODE, metric="loss")
     writer.log_step(run, 1, metrics={"loss": 0.5}, code={"train.py": CODE["train.py"] + "x = 1\n"})
     writer.log_step(run, 2, status="failed", description="nan", metadata={"gpu": "a100"})
-    older = tmp_path / "older" / "journal.db"
-    shutil.copytree(journal_path.parent / "segments", older.parent / "segments")
-    rewrite(older.parent / "segments", as_version_1)
-    docs = [d for p in older.parent.rglob("*.seg") for d in decode(p.read_bytes()).records]
-    assert sorted((d["v"], d["event"]["kind"]) for d in docs) == [(1, "create_run"), (1, "log_step"), (1, "log_step")]
+    newer = tmp_path / "newer" / "journal.db"
+    shutil.copytree(journal_path.parent / "segments", newer.parent / "segments")
+    rewrite(newer.parent / "segments", as_version_2)
+    assert all(
+        d["v"] == 2 and "event" not in d for p in newer.parent.rglob("*.seg") for d in decode(p.read_bytes()).records
+    )
     results = []
-    for path in (journal_path, older):
+    for path in (journal_path, newer):
         with store.exclusive(settings, "merge", journal_path=path) as held:
             results.append(held.merged)
     assert [(r.applied, r.problems) for r in results] == [(3, []), (3, [])]
-    now, then = dump(journal_path), dump(older)
+    now, then = dump(journal_path), dump(newer)
     assert [now[t] for t in ("runs", "steps", "events", "blobs")] == [
         then[t] for t in ("runs", "steps", "events", "blobs")
     ]
