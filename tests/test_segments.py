@@ -13,6 +13,8 @@ import json
 import os
 import shutil
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 import zlib
@@ -548,6 +550,54 @@ def test_records_of_format_2_merge_as_format_1_does(settings, journal_path, tmp_
     assert [now[t] for t in ("runs", "steps", "events", "blobs")] == [
         then[t] for t in ("runs", "steps", "events", "blobs")
     ]
+
+
+#: the first release that shipped cluster mode: an owner on a login node may still run it
+FIRST_CLUSTER_RELEASE = "035fd01d900a3e5eb38f917fe4b95ea6a7a6807e"
+
+
+def test_what_writers_write_now_is_merged_whole_by_the_first_release_with_cluster_mode(
+    settings, journal_path, tmp_path
+):
+    # On a cluster every host runs the release its own venv has: the nodes may be newer than the
+    # login node's owner. That owner's own code, from git, merges what this release's SDK and CLI
+    # writers wrote (a format it did not read would be dropped as torn, file and all).
+    repo = Path(__file__).resolve().parent.parent
+    old = tmp_path / "first-cluster-release"
+    old.mkdir()
+    archive = subprocess.run(
+        ["git", "-C", str(repo), "archive", FIRST_CLUSTER_RELEASE, "weco_observe"], capture_output=True
+    )
+    if archive.returncode != 0:
+        pytest.skip(f"no git history here to take that release from: {archive.stderr.decode().strip()}")
+    subprocess.run(["tar", "-x", "-C", str(old)], input=archive.stdout, check=True)
+    sdk, cli = SegmentWriter(settings=settings, append=True), SegmentWriter(settings=settings)
+    run = cli.create_run(source_code=CODE, metric="loss")
+    for n in range(1, 6):
+        code = {"train.py": CODE["train.py"] + f"lr = {n}\n"}
+        (sdk if n % 2 else cli).log_step(run, n, metrics={"loss": 1 / n}, code=code, description=f"try {n}")
+    sdk.close()
+    merge = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, weco_observe; print(weco_observe.__file__); sys.argv[1:] = ['merge'];"
+            " from weco_observe.cli import main_observe; main_observe()",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,  # not this checkout, which python -c would put first on the path
+        env={**os.environ, "PYTHONPATH": str(old), "WECO_OBSERVE_SHARED_FS": "1"},
+        timeout=120,
+    )
+    assert merge.returncode == 0, merge.stderr
+    assert merge.stdout.startswith(str(old)), merge.stdout  # that release's code, not this one's
+    assert "torn" not in merge.stdout + merge.stderr and "not a record" not in merge.stdout + merge.stderr
+    conn = sqlite3.connect(journal_path)
+    steps = dict(conn.execute("SELECT step, description FROM steps WHERE run_id = ?", (run,)).fetchall())
+    conn.close()
+    assert steps == {0: None, **{n: f"try {n}" for n in range(1, 6)}}
+    assert not list((journal_path.parent / "segments").rglob("*.seg"))  # all merged, then removed
 
 
 def test_a_record_of_a_newer_format_keeps_its_file_for_a_newer_owner(settings, journal_path):
