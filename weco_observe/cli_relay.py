@@ -59,7 +59,7 @@ def serve_command(
     json_log: Annotated[bool, typer.Option("--json-log", help="Access log as JSON lines, for log collectors.")] = False,
     workers: Annotated[
         int,
-        typer.Option("--workers", help="Serving processes on the one port; 2 on two cores takes in ~1.5x the steps."),
+        typer.Option("--workers", help="Serving processes on the one port; 2 on two cores takes in ~1.8x the steps."),
     ] = 1,
 ) -> None:
     """Serve the Weco external-runs API and a dashboard of every run (Ctrl-C or SIGTERM to stop).
