@@ -552,6 +552,44 @@ def test_records_of_format_2_merge_as_format_1_does(settings, journal_path, tmp_
     ]
 
 
+def test_the_owner_tries_again_when_the_journal_name_looks_stale_for_a_moment(settings, journal_path, monkeypatch):
+    from weco_observe import journal as journal_module
+
+    merged(settings)  # the journal exists
+    real = Journal._open_shared_once
+    tries = []
+
+    def flaky(self, s):
+        tries.append(1)
+        if len(tries) <= 2:  # as sshfs answers for a name another host just replaced
+            raise sqlite3.OperationalError("unable to open database file")
+        return real(self, s)
+
+    monkeypatch.setattr(Journal, "_open_shared_once", flaky)
+    assert merged(settings).applied == 0 and len(tries) == 3
+    tries.clear()
+    monkeypatch.setattr(journal_module, "_OPEN_TRIES", 3)
+
+    def stale(self, s):
+        tries.append(1)
+        raise sqlite3.OperationalError("unable to open database file")
+
+    monkeypatch.setattr(Journal, "_open_shared_once", stale)
+    with pytest.raises(JournalUnavailable, match="cannot open journal .*unable to open database file"):
+        merged(settings)
+    assert len(tries) == 3  # bounded
+    tries.clear()
+
+    def broken(self, s):
+        tries.append(1)
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(Journal, "_open_shared_once", broken)
+    with pytest.raises(JournalUnavailable, match="disk I/O error"):
+        merged(settings)
+    assert len(tries) == 1  # another error is not a stale name: no waiting
+
+
 #: the first release that shipped cluster mode: an owner on a login node may still run it
 FIRST_CLUSTER_RELEASE = "035fd01d900a3e5eb38f917fe4b95ea6a7a6807e"
 
