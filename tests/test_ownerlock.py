@@ -287,6 +287,41 @@ def test_a_breaker_killed_mid_break_on_this_host_does_not_block_the_next_owner(d
     assert list(db.parent.glob("journal.db.owner.break-*")) == []
 
 
+PAUSED_WHILE_SIGNING = r"""
+import sys, time
+from weco_observe import ownerlock
+
+def paused(self, marker):  # the breaker has made its marker's folder and not yet said who it is
+    print("signing", flush=True)
+    time.sleep(120)
+
+ownerlock.OwnerLock._sign = paused
+ownerlock.OwnerLock(sys.argv[1]).try_acquire("merge")
+"""
+
+
+def test_a_breaker_killed_before_signing_its_marker_does_not_block_the_next_owner(db):
+    # seen in test_cluster's kill -9 workload on CI: a marker made by mkdir and never signed could
+    # not be judged, and the final merge gave up after 30 s on an owner dead long before
+    dead_owner = subprocess.run(
+        [sys.executable, "-c", f"from weco_observe.ownerlock import OwnerLock; OwnerLock({str(db)!r}).try_acquire()"],
+        timeout=60,
+    )
+    assert dead_owner.returncode == 0
+    _killed_at(PAUSED_WHILE_SIGNING, db, "signing")
+    lock = OwnerLock(db)
+    started = time.monotonic()
+    lock.acquire("merge", timeout=5, poll=0.05)
+    assert time.monotonic() - started < 2
+    lock.release()
+    assert list(db.parent.glob("journal.db.owner.break-*")) == []
+    (left,) = db.parent.glob("journal.db.owner.new-*")  # the killed breaker's unsigned folder...
+    os.utime(left, (time.time() - 3600, time.time() - 3600))
+    lock.acquire("merge", timeout=5)
+    lock.release()
+    assert list(db.parent.glob("journal.db.owner*")) == []  # ...tidied once clearly abandoned
+
+
 def test_a_live_breaker_s_marker_is_respected(db):
     lock_dir = db.with_name("journal.db.owner")
     lock_dir.mkdir()

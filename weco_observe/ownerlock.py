@@ -307,6 +307,9 @@ class OwnerLock:
         if not self._claim_marker(marker):
             return  # another waiter is breaking it
         try:
+            current = _read_info(self.path)
+            if current is not None and current.get("token") not in (token, None) and token != "unknown":
+                return  # a fresh owner took the lock since it was judged (another breaker was first)
             aside = self.path.with_name(f"{self.path.name}.stale-{token}-{secrets.token_hex(4)}")
             try:
                 os.rename(self.path, aside)
@@ -321,25 +324,36 @@ class OwnerLock:
                 return
             shutil.rmtree(aside, ignore_errors=True)
         finally:
+            # moved aside whole, then removed: the name never holds an empty folder, which the
+            # next breaker's rename would replace while this one is still here
+            done = self.path.with_name(f"{self.path.name}.stale-break-{secrets.token_hex(4)}")
             with contextlib.suppress(OSError):
-                (marker / _INFO).unlink()
-                os.rmdir(marker)
+                os.rename(marker, done)
+                shutil.rmtree(done, ignore_errors=True)
 
     def _claim_marker(self, marker: Path) -> bool:
         """Make the break marker, saying who made it. A marker whose maker died on this host
-        (killed mid-break) is cleared at once; one from another host, or not yet signed, once it
-        is clearly abandoned (5 x :data:`STALE`)."""
+        (killed mid-break) is cleared at once; one from another host, or not signed, once it
+        is clearly abandoned (5 x :data:`STALE`).
+
+        The marker is made whole under a name of its own, signed, then renamed into place, as
+        the lock is: a breaker killed between a bare ``mkdir`` and its signature (seen in CI's
+        kill -9 workload) left a marker no one could judge, and every later owner waited 150 s.
+        A killed breaker now leaves only its ``.new-`` folder, which :meth:`_tidy` removes."""
         for _ in range(2):
+            staging = self.path.with_name(f"{self.path.name}.new-{secrets.token_hex(12)}")
             try:
-                os.mkdir(marker, 0o700)
-            except FileExistsError:
-                if not self._clear_abandoned(marker):
+                os.mkdir(staging, 0o700)
+                self._sign(staging)
+                os.rename(staging, marker)
+            except OSError as exc:
+                shutil.rmtree(staging, ignore_errors=True)
+                refused = exc.errno in (errno.EEXIST, errno.ENOTEMPTY) or (
+                    exc.errno in (errno.EPERM, errno.EACCES, errno.EBUSY) and os.path.lexists(marker)
+                )  # sshfs says EPERM for a rename onto a folder
+                if not refused or not self._clear_abandoned(marker):
                     return False
                 continue
-            except OSError:
-                return False
-            with contextlib.suppress(OSError):
-                self._sign(marker)
             return True
         return False
 
