@@ -569,25 +569,17 @@ def test_the_owner_tries_again_when_the_journal_name_looks_stale_for_a_moment(se
     assert merged(settings).applied == 0 and len(tries) == 3
     tries.clear()
     monkeypatch.setattr(journal_module, "_OPEN_TRIES", 3)
+    for error, expected_tries in (("unable to open database file", 3), ("disk I/O error", 1)):
+        tries.clear()
 
-    def stale(self, s):
-        tries.append(1)
-        raise sqlite3.OperationalError("unable to open database file")
+        def failing(self, s, error=error):
+            tries.append(1)
+            raise sqlite3.OperationalError(error)
 
-    monkeypatch.setattr(Journal, "_open_shared_once", stale)
-    with pytest.raises(JournalUnavailable, match="cannot open journal .*unable to open database file"):
-        merged(settings)
-    assert len(tries) == 3  # bounded
-    tries.clear()
-
-    def broken(self, s):
-        tries.append(1)
-        raise sqlite3.OperationalError("disk I/O error")
-
-    monkeypatch.setattr(Journal, "_open_shared_once", broken)
-    with pytest.raises(JournalUnavailable, match="disk I/O error"):
-        merged(settings)
-    assert len(tries) == 1  # another error is not a stale name: no waiting
+        monkeypatch.setattr(Journal, "_open_shared_once", failing)
+        with pytest.raises(JournalUnavailable, match=f"cannot open journal .*{error}"):
+            merged(settings)
+        assert len(tries) == expected_tries  # a stale name: bounded tries; another error: none again
 
 
 #: the first release that shipped cluster mode: an owner on a login node may still run it
