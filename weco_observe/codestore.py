@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 #: ``(base, prefix, suffix, data, size)`` of a stored blob, or None when it is missing
 Fetch = Callable[[str], "tuple[str | None, int, int, bytes, int] | None"]
@@ -23,6 +23,15 @@ _LEVEL = 6
 
 def text_hash(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def text_hashes(code: Mapping[str, str]) -> dict[str, str]:
+    """``{path: text_hash}`` of a code dict (each text as UTF-8).
+
+    >>> text_hashes({"a.py": "x = 1"}) == {"a.py": text_hash(b"x = 1")}
+    True
+    """
+    return {path: text_hash(text.encode("utf-8")) for path, text in code.items()}
 
 
 def _common_prefix(a: bytes, b: bytes) -> int:

@@ -48,7 +48,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -371,7 +371,7 @@ class RelayStore:
         # ids made here, on the event loop: the writer holds the journal's write lock, which the
         # other workers wait for, and its time there bounds the relay's ingest
         run_id, event_id, relay_id = ids.new_run_id(), ids.ulid(), str(uuid.uuid4())
-        digests = _digests(code)
+        digests = codestore.text_hashes(code)
 
         def apply(conn: sqlite3.Connection) -> str:
             if origin is not None:
@@ -404,7 +404,7 @@ class RelayStore:
         description, metrics, code, metadata = validate.check_step_args(**args)
         journal = self.journal
         event_id = ids.ulid()  # here, not under the write lock (see create)
-        digests = _digests(code) if code is not None else None
+        digests = codestore.text_hashes(code) if code is not None else None
         runs = self._run_ids
 
         def apply(conn: sqlite3.Connection) -> dict[str, Any]:
@@ -437,10 +437,6 @@ class RelayStore:
             return {"run_id": relay_id, "step": step, "parent_step": stored["parent_step"]}
 
         return self.submit(apply)
-
-
-def _digests(code: Mapping[str, str]) -> dict[str, str]:
-    return {path: codestore.text_hash(text.encode("utf-8")) for path, text in code.items()}
 
 
 # -- upstream ------------------------------------------------------------------------------------

@@ -48,7 +48,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from . import ids, outbox, treerule, validate
+from . import codestore, ids, outbox, treerule, validate
 from .errors import JournalUnavailable, UnknownRun
 from .files import JournalFiles, private_dir
 from .records import CodeRef, Event, Run, Step, dumps
@@ -650,7 +650,7 @@ class SegmentWriter:
             created_at=now,
             updated_at=now,
         )
-        manifest, blobs = _code(code, _hashes(code), lambda digest: False)
+        manifest, blobs = _code(code, codestore.text_hashes(code), lambda digest: False)
         step = Step.baseline(run_id, manifest, event_id=event_id, at=now)
         doc = {
             "v": VERSION,
@@ -683,7 +683,7 @@ class SegmentWriter:
         )
         event_id = event_id or ids.ulid()
         now = time.time()
-        digests = _hashes(code) if code is not None else {}
+        digests = codestore.text_hashes(code) if code is not None else {}
         view = self._view(run, frozenset(digests.values()))
         prev = self._prev(view, step)
         if prev is not None and prev.event_id == event_id:  # a replayed spill file: already written
@@ -725,13 +725,6 @@ class SegmentWriter:
         }
         self._publish(view.ref, doc, event_id)
         return _result(state, updated=prev is not None, run_first_seen=not view.known and not view.has_steps())
-
-
-def _hashes(code: Mapping[str, str]) -> dict[str, str]:
-    """``{path: content hash}`` of a code dict."""
-    from .codestore import text_hash
-
-    return {path: text_hash(text.encode("utf-8")) for path, text in code.items()}
 
 
 def _code(
