@@ -172,14 +172,14 @@ class Journal:
         A name can still be stale for a moment (the CI's kill -9 workload on sshfs once failed an
         owner's open with "unable to open database file", its lock already held), so that error
         is tried again for about two seconds, as a writer's segment create is."""
-        for attempt in range(_OPEN_TRIES):
+        for attempt in range(1, _OPEN_TRIES):
             try:
                 return self._open_shared_once(settings)
             except sqlite3.OperationalError as exc:
-                if "unable to open" not in str(exc) or attempt + 1 == _OPEN_TRIES:
+                if "unable to open" not in str(exc):
                     raise
-                time.sleep(0.05 * (attempt + 1))
-        raise AssertionError("unreachable")
+                time.sleep(0.05 * attempt)
+        return self._open_shared_once(settings)  # the last try: its error is the one reported
 
     def _open_shared_once(self, settings: Settings) -> sqlite3.Connection:
         probe = sqlite3.connect(str(self.path), timeout=settings.busy_timeout, isolation_level=None)
