@@ -69,6 +69,15 @@ def _read_info(directory: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+def _name_taken(exc: OSError, target: Path) -> bool:
+    """Whether a rename of a folder onto ``target`` failed because another process made it first:
+    EEXIST or ENOTEMPTY, or, as SFTP says it (sshfs: a rename onto a folder is a "failure"),
+    EPERM, EACCES or EBUSY with ``target`` there."""
+    if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
+        return True
+    return exc.errno in (errno.EPERM, errno.EACCES, errno.EBUSY) and os.path.lexists(target)
+
+
 def _pid_alive(pid: Any) -> bool:
     if not isinstance(pid, int) or pid <= 0:
         return False
@@ -154,10 +163,8 @@ class OwnerLock:
             except OSError as exc:
                 self.token = None
                 shutil.rmtree(staging, ignore_errors=True)
-                if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
+                if _name_taken(exc, self.path):
                     continue  # another process took it first
-                if exc.errno in (errno.EPERM, errno.EACCES, errno.EBUSY) and os.path.lexists(self.path):
-                    continue  # the same, said as SFTP does (sshfs: a rename onto a folder is a "failure")
                 raise
             break
         else:
@@ -348,10 +355,7 @@ class OwnerLock:
                 os.rename(staging, marker)
             except OSError as exc:
                 shutil.rmtree(staging, ignore_errors=True)
-                refused = exc.errno in (errno.EEXIST, errno.ENOTEMPTY) or (
-                    exc.errno in (errno.EPERM, errno.EACCES, errno.EBUSY) and os.path.lexists(marker)
-                )  # sshfs says EPERM for a rename onto a folder
-                if not refused or not self._clear_abandoned(marker):
+                if not _name_taken(exc, marker) or not self._clear_abandoned(marker):
                     return False
                 continue
             return True
