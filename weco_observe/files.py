@@ -37,6 +37,7 @@ import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import IO, Any
 
@@ -210,88 +211,88 @@ class JournalFiles:
     def _beside(self, suffix: str) -> Path:
         return self.db.with_name(self.db.name + suffix)
 
-    @property
+    @cached_property
     def dir(self) -> Path:
         return self.db.parent
 
     # SQLite's own files
-    @property
+    @cached_property
     def wal(self) -> Path:
         return self._beside("-wal")
 
-    @property
+    @cached_property
     def shm(self) -> Path:
         return self._beside("-shm")
 
-    @property
+    @cached_property
     def rollback(self) -> Path:
         """The rollback journal SQLite writes in cluster mode (no WAL there); kept, empty, between transactions."""
         return self._beside("-journal")
 
     # locks and markers
-    @property
+    @cached_property
     def migrate_lock(self) -> Path:
         """Serialises the first open (switch to WAL, migrations) in local mode."""
         return self._beside(".migrate-lock")
 
-    @property
+    @cached_property
     def write_lock(self) -> Path:
         """Local mode, a relay's journal: its writer processes queue on this flock for each
         transaction, woken at once, instead of on SQLite's busy handler, which sleeps."""
         return self._beside(".write-lock")
 
-    @property
+    @cached_property
     def dashboard_version(self) -> Path:
         """A relay's dashboard: a counter its worker processes move when they see the journal change."""
         return self._beside(".dashboard-version")
 
-    @property
+    @cached_property
     def keys_changed(self) -> Path:
         """A relay's journal: replaced (a new inode) whenever its keys change, so a serving process
         knows when the keys it remembers must be looked up again."""
         return self._beside(".keys-changed")
 
-    @property
+    @cached_property
     def sync_lock(self) -> Path:
         """One syncer per journal (an flock in local mode); the file names the holder."""
         return self._beside(".sync-lock")
 
-    @property
+    @cached_property
     def sync_yield(self) -> Path:
         """Touched by a foreground sync that wants a background syncer to give way."""
         return self._beside(".sync-yield")
 
-    @property
+    @cached_property
     def sync_cooldown(self) -> Path:
         """Its mtime is the moment before which no background syncer should start."""
         return self._beside(".sync-cooldown")
 
-    @property
+    @cached_property
     def commit_seq(self) -> Path:
         """Cluster mode: the owner's commit counter, a seqlock for readers on other hosts."""
         return self._beside(".seq")
 
-    @property
+    @cached_property
     def owner_lock(self) -> Path:
         """Cluster mode: the lock *directory* of the one process that may write ``db``."""
         return self._beside(".owner")
 
     # data beside the journal
-    @property
+    @cached_property
     def autosync_log(self) -> Path:
         return self.dir / "autosync.log"
 
-    @property
+    @cached_property
     def views_cache(self) -> Path:
         """Derived per-run scores for ``runs`` (safe to delete)."""
         return self._beside(".views-cache.json")
 
-    @property
+    @cached_property
     def spill_dir(self) -> Path:
         """Where a call goes when the journal cannot be written (the temp-dir fallback is in ``spill``)."""
         return self.dir / "spill"
 
-    @property
+    @cached_property
     def segments_dir(self) -> Path:
         """Cluster mode: each writer's append-only segment files, merged into ``db`` by the owner."""
         return self.dir / "segments"

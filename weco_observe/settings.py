@@ -260,7 +260,7 @@ class Settings:
     def journal_path(self) -> Path:
         return self.data_dir / "journal.db"
 
-    @property
+    @cached_property
     def credentials_path(self) -> Path:
         """The official client's credentials file, shared so one login serves both tools."""
         return self.home / ".config" / "weco" / "credentials.json"
@@ -302,7 +302,7 @@ class Settings:
         """Cheap check for the ``log`` hot path: a key was given, is in the env, or the file exists."""
         if api_key or (self.env_api_key and self.env_api_key.strip()):
             return True
-        return self.credentials_path.exists()
+        return os.path.exists(self.credentials_path)
 
     def auto_sync_active(self, api_key: str | None = None) -> bool:
         """Whether a background syncer runs after a write: auto-sync on and some key configured."""
