@@ -176,13 +176,18 @@ def _partitions(files: JournalFiles) -> list[Path]:
     return [files.segments_dir / n for n in names if ids.is_local_run_id(n) or ids.is_server_id(n)]
 
 
-def _segment_files(partition: Path) -> list[Path]:
-    """The ``.seg`` and ``.open`` files of a partition, oldest first (names begin with a ULID)."""
+def _segment_names(partition: str | Path) -> list[str]:
+    """The names of a partition's ``.seg`` and ``.open`` files, oldest first (they begin with a ULID)."""
     try:
         names = os.listdir(partition)
     except OSError:
         return []
-    return [partition / n for n in sorted(names) if n.endswith((".seg", ".open")) and not n.startswith(".")]
+    return [n for n in sorted(names) if n.endswith((".seg", ".open")) and not n.startswith(".")]
+
+
+def _segment_files(partition: Path) -> list[Path]:
+    """The ``.seg`` and ``.open`` files of a partition, oldest first."""
+    return [partition / n for n in _segment_names(partition)]
 
 
 def read_records(path: Path, offset: int = 0) -> Parsed:
@@ -277,11 +282,13 @@ class _Unmerged:
         #: how far each file (by name) was read
         self.read: dict[str, int] = {}
 
-    def fold(self, doc: dict[str, Any]) -> None:
-        try:
-            step = Step.from_doc(doc["step"])
-        except (KeyError, TypeError, ValueError):
-            return
+    def fold(self, doc: dict[str, Any], step: Step | None = None) -> None:
+        """Fold in one record; ``step``: its step, when the caller made it (no need to read it back)."""
+        if step is None:
+            try:
+                step = Step.from_doc(doc["step"])
+            except (KeyError, TypeError, ValueError):
+                return
         held = self.steps.get(step.step)
         if held is None or step.event_id > held.event_id:  # the latest event wins, as in a merge
             self.steps[step.step] = step
@@ -376,6 +383,7 @@ class SegmentWriter:
         self.settings = settings or Settings.load()
         self.path = Path(path) if path is not None else self.settings.journal_path
         self.files = JournalFiles(self.path)
+        self._segments = str(self.files.segments_dir)
         self.append = append
         if append:
             import atexit
@@ -430,21 +438,22 @@ class SegmentWriter:
     def _fold_partition(self, name: str) -> _Unmerged:
         """What the run folder ``name`` holds, its files read from where the last read stopped."""
         part = self._unmerged.setdefault(name, _Unmerged())
-        found = _segment_files(self.files.segments_dir / name)  # none when there is no folder
+        folder = os.path.join(self._segments, name)  # strings: this runs on every log_step
+        found = _segment_names(folder)  # none when there is no folder
         self.backlog += len(found)
-        for path in found:
-            if path.name.endswith(".seg") and path.name in part.read:
+        for file in found:
+            if file.endswith(".seg") and file in part.read:
                 continue  # sealed: read whole already
-            if part.read.get(path.name, -1) == self._written.get(path.name):
+            if part.read.get(file, -1) == self._written.get(file):
                 continue  # this process's own .open file, every record of it folded as it was written
-            parsed = read_records(path, part.read.get(path.name, 0))
+            parsed = read_records(Path(folder, file), part.read.get(file, 0))
             if parsed.gone:  # merged and removed, or sealed, meanwhile: its records are in the journal or the .seg
                 continue
-            part.read[path.name] = parsed.end
+            part.read[file] = parsed.end
             for doc in parsed.records:
                 part.fold(doc)
         if len(part.read) > len(found):
-            listed = {p.name for p in found}
+            listed = set(found)
             part.read = {n: end for n, end in part.read.items() if n in listed}
         return part
 
@@ -560,26 +569,26 @@ class SegmentWriter:
 
     # -- writing ----------------------------------------------------------------------------
 
-    def _publish(self, ref: str, doc: dict[str, Any], event_id: str) -> None:
+    def _publish(self, ref: str, doc: dict[str, Any], step: Step) -> None:
         """Make the record durable: appended to this process's ``.open`` file, or a sealed file of its own.
 
         The owner removes a run's folder once it is empty; when that happens between our
         ``mkdir`` and our create, the create fails with ENOENT and the folder is made again.
         Another host's removal can take a moment to show (a name cache: about 1 s on sshfs,
         until the next revalidation on NFS), hence a few tries over about two seconds."""
-        partition = self.files.segments_dir / ref
         line = encode(doc)
         for attempt in range(_CREATE_TRIES):
             try:
                 if self.append and ref in self._open:  # our file is in the folder: it cannot go
-                    self._append(ref, doc, line)
+                    self._append(ref, doc, step, line)
                     return
+                partition = self.files.segments_dir / ref
                 private_dir(partition)
                 if self.append:
-                    self._new_open(partition, event_id)
-                    self._append(ref, doc, line)
+                    self._new_open(partition, step.event_id)
+                    self._append(ref, doc, step, line)
                     return
-                name = f"{event_id}-{_HOST}-{os.getpid()}.seg"
+                name = f"{step.event_id}-{_HOST}-{os.getpid()}.seg"
                 tmp = partition / f".{name}.tmp"
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
                 try:
@@ -592,10 +601,13 @@ class SegmentWriter:
                 return
             except FileNotFoundError as exc:
                 if attempt + 1 == _CREATE_TRIES:
-                    raise JournalUnavailable(f"cannot write journal segment under {partition}: {exc}") from None
+                    raise self._unwritable(ref, exc) from None
                 time.sleep(0.05 * (attempt + 1))
             except OSError as exc:
-                raise JournalUnavailable(f"cannot write journal segment under {partition}: {exc}") from None
+                raise self._unwritable(ref, exc) from None
+
+    def _unwritable(self, ref: str, exc: OSError) -> JournalUnavailable:
+        return JournalUnavailable(f"cannot write journal segment under {os.path.join(self._segments, ref)}: {exc}")
 
     def _new_open(self, partition: Path, event_id: str) -> None:
         path = partition / f"{event_id}-{_HOST}-{os.getpid()}.open"
@@ -604,7 +616,7 @@ class SegmentWriter:
         self._open[partition.name] = (fd, path)
         self._written[path.name] = 0
 
-    def _append(self, ref: str, doc: dict[str, Any], line: bytes) -> None:
+    def _append(self, ref: str, doc: dict[str, Any], step: Step, line: bytes) -> None:
         """Append one record to this process's ``.open`` file of run folder ``ref``, durably, and
         fold it into what this writer knows of the folder (no need to read back what it wrote)."""
         fd, path = self._open[ref]
@@ -619,7 +631,7 @@ class SegmentWriter:
         part = self._unmerged.get(ref)
         if part is not None and part.read.get(path.name, 0) == before:
             part.read[path.name] = before + len(line)
-            part.fold(doc)
+            part.fold(doc, step)
 
     def create_run(
         self,
@@ -661,7 +673,7 @@ class SegmentWriter:
             "event": Event.create(run, manifest, event_id=event_id).to_doc(),
             "blobs": blobs,
         }
-        self._publish(run_id, doc, event_id)
+        self._publish(run_id, doc, step)
         return run_id
 
     def log_step(
@@ -723,7 +735,7 @@ class SegmentWriter:
             "event": Event.log(state).to_doc(),
             "blobs": blobs,
         }
-        self._publish(view.ref, doc, event_id)
+        self._publish(view.ref, doc, state)
         return _result(state, updated=prev is not None, run_first_seen=not view.known and not view.has_steps())
 
 
