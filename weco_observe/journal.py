@@ -374,11 +374,11 @@ class Journal:
         self,
         conn: sqlite3.Connection,
         code: Mapping[str, str],
-        base: CodeRef | Callable[[], CodeRef | None] | None,
+        base: Callable[[], CodeRef | None] | None,
         digests: Mapping[str, str] | None = None,
     ) -> CodeRef:
-        """Store each file's text (once per content), as a delta against the same path in ``base``
-        (or in what ``base()`` returns, asked only when a text is new here).
+        """Store each file's text (once per content), as a delta against the same path in the code
+        ``base()`` returns (asked only when a text is new here; no base: None).
         ``digests``: each file's :func:`codestore.text_hash`, made by the caller outside the write
         transaction (the relay's writers queue for it)."""
         manifest: dict[str, str] = {}
@@ -391,7 +391,7 @@ class Journal:
                 continue
             if conn.execute("SELECT 1 FROM blobs WHERE hash = ?", (digest,)).fetchone() is None:
                 if base_files is None:
-                    found = base() if callable(base) else base
+                    found = base() if base is not None else None
                     base_files = found.manifest() if found else {}
                 base_hash = base_files.get(path)
                 base_data, base_depth = None, 0
@@ -602,8 +602,12 @@ class Journal:
         manifest = None
         if code is not None:
             at = step if parent is None else parent
-            base = prev.code if prev is not None and prev.code else lambda: self._code_at_or_below(conn, run_id, at)
-            manifest = self.store_code(conn, code, base, code_digests)
+            manifest = self.store_code(
+                conn,
+                code,
+                lambda: prev.code if prev is not None and prev.code else self._code_at_or_below(conn, run_id, at),
+                code_digests,
+            )
         state = Step(
             run_id=run_id,
             step=step,

@@ -1099,7 +1099,10 @@ class _Applying:
         base = None
         if record.run is None:
             at = step.parent_step if step.parent_step is not None else step.step
-            base = self.codes.get((step.run_id, at)) or self.journal._code_at_or_below(self.conn, step.run_id, at)
+
+            def base() -> CodeRef | None:
+                return self.codes.get((step.run_id, at)) or self.journal._code_at_or_below(self.conn, step.run_id, at)
+
         stored = self.journal.store_code(self.conn, carried, base).manifest()
         if any(stored[path] != digest for path, digest in step.code.files if path in carried):
             return "a record whose code does not match its hashes, skipped"
