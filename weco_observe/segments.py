@@ -383,7 +383,6 @@ class SegmentWriter:
         self.settings = settings or Settings.load()
         self.path = Path(path) if path is not None else self.settings.journal_path
         self.files = JournalFiles(self.path)
-        self._segments = str(self.files.segments_dir)
         self.append = append
         if append:
             import atexit
@@ -438,7 +437,7 @@ class SegmentWriter:
     def _fold_partition(self, name: str) -> _Unmerged:
         """What the run folder ``name`` holds, its files read from where the last read stopped."""
         part = self._unmerged.setdefault(name, _Unmerged())
-        folder = os.path.join(self._segments, name)  # strings: this runs on every log_step
+        folder = os.path.join(self.files.segments_dir, name)  # strings: this runs on every log_step
         found = _segment_names(folder)  # none when there is no folder
         self.backlog += len(found)
         for file in found:
@@ -607,7 +606,7 @@ class SegmentWriter:
                 raise self._unwritable(ref, exc) from None
 
     def _unwritable(self, ref: str, exc: OSError) -> JournalUnavailable:
-        return JournalUnavailable(f"cannot write journal segment under {os.path.join(self._segments, ref)}: {exc}")
+        return JournalUnavailable(f"cannot write journal segment under {self.files.segments_dir / ref}: {exc}")
 
     def _new_open(self, partition: Path, event_id: str) -> None:
         path = partition / f"{event_id}-{_HOST}-{os.getpid()}.open"
